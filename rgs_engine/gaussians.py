@@ -1,0 +1,127 @@
+"""Radiative Gaussians as plain tensors, their activations and covariance helpers.
+
+Physical parameters (what the kernels take), for ``N`` Gaussians:
+
+* ``means``     (N, 3) centres in world mm;
+* ``scales``    (N, 3) standard deviations along the Gaussian's own axes, mm;
+* ``quats``     (N, 4) rotations as quaternions ``(w, x, y, z)``; kernels normalise them;
+* ``densities`` (N,)   peak attenuation, 1/mm.
+
+The attenuation field is ``mu(x) = sum_i rho_i exp(-1/2 (x - p_i)^T S_i^-1 (x - p_i))`` with
+``S_i = R_i diag(s_i)^2 R_i^T``.
+
+:class:`Gaussians` holds the raw (unconstrained) tensors an optimiser updates and applies
+the activations: scales through a sigmoid bounded to ``[scale_min, scale_max]`` mm,
+quaternions normalised, densities through softplus.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import RgsInputError, check_tensor
+
+
+def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
+    """(N, 4) quaternions (w, x, y, z), any norm > 0 -> (N, 3, 3) rotation matrices."""
+    q = quats / quats.norm(dim=-1, keepdim=True)
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], dim=-1).reshape(*q.shape[:-1], 3, 3)
+
+
+def covariance(scales: torch.Tensor, quats: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) covariances ``R diag(s)^2 R^T`` in mm^2."""
+    m = quat_to_rotmat(quats) * scales[..., None, :]
+    return m @ m.transpose(-1, -2)
+
+
+def inverse_covariance(scales: torch.Tensor, quats: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) precision matrices ``R diag(1/s)^2 R^T`` in 1/mm^2."""
+    m = quat_to_rotmat(quats) / scales[..., None, :]
+    return m @ m.transpose(-1, -2)
+
+
+def check_params(means, scales, quats, densities) -> int:
+    """Validate physical Gaussian parameters; return N."""
+    check_tensor("means", means, (None, 3))
+    n = means.shape[0]
+    check_tensor("scales", scales, (n, 3))
+    check_tensor("quats", quats, (n, 4))
+    check_tensor("densities", densities, (n,))
+    dtypes = {t.dtype for t in (means, scales, quats, densities)}
+    devices = {t.device for t in (means, scales, quats, densities)}
+    if len(dtypes) != 1 or len(devices) != 1:
+        raise RgsInputError("means, scales, quats and densities must share one dtype and device")
+    if n and bool((scales.detach() <= 0).any()):
+        raise RgsInputError("scales must be positive (mm): pass activated scales, e.g. Gaussians.scales")
+    if n and bool((quats.detach().norm(dim=1) == 0).any()):
+        raise RgsInputError("a quaternion is zero: quaternions must have non-zero norm")
+    return n
+
+
+def _inv_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+@dataclass
+class Gaussians:
+    """Raw trainable tensors of N Gaussians and their activations.
+
+    ``means`` (N, 3) mm, ``scale_raw`` (N, 3), ``quat_raw`` (N, 4), ``density_raw`` (N,);
+    ``scale_min`` / ``scale_max`` bound the activated scales (mm).
+    """
+
+    means: torch.Tensor
+    scale_raw: torch.Tensor
+    quat_raw: torch.Tensor
+    density_raw: torch.Tensor
+    scale_min: float
+    scale_max: float
+
+    @classmethod
+    def from_physical(cls, means, scales, quats, densities, scale_min: float, scale_max: float
+                      ) -> "Gaussians":
+        """Raw tensors that activate to the given physical values (scales clamped inside bounds)."""
+        if not 0 < scale_min < scale_max:
+            raise RgsInputError(f"need 0 < scale_min < scale_max, got {scale_min}, {scale_max}")
+        check_params(means, scales, quats, densities)
+        frac = ((scales - scale_min) / (scale_max - scale_min)).clamp(1e-6, 1 - 1e-6)
+        dens = densities.clamp_min(1e-12)
+        return cls(means.clone(), torch.logit(frac), quats / quats.norm(dim=1, keepdim=True),
+                   _inv_softplus(dens), float(scale_min), float(scale_max))
+
+    def __len__(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.scale_min + (self.scale_max - self.scale_min) * torch.sigmoid(self.scale_raw)
+
+    @property
+    def quats(self) -> torch.Tensor:
+        return self.quat_raw / self.quat_raw.norm(dim=1, keepdim=True)
+
+    @property
+    def densities(self) -> torch.Tensor:
+        return F.softplus(self.density_raw)
+
+    def physical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(means, scales, quats, densities), differentiable w.r.t. the raw tensors."""
+        return self.means, self.scales, self.quats, self.densities
+
+    def covariances(self) -> torch.Tensor:
+        return covariance(self.scales, self.quats)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.means, self.scale_raw, self.quat_raw, self.density_raw]
+
+    def requires_grad_(self, flag: bool = True) -> "Gaussians":
+        for t in self.parameters():
+            t.requires_grad_(flag)
+        return self

@@ -1,0 +1,79 @@
+"""Process-wide compute runtime: picks the device and initialises Taichi once, lazily.
+
+The device comes from (first match): the ``device`` argument of :func:`init`, the
+``RGS_DEVICE`` environment variable, else ``auto``. ``auto`` selects CUDA when both torch
+and Taichi can use a GPU, else the CPU. Asking for ``cuda`` where there is none raises
+:class:`~rgs_engine.errors.RgsDeviceError`; there is no silent fallback.
+
+Taichi is never initialised at import time. Every kernel wrapper calls :func:`ensure`,
+which initialises Taichi on first use with the resolved device; a later request for a
+different device raises instead of re-initialising (``ti.init`` twice resets all state).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import RgsDeviceError, RgsInputError
+
+_VALID = ("auto", "cuda", "cpu")
+_state: dict = {"device": None}
+
+
+def _resolve(device: str | None) -> str:
+    choice = (device or os.environ.get("RGS_DEVICE") or "auto").strip().lower()
+    if choice not in _VALID:
+        raise RgsInputError(f"unknown device {choice!r}: use one of auto, cuda, cpu")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RgsDeviceError(
+            "device 'cuda' was requested but torch sees no CUDA GPU: use --device cpu "
+            "(or RGS_DEVICE=cpu), or install a CUDA build of torch"
+        )
+    return choice
+
+
+def init(device: str | None = None) -> torch.device:
+    """Initialise the runtime (idempotent) and return the torch device kernels use."""
+    import taichi as ti
+
+    want = _resolve(device)
+    have = _state["device"]
+    if have is not None:
+        if device is not None and device != "auto" and want != have.type:
+            raise RgsDeviceError(
+                f"rgs is already running on {have.type} in this process; it cannot switch to "
+                f"{want}: start a new process with --device {want}"
+            )
+        return have
+    if want == "cuda":
+        try:
+            ti.init(arch=ti.cuda, enable_fallback=False, device_memory_GB=0.5,
+                    log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
+        except Exception as exc:  # Taichi raises RuntimeError with its own text
+            raise RgsDeviceError(
+                f"Taichi could not start on CUDA ({exc}); use --device cpu"
+            ) from exc
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        ti.init(arch=ti.cpu, log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
+        dev = torch.device("cpu")
+    _state["device"] = dev
+    return dev
+
+
+def ensure() -> torch.device:
+    """Return the runtime device, initialising with the default choice on first use."""
+    return _state["device"] if _state["device"] is not None else init()
+
+
+def is_initialised() -> bool:
+    return _state["device"] is not None
+
+
+def sync() -> None:
+    """Wait for all queued GPU work (torch and Taichi share the default stream)."""
+    if _state["device"] is not None and _state["device"].type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,15 @@
+"""One Taichi initialisation for the whole test session (RGS_DEVICE picks cpu/cuda/auto)."""
+import pytest
+import torch
+
+from rgs_engine import runtime
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return runtime.init()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
