@@ -22,7 +22,7 @@ Constructors: :meth:`Geometry.circular` (TIGRE and NAF conventions),
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -185,6 +185,7 @@ class Geometry:
     vectors: torch.Tensor
     det_shape: tuple[int, int]
     mode: str = "cone"
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -315,14 +316,19 @@ class Geometry:
 
         Columns: ``[0:3]`` source (cone) or unit ray direction (parallel), ``[3:6]`` detector
         centre d, ``[6:9]`` u, ``[9:12]`` v, ``[12:23]`` :meth:`projection_rows`, ``[23]`` 0.
+        Cached per device, so training loops do not re-upload it every step.
         """
+        key = str(torch.device(device))
+        if key in self._tables:
+            return self._tables[key]
         vec = self.vectors.clone()
         if self.mode == "parallel":
             vec[:, 0:3] = vec[:, 0:3] / vec[:, 0:3].norm(dim=1, keepdim=True)
         table = torch.zeros(self.num_views, KERNEL_TABLE_WIDTH, dtype=torch.float64)
         table[:, 0:12] = vec
         table[:, 12:23] = self.projection_rows()
-        return table.to(device=device, dtype=torch.float32).contiguous()
+        self._tables[key] = table.to(device=device, dtype=torch.float32).contiguous()
+        return self._tables[key]
 
     # ---- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:

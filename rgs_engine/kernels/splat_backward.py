@@ -1,0 +1,89 @@
+"""Backward X-ray splatting kernels (hand-written adjoint of :mod:`.splat_forward`).
+
+1. :func:`pair_grads`, one thread per (tile, Gaussian) pair: loops over the pixels of the
+   footprint inside its tile, accumulates ``dL/d(c, r, conic, amp)`` in registers and adds
+   them once into the (V, N, 6) buffer. Threads of a warp share a tile (pairs are sorted by
+   tile), so their upstream-gradient reads coincide; the atomics only meet where one
+   footprint spans several tiles.
+2. :func:`gaussian_grads`, one thread per Gaussian: loops over the views and chains the 2D
+   gradients back to centre, scales, quaternion and density (no atomics).
+"""
+import taichi as ti
+
+from .splat_projection import NUM_GRADS, load_gaussian, splat_params_vjp
+from .tiling import TILE, pixel_rect
+
+
+@ti.kernel
+def pair_grads(params: ti.types.ndarray(ndim=3), keys: ti.types.ndarray(ndim=1),
+               ids: ti.types.ndarray(ndim=1), grad_image: ti.types.ndarray(ndim=3),
+               grad_params: ti.types.ndarray(ndim=3), cutoff2: ti.f32):
+    """``grad_params`` (V, N, 6) += dL/d(c, r, conic a, b, c, amp) from ``grad_image`` (V, H, W)."""
+    height = grad_image.shape[1]
+    width = grad_image.shape[2]
+    tiles_x = (width + TILE - 1) // TILE
+    tiles_y = (height + TILE - 1) // TILE
+    for k in range(keys.shape[0]):
+        tile = keys[k]
+        i = ids[k]
+        v = tile // (tiles_x * tiles_y)
+        t = tile % (tiles_x * tiles_y)
+        tx0 = (t % tiles_x) * TILE
+        ty0 = (t // tiles_x) * TILE
+        c = params[v, i, 0]
+        r = params[v, i, 1]
+        ca = params[v, i, 2]
+        cb = params[v, i, 3]
+        cc = params[v, i, 4]
+        amp = params[v, i, 5]
+        # the footprint's pixel box with one pixel of slack (the q test decides), in this tile
+        x0, x1, y0, y1 = pixel_rect(c, r, params[v, i, 6], params[v, i, 7], width, height)
+        x0 = ti.max(x0 - 1, tx0)
+        x1 = ti.min(x1 + 1, tx0 + TILE - 1, width - 1)
+        y0 = ti.max(y0 - 1, ty0)
+        y1 = ti.min(y1 + 1, ty0 + TILE - 1, height - 1)
+        g = ti.Vector([0.0] * NUM_GRADS)
+        for py in range(y0, y1 + 1):
+            dy = ti.cast(py, ti.f32) - r
+            for px in range(x0, x1 + 1):
+                dx = ti.cast(px, ti.f32) - c
+                q = ca * dx * dx + 2.0 * cb * dx * dy + cc * dy * dy
+                if q <= cutoff2:
+                    e = ti.exp(-0.5 * q)
+                    gp = grad_image[v, py, px]
+                    w = -0.5 * gp * amp * e  # dL/dq
+                    g += ti.Vector([-2.0 * w * (ca * dx + cb * dy), -2.0 * w * (cb * dx + cc * dy),
+                                    w * dx * dx, 2.0 * w * dx * dy, w * dy * dy, gp * e])
+        for j in ti.static(range(NUM_GRADS)):
+            ti.atomic_add(grad_params[v, i, j], g[j])
+
+
+@ti.kernel
+def gaussian_grads(means: ti.types.ndarray(ndim=2), scales: ti.types.ndarray(ndim=2),
+                   quats: ti.types.ndarray(ndim=2), densities: ti.types.ndarray(ndim=1),
+                   table: ti.types.ndarray(ndim=2), grad_params: ti.types.ndarray(ndim=3),
+                   g_means: ti.types.ndarray(ndim=2), g_scales: ti.types.ndarray(ndim=2),
+                   g_quats: ti.types.ndarray(ndim=2), g_densities: ti.types.ndarray(ndim=1),
+                   cone: ti.template()):
+    """Chain ``grad_params`` (V, N, 6) to (N, 3), (N, 3), (N, 4), (N,) parameter gradients."""
+    for i in range(means.shape[0]):
+        p, s, q = load_gaussian(means, scales, quats, i)
+        rho = densities[i]
+        gp = ti.math.vec3(0.0)
+        gs = ti.math.vec3(0.0)
+        gq = ti.math.vec4(0.0)
+        grho = 0.0
+        for v in range(table.shape[0]):
+            g = ti.Vector([grad_params[v, i, j] for j in ti.static(range(NUM_GRADS))])
+            if g.norm_sqr() > 0:
+                a, b, c, d = splat_params_vjp(p, s, q, rho, table, v, cone, g)
+                gp += a
+                gs += b
+                gq += c
+                grho += d
+        for j in ti.static(range(3)):
+            g_means[i, j] = gp[j]
+            g_scales[i, j] = gs[j]
+        for j in ti.static(range(4)):
+            g_quats[i, j] = gq[j]
+        g_densities[i] = grho
