@@ -1,4 +1,9 @@
 """rgs: X-ray radiative Gaussian splatting engine (Taichi kernels, PyTorch bridge)."""
+import os
+
+# Taichi prints a banner on import; rgs reports its own device (``rgs info``).
+os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "false")
+
 from . import runtime
 from .errors import RgsDeviceError, RgsInputError
 from .gaussians import Gaussians, covariance, inverse_covariance, quat_to_rotmat

@@ -11,6 +11,8 @@ different device raises instead of re-initialising (``ti.init`` twice resets all
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import torch
@@ -48,17 +50,20 @@ def init(device: str | None = None) -> torch.device:
                 f"{want}: start a new process with --device {want}"
             )
         return have
+    quiet = contextlib.redirect_stdout(io.StringIO())  # ti.init prints "[Taichi] Starting on ..."
     if want == "cuda":
         try:
-            ti.init(arch=ti.cuda, enable_fallback=False, device_memory_GB=0.5,
-                    log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
+            with quiet:
+                ti.init(arch=ti.cuda, enable_fallback=False, device_memory_GB=0.5,
+                        log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
         except Exception as exc:  # Taichi raises RuntimeError with its own text
             raise RgsDeviceError(
                 f"Taichi could not start on CUDA ({exc}); use --device cpu"
             ) from exc
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
-        ti.init(arch=ti.cpu, log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
+        with quiet:
+            ti.init(arch=ti.cpu, log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
         dev = torch.device("cpu")
     _state["device"] = dev
     return dev
