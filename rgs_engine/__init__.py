@@ -11,3 +11,7 @@ from .geometry import Geometry, VolumeGrid
 
 __version__ = "0.1.0"
 init = runtime.init
+from .fdk import fdk
+from .projector import backproject, project
+from .splat import splat
+from .voxelize import voxelize
