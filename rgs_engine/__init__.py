@@ -11,7 +11,7 @@ from .geometry import Geometry, VolumeGrid
 
 __version__ = "0.1.0"
 init = runtime.init
-from .fdk import fdk
+from .analytic import fdk
 from .projector import backproject, project
-from .splat import splat
-from .voxelize import voxelize
+from .splatting import splat
+from .voxelization import voxelize

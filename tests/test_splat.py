@@ -7,7 +7,7 @@ import torch
 
 from rgs_engine import Geometry, RgsInputError
 from rgs_engine._torch_impl import splat as ref
-from rgs_engine.splat import splat
+from rgs_engine.splatting import splat
 
 
 def rel(a, b):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fdk import circular_orbit, filter_projections, view_scales
+from ..analytic import circular_orbit, filter_projections, view_scales
 from ..geometry import Geometry, VolumeGrid
 from .projector import interp2
 
