@@ -1,17 +1,30 @@
-"""rgs: X-ray radiative Gaussian splatting engine (Taichi kernels, PyTorch bridge)."""
+"""rgs: X-ray radiative Gaussian splatting engine (Taichi kernels, PyTorch bridge).
+
+Public API (all lengths in mm, attenuation in 1/mm; tensors on the runtime device):
+
+* :class:`Geometry` — per-view ASTRA-style vectors (cone / parallel), with the circular
+  (TIGRE / NAF), arbitrary-pose and biplanar constructors; :class:`VolumeGrid` — an
+  axis-aligned voxel grid convertible to and from a NIfTI affine.
+* :class:`Gaussians` — raw trainable tensors and their activations.
+* :func:`splat` — Gaussians -> projections (V, H, W), differentiable.
+* :func:`voxelize` — Gaussians -> volume (nx, ny, nz) on any grid, differentiable.
+* :func:`project` / :func:`backproject` — dense DRR of a volume and its exact adjoint.
+* :func:`fdk` — filtered backprojection for circular orbits.
+* :func:`init` — choose the device (``auto`` / ``cuda`` / ``cpu``); otherwise lazy.
+"""
 import os
 
 # Taichi prints a banner on import; rgs reports its own device (``rgs info``).
 os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "false")
 
-from . import runtime
-from .errors import RgsDeviceError, RgsInputError
-from .gaussians import Gaussians, covariance, inverse_covariance, quat_to_rotmat
-from .geometry import Geometry, VolumeGrid
+from . import runtime  # noqa: E402
+from .analytic import fdk  # noqa: E402
+from .errors import RgsDeviceError, RgsInputError  # noqa: E402
+from .gaussians import Gaussians, covariance, inverse_covariance, quat_to_rotmat  # noqa: E402
+from .geometry import Geometry, VolumeGrid  # noqa: E402
+from .projector import backproject, project  # noqa: E402
+from .splatting import splat  # noqa: E402
+from .voxelization import voxelize  # noqa: E402
 
 __version__ = "0.1.0"
 init = runtime.init
-from .analytic import fdk
-from .projector import backproject, project
-from .splatting import splat
-from .voxelization import voxelize
