@@ -81,20 +81,32 @@ def ray_jacobian(p: vec3, table: ti.types.ndarray(), v: ti.i32, cone: ti.templat
 
 
 @ti.func
+def detector_covariance(s: vec3, q: vec4, j0: vec3, j1: vec3):
+    """``R``, ``M = R diag(s)``, rows ``T_a = M^T j_a`` and ``S^ = [[s00, s01], [s01, s11]]``."""
+    rot = quat_to_rotmat(q)
+    m = rot @ ti.Matrix([[s[0], 0, 0], [0, s[1], 0], [0, 0, s[2]]])
+    t0 = m.transpose() @ j0
+    t1 = m.transpose() @ j1
+    return rot, m, t0, t1, t0.dot(t0), t0.dot(t1), t1.dot(t1)
+
+
+@ti.func
+def is_regular(s00: ti.f32, s01: ti.f32, s11: ti.f32) -> bool:
+    """Whether the detector covariance is safely invertible."""
+    det2 = s00 * s11 - s01 * s01
+    return det2 > 1e-12 * s00 * s11 and det2 > 0
+
+
+@ti.func
 def splat_params(p: vec3, s: vec3, q: vec4, rho: ti.f32, table: ti.types.ndarray(),
                  v: ti.i32, cone: ti.template(), cutoff: ti.f32):
     """The 8 per-(view, Gaussian) splat parameters (see module docstring)."""
     c, r, j0, j1, j2, nt = ray_jacobian(p, table, v, cone)
     out = ti.Vector([0.0] * NUM_PARAMS)
     if nt > MIN_DEPTH:
-        m = quat_to_rotmat(q) @ ti.Matrix([[s[0], 0, 0], [0, s[1], 0], [0, 0, s[2]]])
-        t0 = m.transpose() @ j0
-        t1 = m.transpose() @ j1
-        s00 = t0.dot(t0)
-        s01 = t0.dot(t1)
-        s11 = t1.dot(t1)
-        det2 = s00 * s11 - s01 * s01
-        if det2 > 1e-12 * s00 * s11 and det2 > 0:
+        rot, m, t0, t1, s00, s01, s11 = detector_covariance(s, q, j0, j1)
+        if is_regular(s00, s01, s11):
+            det2 = s00 * s11 - s01 * s01
             det_j = ti.abs(ti.Matrix.rows([j0, j1, j2]).determinant())
             amp = rho * SQRT_2PI * det_j * s[0] * s[1] * s[2] / ti.sqrt(det2)
             out = ti.Vector([c, r, s11 / det2, -s01 / det2, s00 / det2, amp,
@@ -116,15 +128,9 @@ def splat_params_vjp(p: vec3, s: vec3, q: vec4, rho: ti.f32, table: ti.types.nda
     g_rho = 0.0
     c, r, j0, j1, j2, nt = ray_jacobian(p, table, v, cone)
     if nt > MIN_DEPTH:
-        rot = quat_to_rotmat(q)
-        m = rot @ ti.Matrix([[s[0], 0, 0], [0, s[1], 0], [0, 0, s[2]]])
-        t0 = m.transpose() @ j0
-        t1 = m.transpose() @ j1
-        s00 = t0.dot(t0)
-        s01 = t0.dot(t1)
-        s11 = t1.dot(t1)
-        det2 = s00 * s11 - s01 * s01
-        if det2 > 1e-12 * s00 * s11 and det2 > 0:
+        rot, m, t0, t1, s00, s01, s11 = detector_covariance(s, q, j0, j1)
+        if is_regular(s00, s01, s11):
+            det2 = s00 * s11 - s01 * s01
             jac = ti.Matrix.rows([j0, j1, j2])
             det_j = ti.abs(jac.determinant())
             mu = SQRT_2PI * det_j * s[0] * s[1] * s[2] / ti.sqrt(det2)
