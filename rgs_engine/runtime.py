@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import platform
 
 import torch
 
@@ -82,3 +83,15 @@ def sync() -> None:
     """Wait for all queued GPU work (torch and Taichi share the default stream)."""
     if _state["device"] is not None and _state["device"].type == "cuda":
         torch.cuda.synchronize()
+
+
+def describe(dev: torch.device) -> str:
+    """Human-readable device name: the GPU's name, or the CPU model and thread count."""
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"

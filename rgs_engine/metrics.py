@@ -1,0 +1,100 @@
+"""Image quality metrics for volumes and projection stacks (torch, float64 internally).
+
+* PSNR: ``10 log10(R^2 / MSE)`` with data range ``R = gt.max() - gt.min()``; ``inf`` when
+  the images are identical.
+* SSIM: the standard 2D SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5),
+  ``K1 = 0.01``, ``K2 = 0.03``, data range ``R`` as for PSNR, averaged over the positions
+  where the window fits inside the image (no padding). Sides shorter than 11 pixels shrink
+  the window to the largest odd size that fits.
+* 3D SSIM (the R2-Gaussian protocol): the mean 2D SSIM of all slices along each of the three
+  axes, then the mean of the three per-axis values (for cubic volumes this equals the mean
+  over all slices).
+* 2D metrics of a projection stack (V, H, W): the mean over views of the per-view value, with
+  one data range for the whole ground-truth stack.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import RgsInputError, check_tensor
+
+WINDOW = 11
+SIGMA = 1.5
+K1, K2 = 0.01, 0.03
+_CHUNK = 64  # slices per SSIM batch, bounds the memory of the float64 statistics
+
+
+def _pair(x: torch.Tensor, gt: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    check_tensor("gt", gt)
+    check_tensor("x", x, tuple(gt.shape))
+    if gt.dim() != dims or gt.numel() == 0:
+        raise RgsInputError(f"expected {dims}-D tensors, got shape {tuple(gt.shape)}")
+    g = gt.detach().to(torch.float64)
+    data_range = float(g.max() - g.min())
+    if data_range <= 0:
+        raise RgsInputError("ground truth is constant: PSNR/SSIM need a non-zero data range")
+    return x.detach().to(device=g.device, dtype=torch.float64), g, data_range
+
+
+def _psnr(x: torch.Tensor, gt: torch.Tensor, data_range: float) -> float:
+    mse = float(((x - gt) ** 2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
+
+
+def _gaussian_window(size: int, device: torch.device) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    w = torch.exp(-r ** 2 / (2 * SIGMA ** 2))
+    return w / w.sum()
+
+
+def _ssim_slices(x: torch.Tensor, gt: torch.Tensor, data_range: float) -> torch.Tensor:
+    """Per-slice SSIM of (B, H, W) float64 stacks: shape (B,)."""
+    size = min(WINDOW, x.shape[-2], x.shape[-1])
+    size -= 1 - size % 2
+    w = _gaussian_window(size, x.device)
+    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
+
+    def blur(img: torch.Tensor) -> torch.Tensor:  # separable Gaussian, 'valid' region
+        img = F.conv2d(img, w.view(1, 1, 1, -1))
+        return F.conv2d(img, w.view(1, 1, -1, 1))
+
+    out = []
+    for s in range(0, x.shape[0], _CHUNK):
+        a, b = x[s:s + _CHUNK, None], gt[s:s + _CHUNK, None]
+        mu_a, mu_b = blur(a), blur(b)
+        var_a = blur(a * a) - mu_a ** 2
+        var_b = blur(b * b) - mu_b ** 2
+        cov = blur(a * b) - mu_a * mu_b
+        ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+            (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+        out.append(ssim.mean(dim=(1, 2, 3)))
+    return torch.cat(out)
+
+
+def psnr_3d(x: torch.Tensor, gt: torch.Tensor) -> float:
+    """PSNR (dB) of volume ``x`` against ``gt`` (same shape, 3D)."""
+    a, g, r = _pair(x, gt, 3)
+    return _psnr(a, g, r)
+
+
+def ssim_3d(x: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean 2D SSIM over the slices along each axis, averaged over the three axes."""
+    a, g, r = _pair(x, gt, 3)
+    per_axis = [float(_ssim_slices(a.movedim(axis, 0), g.movedim(axis, 0), r).mean())
+                for axis in range(3)]
+    return sum(per_axis) / 3
+
+
+def psnr_2d(x: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean over views of the PSNR (dB) of projection stacks (V, H, W)."""
+    a, g, r = _pair(x, gt, 3)
+    return sum(_psnr(a[v], g[v], r) for v in range(g.shape[0])) / g.shape[0]
+
+
+def ssim_2d(x: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean over views of the SSIM of projection stacks (V, H, W)."""
+    a, g, r = _pair(x, gt, 3)
+    return float(_ssim_slices(a, g, r).mean())
