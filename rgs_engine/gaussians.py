@@ -65,7 +65,8 @@ def check_params(means, scales, quats, densities) -> int:
     return n
 
 
-def _inv_softplus(x: torch.Tensor) -> torch.Tensor:
+def inv_softplus(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of softplus for x > 0."""
     return x + torch.log(-torch.expm1(-x))
 
 
@@ -94,7 +95,7 @@ class Gaussians:
         frac = ((scales - scale_min) / (scale_max - scale_min)).clamp(1e-6, 1 - 1e-6)
         dens = densities.clamp_min(1e-12)
         return cls(means.clone(), torch.logit(frac), quats / quats.norm(dim=1, keepdim=True),
-                   _inv_softplus(dens), float(scale_min), float(scale_max))
+                   inv_softplus(dens), float(scale_min), float(scale_max))
 
     def __len__(self) -> int:
         return int(self.means.shape[0])

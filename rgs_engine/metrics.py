@@ -44,17 +44,17 @@ def _psnr(x: torch.Tensor, gt: torch.Tensor, data_range: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
-def _gaussian_window(size: int, device: torch.device) -> torch.Tensor:
-    r = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+def _gaussian_window(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    r = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     w = torch.exp(-r ** 2 / (2 * SIGMA ** 2))
     return w / w.sum()
 
 
-def _ssim_slices(x: torch.Tensor, gt: torch.Tensor, data_range: float) -> torch.Tensor:
-    """Per-slice SSIM of (B, H, W) float64 stacks: shape (B,)."""
+def ssim_per_slice(x: torch.Tensor, gt: torch.Tensor, data_range: float) -> torch.Tensor:
+    """Per-slice SSIM of (B, H, W) stacks, shape (B,), in their dtype; differentiable in ``x``."""
     size = min(WINDOW, x.shape[-2], x.shape[-1])
     size -= 1 - size % 2
-    w = _gaussian_window(size, x.device)
+    w = _gaussian_window(size, x.device, x.dtype)
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
 
     def blur(img: torch.Tensor) -> torch.Tensor:  # separable Gaussian, 'valid' region
@@ -83,7 +83,7 @@ def psnr_3d(x: torch.Tensor, gt: torch.Tensor) -> float:
 def ssim_3d(x: torch.Tensor, gt: torch.Tensor) -> float:
     """Mean 2D SSIM over the slices along each axis, averaged over the three axes."""
     a, g, r = _pair(x, gt, 3)
-    per_axis = [float(_ssim_slices(a.movedim(axis, 0), g.movedim(axis, 0), r).mean())
+    per_axis = [float(ssim_per_slice(a.movedim(axis, 0), g.movedim(axis, 0), r).mean())
                 for axis in range(3)]
     return sum(per_axis) / 3
 
@@ -97,4 +97,4 @@ def psnr_2d(x: torch.Tensor, gt: torch.Tensor) -> float:
 def ssim_2d(x: torch.Tensor, gt: torch.Tensor) -> float:
     """Mean over views of the SSIM of projection stacks (V, H, W)."""
     a, g, r = _pair(x, gt, 3)
-    return float(_ssim_slices(a, g, r).mean())
+    return float(ssim_per_slice(a, g, r).mean())

@@ -69,7 +69,8 @@ class SplatFunction(torch.autograd.Function):
         height, width = geometry.det_shape
         image = kernel_output(geometry.num_views, height, width)
         if binning.keys.numel():
-            splat_forward.render(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
+            render = splat_forward.render if dev.type == "cuda" else splat_forward.render_tiles
+            render(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
         ctx.save_for_backward(m, s, q, d)
         ctx.binning, ctx.table, ctx.cone, ctx.cutoff = binning, table, geometry.mode == "cone", cutoff
         ctx.dtypes = (means.dtype, scales.dtype, quats.dtype, densities.dtype)
