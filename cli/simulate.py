@@ -1,0 +1,142 @@
+"""``rgs simulate``: a simulated X-ray scan of a CT (or a phantom) into an rgs ``.h5`` file."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+from rich.table import Table
+
+from rgs_engine import phantoms, projection_data, runtime, simulate as sim, volume_io
+
+from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start, versions
+
+
+class OrbitChoice(str, Enum):
+    circular = "circular"
+    arbitrary = "arbitrary"
+
+
+class PhantomChoice(str, Enum):
+    shepp_logan = "shepp-logan"
+
+
+class NoiseModelChoice(str, Enum):
+    tigre = "tigre"
+    physical = "physical"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@app.command()
+@handle_errors
+def simulate(
+    paths: Annotated[List[Path], typer.Argument(
+        metavar="[CT.nii.gz] OUT.h5",
+        help="CT volume in Hounsfield units (axis-aligned NIfTI; omit it with --phantom) and "
+             "the projection file to write (.h5).")],
+    phantom: Annotated[Optional[PhantomChoice], typer.Option(
+        help="Simulate an analytic phantom instead of a CT (then give only OUT.h5).")] = None,
+    grid: Annotated[int, typer.Option(
+        help="Voxels along the volume box's longest edge (isotropic).")] = 128,
+    box: Annotated[float, typer.Option(help="Phantom only: side of its cubic box, mm.")] = 256.0,
+    views: Annotated[int, typer.Option(help="Training projections.")] = 50,
+    test_views: Annotated[int, typer.Option(
+        "--test-views", help="Held-out noiseless projections at other angles / poses.")] = 25,
+    orbit: Annotated[OrbitChoice, typer.Option(
+        help="circular: evenly spaced views over --arc about z; arbitrary: random calibrated "
+             "C-arm poses (primary angle over --arc, secondary within +-30 deg, random "
+             "detector roll, isocentre jitter).")] = OrbitChoice.circular,
+    arc: Annotated[float, typer.Option(help="Angular range of the orbit, degrees.")] = 360.0,
+    dso: Annotated[Optional[float], typer.Option(
+        help="Source to isocentre distance, mm [default: 2.5 x the box's longest edge].")] = None,
+    dsd: Annotated[Optional[float], typer.Option(
+        help="Source to detector distance, mm [default: 3.5 x the box's longest edge, or "
+             "1.4 x --dso].")] = None,
+    det: Annotated[int, typer.Option(help="Detector pixels per side (square).")] = 256,
+    pixel: Annotated[Optional[float], typer.Option(
+        help="Detector pixel pitch, mm [default: the detector covers the volume].")] = None,
+    noise: Annotated[str, typer.Option(
+        help="PHOTONS,SIGMA: Poisson counts + Gaussian electronic noise on the training "
+             "views (R2-Gaussian: 1e4,10), or none.")] = "none",
+    noise_model: Annotated[NoiseModelChoice, typer.Option(
+        "--noise-model", help="tigre: line integrals scaled by their maximum first (TIGRE's "
+                              "CTnoise, as R2-Gaussian); physical: PHOTONS is the unattenuated "
+                              "count.")] = NoiseModelChoice.tigre,
+    normalise: Annotated[bool, typer.Option(
+        "--normalise", help="R2-Gaussian's protocol: volume scaled to [0, 1] per half box side "
+                            "(mu = v / (side / 2) in 1/mm).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random poses, test angles and noise.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT.h5.")] = False,
+    device: DeviceOption = None,
+) -> None:
+    """Simulate a cone-beam X-ray scan of a CT (or a phantom) and write an rgs projection file.
+
+    HU -> attenuation (mu = 0.02/mm x (1 + HU/1000), >= 0), resampled to an isotropic grid;
+    Joseph DRR projections of the training and test views; optional noise; written with the
+    ground truth and the parameters to OUT.h5 (format: datasets/FORMAT.md).
+    """
+    if phantom is None:
+        require(len(paths) == 2, "give CT.nii.gz and OUT.h5 (or --phantom shepp-logan and only OUT.h5)")
+        ct_path, out = paths
+    else:
+        require(len(paths) == 1, "with --phantom give only OUT.h5 (no CT)")
+        ct_path, out = None, paths[0]
+    require(out.suffix.lower() in projection_data.H5_SUFFIXES,
+            f"{out}: the output must end in .h5 or .hdf5: rename it")
+    require(grid >= 8, f"--grid {grid} is too small: use at least 8 voxels")
+    require(box > 0, f"--box {box:g}: the phantom box side must be positive (mm)")
+    spec = sim.ScanSpec(views=views, test_views=test_views, orbit=orbit.value, arc=arc, dso=dso,
+                        dsd=dsd, det=det, pixel=pixel, noise=sim.parse_noise(noise),
+                        noise_model=noise_model.value, seed=seed, normalise=normalise)
+    spec.check()
+    volume_io.check_writable([out], force)
+    dev = start(device)
+
+    command = {"command": "rgs simulate", "ct": None if ct_path is None else str(ct_path),
+               "phantom": None if phantom is None else phantom.value, "grid": grid,
+               "box_mm": box if phantom is not None else None, "views": views,
+               "test_views": test_views, "orbit": orbit.value, "arc_deg": arc, "dso": dso,
+               "dsd": dsd, "det": det, "pixel": pixel, "noise": noise,
+               "noise_model": noise_model.value, "normalise": normalise, "seed": seed}
+    total = 4 + (test_views > 0) + (spec.noise is not None)
+    with Stages(total=total) as stage:
+        if ct_path is None:
+            with stage("volume", f"Shepp-Logan phantom {grid}^3"):
+                vol_grid = phantoms.shepp_logan_grid(grid, box)
+                volume = phantoms.shepp_logan(vol_grid).to(dev)
+        else:
+            with stage("volume", f"load {ct_path.name}, HU -> attenuation"):
+                volume, vol_grid = sim.load_ct_volume(ct_path, grid, dev)
+        data = sim.simulate(volume, vol_grid, spec, source=str(ct_path or phantom.value), stage=stage,
+                            extra_attributes={"command": command, "versions": versions(),
+                                              "units": "lengths mm, attenuation 1/mm, "
+                                                       "projections unitless line integrals"})
+        with stage("write", f"write {out.name}"):
+            projection_data.save_projections(out, data, force)
+
+    scan = data.attributes["scan"]
+    h, w = data.geometry.det_shape
+    table = Table(show_header=False)
+    table.add_row("volume", f"{'x'.join(map(str, vol_grid.shape))} voxels of {vol_grid.spacing[0]:.3g} mm"
+                  + (" (normalised, R2-Gaussian units)" if normalise else ""))
+    table.add_row("views", f"{data.num_views} training + {test_views} test, {orbit.value} orbit"
+                  + (f" over {arc:g} deg" if orbit is OrbitChoice.circular else ""))
+    table.add_row("detector", f"{h}x{w} pixels of {scan['pixel_mm']:.3g} mm")
+    table.add_row("DSO / DSD", f"{scan['dso_mm']:.4g} / {scan['dsd_mm']:.4g} mm")
+    table.add_row("noise", "none" if spec.noise is None else
+                  f"{spec.noise[0]:g} photons, sigma {spec.noise[1]:g} ({noise_model.value})")
+    table.add_row("line integrals", f"max {float(data.projections.max()):.3g}")
+    table.add_row("device", runtime.describe(dev))
+    table.add_row("seconds", json.dumps(stage.seconds))
+    table.add_row("file", f"{out} ({_size(out.stat().st_size)})")
+    out_console.print(table)
+    out_console.print(f"wrote {out}")
