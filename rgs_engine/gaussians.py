@@ -48,19 +48,35 @@ def inverse_covariance(scales: torch.Tensor, quats: torch.Tensor) -> torch.Tenso
 
 
 def check_params(means, scales, quats, densities) -> int:
-    """Validate physical Gaussian parameters; return N."""
-    check_tensor("means", means, (None, 3))
+    """Validate physical Gaussian parameters; return N.
+
+    Shapes, dtypes and devices are checked without touching the data; the value checks
+    (finite, positive scales, non-zero quaternions) share one device-to-host transfer, so a
+    training loop pays one sync per call, not six.
+    """
+    tensors = {"means": means, "scales": scales, "quats": quats, "densities": densities}
+    check_tensor("means", means, (None, 3), finite=False)
     n = means.shape[0]
-    check_tensor("scales", scales, (n, 3))
-    check_tensor("quats", quats, (n, 4))
-    check_tensor("densities", densities, (n,))
-    dtypes = {t.dtype for t in (means, scales, quats, densities)}
-    devices = {t.device for t in (means, scales, quats, densities)}
+    check_tensor("scales", scales, (n, 3), finite=False)
+    check_tensor("quats", quats, (n, 4), finite=False)
+    check_tensor("densities", densities, (n,), finite=False)
+    dtypes = {t.dtype for t in tensors.values()}
+    devices = {t.device for t in tensors.values()}
     if len(dtypes) != 1 or len(devices) != 1:
         raise RgsInputError("means, scales, quats and densities must share one dtype and device")
-    if n and bool((scales.detach() <= 0).any()):
+    if not means.dtype.is_floating_point:
+        raise RgsInputError(f"Gaussian parameters must be floating point, got {means.dtype}")
+    if n == 0:
+        return n
+    with torch.no_grad():
+        flags = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]
+                            + [(scales <= 0).any(), (quats.norm(dim=1) == 0).any()]).cpu()
+    for name, bad in zip(tensors, flags[:4].tolist()):
+        if bad:
+            raise RgsInputError(f"{name} contains NaN or Inf values: clean the input before calling")
+    if flags[4]:
         raise RgsInputError("scales must be positive (mm): pass activated scales, e.g. Gaussians.scales")
-    if n and bool((quats.detach().norm(dim=1) == 0).any()):
+    if flags[5]:
         raise RgsInputError("a quaternion is zero: quaternions must have non-zero norm")
     return n
 
