@@ -13,6 +13,8 @@ from rich.table import Table
 from rgs_engine import runtime
 
 from . import roundtrip  # noqa: F401  (registers the command)
+from . import simulate  # noqa: F401
+from . import recon  # noqa: F401
 from .common import DeviceOption, app, handle_errors, out_console, start, versions
 
 __all__ = ["app"]
