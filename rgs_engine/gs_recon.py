@@ -20,6 +20,7 @@ continues exactly where it stopped.
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -337,7 +338,7 @@ class GaussianReconstruction:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
             config = GSConfig.from_dict(state["config"])
-        except (OSError, RuntimeError, KeyError, EOFError) as exc:
+        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
             raise RgsInputError(f"{path}: not a readable rgs checkpoint ({exc}): "
                                 "start again without --resume") from exc
         rec = cls(data, config, _initialise=False)
