@@ -355,7 +355,8 @@ def _run_gs(data: ProjectionData, settings: dict, out: Path, data_path: Path, re
     with stage("initialise", "initialise Gaussians" if not resume else "load checkpoint"):
         if resume:
             rec = GaussianReconstruction.load_checkpoint(out / CHECKPOINT, data)
-            require(rec.config.to_dict() == config.to_dict(),
+            voxels = data.grid.shape[0] * data.grid.shape[1] * data.grid.shape[2]
+            require(rec.config.to_dict() == config.resolved(voxels).to_dict(),
                     f"{out / CHECKPOINT} holds a different Gaussian recipe than {out / CONFIG}: "
                     "start again with --force instead of --resume")
         else:

@@ -45,8 +45,8 @@ class GSConfig:
     iterations: int = 3000
     init: str = "auto"                 # auto | fdk | random
     seed: int = 0
-    num_init: int = 50_000             # initial Gaussians
-    max_gaussians: int = 300_000
+    num_init: int = 0                  # initial Gaussians; 0: one per 20 voxels, 10k..50k
+    max_gaussians: int = 0             # cap; 0: 6 x num_init
     views_per_step: int = 8            # 0: all training views in every step
     init_threshold: float = 0.05       # fdk init: sample voxels above this fraction of the max
     init_scale: float = 1.0            # initial scale = this x mean spacing of the samples
@@ -70,11 +70,18 @@ class GSConfig:
     def __post_init__(self) -> None:
         if self.init not in ("auto", "fdk", "random"):
             raise RgsInputError(f"init must be auto, fdk or random, got {self.init!r}")
-        if self.iterations < 0 or self.num_init < 1 or self.max_gaussians < self.num_init:
-            raise RgsInputError("need iterations >= 0 and 1 <= num_init <= max_gaussians")
+        if self.iterations < 0 or self.num_init < 0 or self.max_gaussians < 0:
+            raise RgsInputError("need iterations, num_init and max_gaussians >= 0")
+        if self.num_init and self.max_gaussians and self.max_gaussians < self.num_init:
+            raise RgsInputError("need num_init <= max_gaussians")
         for f in fields(self):
             if f.name.startswith("lr_"):
                 object.__setattr__(self, f.name, tuple(float(x) for x in getattr(self, f.name)))
+
+    def resolved(self, voxels: int) -> "GSConfig":
+        """A copy with the automatic sizes filled in for a grid of ``voxels`` voxels."""
+        n = self.num_init or int(min(max(voxels // 20, 10_000), 50_000))
+        return GSConfig(**{**asdict(self), "num_init": n, "max_gaussians": self.max_gaussians or 6 * n})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,7 +106,7 @@ class GaussianReconstruction:
     PARAMS = ("means", "scale_raw", "quat_raw", "density_raw")
 
     def __init__(self, data: ProjectionData, config: GSConfig, _initialise: bool = True):
-        self.data, self.config = data, config
+        self.data, self.config = data, config.resolved(int(np.prod(data.grid.shape)))
         self.device = runtime.ensure()
         self.grid = data.grid
         self.projections = data.projections.to(self.device, torch.float32)
