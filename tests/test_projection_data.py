@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rgs_engine import project
+from rgs_engine.simulate import project_views
 from rgs_engine.errors import RgsInputError
 from rgs_engine.geometry import Geometry, VolumeGrid
 from rgs_engine.projection_data import (ProjectionData, load_projections, save_projections)
@@ -23,11 +23,11 @@ ANGLES = np.arange(10) * 2 * math.pi / 10
 def _data(with_extras: bool = True) -> ProjectionData:
     geo = Geometry.circular(ANGLES, 150.0, 220.0, (32, 28), 2.5, isocentre=GRID.centre)
     gt = torch.rand(GRID.shape) * 0.02
-    proj = project(gt, GRID, geo).cpu()
+    proj = project_views(gt, GRID, geo).cpu()
     extras = {}
     if with_extras:
         test_geo = Geometry.circular(ANGLES[:3] + 0.1, 150.0, 220.0, (32, 28), 2.5, isocentre=GRID.centre)
-        extras = dict(test_projections=project(gt, GRID, test_geo).cpu(), test_geometry=test_geo,
+        extras = dict(test_projections=project_views(gt, GRID, test_geo).cpu(), test_geometry=test_geo,
                       time=torch.arange(10, dtype=torch.float64) * 0.5)
     return ProjectionData(proj, geo, GRID, ground_truth=gt, source="memory",
                           attributes={"parameters": {"views": 10}, "note": "hello"}, **extras)
@@ -55,7 +55,7 @@ def test_round_trip_keeps_everything(saved):
     assert back.attributes["parameters"] == {"views": 10} and back.attributes["note"] == "hello"
     assert back.is_circular
     # the stored projections are the ground truth's: the geometry survived exactly
-    torch.testing.assert_close(project(back.ground_truth, back.grid, back.geometry).cpu(),
+    torch.testing.assert_close(project_views(back.ground_truth, back.grid, back.geometry).cpu(),
                                back.projections)
     with h5py.File(saved) as f:
         assert f.attrs["format"] == "rgs-projections" and f.attrs["version"] == 1
@@ -240,7 +240,7 @@ def _blob_projections(angles, dso, dsd, n_det, d_det, scale_mm, amplitude) -> np
 
 
 def _check_against_analytic(data, expected, rel=0.05):
-    got = project(data.ground_truth.to(device=torch.device("cpu")), data.grid, data.geometry).cpu()
+    got = project_views(data.ground_truth.to(device=torch.device("cpu")), data.grid, data.geometry).cpu()
     err = float((got - torch.from_numpy(expected)).abs().max() / float(np.abs(expected).max()))
     assert err < rel, f"projection mismatch {err:.3f}"
     flipped = float((got - torch.from_numpy(expected[:, ::-1].copy())).abs().max() / float(np.abs(expected).max()))
@@ -283,7 +283,7 @@ def test_r2_gaussian_folder_matches_analytic_projections(tmp_path, device, with_
     assert data.test_projections.shape == (2, 32, 36) and data.is_circular
     _check_against_analytic(data, np.stack([np.load(folder / f"proj_train/proj_train_{i:04d}.npy")
                                             for i in range(6)]))
-    test_got = project(data.ground_truth, data.grid, data.test_geometry).cpu()
+    test_got = project_views(data.ground_truth, data.grid, data.test_geometry).cpu()
     assert float((test_got - data.test_projections).abs().max()) < 0.05 * float(data.test_projections.max())
     assert torch.equal(load_projections(folder / "meta_data.json").projections, data.projections)
 

@@ -13,9 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rgs_engine import Geometry, VolumeGrid, project
+from rgs_engine import Geometry, VolumeGrid
 from rgs_engine import iterative
 from rgs_engine.projection_data import ProjectionData, save_projections
+from rgs_engine.simulate import project_views
+from blob_phantom import blob_phantom as phantom
 
 try:  # the source tree's CLI (python -m pytest from the repository root)
     from cli.main import app
@@ -28,15 +30,6 @@ HAS_GS = importlib.util.find_spec("rgs_engine.gs_recon") is not None
 # a tiny Gaussian recipe for the CPU tests (few Gaussians; the densification schedule scales
 # with the iterations, so it runs inside these short runs)
 GS_SETS = ["--set", "num_init=1000", "--set", "max_gaussians=2000", "--set", "tv_size=8"]
-
-
-def phantom(grid: VolumeGrid) -> torch.Tensor:
-    """Ellipsoid of 0.02 /mm with a denser ball and a cavity, float32 (CPU)."""
-    c = grid.voxel_centres()
-    x = 0.02 * ((c[..., 0] / 40) ** 2 + (c[..., 1] / 32) ** 2 + (c[..., 2] / 38) ** 2 <= 1).double()
-    x += 0.02 * ((c - torch.tensor([12.0, 6.0, 8.0], dtype=torch.float64)).norm(dim=-1) < 10)
-    x -= 0.01 * ((c - torch.tensor([-14.0, -4.0, -6.0], dtype=torch.float64)).norm(dim=-1) < 8)
-    return x.float()
 
 
 def circle(views: int, offset: float = 0.0) -> Geometry:
@@ -65,9 +58,9 @@ def _write(path: Path, geometry: Geometry, test: bool = True) -> Path:
     truth = phantom(GRID)
     test_geometry = circle(4, offset=0.2) if test else None
     data = ProjectionData(
-        projections=project(truth, GRID, geometry).cpu(), geometry=geometry, grid=GRID,
+        projections=project_views(truth, GRID, geometry).cpu(), geometry=geometry, grid=GRID,
         ground_truth=truth,
-        test_projections=project(truth, GRID, test_geometry).cpu() if test else None,
+        test_projections=project_views(truth, GRID, test_geometry).cpu() if test else None,
         test_geometry=test_geometry, source="test phantom")
     save_projections(path, data)
     return path

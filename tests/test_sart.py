@@ -8,15 +8,7 @@ from rgs_engine import Geometry, RgsInputError, VolumeGrid, fdk, project
 from rgs_engine._torch_impl.projector import project as project_reference
 from rgs_engine.iterative import SART, ZERO_WEIGHT, sart, subset_order, subsets_of
 from rgs_engine.metrics import psnr_3d
-
-
-def phantom(grid: VolumeGrid) -> torch.Tensor:
-    """Ellipsoid of 0.02 /mm with a denser ball and a cavity, float32 (CPU)."""
-    c = grid.voxel_centres()
-    x = 0.02 * ((c[..., 0] / 40) ** 2 + (c[..., 1] / 32) ** 2 + (c[..., 2] / 38) ** 2 <= 1).double()
-    x += 0.02 * ((c - torch.tensor([12.0, 6.0, 8.0], dtype=torch.float64)).norm(dim=-1) < 10)
-    x -= 0.01 * ((c - torch.tensor([-14.0, -4.0, -6.0], dtype=torch.float64)).norm(dim=-1) < 8)
-    return x.float()
+from blob_phantom import blob_phantom as phantom
 
 
 def circle(views: int, det=(32, 32), pixel=6.0) -> Geometry:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rgs_engine import project
+from rgs_engine.simulate import project_views
 from rgs_engine import simulate as sim
 from rgs_engine.errors import RgsInputError
 from rgs_engine.geometry import VolumeGrid
@@ -150,8 +150,8 @@ def test_simulate_ct_end_to_end_then_refuses_to_overwrite(tmp_path, device):
     assert data.grid.shape == (20, 17, 20)  # 60 x 50 x 60 mm at 3 mm
     assert abs(float(data.ground_truth.max()) - 0.04) < 0.005  # the 1000 HU ball
     # noiseless: the stored projections are the ground truth's DRR, train and test
-    torch.testing.assert_close(project(data.ground_truth, data.grid, data.geometry).cpu(), data.projections)
-    torch.testing.assert_close(project(data.ground_truth, data.grid, data.test_geometry).cpu(),
+    torch.testing.assert_close(project_views(data.ground_truth, data.grid, data.geometry).cpu(), data.projections)
+    torch.testing.assert_close(project_views(data.ground_truth, data.grid, data.test_geometry).cpu(),
                                data.test_projections)
     params = data.attributes["command"]
     assert params["views"] == 10 and params["seed"] == 7 and params["ct"] == str(ct_path)
@@ -178,8 +178,8 @@ def test_simulate_phantom_noise_and_normalise(tmp_path, device):
     # R2-Gaussian units: values in [0, 1] per half box side (128 mm)
     assert float(data.ground_truth.max()) == pytest.approx(1 / 128, rel=1e-6)
     assert data.attributes["scan"]["normalised"] is True
-    clean = project(data.ground_truth, data.grid, data.geometry).cpu()
-    torch.testing.assert_close(project(data.ground_truth, data.grid, data.test_geometry).cpu(),
+    clean = project_views(data.ground_truth, data.grid, data.geometry).cpu()
+    torch.testing.assert_close(project_views(data.ground_truth, data.grid, data.test_geometry).cpu(),
                                data.test_projections)  # test views stay noiseless
     scale = data.attributes["scan"]["noise_scale"]
     assert scale == pytest.approx(float(clean.max()), rel=1e-5)
