@@ -88,7 +88,8 @@ def test_checkpoint_resume_continues_the_same_run(circular, tmp_path):
     for _ in range(20):
         resumed.step()
     a, b = straight.volume(), resumed.volume()
-    assert len(straight.gaussians) == len(resumed.gaussians)
+    n1, n2 = len(straight.gaussians), len(resumed.gaussians)
+    assert abs(n1 - n2) <= max(3, n1 // 100)  # a reordered sum can flip a pruning tie
     # float atomics (GPU, multi-threaded CPU) reorder sums, so runs agree to rounding that
     # the optimisation can amplify a little: the same quality, a close volume
     assert float((a - b).norm() / a.norm()) < 0.15
