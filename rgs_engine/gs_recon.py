@@ -20,11 +20,12 @@ rounding, not bit for bit).
 
 The defaults were chosen by measurement on an NVIDIA H200: the chest CT of
 ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's normalisation and
-noise (SART peaks at 30.2 dB, FDK 17.0 dB there). 3D PSNR after 3000 steps: R2-Gaussian's
-learning rates 33.2 dB; twice those 33.8; with TV weight 0.02 instead of 0.05 34.2; eight
-views per step beat all 25 per step at equal time (32.7 vs 31.5 dB after 26 s); an initial
-scale of 0.5 x the sample spacing lost 1 dB; doubling the Gaussians or splitting with
-mass-preserving densities did not help. The full recipe takes about 45 s there
+noise (SART peaks at 30.2 dB, FDK 17.0 dB there). 3D PSNR: R2-Gaussian's learning rates
+32.7 dB after 2000 steps of 8 views, twice those 33.35 dB; 3000 steps 33.8 dB, and 34.25 dB
+with TV weight 0.02 instead of 0.05 (both without densification); all 25 views per step gave
+31.5 dB after 32 s against 32.7 dB after 26 s with 8; an initial scale of 0.5 x the sample
+spacing lost 1 dB; 150k instead of 50k Gaussians gained nothing; mass-preserving split
+densities lost 0.7 dB (at 128^3). The full recipe takes about 45 s there
 (``validation/sparse_view.md``).
 """
 from __future__ import annotations
