@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import platform
 import time
 from enum import Enum
 from typing import Annotated, Iterator, Optional
@@ -18,7 +17,6 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
                            TextColumn, TimeElapsedColumn)
 
-import rgs_engine
 from rgs_engine import runtime
 from rgs_engine.errors import RgsDeviceError, RgsInputError
 
@@ -67,15 +65,6 @@ def handle_errors(command):
 
 def start(device: DeviceChoice | None) -> torch.device:
     return runtime.init(device.value if device is not None else None)
-
-
-def versions() -> dict[str, str]:
-    """Versions of rgs, Python, torch (with its CUDA) and Taichi."""
-    import taichi as ti
-
-    return {"rgs": rgs_engine.__version__, "python": platform.python_version(),
-            "torch": f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-            "taichi": ".".join(map(str, ti.__version__))}
 
 
 class Stages:

@@ -15,7 +15,7 @@ from rgs_engine import runtime
 from . import roundtrip  # noqa: F401  (registers the command)
 from . import simulate  # noqa: F401
 from . import recon  # noqa: F401
-from .common import DeviceOption, app, handle_errors, out_console, start, versions
+from .common import DeviceOption, app, handle_errors, out_console, start
 
 __all__ = ["app"]
 
@@ -29,7 +29,7 @@ def info(device: DeviceOption = None) -> None:
     """Versions (rgs, Python, torch, Taichi), the compute device rgs would use, the GPUs."""
     dev = start(device)
     table = Table(show_header=False, box=None)
-    for name, version in versions().items():
+    for name, version in runtime.versions().items():
         table.add_row(name, version)
     table.add_row("device", runtime.describe(dev))
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

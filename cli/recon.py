@@ -42,6 +42,7 @@ from rich.table import Table
 import rgs_engine
 from rgs_engine import imaging, iterative, metrics, runtime, volume_io
 from rgs_engine.errors import RgsInputError
+from rgs_engine.gs_recon import GaussianReconstruction, GSConfig
 from rgs_engine.projection_data import ProjectionData, describe, load_projections
 
 from .common import (DeviceOption, FilterChoice, app, err_console, handle_errors, out_console,
@@ -69,25 +70,13 @@ class InitChoice(str, Enum):
 
 
 LABELS = {"gs": "Gaussians", "fdk": "FDK", "sart": "SART"}
-try:
-    from rgs_engine.gs_recon import GSConfig as _GSConfig
-    _GS_ITERATIONS = str(_GSConfig().iterations)
-except ImportError:  # the Gaussian trainer is not in this tree
-    _GS_ITERATIONS = "n/a"
 
 
 # --------------------------------------------------------------------------------------
 # Settings: from the options (a new run) or from config.json (--resume)
 # --------------------------------------------------------------------------------------
-def _gs_config_class():
-    from rgs_engine.gs_recon import GSConfig
-
-    return GSConfig
-
-
 def _parse_sets(items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` recipe overrides; VALUE is read as JSON when it parses, else text."""
-    GSConfig = _gs_config_class()
     known = {f.name for f in fields(GSConfig)}
     out: dict[str, Any] = {}
     for item in items:
@@ -122,7 +111,6 @@ def _new_settings(data_path: Path, views: Optional[int], method: str, init: Opti
                      "relaxation": iterative.DEFAULT_RELAXATION if relaxation is None else relaxation,
                      "nonneg": True}
         return s
-    GSConfig = _gs_config_class()
     base = GSConfig()
     try:
         cfg = GSConfig(**{**base.to_dict(), **sets,
@@ -202,13 +190,7 @@ def _fingerprint(data: ProjectionData) -> str:
 
 def _select(data: ProjectionData, views: int) -> tuple[ProjectionData, list[int]]:
     """``views`` evenly spread training views and their indices in the file."""
-    chosen = data.select_views(views)
-    vec = data.geometry.vectors
-    index = []
-    for row in chosen.geometry.vectors:  # the indices select_views took, found by their vectors
-        hits = torch.nonzero((vec == row).all(dim=1)).reshape(-1).tolist()
-        index.append(next((i for i in hits if i not in index), hits[0]))
-    return chosen, index
+    return data.select_views(views), data.view_indices(views).tolist()
 
 
 # --------------------------------------------------------------------------------------
@@ -347,9 +329,6 @@ def _run_sart(data: ProjectionData, settings: dict, out: Path, data_path: Path, 
 def _run_gs(data: ProjectionData, settings: dict, out: Path, data_path: Path, resume: bool,
             truth: Optional[torch.Tensor], stage: Callable[[str, str], Any]
             ) -> tuple[torch.Tensor, dict, Any]:
-    from rgs_engine.gs_recon import GaussianReconstruction
-
-    GSConfig = _gs_config_class()
     config = GSConfig.from_dict(settings["gs"])
     total, every = config.iterations, settings["checkpoint_every"]
     with stage("initialise", "initialise Gaussians" if not resume else "load checkpoint"):
@@ -414,7 +393,7 @@ def recon(
         help="gs initialisation: fdk (circular orbits), random, or auto (fdk when circular). "
              "[default: auto]")] = None,
     iterations: Annotated[Optional[int], typer.Option(
-        help=f"gs / sart iterations. [default: gs {_GS_ITERATIONS}, "
+        help=f"gs / sart iterations. [default: gs {GSConfig().iterations}, "
              f"sart {iterative.DEFAULT_ITERATIONS}]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (gs). [default: 0]")] = None,
     filter: Annotated[Optional[FilterChoice], typer.Option(

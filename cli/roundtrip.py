@@ -11,7 +11,7 @@ import rgs_engine
 from rgs_engine import ct, imaging, metrics, runtime, volume_io
 
 from .common import (DeviceOption, FilterChoice, Stages, app, handle_errors, out_console, require,
-                     start, versions)
+                     start)
 
 
 @app.command()
@@ -49,10 +49,7 @@ def roundtrip(
         with stage("load", f"load {ct_path.name}"):
             hu, ct_grid = volume_io.load_nifti(ct_path)
         with stage("resample", "HU -> attenuation, resample"):
-            vol_grid = ct.fit_grid(ct_grid, grid)
-            truth = ct.resample(ct.hu_to_mu(hu.to(dev)), ct_grid, vol_grid)
-            require(float(truth.max()) > 0, f"{ct_path}: no voxel attenuates (all <= -1000 HU): "
-                                             "pass a CT in Hounsfield units")
+            truth, vol_grid = ct.attenuation_volume(hu.to(dev), ct_grid, grid, str(ct_path))
             scan = ct.covering_scan(vol_grid, views, dso, dsd, det)
         with stage("project", f"project {views} views of {det}x{det}"):
             sinogram = rgs_engine.project(truth, vol_grid, scan)
@@ -77,7 +74,7 @@ def roundtrip(
                  "pixel_mm": float(scan.vectors[0, 6:9].norm()), "filter": filter.value,
                  "orbit": "full circle about z through the grid centre"},
         "mu_water_per_mm": ct.MU_WATER,
-        "versions": versions(),
+        "versions": runtime.versions(),
     }
     volume_io.save_json(outputs["metrics.json"], report, force)
 

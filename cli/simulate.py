@@ -11,7 +11,7 @@ from rich.table import Table
 
 from rgs_engine import phantoms, projection_data, runtime, simulate as sim, volume_io
 
-from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start, versions
+from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
 
 
 class OrbitChoice(str, Enum):
@@ -117,7 +117,7 @@ def simulate(
             with stage("volume", f"load {ct_path.name}, HU -> attenuation"):
                 volume, vol_grid = sim.load_ct_volume(ct_path, grid, dev)
         data = sim.simulate(volume, vol_grid, spec, source=str(ct_path or phantom.value), stage=stage,
-                            extra_attributes={"command": command, "versions": versions(),
+                            extra_attributes={"command": command, "versions": runtime.versions(),
                                               "units": "lengths mm, attenuation 1/mm, "
                                                        "projections unitless line integrals"})
         with stage("write", f"write {out.name}"):

@@ -230,7 +230,7 @@ def fdk(projections: torch.Tensor, geometry: Geometry, grid: VolumeGrid,
     check_input("projections", projections, (geometry.num_views, *geometry.det_shape))
     orbit = circular_orbit(geometry)
     dev = runtime.ensure()
-    filtered = filter_projections(projections, geometry, orbit, filter).to(torch.float32).contiguous()
+    filtered = bridge.as_float32(filter_projections(projections, geometry, orbit, filter))
     factor = (view_scales(orbit) / orbit.magnification ** 2).to(device=dev, dtype=torch.float32)
     out = bridge.kernel_output(*grid.shape)
     kern.backproject(filtered, geometry.kernel_table(dev), factor, out, *grid.origin,

@@ -17,6 +17,7 @@ from .errors import RgsInputError, check_tensor
 from .geometry import Geometry, VolumeGrid
 
 MU_WATER = 0.02  # 1/mm
+COVER_MARGIN = 1.02  # detectors 2 % larger than the volume's shadow
 
 
 def hu_to_mu(hu: torch.Tensor, mu_water: float = MU_WATER) -> torch.Tensor:
@@ -79,6 +80,19 @@ def resample(volume: torch.Tensor, grid: VolumeGrid, new_grid: VolumeGrid) -> to
     return out[0, 0].contiguous()
 
 
+def attenuation_volume(hu: torch.Tensor, hu_grid: VolumeGrid, n: int, source: str = "CT"
+                       ) -> tuple[torch.Tensor, VolumeGrid]:
+    """A CT in Hounsfield units on ``hu_grid`` as attenuation (1/mm) on :func:`fit_grid`'s
+    isotropic grid of ``n`` voxels along the longest edge: ``(volume, grid)``, on ``hu``'s
+    device. Raises :class:`RgsInputError` (naming ``source``) if no voxel attenuates."""
+    grid = fit_grid(hu_grid, n)
+    mu = resample(hu_to_mu(hu), hu_grid, grid)
+    if not float(mu.max()) > 0:
+        raise RgsInputError(f"{source}: no voxel attenuates (all <= -1000 HU): pass a CT in "
+                            "Hounsfield units")
+    return mu, grid
+
+
 def covering_scan(grid: VolumeGrid, views: int, dso: float, dsd: float, det: int) -> Geometry:
     """Full-circle cone-beam scan about ``grid``'s centre whose square detector sees the box.
 
@@ -98,5 +112,5 @@ def covering_scan(grid: VolumeGrid, views: int, dso: float, dsd: float, det: int
                             f"{r:.0f} mm radius: increase the source distance (--dso)")
     extent = 2 * max(r * dsd / math.sqrt(dso ** 2 - r ** 2), h * dsd / (dso - r))
     angles = np.arange(views) * (2 * math.pi / views)
-    return Geometry.circular(angles, dso, dsd, (det, det), 1.02 * extent / det,
+    return Geometry.circular(angles, dso, dsd, (det, det), COVER_MARGIN * extent / det,
                              isocentre=grid.centre)

@@ -65,15 +65,21 @@ def to_uint8(image: torch.Tensor, lo: float, hi: float) -> np.ndarray:
     return ((image.to(torch.float32) - lo) * scale).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
 
 
-def _central_slices(volume: torch.Tensor, grid: VolumeGrid) -> list[tuple[torch.Tensor, tuple[float, float]]]:
-    """Axial, coronal, sagittal central slices in display order with their (row, col) spacing."""
-    nx, ny, nz = grid.shape
-    sx, sy, sz = grid.spacing
+def central_slices(volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Axial, coronal, sagittal central slices of a grid-ordered volume in display orientation
+    (CPU float32)."""
+    nx, ny, nz = volume.shape
     v = volume.detach().to(device="cpu", dtype=torch.float32)
     axial = v[:, :, nz // 2].flip(0, 1).T        # rows: y descending, cols: x descending
     coronal = v[:, ny // 2, :].flip(0, 1).T      # rows: z descending, cols: x descending
     sagittal = v[nx // 2, :, :].flip(0, 1).T     # rows: z descending, cols: y descending
-    return [(axial, (sy, sx)), (coronal, (sz, sx)), (sagittal, (sz, sy))]
+    return axial, coronal, sagittal
+
+
+def _central_slices(volume: torch.Tensor, grid: VolumeGrid) -> list[tuple[torch.Tensor, tuple[float, float]]]:
+    """:func:`central_slices` with their (row, col) spacing in mm."""
+    sx, sy, sz = grid.spacing
+    return list(zip(central_slices(volume), ((sy, sx), (sz, sx), (sz, sy))))
 
 
 def _panel(image: torch.Tensor, spacing: tuple[float, float], mm_per_pixel: float) -> torch.Tensor:

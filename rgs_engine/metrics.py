@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,13 +50,17 @@ def _gaussian_window(size: int, device: torch.device, dtype: torch.dtype) -> tor
     return w / w.sum()
 
 
-def _blur_matrix(n: int, w: torch.Tensor) -> torch.Tensor:
-    """(n, n - len(w) + 1) banded matrix: ``x @ M`` is the 'valid' 1D convolution with ``w``."""
-    k = w.numel()
-    m = torch.zeros(n, n - k + 1, dtype=w.dtype, device=w.device)
-    cols = torch.arange(n - k + 1, device=w.device)
-    for j in range(k):
-        m[cols + j, cols] = w[j]
+@functools.lru_cache(maxsize=16)
+def _blur_matrix(n: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n, n - size + 1) banded matrix: ``x @ M`` is the 'valid' 1D convolution with the
+    Gaussian window of ``size``. Cached (read-only): a training loss asks for the same
+    matrices at every step (built outside inference mode, so autograd may use it later)."""
+    with torch.inference_mode(False):
+        w = _gaussian_window(size, device, dtype)
+        m = torch.zeros(n, n - size + 1, dtype=dtype, device=device)
+        cols = torch.arange(n - size + 1, device=device)
+        for j in range(size):
+            m[cols + j, cols] = w[j]
     return m
 
 
@@ -67,9 +72,8 @@ def ssim_per_slice(x: torch.Tensor, gt: torch.Tensor, data_range: float) -> torc
     """
     size = min(WINDOW, x.shape[-2], x.shape[-1])
     size -= 1 - size % 2
-    w = _gaussian_window(size, x.device, x.dtype)
-    blur_w = _blur_matrix(x.shape[-1], w)
-    blur_h = _blur_matrix(x.shape[-2], w)
+    blur_w = _blur_matrix(x.shape[-1], size, x.device, x.dtype)
+    blur_h = _blur_matrix(x.shape[-2], size, x.device, x.dtype)
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
 
     def blur(img: torch.Tensor) -> torch.Tensor:  # (..., H, W) -> (..., H', W'), 'valid' region

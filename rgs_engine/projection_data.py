@@ -122,11 +122,11 @@ class ProjectionData:
     def num_views(self) -> int:
         return self.geometry.num_views
 
-    def select_views(self, n: int) -> "ProjectionData":
-        """``n`` training views spread evenly over the acquisition order (all if ``n == V``).
+    def view_indices(self, n: int) -> torch.Tensor:
+        """Indices (n,) of ``n`` training views spread evenly over the acquisition order.
 
-        View ``floor(k V / n)`` for ``k = 0 .. n - 1``: on an evenly sampled circular orbit
-        these are evenly spread angles. Test views, ground truth and grid are kept.
+        View ``floor(k V / n)`` for ``k = 0 .. n - 1`` (all views if ``n == V``): on an evenly
+        sampled circular orbit these are evenly spread angles.
         """
         total = self.num_views
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -134,10 +134,12 @@ class ProjectionData:
         if n > total:
             raise RgsInputError(f"asked for {n} views but {self.source or 'the data'} has only "
                                 f"{total}: ask for at most {total}")
-        if n == total:
-            index = torch.arange(total)
-        else:
-            index = torch.div(torch.arange(n) * total, n, rounding_mode="floor")
+        return torch.div(torch.arange(n) * total, n, rounding_mode="floor")
+
+    def select_views(self, n: int) -> "ProjectionData":
+        """The ``n`` training views of :meth:`view_indices`; test views, ground truth and
+        grid are kept."""
+        index = self.view_indices(n)
         return ProjectionData(
             projections=self.projections[index].contiguous(),
             geometry=self.geometry.subset(index),

@@ -49,7 +49,7 @@ def check_input(name: str, x: torch.Tensor, shape) -> torch.Tensor:
 def _joseph(x: torch.Tensor, grid: VolumeGrid, geometry: Geometry, adjoint: bool) -> torch.Tensor:
     """Run the kernel on a checked tensor: forward on a volume, adjoint on projections."""
     dev = runtime.ensure()
-    src = x.detach().to(torch.float32).contiguous()
+    src = bridge.as_float32(x)
     if adjoint:
         vol = out = bridge.kernel_output(*grid.shape)
         proj = src

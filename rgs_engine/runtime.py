@@ -95,3 +95,14 @@ def describe(dev: torch.device) -> str:
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"cpu ({model}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    """Versions of rgs, Python, torch (with its CUDA) and Taichi."""
+    import taichi as ti
+
+    from . import __version__
+
+    return {"rgs": __version__, "python": platform.python_version(),
+            "torch": f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+            "taichi": ".".join(map(str, ti.__version__))}

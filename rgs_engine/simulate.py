@@ -37,7 +37,6 @@ DSD_PER_SIDE = 3.5  # R2-Gaussian: DSD 7 for a box of side 2
 MIN_COUNT = 0.5  # photons: detected counts are clamped here before the logarithm
 TILT_DEG = 30.0  # arbitrary orbit: secondary angle within +-TILT_DEG
 JITTER_PER_SIDE = 0.02  # arbitrary orbit: isocentre jitter within +-2 % of the box side per axis
-COVER_MARGIN = 1.02  # detector 2 % larger than the volume's shadow (as ct.covering_scan)
 _BATCH_PIXELS = 1 << 24  # pixels projected per kernel launch
 
 
@@ -157,7 +156,7 @@ def sphere_covering_pixel(radius: float, dso: float, dsd: float, det: int) -> fl
     if dso <= radius:
         raise RgsInputError(f"DSO = {dso:g} mm puts the X-ray source within {radius:.0f} mm of the "
                             "volume's centre (inside its bounding sphere): increase --dso")
-    return COVER_MARGIN * 2 * radius * dsd / math.sqrt(dso ** 2 - radius ** 2) / det
+    return ct.COVER_MARGIN * 2 * radius * dsd / math.sqrt(dso ** 2 - radius ** 2) / det
 
 
 def arbitrary_poses(views: int, grid: VolumeGrid, dso: float, rng: np.random.Generator,
@@ -324,11 +323,7 @@ def load_ct_volume(path, grid_size: int, device: torch.device | str = "cpu"
     from .volume_io import load_nifti
 
     hu, ct_grid = load_nifti(path)
-    grid = ct.fit_grid(ct_grid, grid_size)
-    mu = ct.resample(ct.hu_to_mu(hu.to(device)), ct_grid, grid)
-    if not float(mu.max()) > 0:
-        raise RgsInputError(f"{path}: no voxel attenuates (all <= -1000 HU): pass a CT in Hounsfield units")
-    return mu, grid
+    return ct.attenuation_volume(hu.to(device), ct_grid, grid_size, str(path))
 
 
 # --------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ rendered by one launch of each kernel; gradients flow to all four parameter tens
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import runtime
-from .bridge import grad_input, kernel_input, kernel_output
+from .bridge import as_float32, kernel_input, kernel_output
 from .errors import RgsInputError
 from .gaussians import check_params
 from .geometry import Geometry
@@ -22,12 +24,13 @@ from .kernels.splat_projection import NUM_GRADS, NUM_PARAMS
 MAX_PAIRS = 2**31 - 1
 
 
-class _Binning:
+class _Binning(NamedTuple):
     """Splat parameters and the tile lists of one forward pass (kept for the backward)."""
 
-    def __init__(self, params: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor,
-                 ranges: torch.Tensor):
-        self.params, self.keys, self.ids, self.ranges = params, keys, ids, ranges
+    params: torch.Tensor
+    keys: torch.Tensor
+    ids: torch.Tensor
+    ranges: torch.Tensor
 
 
 def _bin(means, scales, quats, densities, table, geometry: Geometry, cutoff: float) -> _Binning:
@@ -84,7 +87,7 @@ class SplatFunction(torch.autograd.Function):
         grads = [torch.zeros_like(t) for t in (m, s, q, d)]
         if b.keys.numel():
             g2d = kernel_output(num_v, n, NUM_GRADS)
-            splat_backward.pair_grads(b.params, b.keys, b.ids, grad_input(grad_image, grad_image),
+            splat_backward.pair_grads(b.params, b.keys, b.ids, as_float32(grad_image),
                                       g2d, ctx.cutoff * ctx.cutoff)
             splat_backward.gaussian_grads(m, s, q, d, ctx.table, g2d, *grads, ctx.cone)
         out = [g.to(dt) for g, dt in zip(grads, ctx.dtypes)]

@@ -72,7 +72,7 @@ class _Voxelize(torch.autograd.Function):
     def backward(ctx, grad_volume):
         s, q, rho, params, ibox, ends = ctx.saved_tensors
         n, dev = s.shape[0], s.device
-        g_vol = bridge.grad_input(grad_volume, grad_volume)  # autograd materialises zeros
+        g_vol = bridge.as_float32(grad_volume)  # autograd materialises zeros
         moments = bridge.kernel_output(n, kernels.NMOMENT)
         # moments_to_grads() writes every entry of these
         grads = tuple(torch.empty(n, *tail, dtype=torch.float32, device=dev)

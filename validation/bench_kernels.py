@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -48,8 +47,6 @@ from rgs_engine._torch_impl import splat as ref_splat
 from rgs_engine._torch_impl import voxelize as ref_voxelize
 from rgs_engine.errors import RgsDeviceError, RgsInputError
 from rgs_engine.geometry import VolumeGrid
-
-import taichi as ti  # noqa: E402  (after rgs_engine, which silences Taichi's banner)
 
 BOX_MM = 256.0
 DSO, DSD = 1000.0, 1500.0
@@ -189,8 +186,7 @@ def main() -> None:
 
     report = {
         "device": runtime.describe(dev), "device_type": dev.type,
-        "versions": {"rgs": rgs_engine.__version__, "torch": torch.__version__,
-                     "taichi": ".".join(map(str, ti.__version__)), "python": platform.python_version()},
+        "versions": runtime.versions(),
         "sizes": {"engine": asdict(size), "reference": asdict(REFERENCE), "box_mm": BOX_MM,
                   "dso_mm": DSO, "dsd_mm": DSD},
         "warmup": args.warmup, "repeats": args.repeats, "cases": rows,

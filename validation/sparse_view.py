@@ -540,6 +540,7 @@ def save_slices(res: dict, folders: dict[str, Path], data_file: Path, out_dir: P
     import h5py
     import torch
 
+    from rgs_engine.imaging import central_slices
     from rgs_engine.volume_io import load_nifti, write_bytes
 
     keys = [f"circular_25_{m}" for m in METHODS]
@@ -556,10 +557,10 @@ def save_slices(res: dict, folders: dict[str, Path], data_file: Path, out_dir: P
                              f"the ground truth {tuple(truth.shape)}: pass --force")
         vols[k] = vol
     scale = float(truth.max()) or 1.0
-    nx, ny, nz = truth.shape
     # display as rgs_engine.imaging: radiological view, anterior / superior up
-    axial = np.stack([(v[:, :, nz // 2].flip(0, 1).T / scale).numpy() for v in vols.values()])
-    coronal = np.stack([(v[:, ny // 2, :].flip(0, 1).T / scale).numpy() for v in vols.values()])
+    slices = [central_slices(v) for v in vols.values()]
+    axial = np.stack([(a / scale).numpy() for a, _, _ in slices])
+    coronal = np.stack([(c / scale).numpy() for _, c, _ in slices])
     buf = io.BytesIO()
     np.savez_compressed(buf, names=np.array(["truth"] + [k.split("_")[-1] for k in keys]),
                         axial=axial.astype(np.float16), coronal=coronal.astype(np.float16),
