@@ -351,7 +351,9 @@ class Geometry:
                  convention: str = "tigre", mode: str = "cone") -> "Geometry":
         """Circular orbit about the world z axis through ``isocentre``.
 
-        Conventions (both the TIGRE scanner model; NAF ran TIGRE):
+        Conventions (both TIGRE's scanner model, with the array layout that NAF and
+        R2-Gaussian store; R2-Gaussian flips raw TIGRE ``Ax`` output vertically before saving,
+        so raw TIGRE arrays may need their rows flipped to match):
 
         * source at ``isocentre + DSO (cos a, sin a, 0)``, detector centre at
           ``isocentre + (DSO - DSD)(cos a, sin a, 0)``; columns step along
