@@ -1,0 +1,296 @@
+"""X-ray folders (rgs_engine.xray_data), rigid transforms and ``rgs simulate-xrays``."""
+import json
+import math
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rgs_engine import rigid, xray_data
+from rgs_engine.errors import RgsInputError
+from rgs_engine.geometry import Geometry
+from rgs_engine.projector import project
+from rgs_engine.simulate import load_ct_volume, sphere_covering_pixel
+from rgs_engine.xray_data import XRaySet, decode_png, encode_png_gray, load_xrays, read_tiff, save_xrays
+
+try:
+    from cli.main import app
+except ImportError:  # an installed rgs
+    from rgs_cli.main import app
+
+AFFINE = np.array([[-4.0, 0, 0, 30.0], [0, 4.0, 0, -50.0], [0, 0, 5.0, 12.0], [0, 0, 0, 1]])
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def _tiny_ct(path: Path) -> Path:
+    """24^3 CT in HU: air, a water block and an off-centre 1000 HU ball (not symmetric)."""
+    hu = np.full((24, 24, 24), -1000.0, np.float32)
+    hu[4:20, 5:19, 3:21] = 0.0
+    i, j, k = np.meshgrid(*[np.arange(24)] * 3, indexing="ij")
+    hu[(i - 15) ** 2 + (j - 9) ** 2 + (k - 14) ** 2 < 16] = 1000.0
+    nib.save(nib.Nifti1Image(hu, AFFINE), str(path))
+    return path
+
+
+def _geometry(views=2, det=(6, 7)) -> Geometry:
+    return Geometry.circular(np.linspace(0, 1, views), 500.0, 800.0, det, 2.0)
+
+
+# --------------------------------------------------------------------------------------
+# Rigid transforms
+# --------------------------------------------------------------------------------------
+def test_rigid_transforms():
+    t = rigid.from_axis_angle([0, 0, math.pi / 2], [1, 2, 3])
+    np.testing.assert_allclose(rigid.apply(t, [1, 0, 0]), [1, 3, 3], atol=1e-12)
+    np.testing.assert_allclose(rigid.apply_directions(t, [1, 0, 0]), [0, 1, 0], atol=1e-12)
+    np.testing.assert_allclose(rigid.compose(t, rigid.invert(t)), np.eye(4), atol=1e-12)
+    centre = np.array([10.0, -5.0, 3.0])
+    for seed in range(5):
+        off = rigid.random_offset(7.0, 12.0, seed, centre)
+        assert abs(rigid.rotation_angle_deg(off) - 12.0) < 1e-9
+        assert abs(np.linalg.norm(rigid.apply(off, centre) - centre) - 7.0) < 1e-9
+    np.testing.assert_array_equal(rigid.random_offset(3, 4, 1), rigid.random_offset(3, 4, 1))
+    with pytest.raises(RgsInputError, match="not rigid"):
+        rigid.check_rigid(np.diag([2.0, 1, 1, 1]))
+    # moving the views by T == moving the volume by T^-1
+    geo = _geometry()
+    moved = rigid.transform_geometry(geo, t)
+    np.testing.assert_allclose(moved.vectors[:, 0:3].numpy(), rigid.apply(t, geo.vectors[:, 0:3].numpy()))
+
+
+# --------------------------------------------------------------------------------------
+# PNG and TIFF
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("filter_type", range(5))
+def test_png_round_trip_exact(filter_type):
+    rng = np.random.default_rng(filter_type)
+    img16 = rng.integers(0, 65536, (9, 13)).astype(np.uint16)
+    img16[0, 0], img16[-1, -1] = 0, 65535
+    out = decode_png(encode_png_gray(img16, filter_type))
+    assert out.dtype == np.uint16 and np.array_equal(out, img16)
+    img8 = rng.integers(0, 256, (5, 4)).astype(np.uint8)
+    assert np.array_equal(decode_png(encode_png_gray(img8, filter_type)), img8)
+
+
+def test_png_rejects_bad_input():
+    with pytest.raises(RgsInputError, match="not a PNG"):
+        decode_png(b"GIF89a........")
+    with pytest.raises(RgsInputError, match="uint8 or uint16"):
+        encode_png_gray(np.zeros((3, 3), np.float32))
+
+
+def _tiff(img: np.ndarray, bo: str = "<") -> bytes:
+    """A hand-written baseline TIFF: header, pixel strip, then an 8-entry IFD."""
+    h, w = img.shape
+    pixels = img.astype(np.dtype(bo + "u2")).tobytes()
+    ifd_at = 8 + len(pixels)
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 1, 16), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, 8), (277, 3, 1, 1), (279, 4, 1, len(pixels))]
+    ifd = struct.pack(bo + "H", len(entries))
+    for tag, typ, n, value in entries:
+        packed = struct.pack(bo + "H", value) + b"\0\0" if typ == 3 else struct.pack(bo + "I", value)
+        ifd += struct.pack(bo + "HHI", tag, typ, n) + packed
+    ifd += struct.pack(bo + "I", 0)
+    mark = b"II" if bo == "<" else b"MM"
+    return mark + struct.pack(bo + "HI", 42, ifd_at) + pixels + ifd
+
+
+def test_tiff_reader_both_byte_orders():
+    img = np.arange(35, dtype=np.uint16).reshape(5, 7) * 1800
+    for bo in "<>":
+        out = read_tiff(_tiff(img, bo))
+        assert out.dtype == np.uint16 and np.array_equal(out, img)
+    bad = bytearray(_tiff(img))
+    bad[8 + img.nbytes + 2 + 3 * 12 + 8:8 + img.nbytes + 2 + 3 * 12 + 10] = struct.pack("<H", 5)  # LZW
+    with pytest.raises(RgsInputError, match="compression 5"):
+        read_tiff(bytes(bad))
+
+
+# --------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------
+def _xset(views=2, det=(6, 7)) -> XRaySet:
+    geo = _geometry(views, det)
+    images = torch.rand(views, *det) * 4.0 - 0.1
+    return XRaySet(images, geo, ["ap.npy", "lat.npy"][:views], rigid.random_offset(5, 3, 0))
+
+
+def test_folder_round_trip_npy_and_png(tmp_path):
+    xset = _xset()
+    save_xrays(tmp_path / "a", xset)
+    back = load_xrays(tmp_path / "a")
+    assert back.files == ["ap.npy", "lat.npy"]
+    assert torch.equal(back.images, xset.images)
+    assert torch.equal(back.geometry.vectors, xset.geometry.vectors) and back.geometry.det_shape == (6, 7)
+    np.testing.assert_array_equal(back.ground_truth, xset.ground_truth)
+    # png: per view, s = round((p - min) / scale), scale = range / 65535 -> error <= scale / 2
+    save_xrays(tmp_path / "b", xset, image_format="png")
+    back = load_xrays(tmp_path / "b")
+    assert back.files == ["ap.png", "lat.png"]
+    for k in range(2):
+        scale = float(xset.images[k].max() - xset.images[k].min()) / 65535
+        assert float((back.images[k].double() - xset.images[k].double()).abs().max()) <= scale / 2 + 1e-6
+    with pytest.raises(RgsInputError, match="--force"):
+        save_xrays(tmp_path / "b", xset, image_format="png")
+    save_xrays(tmp_path / "b", xset, force=True, image_format="png")
+
+
+def _write_folder(root: Path, views: list[dict], images: dict[str, np.ndarray], **extra) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, img in images.items():
+        np.save(root / name, img)
+    meta = {"format": "rgs-xrays", "version": 1, "views": views, **extra}
+    (root / "geometry.json").write_text(json.dumps(meta))
+    return root
+
+
+def _view(file="a.npy", **kw):
+    v = {"file": file, "vectors": _geometry(1).vectors[0].tolist(), "mode": "cone",
+         "det_shape": [6, 7], "values": "line_integral"}
+    v.update(kw)
+    return v
+
+
+def test_intensity_views_become_line_integrals(tmp_path):
+    p = np.linspace(0, 3, 42).reshape(6, 7)
+    i0 = 5000.0
+    raw = i0 * np.exp(-p)
+    raw[0, 0] = 0.0  # clamped to MIN_FRACTION * i0
+    _write_folder(tmp_path, [_view(values="intensity", i0=i0)], {"a.npy": raw})
+    out = load_xrays(tmp_path).images[0].double().numpy()
+    np.testing.assert_allclose(out.reshape(-1)[1:], p.reshape(-1)[1:], atol=1e-6)
+    assert abs(out[0, 0] + math.log(xray_data.MIN_FRACTION)) < 1e-4
+    # 16-bit TIFF of counts with a stored scale
+    counts = np.round(raw / 2).astype(np.uint16)
+    (tmp_path / "b.tif").write_bytes(_tiff(counts))
+    _write_folder(tmp_path / "t", [_view("../b.tif", values="intensity", i0=i0, scale=2.0)], {})
+    out = load_xrays(tmp_path / "t").images[0].double().numpy()
+    # rounding to whole counts: |d ln I| <= 0.5 / counts
+    assert np.abs(out - p).reshape(-1)[1:].max() <= 0.5 / counts.reshape(-1)[1:].min() + 1e-6
+
+
+GOOD = np.zeros((6, 7))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("no_folder", "no such X-ray folder"),
+    ("no_json", "geometry.json: missing"),
+    ("bad_json", "not valid JSON"),
+    ("no_file", "view image not found"),
+    ("short_vectors", "12 numbers"),
+    ("nan_vectors", "NaN or Inf"),
+    ("nan_image", "image contains NaN"),
+    ("wrong_shape", "det_shape says 6x7"),
+    ("kind", "values kind 'counts' unknown"),
+    ("no_i0", "need 'i0'"),
+    ("non_rigid", "not rigid"),
+    ("mixed_shapes", "different det_shape"),
+    ("bad_ext", "unknown image type"),
+])
+def test_folder_errors(tmp_path, case, match):
+    root = tmp_path / "x"
+    if case == "no_json":
+        root.mkdir()
+    elif case == "bad_json":
+        root.mkdir()
+        (root / "geometry.json").write_text("{views: ")
+    elif case == "no_file":
+        _write_folder(root, [_view()], {})
+    elif case == "short_vectors":
+        _write_folder(root, [_view(vectors=[1, 2, 3])], {"a.npy": GOOD})
+    elif case == "nan_vectors":
+        v = _view()
+        v["vectors"][0] = float("nan")
+        _write_folder(root, [v], {"a.npy": GOOD})
+    elif case == "nan_image":
+        bad = GOOD.copy()
+        bad[1, 1] = np.nan
+        _write_folder(root, [_view()], {"a.npy": bad})
+    elif case == "wrong_shape":
+        _write_folder(root, [_view()], {"a.npy": np.zeros((7, 6))})
+    elif case == "kind":
+        _write_folder(root, [_view(values="counts")], {"a.npy": GOOD})
+    elif case == "no_i0":
+        _write_folder(root, [_view(values="intensity")], {"a.npy": GOOD})
+    elif case == "non_rigid":
+        _write_folder(root, [_view()], {"a.npy": GOOD},
+                      ground_truth_ct_to_xray=np.diag([1.0, 1, 2, 1]).tolist())
+    elif case == "mixed_shapes":
+        _write_folder(root, [_view(), _view("b.npy", det_shape=[6, 6])],
+                      {"a.npy": GOOD, "b.npy": np.zeros((6, 6))})
+    elif case == "bad_ext":
+        (root).mkdir()
+        (root / "a.jpg").write_bytes(b"x")
+        _write_folder(root, [_view("a.jpg")], {})
+    with pytest.raises(RgsInputError, match=match) as info:
+        load_xrays(root)
+    assert "\n" not in str(info.value)
+
+
+def test_dicom_needs_pydicom_or_reads(tmp_path):
+    (tmp_path / "a.dcm").write_bytes(b"not dicom")
+    _write_folder(tmp_path, [_view("a.dcm")], {})
+    with pytest.raises(RgsInputError, match="pydicom|DICOM"):
+        load_xrays(tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# rgs simulate-xrays
+# --------------------------------------------------------------------------------------
+def test_simulate_xrays_identity_matches_project(tmp_path, device):
+    ct = _tiny_ct(tmp_path / "ct.nii.gz")
+    out = tmp_path / "xr"
+    res = _invoke("simulate-xrays", ct, out, "--grid", 24, "--det", 32, "--dso", 400, "--dsd", 600)
+    assert res.exit_code == 0, res.output
+    xs = load_xrays(out)
+    assert xs.files == ["ap.npy", "lateral.npy"]
+    np.testing.assert_allclose(xs.ground_truth, np.eye(4), atol=1e-12)
+    volume, grid = load_ct_volume(ct, 24, device)
+    lo, hi = grid.bounds()
+    pitch = sphere_covering_pixel(float(np.linalg.norm(hi - lo)) / 2, 400, 600, 32)
+    geo = Geometry.biplanar(400, 600, (32, 32), pitch, isocentre=grid.centre)
+    assert torch.allclose(xs.geometry.vectors, geo.vectors, atol=1e-9)
+    expected = project(volume, grid, geo).cpu()
+    assert float(expected.max()) > 0.5
+    torch.testing.assert_close(xs.images, expected, atol=1e-5, rtol=1e-5)
+    # refuses to overwrite without --force
+    line = _error_line(_invoke("simulate-xrays", ct, out, "--grid", 24, "--det", 32))
+    assert "--force" in line
+
+    # with an offset: rigid ground truth of the requested size; the images follow the pose
+    res = _invoke("simulate-xrays", ct, out, "--grid", 24, "--det", 32, "--dso", 400, "--dsd", 600,
+                  "--offset-mm", 10, "--offset-deg", 5, "--seed", 3, "--format", "png",
+                  "--views", "90,0,45", "--noise", "1e5,0", "--force")
+    assert res.exit_code == 0, res.output
+    xs = load_xrays(out)
+    assert xs.files == ["view00.png", "view01.png", "view02.png"]
+    truth = rigid.check_rigid(xs.ground_truth)
+    centre = np.asarray(grid.centre)
+    assert abs(np.linalg.norm(rigid.apply(truth, centre) - centre) - 10) < 1e-6
+    assert abs(rigid.rotation_angle_deg(truth) - 5) < 1e-6
+    moved = rigid.transform_geometry(xs.geometry, rigid.invert(truth))
+    expected = project(volume, grid, moved).cpu()
+    assert float((xs.images - expected).abs().mean()) < 0.05 * float(expected.abs().mean())
+    assert float((xs.images[:2] - project(volume, grid, geo).cpu()).abs().mean()) > 0.1 * float(expected.abs().mean())
+
+
+def test_simulate_xrays_bad_input(tmp_path):
+    ct = _tiny_ct(tmp_path / "ct.nii.gz")
+    assert "--views" in _error_line(_invoke("simulate-xrays", ct, tmp_path / "o", "--views", "a,b"))
+    assert "DSO" in _error_line(_invoke("simulate-xrays", ct, tmp_path / "o", "--dso", 900, "--dsd", 800))
+    assert "--offset-deg" in _error_line(_invoke("simulate-xrays", ct, tmp_path / "o", "--offset-deg", 200))
+    assert "no such file" in _error_line(_invoke("simulate-xrays", tmp_path / "nope.nii", tmp_path / "o"))
