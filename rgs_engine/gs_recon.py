@@ -30,7 +30,6 @@ densities lost 0.7 dB (at 128^3). The full recipe takes about 45 s there
 """
 from __future__ import annotations
 
-import math
 import pickle
 from dataclasses import asdict, dataclass, fields
 
@@ -104,11 +103,6 @@ class GSConfig:
         if unknown:
             raise RgsInputError(f"unknown Gaussian recipe keys {sorted(unknown)}: check config.json")
         return cls(**d)
-
-
-def _log_linear(pair: tuple[float, float], frac: float) -> float:
-    start, end = pair
-    return math.exp(math.log(start) * (1 - frac) + math.log(end) * frac)
 
 
 class GaussianReconstruction:
@@ -201,10 +195,10 @@ class GaussianReconstruction:
     def _set_lrs(self) -> None:
         cfg = self.config
         frac = min(self.iteration / max(cfg.iterations - 1, 1), 1.0)
-        lrs = {"means": _log_linear(cfg.lr_position, frac) * self.half_box,
-               "scale_raw": _log_linear(cfg.lr_scale, frac),
-               "quat_raw": _log_linear(cfg.lr_rotation, frac),
-               "density_raw": _log_linear(cfg.lr_density, frac)}
+        lrs = {"means": losses.log_linear(cfg.lr_position, frac) * self.half_box,
+               "scale_raw": losses.log_linear(cfg.lr_scale, frac),
+               "quat_raw": losses.log_linear(cfg.lr_rotation, frac),
+               "density_raw": losses.log_linear(cfg.lr_density, frac)}
         for group in self.optimizer.param_groups:
             group["lr"] = lrs[group["name"]]
 

@@ -6,8 +6,12 @@
   projections normalised to about [0, 1].
 * :func:`tv_3d` — anisotropic total variation of a volume: the mean absolute difference of
   neighbouring voxels, summed over the three axes.
+
+:func:`log_linear` is the learning-rate schedule both optimisers use.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,3 +28,9 @@ def dssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def tv_3d(volume: torch.Tensor) -> torch.Tensor:
     return sum((volume.diff(dim=axis)).abs().mean() for axis in range(3))
+
+
+def log_linear(rates: tuple[float, float], frac: float) -> float:
+    """Log-linear interpolation from ``rates[0]`` (frac 0) to ``rates[1]`` (frac 1)."""
+    start, end = rates
+    return math.exp(math.log(start) * (1 - frac) + math.log(end) * frac)

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import RgsInputError
+from .errors import RgsInputError, check_tensor
 from .geometry import Geometry
 
 RIGID_TOL = 1e-6
@@ -48,12 +48,7 @@ def rotation_matrix(rotvec: Sequence[float]) -> np.ndarray:
     w = np.asarray(rotvec, dtype=np.float64).reshape(-1)
     if w.shape != (3,) or not np.all(np.isfinite(w)):
         raise RgsInputError(f"rotation vector must be 3 finite numbers, got {rotvec!r}")
-    angle = float(np.linalg.norm(w))
-    if angle == 0.0:
-        return np.eye(3)
-    k = w / angle
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(angle) * kx + (1 - math.cos(angle)) * kx @ kx
+    return so3_exp(torch.from_numpy(w)).numpy()
 
 
 def from_axis_angle(rotvec: Sequence[float] = (0.0, 0.0, 0.0),
@@ -144,3 +139,100 @@ def transform_geometry(geometry: Geometry, matrix) -> Geometry:
     vec[:, 6:9] = apply_directions(m, vec[:, 6:9])
     vec[:, 9:12] = apply_directions(m, vec[:, 9:12])
     return Geometry(torch.from_numpy(vec), geometry.det_shape, geometry.mode)
+
+
+# --------------------------------------------------------------------------------------
+# Differentiable (torch) rotations and the rigid motion of Gaussians
+# --------------------------------------------------------------------------------------
+def so3_exp(omega: torch.Tensor) -> torch.Tensor:
+    """Rotation vector (3,) (axis x angle, radians) -> (3, 3) rotation matrix (Rodrigues).
+
+    Differentiable everywhere, including at 0 (Taylor series of sin(t)/t and
+    (1 - cos t)/t^2 below t^2 = 1e-4)."""
+    check_tensor("rotation vector", omega, (3,), finite=False)
+    t2 = (omega * omega).sum()
+    small = t2 < 1e-4
+    t2s = torch.where(small, torch.ones_like(t2), t2)
+    ts = t2s.sqrt()
+    a = torch.where(small, 1 - t2 / 6 + t2 * t2 / 120, torch.sin(ts) / ts)
+    b = torch.where(small, 0.5 - t2 / 24 + t2 * t2 / 720, (1 - torch.cos(ts)) / t2s)
+    x, y, z = omega.unbind()
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero]).reshape(3, 3)
+    eye = torch.eye(3, dtype=omega.dtype, device=omega.device)
+    return eye + a * k + b * (k @ k)
+
+
+def se3_exp(xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pose vector ``xi`` (6,) = (rotation vector (rad), translation (mm)) -> ``(R, t)``.
+
+    ``R = so3_exp(xi[:3])`` (3, 3) and ``t = xi[3:]`` (3,), so ``x -> R x + t`` rotates about
+    the world origin, then translates (the rotation vector and the translation are decoupled,
+    which keeps the translation in mm). Differentiable, stable near 0."""
+    check_tensor("xi", xi, (6,), finite=False)
+    return so3_exp(xi[:3]), xi[3:]
+
+
+def rotmat_to_quat(r: torch.Tensor) -> torch.Tensor:
+    """(3, 3) rotation matrix -> unit quaternion (4,) (w, x, y, z), differentiable.
+
+    Shepperd's method: the branch with the largest pivot is chosen on the device (no host
+    read), the other branches' square roots are clamped so their (discarded) gradients stay
+    finite."""
+    check_tensor("R", r, (3, 3), finite=False)
+    r00, r01, r02, r10, r11, r12, r20, r21, r22 = r.reshape(9).unbind()
+    tr = r00 + r11 + r22
+    piv = torch.stack([1 + tr, 1 + r00 - r11 - r22, 1 - r00 + r11 - r22, 1 - r00 - r11 + r22])
+    s = 2 * piv.clamp_min(1e-12).sqrt()  # 4 |component| for each branch
+    cands = torch.stack([
+        torch.stack([s[0] / 4, (r21 - r12) / s[0], (r02 - r20) / s[0], (r10 - r01) / s[0]]),
+        torch.stack([(r21 - r12) / s[1], s[1] / 4, (r01 + r10) / s[1], (r02 + r20) / s[1]]),
+        torch.stack([(r02 - r20) / s[2], (r01 + r10) / s[2], s[2] / 4, (r12 + r21) / s[2]]),
+        torch.stack([(r10 - r01) / s[3], (r02 + r20) / s[3], (r12 + r21) / s[3], s[3] / 4]),
+    ])
+    best = torch.argmax(piv.detach())
+    q = cands.index_select(0, best.reshape(1))[0]
+    q = q * torch.where(q[0] < 0, -1.0, 1.0).to(q.dtype)  # w >= 0
+    return q / q.norm()
+
+
+def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product ``a * b`` of quaternions (w, x, y, z), broadcasting over leading dims."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz,
+                        aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx,
+                        aw * bz + ax * by - ay * bx + az * bw], dim=-1)
+
+
+def _pose(transform) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(transform, torch.Tensor):
+        check_tensor("ct_to_xray", transform, (4, 4), finite=False)
+        return transform[:3, :3], transform[:3, 3]
+    if isinstance(transform, (tuple, list)) and len(transform) == 2:
+        r, t = transform
+        check_tensor("R", r, (3, 3), finite=False)
+        check_tensor("t", t, (3,), finite=False)
+        return r, t
+    raise RgsInputError("ct_to_xray must be a (4, 4) torch tensor or a pair (R (3, 3), t (3,))")
+
+
+def rigid_transform_gaussians(means: torch.Tensor, quats: torch.Tensor, ct_to_xray
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move Gaussians by the rigid map ``x -> R x + t``: ``(means', quats')``.
+
+    ``means`` (N, 3) mm, ``quats`` (N, 4) (w, x, y, z); ``ct_to_xray`` a (4, 4) tensor or
+    ``(R, t)``. ``means' = R p + t`` and ``quats' = q(R) * q`` (Hamilton product), so the
+    covariances become ``R S R^T``; scales and densities are unchanged. Differentiable w.r.t.
+    ``R``/``t`` (and the inputs); the pose is cast to ``means``' dtype and device. ``R`` must
+    be a rotation (not checked, to keep the call free of host reads).
+    """
+    check_tensor("means", means, (None, 3), finite=False)
+    check_tensor("quats", quats, (means.shape[0], 4), finite=False)
+    r, t = _pose(ct_to_xray)
+    r = r.to(device=means.device, dtype=means.dtype)
+    t = t.to(device=means.device, dtype=means.dtype)
+    new_means = means @ r.T + t
+    q_r = rotmat_to_quat(r).to(quats.dtype)
+    return new_means, quat_multiply(q_r, quats)
