@@ -16,6 +16,7 @@ from . import roundtrip  # noqa: F401  (registers the command)
 from . import simulate  # noqa: F401
 from . import recon  # noqa: F401
 from . import simulate_xrays  # noqa: F401
+from . import register  # noqa: F401
 from .common import DeviceOption, app, handle_errors, out_console, start
 
 __all__ = ["app"]

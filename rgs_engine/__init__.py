@@ -23,6 +23,7 @@ from .errors import RgsDeviceError, RgsInputError  # noqa: E402
 from .gaussians import Gaussians, covariance, inverse_covariance, quat_to_rotmat  # noqa: E402
 from .geometry import Geometry, VolumeGrid  # noqa: E402
 from .projector import backproject, project  # noqa: E402
+from .registration import register  # noqa: E402
 from .splatting import splat  # noqa: E402
 from .voxelization import voxelize  # noqa: E402
 
