@@ -23,8 +23,9 @@ from rgs_engine.errors import RgsDeviceError, RgsInputError
 app = typer.Typer(
     name="rgs", add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
     rich_markup_mode="markdown",
-    help="X-ray radiative Gaussian splatting. Scenarios recon / register / track4d are coming; "
-         "today: the engine and its end-to-end check (roundtrip).")
+    help="X-ray radiative Gaussian splatting: sparse-view CT (simulate, recon), CT-to-X-ray "
+         "registration (simulate-xrays, register; being validated), and the engine check "
+         "(roundtrip). 4D tracking (track4d) is coming.")
 out_console = Console()
 err_console = Console(stderr=True)
 

@@ -1,7 +1,8 @@
 """The ``rgs`` command line.
 
-Commands: ``rgs info`` (versions and compute device) and ``rgs roundtrip`` (the engine's
-end-to-end check on a real CT). Every command takes ``--device auto|cuda|cpu`` (default:
+Commands: ``info`` (versions and compute device), ``roundtrip`` (the engine's end-to-end
+check on a real CT), ``simulate`` / ``recon`` (sparse-view CT), ``simulate-xrays`` /
+``register`` (CT-to-X-ray registration). Each lives in its own module. Every command takes ``--device auto|cuda|cpu`` (default:
 ``$RGS_DEVICE``, else ``auto``). Bad input ends with one line ``error: ...`` on stderr and
 exit status 2; outputs are written atomically and existing ones are kept unless ``--force``.
 """
