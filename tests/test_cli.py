@@ -8,12 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
-try:  # the source tree's CLI (python -m pytest from the repository root)
-    from cli.main import app
-except ImportError:  # an installed rgs, tests run from elsewhere
-    from rgs_cli.main import app
+from cli_helpers import assert_one_line_error as _assert_one_line_error, invoke
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ("fdk.nii.gz", "slices.png", "metrics.json")
@@ -36,19 +31,8 @@ def _tiny_ct(path: Path, nan: bool = False) -> Path:
     return path
 
 
-def _invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
-
-
-def _assert_one_line_error(result, text: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
-    assert "Traceback" not in result.output
-
-
 def test_info_reports_versions_and_device():
-    result = _invoke("info")
+    result = invoke("info")
     assert result.exit_code == 0, result.output
     for word in ("rgs", "torch", "taichi", "device"):
         assert word in result.stdout
@@ -59,7 +43,7 @@ def test_roundtrip_writes_outputs_then_refuses_to_overwrite(tmp_path):
     out = tmp_path / "run"
     args = ["roundtrip", str(ct_path), "--out", str(out), "--grid", "24", "--views", "24",
             "--det", "32"]
-    result = _invoke(*args)
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "metrics.json").read_text())
     assert report["grid"]["shape"] == [24, 20, 24] and report["views"] == 24
@@ -75,16 +59,16 @@ def test_roundtrip_writes_outputs_then_refuses_to_overwrite(tmp_path):
     np.testing.assert_allclose(centroid, BALL_CENTRE, atol=3.0)
 
     before = {name: ((out / name).read_bytes(), (out / name).stat().st_mtime_ns) for name in OUTPUTS}
-    _assert_one_line_error(_invoke(*args), "exists: pass --force")
+    _assert_one_line_error(invoke(*args), "exists: pass --force")
     assert before == {name: ((out / name).read_bytes(), (out / name).stat().st_mtime_ns)
                       for name in OUTPUTS}
-    assert _invoke(*args, "--force").exit_code == 0
+    assert invoke(*args, "--force").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left
 
 
 def test_roundtrip_rejects_nan_ct(tmp_path):
     ct_path = _tiny_ct(tmp_path / "nan.nii.gz", nan=True)
-    _assert_one_line_error(_invoke("roundtrip", str(ct_path), "--out", str(tmp_path / "r")), "NaN")
+    _assert_one_line_error(invoke("roundtrip", str(ct_path), "--out", str(tmp_path / "r")), "NaN")
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
@@ -105,7 +89,7 @@ def test_missing_file_is_one_line_exit_2_from_a_real_process(tmp_path):
 ])
 def test_roundtrip_rejects_bad_options(tmp_path, args, text):
     ct_path = _tiny_ct(tmp_path / "ct.nii.gz")
-    _assert_one_line_error(_invoke("roundtrip", str(ct_path), "--out", str(tmp_path / "r"), *args), text)
+    _assert_one_line_error(invoke("roundtrip", str(ct_path), "--out", str(tmp_path / "r"), *args), text)
 
 
 CHEST_CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
@@ -114,7 +98,7 @@ CHEST_CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
 @pytest.mark.slow
 @pytest.mark.skipif(not CHEST_CT.is_file(), reason="fetch the CT first: python datasets/fetch_ct.py")
 def test_roundtrip_on_the_real_chest_ct(tmp_path):
-    result = _invoke("roundtrip", str(CHEST_CT), "--out", str(tmp_path), "--grid", "96",
+    result = invoke("roundtrip", str(CHEST_CT), "--out", str(tmp_path), "--grid", "96",
                      "--views", "120")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "metrics.json").read_text())

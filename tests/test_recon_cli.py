@@ -11,18 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from rgs_engine import Geometry, VolumeGrid
 from rgs_engine import iterative
 from rgs_engine.projection_data import ProjectionData, save_projections
 from rgs_engine.simulate import project_views
 from blob_phantom import blob_phantom as phantom
-
-try:  # the source tree's CLI (python -m pytest from the repository root)
-    from cli.main import app
-except ImportError:  # an installed rgs, tests run from elsewhere
-    from rgs_cli.main import app
+from cli_helpers import assert_one_line_error as _assert_one_line_error, invoke
 
 GRID = VolumeGrid.centred((24, 24, 24), 4.0)
 FINAL = ("volume.nii.gz", "slices.png", "metrics.json", "config.json")
@@ -73,15 +68,8 @@ def scans(tmp_path_factory, device):
             "posed": _write(folder / "posed.h5", posed(16), test=False)}
 
 
-def _invoke(*args: str):
-    return CliRunner().invoke(app, ["recon", *map(str, args)])
-
-
-def _assert_one_line_error(result, text: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
-    assert "Traceback" not in result.output
+def _invoke(*args):
+    return invoke("recon", *args)
 
 
 def _snapshot(folder: Path) -> dict:

@@ -11,7 +11,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from blob_phantom import blob_phantom
 from rgs_engine import VolumeGrid, rigid, xray_data
@@ -20,19 +19,12 @@ from rgs_engine.ct_gaussians import gaussians_for_ct
 from rgs_engine.errors import RgsInputError
 from rgs_engine.geometry import Geometry
 from rgs_engine.volume_io import save_nifti
+from cli_helpers import invoke as _invoke
 
-try:
-    from cli.main import app
-except ImportError:  # an installed rgs
-    from rgs_cli.main import app
 
 GRID = VolumeGrid.centred((32, 32, 32), 3.0, (5.0, -3.0, 10.0))
 FIT = {"grid_size": 32, "num_gaussians": 2000, "iterations": 150}
 MTRE_OK_MM = 1.5
-
-
-def _invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def _hu(volume: torch.Tensor) -> torch.Tensor:

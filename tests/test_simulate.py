@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from rgs_engine.simulate import project_views
 from rgs_engine import simulate as sim
@@ -16,24 +15,10 @@ from rgs_engine.errors import RgsInputError
 from rgs_engine.geometry import VolumeGrid
 from rgs_engine.phantoms import ellipsoid_table, shepp_logan, shepp_logan_grid, shepp_logan_normalised
 from rgs_engine.projection_data import load_projections
+from cli_helpers import error_line as _error_line, invoke as _invoke
 
-try:
-    from cli.main import app
-except ImportError:  # an installed rgs
-    from rgs_cli.main import app
 
 AFFINE = np.array([[-3.0, 0, 0, 5.0], [0, 2.5, 0, -20.0], [0, 0, 3.0, 10.0], [0, 0, 0, 1]])
-
-
-def _invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def _tiny_ct(path: Path) -> Path:

@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from rgs_engine import rigid, xray_data
 from rgs_engine.errors import RgsInputError
@@ -16,24 +15,10 @@ from rgs_engine.geometry import Geometry
 from rgs_engine.projector import project
 from rgs_engine.simulate import load_ct_volume, sphere_covering_pixel
 from rgs_engine.xray_data import XRaySet, decode_png, encode_png_gray, load_xrays, read_tiff, save_xrays
+from cli_helpers import error_line as _error_line, invoke as _invoke
 
-try:
-    from cli.main import app
-except ImportError:  # an installed rgs
-    from rgs_cli.main import app
 
 AFFINE = np.array([[-4.0, 0, 0, 30.0], [0, 4.0, 0, -50.0], [0, 0, 5.0, 12.0], [0, 0, 0, 1]])
-
-
-def _invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def _tiny_ct(path: Path) -> Path:
