@@ -16,6 +16,9 @@ from rgs_engine.errors import RgsInputError
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
 
 POSE_FILE = "pose.json"
+CT_GRID = 128  # voxels along the CT's box (whole CT, and the context of a structure)
+STRUCTURE_GRID = 64  # voxels along a masked structure's box (about 1 mm for a vertebra)
+CONTEXT_GAUSSIANS = 20000  # the rest of the CT around a structure (validation/registration.py)
 OVERLAY_FILE = "overlay.png"
 
 
@@ -47,7 +50,9 @@ def register(
     label: Annotated[Optional[int], typer.Option(help="Label of --mask to register (one vertebra).")] = None,
     init: Annotated[Optional[Path], typer.Option(
         help="Starting ct_to_xray: a JSON 4x4 or a pose.json [default: identity].")] = None,
-    grid: Annotated[int, typer.Option(help="CT voxels along its longest edge for the Gaussian fit.")] = 128,
+    grid: Annotated[int, typer.Option(
+        help="Voxels along the box of the Gaussian fit: the CT's, or with --mask the structure's "
+             "(0: 128, or 64 with --mask).")] = 0,
     gaussians: Annotated[int, typer.Option(help="Number of Gaussians (0: automatic).")] = 0,
     fit_iterations: Annotated[int, typer.Option("--fit-iterations", help="Steps of the Gaussian fit.")] = 300,
     candidates: Annotated[int, typer.Option(help="Poses scored by the global stage (0: none).")] = 256,
@@ -60,14 +65,16 @@ def register(
 ) -> None:
     """Register a CT to calibrated X-rays: writes OUT/pose.json and OUT/overlay.png.
 
-    The CT becomes radiative Gaussians (cached next to the CT); with --mask/--label only
-    that structure. A global search within --capture-mm / --capture-deg of --init is
+    The CT becomes radiative Gaussians (cached next to the CT); with --mask/--label the
+    structure (one vertebra) and, as its context, the rest of the CT: the pose is found for
+    the structure, with the comparison restricted to a window of the views around it. A global search within --capture-mm / --capture-deg of --init is
     followed by a coarse-to-fine gradient refinement of the similarity (NCC + gradient NCC).
     pose.json holds ct_to_xray (CT world mm -> X-ray frame), similarity, success, seconds
     and mtre_mm when the X-ray folder has a ground truth. A similarity below --threshold is
     reported as a failure (exit status 1, pose.json says success false).
     """
-    require(grid >= 8, f"--grid {grid} is too small: use at least 8 voxels")
+    require(grid == 0 or grid >= 8, f"--grid {grid} is too small: use at least 8 voxels")
+    grid = grid or (STRUCTURE_GRID if mask is not None else CT_GRID)
     require(gaussians >= 0 and fit_iterations >= 0, "--gaussians and --fit-iterations must be >= 0")
     require(candidates >= 0, f"--candidates {candidates}: must be >= 0")
     require(math.isfinite(capture_mm) and capture_mm >= 0 and math.isfinite(capture_deg)
@@ -87,15 +94,21 @@ def register(
             params, info = ct_gaussians.gaussians_for_ct(
                 ct, grid_size=grid, num_gaussians=gaussians, iterations=fit_iterations,
                 mask_path=mask, label=label, force=force)
+            context = None
+            if mask is not None:  # the rest of the CT, so the DRR shows what the X-rays show
+                context, cinfo = ct_gaussians.gaussians_for_ct(
+                    ct, grid_size=CT_GRID, num_gaussians=CONTEXT_GAUSSIANS, iterations=fit_iterations,
+                    mask_path=mask, label=label, complement=True, force=force)
+                info["cached"] = bool(info.get("cached")) and bool(cinfo.get("cached"))
             points = reg.target_points(ct, mask, label) if xset.ground_truth is not None else None
         with stage("register", f"register to {xset.geometry.num_views} views"):
-            result = reg.register(xset, params, init_pose, candidates=candidates,
+            result = reg.register(xset, params, init_pose, context=context, candidates=candidates,
                                   capture_mm=capture_mm, capture_deg=capture_deg,
                                   threshold=threshold, ground_truth=xset.ground_truth,
                                   target_points=points)
         with stage("overlay", "overlay of DRR edges"):
             before = reg.render(params, init_pose, xset.geometry)
-            after = reg.render(params, result.pose, xset.geometry)
+            after = reg.render(params, result.pose, xset.geometry)  # edges of the structure
             picture = reg.overlay_image(xset.images, before, after)
         with stage("write", f"write {out.name}/"):
             doc = {"format": "rgs-pose", "version": 1, **result.to_dict(),

@@ -80,12 +80,13 @@ def resample(volume: torch.Tensor, grid: VolumeGrid, new_grid: VolumeGrid) -> to
     return out[0, 0].contiguous()
 
 
-def attenuation_volume(hu: torch.Tensor, hu_grid: VolumeGrid, n: int, source: str = "CT"
-                       ) -> tuple[torch.Tensor, VolumeGrid]:
+def attenuation_volume(hu: torch.Tensor, hu_grid: VolumeGrid, n: int, source: str = "CT",
+                       region: VolumeGrid | None = None) -> tuple[torch.Tensor, VolumeGrid]:
     """A CT in Hounsfield units on ``hu_grid`` as attenuation (1/mm) on :func:`fit_grid`'s
-    isotropic grid of ``n`` voxels along the longest edge: ``(volume, grid)``, on ``hu``'s
-    device. Raises :class:`RgsInputError` (naming ``source``) if no voxel attenuates."""
-    grid = fit_grid(hu_grid, n)
+    isotropic grid of ``n`` voxels along the longest edge of ``region``'s box (default: the
+    CT's box): ``(volume, grid)``, on ``hu``'s device. Raises :class:`RgsInputError` (naming
+    ``source``) if no voxel attenuates."""
+    grid = fit_grid(region if region is not None else hu_grid, n)
     mu = resample(hu_to_mu(hu), hu_grid, grid)
     if not float(mu.max()) > 0:
         raise RgsInputError(f"{source}: no voxel attenuates (all <= -1000 HU): pass a CT in "

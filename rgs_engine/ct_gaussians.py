@@ -32,7 +32,8 @@ from .geometry import VolumeGrid
 from .volume_io import atomic_write, load_nifti
 from .voxelization import voxelize
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+MASK_MARGIN_MM = 4.0  # a masked fit covers the selection's bounding box grown by this
 PARAM_NAMES = ("means", "scales", "quats", "densities")
 
 
@@ -214,8 +215,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_mask(mask_path: Path, label: int | None, ct_grid: VolumeGrid, grid: VolumeGrid,
-               device: torch.device) -> torch.Tensor:
+def _load_selection(mask_path: Path, label: int | None, ct_grid: VolumeGrid
+                    ) -> tuple[torch.Tensor, VolumeGrid]:
+    """The voxels of ``label`` (any non-zero label when None) of the segmentation at
+    ``mask_path``, a bool volume on the mask's own grid, which must cover the CT's box."""
     labels, mask_grid = load_nifti(mask_path)
     ct_lo, ct_hi = ct_grid.bounds()
     m_lo, m_hi = mask_grid.bounds()
@@ -235,24 +238,32 @@ def _load_mask(mask_path: Path, label: int | None, ct_grid: VolumeGrid, grid: Vo
         if not bool(sel.any()):
             present = [int(v) for v in torch.unique(ints).tolist() if v != 0]
             raise RgsInputError(f"label {label} is not in {mask_path}; labels present: {present}")
-    mask = resample_nearest(sel, mask_grid, grid, fill=False).to(device)
-    if not bool(mask.any()):
-        raise RgsInputError(f"the selected region of {mask_path} vanishes on the "
-                            f"{grid.shape} grid: use a finer --grid")
-    return mask
+    return sel, mask_grid
+
+
+def selection_box(sel: torch.Tensor, grid: VolumeGrid, margin_mm: float) -> VolumeGrid:
+    """The sub-grid of ``grid`` that holds the true voxels of ``sel``, grown by about
+    ``margin_mm`` on every side (clipped to ``grid``)."""
+    margin = max(int(np.ceil(margin_mm / min(grid.spacing))), 0)
+    start, shape = _mask_box(sel, margin)
+    return grid.sub_grid(start, shape)
 
 
 def gaussians_for_ct(ct_path, grid_size: int = 128, num_gaussians: int = 0,
                      iterations: int = 300, mask_path=None, label: int | None = None,
-                     cache_dir=None, force: bool = False, device: torch.device | str | None = None,
+                     complement: bool = False, cache_dir=None, force: bool = False, device: torch.device | str | None = None,
                      seed: int = 0, progress: Callable[[int, int], None] | None = None,
                      ) -> tuple[dict[str, torch.Tensor], dict]:
     """Radiative Gaussians of the CT (HU NIfTI) at ``ct_path``, fitted once and cached.
 
-    The CT becomes attenuation on an isotropic grid of ``grid_size`` voxels along its longest
-    edge (:func:`rgs_engine.simulate.load_ct_volume`'s conversion); with ``mask_path`` (a
-    segmentation on the CT's box) only label ``label`` (any non-zero label when None) is
-    fitted. Returns ``(params, info)``: ``params`` as :func:`fit_volume` on the runtime device
+    The CT becomes attenuation (:func:`rgs_engine.ct.attenuation_volume`'s conversion) on an
+    isotropic grid of ``grid_size`` voxels along the longest edge of its box; with
+    ``mask_path`` (a segmentation on the CT's box) only label ``label`` (any non-zero label
+    when None) is fitted, and the grid spans that selection's bounding box grown by
+    :data:`MASK_MARGIN_MM` (so ``grid_size`` sets the detail of the structure, not of the
+    whole CT). With ``complement`` the whole CT is fitted with that selection removed (set to
+    0): the context of the structure, so that context + structure = the CT
+    (:func:`rgs_engine.registration.register`'s ``context``). Returns ``(params, info)``: ``params`` as :func:`fit_volume` on the runtime device
     (``device`` initialises the runtime if given); ``info`` holds ``cached`` (loaded, no fit),
     ``seconds`` (this call), ``path`` (the .npz), ``key``, ``grid`` (dict) and the fit's
     ``report``.
@@ -277,7 +288,8 @@ def gaussians_for_ct(ct_path, grid_size: int = 128, num_gaussians: int = 0,
                 "iterations": int(iterations), "seed": int(seed)}
     key_src = {"format": CACHE_FORMAT, "rgs": __version__, "ct": _sha256(ct_path),
                "mask": _sha256(Path(mask_path)) if mask_path is not None else None,
-               "label": None if label is None else int(label), **fit_args}
+               "label": None if label is None else int(label), "complement": bool(complement),
+               **fit_args}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:32]
     folder = Path(cache_dir) if cache_dir is not None else ct_path.with_name(ct_path.name + ".rgs-cache")
     path = folder / f"{key}.npz"
@@ -294,8 +306,21 @@ def gaussians_for_ct(ct_path, grid_size: int = 128, num_gaussians: int = 0,
             pass  # damaged or foreign file: refit and overwrite
 
     hu, ct_grid = load_nifti(ct_path)
-    volume, grid = attenuation_volume(hu.to(dev), ct_grid, int(grid_size), str(ct_path))
-    mask = _load_mask(Path(mask_path), label, ct_grid, grid, dev) if mask_path is not None else None
+    mask = region = None
+    if complement and mask_path is None:
+        raise RgsInputError("complement needs a mask: pass the segmentation and label to leave out")
+    if mask_path is not None:
+        sel, mask_grid = _load_selection(Path(mask_path), label, ct_grid)
+        if complement:  # the selection becomes air before resampling
+            hu = hu.masked_fill(resample_nearest(sel, mask_grid, ct_grid, fill=False), -1000.0)
+        else:
+            region = selection_box(sel, mask_grid, MASK_MARGIN_MM)
+    volume, grid = attenuation_volume(hu.to(dev), ct_grid, int(grid_size), str(ct_path), region)
+    if region is not None:
+        mask = resample_nearest(sel, mask_grid, grid, fill=False).to(dev)
+        if not bool(mask.any()):
+            raise RgsInputError(f"the selected region of {mask_path} vanishes on the "
+                                f"{grid.shape} grid: use a finer --grid")
     params, report = fit_volume(volume, grid, num_gaussians=num_gaussians, iterations=iterations,
                                 mask=mask, seed=seed, progress=progress)
     meta = {"key": key, "key_source": key_src, "grid": grid.to_dict(), "report": report}

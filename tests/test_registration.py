@@ -203,3 +203,23 @@ def test_cli_register_errors(ct_path, tmp_path):
     assert "not rigid" in error("--ct", ct_path, "--init", bad)
     assert "X-ray folder" in _invoke("register", tmp_path / "nope", "--ct", ct_path, "--out",
                                      tmp_path / "o").stderr
+
+
+def test_project_points_hits_pixel_centres():
+    geo = Geometry.biplanar(800.0, 1200.0, (20, 30), 1.3, isocentre=(5.0, -3.0, 2.0))
+    centres = geo.pixel_centres()  # (V, H, W, 3)
+    for k in range(geo.num_views):
+        rc = reg.project_points(geo.subset([k]), centres[k].reshape(-1, 3).numpy())[0]
+        rows, cols = np.meshgrid(np.arange(20), np.arange(30), indexing="ij")
+        assert np.allclose(rc[:, 0], rows.reshape(-1), atol=1e-6)
+        assert np.allclose(rc[:, 1], cols.reshape(-1), atol=1e-6)
+
+
+def test_crop_is_the_window_of_the_full_render(params):
+    geo = Geometry.biplanar(800.0, 1200.0, (48, 56), 2.0, isocentre=(0.0, 0.0, 0.0))
+    pts = params["means"].double().cpu().numpy()[:50]
+    crop = reg.Crop.around(geo, pts, 3.0)
+    assert crop.shape[0] <= 48 and crop.shape[1] <= 56 and (crop.starts >= 0).all()
+    full = reg.render(params, np.eye(4), geo)
+    part = reg.render(params, np.eye(4), crop.geometry(geo))
+    assert torch.allclose(part, crop.images(full), rtol=1e-4, atol=1e-6 * float(full.max()))
