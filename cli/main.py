@@ -18,6 +18,8 @@ from . import simulate  # noqa: F401
 from . import recon  # noqa: F401
 from . import simulate_xrays  # noqa: F401
 from . import register  # noqa: F401
+from . import simulate_dsa  # noqa: F401
+from . import simulate4d  # noqa: F401
 from .common import DeviceOption, app, handle_errors, out_console, start
 
 __all__ = ["app"]

@@ -1,8 +1,10 @@
-"""PNG output without image libraries: an 8-bit encoder and a slice montage of volumes.
+"""PNG and GIF output without image libraries: 8-bit encoders and a slice montage of volumes.
 
 :func:`encode_png` writes 8-bit grayscale (H, W) or RGB (H, W, 3) images (zlib + struct, no
 filtering). :func:`slices_png` lays out the central axial, coronal and sagittal slices of
 several volumes on one grid, one volume per row, at their physical aspect ratio.
+:func:`encode_gif` / :func:`write_gif` write looping GIF89a animations (LZW written here):
+grey frames exactly, colour frames exactly when they hold at most 256 colours.
 
 Display orientation assumes the NIfTI RAS+ world frame that
 :func:`~rgs_engine.volume_io.load_nifti` returns (+x the patient's right, +y anterior, +z
@@ -29,6 +31,8 @@ PANEL = 256  # pixels along the longest physical edge of a slice panel
 GAP = 4  # pixels between panels
 BACKGROUND = 96  # grey level between and around panels
 WINDOW_QUANTILES = (0.001, 0.999)
+GIF_CODE_LIMIT = 4096  # LZW codes are at most 12 bits
+GIF_CUBE_LEVELS = 6  # colour frames with over 256 colours: a 6 x 6 x 6 colour cube
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -123,3 +127,96 @@ def slices_png(path: str | os.PathLike, volumes: dict[str, torch.Tensor], grid: 
         y += h + GAP
     text = {"Description": "rows: " + ", ".join(volumes) + "; columns: axial, coronal, sagittal"}
     return write_png(path, canvas, force, text)
+
+
+# --------------------------------------------------------------------------------------
+# GIF
+# --------------------------------------------------------------------------------------
+def _lzw(indices: bytes) -> bytes:
+    """GIF LZW data of 8-bit palette indices (minimum code size 8), packed LSB first.
+
+    Codes start 9 bits wide and widen when the table's next free code passes ``2^width``
+    (the decoder widens one code later, when its table reaches ``2^width``); a full table
+    (4096 codes) is emptied with a clear code.
+    """
+    clear, end = 256, 257
+    codes, widths = [clear], [9]
+    table: dict[int, int] = {}
+    next_code, width = end + 1, 9
+    prefix = indices[0]
+    for px in indices[1:]:
+        key = (prefix << 8) | px
+        code = table.get(key)
+        if code is not None:
+            prefix = code
+            continue
+        codes.append(prefix)
+        widths.append(width)
+        if next_code < GIF_CODE_LIMIT:
+            table[key] = next_code
+            next_code += 1
+            if next_code > (1 << width) and width < 12:
+                width += 1
+        else:
+            codes.append(clear)
+            widths.append(width)
+            table.clear()
+            next_code, width = end + 1, 9
+        prefix = px
+    codes += [prefix, end]
+    widths += [width, width]
+    bits = (np.asarray(codes, np.uint32)[:, None] >> np.arange(12, dtype=np.uint32)) & 1
+    used = np.arange(12)[None, :] < np.asarray(widths)[:, None]
+    return np.packbits(bits[used].astype(np.uint8), bitorder="little").tobytes()
+
+
+def _gif_palette(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (T, H, W) uint8, palette (256, 3) uint8) of grey or RGB frames."""
+    if frames.ndim == 3:
+        return frames, np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    rgb = frames.astype(np.uint32)
+    packed = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    colours, inverse = np.unique(packed, return_inverse=True)
+    if colours.size > 256:  # quantise to the colour cube
+        step = 255 // (GIF_CUBE_LEVELS - 1)
+        cube = (np.round(rgb / step) * step).astype(np.uint32)
+        packed = (cube[..., 0] << 16) | (cube[..., 1] << 8) | cube[..., 2]
+        colours, inverse = np.unique(packed, return_inverse=True)
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:colours.size] = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], 1)
+    return inverse.reshape(frames.shape[:3]).astype(np.uint8), palette
+
+
+def encode_gif(frames: np.ndarray, fps: float = 10.0) -> bytes:
+    """Bytes of a looping GIF89a animation of uint8 frames, (T, H, W) grey or (T, H, W, 3) RGB.
+
+    One global 256-entry palette: grey levels map to themselves (exact); colour frames keep
+    their colours when they hold at most 256, else are quantised to a 6 x 6 x 6 colour
+    cube. Each frame shows for ``round(100 / fps)`` hundredths of a second (at least 2:
+    viewers slow down shorter delays); the animation loops forever (NETSCAPE2.0 block).
+    """
+    arr = np.asarray(frames)
+    if arr.dtype != np.uint8 or not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[3] == 3)):
+        raise RgsInputError(f"GIF frames must be uint8 (T, H, W) or (T, H, W, 3), got {arr.dtype} {arr.shape}")
+    t, h, w = arr.shape[:3]
+    if min(t, h, w) < 1 or max(h, w) > 65535:
+        raise RgsInputError(f"GIF frames must be non-empty and at most 65535 pixels a side, got {arr.shape}")
+    if not (np.isfinite(fps) and fps > 0):
+        raise RgsInputError(f"GIF frame rate must be positive (frames per second), got {fps}")
+    delay = max(2, round(100 / fps))
+    indices, palette = _gif_palette(arr)
+    out = [b"GIF89a", struct.pack("<HHBBB", w, h, 0xF7, 0, 0), palette.tobytes(),
+           b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"]
+    for frame in indices:
+        data = _lzw(np.ascontiguousarray(frame).tobytes())
+        blocks = b"".join(bytes([len(data[i:i + 255])]) + data[i:i + 255] for i in range(0, len(data), 255))
+        out += [b"\x21\xf9\x04\x04" + struct.pack("<H", delay) + b"\x00\x00",
+                b"\x2c" + struct.pack("<HHHHB", 0, 0, w, h, 0), b"\x08", blocks, b"\x00"]
+    out.append(b"\x3b")
+    return b"".join(out)
+
+
+def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, force: bool = False) -> Path:
+    """Write :func:`encode_gif` ``(frames, fps)`` to ``path`` atomically (no-clobber unless
+    ``force``)."""
+    return write_bytes(path, encode_gif(frames, fps), force)
