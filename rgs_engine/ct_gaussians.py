@@ -219,7 +219,7 @@ def _load_selection(mask_path: Path, label: int | None, ct_grid: VolumeGrid
                     ) -> tuple[torch.Tensor, VolumeGrid]:
     """The voxels of ``label`` (any non-zero label when None) of the segmentation at
     ``mask_path``, a bool volume on the mask's own grid, which must cover the CT's box."""
-    labels, mask_grid = load_nifti(mask_path)
+    labels, mask_grid = load_nifti(mask_path, need_affine=True)
     ct_lo, ct_hi = ct_grid.bounds()
     m_lo, m_hi = mask_grid.bounds()
     tol = 0.5 * float(max(max(ct_grid.spacing), max(mask_grid.spacing)))
@@ -305,7 +305,7 @@ def gaussians_for_ct(ct_path, grid_size: int = 128, num_gaussians: int = 0,
         except (OSError, KeyError, ValueError):
             pass  # damaged or foreign file: refit and overwrite
 
-    hu, ct_grid = load_nifti(ct_path)
+    hu, ct_grid = load_nifti(ct_path, need_affine=True)
     mask = region = None
     if complement and mask_path is None:
         raise RgsInputError("complement needs a mask: pass the segmentation and label to leave out")

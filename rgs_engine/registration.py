@@ -396,6 +396,15 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     c_x = rigid.apply(init_m, centre)
     images = xrays.images.to(device=dev, dtype=torch.float32)
     geo = xrays.geometry
+    if geo.mode == "cone":
+        src = rigid.apply(rigid.invert(init_m), geo.sources.numpy())
+        lo, hi = means_np.min(axis=0), means_np.max(axis=0)
+        inside = np.nonzero(((src > lo) & (src < hi)).all(axis=1))[0]
+        if inside.size:
+            raise RgsInputError(
+                f"the source of view {int(inside[0])} lies inside the CT (at {np.round(src[inside[0]], 1).tolist()} "
+                "mm in CT world at the start pose): check the X-ray geometry (vectors in mm, X-ray "
+                "frame) and --init")
     pitch = _object_pitch(geo, c_x)
     extent = float(np.linalg.norm(means_np - centre, axis=1).max())
     history: list[dict] = []

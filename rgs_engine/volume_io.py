@@ -69,14 +69,16 @@ def save_json(path: str | os.PathLike, obj, force: bool = False) -> Path:
     return write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), force)
 
 
-def load_nifti(path: str | os.PathLike) -> tuple[torch.Tensor, VolumeGrid]:
+def load_nifti(path: str | os.PathLike, need_affine: bool = False) -> tuple[torch.Tensor, VolumeGrid]:
     """Read a 3D NIfTI image: ``(volume, grid)``.
 
     ``volume`` is a float32 CPU tensor of shape ``grid.shape`` = (nx, ny, nz) indexed
     ``[i, j, k]`` along world x, y, z (the NIfTI RAS+ millimetre frame), with the image's
     scaling (``scl_slope``/``scl_inter``) applied. Trailing singleton dimensions (e.g. a 4D
     image with one volume) are dropped. Raises :class:`RgsInputError` for a missing or
-    unreadable file, a non-3D image, an oblique affine, or NaN/Inf voxels.
+    unreadable file, a non-3D image, an oblique affine, or NaN/Inf voxels; with
+    ``need_affine`` also for an image whose header has no world frame (sform and qform codes
+    0), where a world-frame result such as a registration pose would mean nothing.
     """
     import nibabel as nib
 
@@ -92,6 +94,9 @@ def load_nifti(path: str | os.PathLike) -> tuple[torch.Tensor, VolumeGrid]:
         if len(shape) != 3:
             raise RgsInputError(f"{p}: image has shape {tuple(img.shape)}, need a 3D volume: "
                                 "extract one 3D volume first")
+        if need_affine and int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
+            raise RgsInputError(f"{p}: the header has no affine (sform and qform codes are 0), so "
+                                "its world frame is unknown: save the CT with its scanner affine")
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
         affine = img.affine
     except RgsInputError:

@@ -223,3 +223,27 @@ def test_crop_is_the_window_of_the_full_render(params):
     full = reg.render(params, np.eye(4), geo)
     part = reg.render(params, np.eye(4), crop.geometry(geo))
     assert torch.allclose(part, crop.images(full), rtol=1e-4, atol=1e-6 * float(full.max()))
+
+
+def test_source_inside_the_ct_is_refused(params, ct_path, tmp_path):
+    xs = _simulate(ct_path, tmp_path / "x", 0.0, 0.0, 0)
+    lo = params["means"].double().cpu().numpy().min(axis=0)
+    hi = params["means"].double().cpu().numpy().max(axis=0)
+    src = xs.geometry.sources[0].numpy()
+    shift = np.eye(4)
+    shift[:3, 3] = (lo + hi) / 2 - src  # the identity start puts view 0's source at the CT's centre
+    moved = xray_data.XRaySet(xs.images, rigid.transform_geometry(xs.geometry, shift), xs.files)
+    with pytest.raises(RgsInputError, match="source of view 0 lies inside the CT"):
+        reg.register(moved, params, candidates=0, steps=(1,))
+
+
+def test_ct_without_affine_is_refused(tmp_path):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), None)
+    img.header["sform_code"] = 0
+    img.header["qform_code"] = 0
+    path = tmp_path / "noaffine.nii.gz"
+    nib.save(img, str(path))
+    with pytest.raises(RgsInputError, match="no affine"):
+        gaussians_for_ct(path, grid_size=8)
