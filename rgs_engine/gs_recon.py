@@ -192,22 +192,33 @@ class GaussianReconstruction:
         self.grad_count = torch.zeros(n, device=self.device)
 
     # ---- one step ----------------------------------------------------------------------
-    def _set_lrs(self) -> None:
+    def learning_rates(self, frac: float) -> dict[str, float]:
+        """Learning rate of each parameter tensor (by name) at ``frac`` (0..1) of the schedule."""
         cfg = self.config
-        frac = min(self.iteration / max(cfg.iterations - 1, 1), 1.0)
-        lrs = {"means": losses.log_linear(cfg.lr_position, frac) * self.half_box,
-               "scale_raw": losses.log_linear(cfg.lr_scale, frac),
-               "quat_raw": losses.log_linear(cfg.lr_rotation, frac),
-               "density_raw": losses.log_linear(cfg.lr_density, frac)}
-        for group in self.optimizer.param_groups:
-            group["lr"] = lrs[group["name"]]
+        return {"means": losses.log_linear(cfg.lr_position, frac) * self.half_box,
+                "scale_raw": losses.log_linear(cfg.lr_scale, frac),
+                "quat_raw": losses.log_linear(cfg.lr_rotation, frac),
+                "density_raw": losses.log_linear(cfg.lr_density, frac)}
 
-    def _batch(self) -> tuple[Geometry, torch.Tensor]:
+    def set_learning_rates(self, frac: float, factor: float = 1.0) -> None:
+        """Set the optimiser to ``factor`` x :meth:`learning_rates` at ``frac``."""
+        lrs = self.learning_rates(frac)
+        for group in self.optimizer.param_groups:
+            group["lr"] = factor * lrs[group["name"]]
+
+    def view_batch(self) -> torch.Tensor:
+        """Sorted indices (CPU, long) of the training views of the next step: a random
+        ``views_per_step`` of them from the generator, or all of them."""
         v = self.data.geometry.num_views
         k = self.config.views_per_step
         if k <= 0 or k >= v:
+            return torch.arange(v)
+        return torch.randperm(v, generator=self.generator)[:k].sort().values
+
+    def _batch(self) -> tuple[Geometry, torch.Tensor]:
+        idx = self.view_batch()
+        if idx.numel() == self.data.geometry.num_views:
             return self.data.geometry, self.target
-        idx = torch.randperm(v, generator=self.generator)[:k].sort().values
         return self.data.geometry.subset(idx), self.target[idx.to(self.device)]
 
     def _tv_grid(self):
@@ -215,18 +226,27 @@ class GaussianReconstruction:
         start = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(self.grid.shape, size)]
         return self.grid.sub_grid(start, size)
 
+    def image_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``L1 + ssim_weight (1 - SSIM)`` of normalised projections (V, H, W)."""
+        loss = losses.l1(pred, target)
+        if self.config.ssim_weight > 0:
+            loss = loss + self.config.ssim_weight * losses.dssim(pred, target)
+        return loss
+
+    def tv_loss(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor | float:
+        """``tv_weight`` x the 3D TV of the field of ``params`` (physical means, scales,
+        quats, densities) on a random sub-grid, in units of the reference attenuation."""
+        if self.config.tv_weight <= 0:
+            return 0.0
+        return self.config.tv_weight * losses.tv_3d(voxelize(*params, self._tv_grid()) / self.mu_ref)
+
     def step(self) -> dict[str, float]:
         """One Adam step on a batch of views; densify / prune on schedule."""
-        cfg, g = self.config, self.gaussians
-        self._set_lrs()
+        g = self.gaussians
+        self.set_learning_rates(min(self.iteration / max(self.config.iterations - 1, 1), 1.0))
         geo, target = self._batch()
         params = g.physical()
-        pred = splat(*params, geo) / self.proj_scale
-        loss = losses.l1(pred, target)
-        if cfg.ssim_weight > 0:
-            loss = loss + cfg.ssim_weight * losses.dssim(pred, target)
-        if cfg.tv_weight > 0:
-            loss = loss + cfg.tv_weight * losses.tv_3d(voxelize(*params, self._tv_grid()) / self.mu_ref)
+        loss = self.image_loss(splat(*params, geo) / self.proj_scale, target) + self.tv_loss(params)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
@@ -333,27 +353,34 @@ class GaussianReconstruction:
                                     grid_origin=np.asarray(self.grid.origin))
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self, path, force: bool = True) -> None:
-        state = {
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs (CPU tensors): config, iteration, parameters,
+        optimiser, densification statistics and the generator's state."""
+        return {
             "config": self.config.to_dict(), "iteration": self.iteration, "mu_ref": self.mu_ref,
             "params": {name: getattr(self.gaussians, name).detach().cpu() for name in self.PARAMS},
             "scale_bounds": (self.gaussians.scale_min, self.gaussians.scale_max),
-            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "optimizer": to_cpu(self.optimizer.state_dict()),
             "grad_accum": self.grad_accum.cpu(), "grad_count": self.grad_count.cpu(),
             "generator": self.generator.get_state(),
         }
-        with atomic_write(path, force) as tmp:
-            torch.save(state, tmp)
+
+    def save_checkpoint(self, path, force: bool = True) -> None:
+        save_state(path, self.state_dict(), force)
 
     @classmethod
     def load_checkpoint(cls, path, data: ProjectionData) -> "GaussianReconstruction":
+        state = load_state(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            config = GSConfig.from_dict(state["config"])
-        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
-            raise RgsInputError(f"{path}: not a readable rgs checkpoint ({exc}): "
+            return cls.from_state_dict(state, data)
+        except (KeyError, TypeError) as exc:
+            raise RgsInputError(f"{path}: not a Gaussian reconstruction checkpoint ({exc}): "
                                 "start again without --resume") from exc
-        rec = cls(data, config, _initialise=False)
+
+    @classmethod
+    def from_state_dict(cls, state: dict, data: ProjectionData) -> "GaussianReconstruction":
+        """The reconstruction of :meth:`state_dict` on ``data`` (tensors moved to the device)."""
+        rec = cls(data, GSConfig.from_dict(state["config"]), _initialise=False)
         dev = rec.device
         rec.iteration, rec.mu_ref = int(state["iteration"]), float(state["mu_ref"])
         p = {name: t.to(dev) for name, t in state["params"].items()}
@@ -366,11 +393,30 @@ class GaussianReconstruction:
         return rec
 
 
-def _to_cpu(obj):
+def save_state(path, state: dict, force: bool = True) -> None:
+    """Write a checkpoint dictionary atomically (``torch.save``)."""
+    with atomic_write(path, force) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path) -> dict:
+    """Read a checkpoint dictionary to the CPU; an unreadable file raises RgsInputError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise RgsInputError(f"{path}: not a readable rgs checkpoint ({exc}): "
+                            "start again without --resume") from exc
+    if not isinstance(state, dict):
+        raise RgsInputError(f"{path}: not a readable rgs checkpoint: start again without --resume")
+    return state
+
+
+def to_cpu(obj):
+    """Tensors in nested dicts / lists detached and moved to the CPU."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
+        return [to_cpu(v) for v in obj]
     return obj

@@ -1,0 +1,152 @@
+"""Deformation models: identity at init, gradients, FPS, skinning, masking, periodicity."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rgs_engine import RgsInputError
+from rgs_engine.deformation import (AnchorDeformation, KPlanesField, LearnedPeriod,
+                                    farthest_point_sampling, knn_skinning, periodic_consistency,
+                                    phase_harmonics)
+
+LO, HI, WINDOW = (-48.0, -40.0, -44.0), (48.0, 40.0, 44.0), (0.0, 20.0)
+N = 300
+
+
+@pytest.fixture(scope="module")
+def gaussians():
+    gen = torch.Generator().manual_seed(1)
+    means = (torch.rand(N, 3, generator=gen) - 0.5) * torch.tensor([90.0, 76.0, 84.0])
+    scales = 1 + 3 * torch.rand(N, 3, generator=gen)
+    quats = torch.randn(N, 4, generator=gen)
+    return means, scales, quats
+
+
+def make(kind, gaussians, time_input, **kw):
+    common = dict(box_lo=LO, box_hi=HI, time_range=WINDOW, period_s=2.8, time_input=time_input)
+    if kind == "kplanes":
+        return KPlanesField(**common, resolution=6, time_resolution=10, features=8, hidden=16, **kw)
+    return AnchorDeformation(gaussians[0], **common, num_anchors=24, k=4, width=16, heads=2,
+                             layers=1, time_harmonics=4, **kw)
+
+
+def randomise(model):
+    """Non-trivial weights: random heads and time planes (the init is the identity)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "period.log_period":
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+MODELS = [(kind, mode) for kind in ("kplanes", "anchors") for mode in ("time", "phase")]
+
+
+@pytest.mark.parametrize("kind,mode", MODELS)
+def test_identity_at_init(gaussians, kind, mode):
+    means, scales, quats = gaussians
+    model = make(kind, gaussians, mode)
+    out = model(means, scales, quats, torch.tensor([0.0, 3.3, 19.9]))
+    assert out.means.shape == (3, N, 3) and out.scales.shape == (3, N, 3) and out.quats.shape == (3, N, 4)
+    assert torch.equal(out.means, means.expand(3, N, 3))
+    assert torch.equal(out.scales, scales.expand(3, N, 3))
+    torch.testing.assert_close(out.quats, F.normalize(quats, dim=1).expand(3, N, 4), rtol=0, atol=1e-6)
+    single = model(means, scales, quats, 5.0)
+    assert single.means.shape == (N, 3)
+
+
+@pytest.mark.parametrize("kind,mode", MODELS)
+def test_gradients_reach_every_parameter_and_the_period(gaussians, kind, mode):
+    means, scales, quats = gaussians
+    model = randomise(make(kind, gaussians, mode))
+    t = torch.tensor([1.0, 6.5, 12.25, 18.0])
+    out = model(means, scales, quats, t)
+    loss = out.means.square().mean() + out.scales.mean() + out.quats[..., 1:].square().mean()
+    loss = loss + periodic_consistency(model, means, scales, quats, t)
+    loss = loss + sum(model.regularisers().values())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+    groups = model.param_groups()
+    assert groups["period"] == [model.period.log_period]
+    assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+
+
+def test_fps_matches_brute_force_reference():
+    gen = torch.Generator().manual_seed(3)
+    points = torch.randn(400, 3, generator=gen) * torch.tensor([30.0, 10.0, 20.0])
+    chosen = farthest_point_sampling(points, 37, seed=5)
+    p = points.double().numpy()
+    ref = [int(torch.randint(400, (), generator=torch.Generator().manual_seed(5)))]
+    while len(ref) < 37:
+        d = [min(float(((p[i] - p[j]) ** 2).sum()) for j in ref) for i in range(len(p))]
+        ref.append(int(np.argmax(d)))
+    assert chosen.tolist() == ref
+    assert torch.equal(chosen, farthest_point_sampling(points, 37, seed=5))
+    with pytest.raises(RgsInputError, match="anchors"):
+        farthest_point_sampling(points, 401)
+
+
+def test_knn_skinning_weights_sum_to_one():
+    gen = torch.Generator().manual_seed(4)
+    points, anchors = torch.rand(500, 3, generator=gen) * 50, torch.rand(20, 3, generator=gen) * 50
+    idx, w = knn_skinning(points, anchors, 5, chunk=128)
+    assert idx.shape == w.shape == (500, 5)
+    torch.testing.assert_close(w.sum(1), torch.ones(500))
+    assert bool((w > 0).all()) and bool((w[:, :-1] >= w[:, 1:] - 1e-6).all())  # nearest weighs most
+    ref = torch.cdist(points.double(), anchors.double()).argsort(1)[:, :5]
+    assert torch.equal(idx, ref)
+
+
+def test_masked_anchors_differ_in_training_only(gaussians):
+    means, scales, quats = gaussians
+    model = randomise(make("anchors", gaussians, "time", mask_ratio=0.5))
+    t = torch.tensor([2.0, 9.0])
+    model.masking = False
+    reference = model(means, scales, quats, t).means.detach()
+    model.masking = True
+    first, second = (model(means, scales, quats, t).means.detach() for _ in range(2))
+    assert not torch.allclose(first, reference) and not torch.allclose(first, second)
+    model.eval()
+    assert torch.equal(model(means, scales, quats, t).means, reference)
+    # the mask generator is part of the state: a restored model draws the same masks
+    model.train()
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    a = model(means, scales, quats, t).means.detach()
+    model.load_state_dict(state)
+    assert torch.equal(model(means, scales, quats, t).means, a)
+
+
+@pytest.mark.parametrize("kind", ["kplanes", "anchors"])
+def test_periodic_consistency_vanishes_for_a_periodic_model(gaussians, kind):
+    means, scales, quats = gaussians
+    t = torch.tensor([0.5, 4.0, 11.0, 17.5])
+    periodic = randomise(make(kind, gaussians, "phase"))
+    assert float(periodic_consistency(periodic, means, scales, quats, t).detach()) < 1e-6
+    free = randomise(make(kind, gaussians, "time"))
+    assert float(periodic_consistency(free, means, scales, quats, t).detach()) > 1e-3
+
+
+def test_period_phase_and_wrapping(gaussians):
+    period = LearnedPeriod(2.5)
+    assert math.isclose(float(period.period_s.detach()), 2.5)
+    t = torch.tensor([0.0, 1.25, 2.5, 6.0], dtype=torch.float64)
+    torch.testing.assert_close(period.phase(t), torch.tensor([0.0, 0.5, 0.0, 0.4], dtype=torch.float64))
+    emb = phase_harmonics(period.phase(t), 3)  # (sin, cos) of 2 pi k phase, k = 1..3
+    assert emb.shape == (4, 6)
+    torch.testing.assert_close(emb[1], torch.tensor([0.0, 0, 0, -1, 1, -1], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(emb[0], emb[2], rtol=0, atol=1e-12)
+    # time input: a time outside the scan window is moved into it by whole periods
+    model = randomise(make("kplanes", gaussians, "time"))
+    means, scales, quats = gaussians
+    inside = model(means, scales, quats, 1.0).means
+    outside = model(means, scales, quats, 1.0 + 10 * 2.8).means
+    torch.testing.assert_close(inside, outside, rtol=0, atol=1e-4)
+    with pytest.raises(RgsInputError, match="period"):
+        LearnedPeriod(0.0)
+    with pytest.raises(RgsInputError, match="time input"):
+        make("kplanes", gaussians, "clock")
