@@ -29,10 +29,7 @@ def read_init(path: Path | None) -> np.ndarray:
         return np.eye(4)
     if not path.is_file():
         raise RgsInputError(f"{path}: no such file: check the --init path")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RgsInputError(f"{path}: not valid JSON ({exc}): fix the file") from exc
+    data = volume_io.load_json(path)
     if isinstance(data, dict):
         if "ct_to_xray" not in data:
             raise RgsInputError(f"{path}: needs a 4x4 list or an object with 'ct_to_xray'")

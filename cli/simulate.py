@@ -28,6 +28,27 @@ class NoiseModelChoice(str, Enum):
     physical = "physical"
 
 
+def noise_text(noise: tuple[float, float] | None, model: str | None = None) -> str:
+    """The summary table's noise cell: ``none`` or photons, sigma (and the model)."""
+    if noise is None:
+        return "none"
+    return f"{noise[0]:g} photons, sigma {noise[1]:g}" + (f" ({model})" if model else "")
+
+
+def add_scan_rows(table: Table, data, noise, noise_model: str, dev, seconds: dict, out: Path) -> None:
+    """The rows every simulated scan file's summary ends with: detector, distances, noise,
+    largest line integral, device, stage seconds and the written file."""
+    scan = data.attributes["scan"]
+    h, w = data.geometry.det_shape
+    table.add_row("detector", f"{h}x{w} pixels of {scan['pixel_mm']:.3g} mm")
+    table.add_row("DSO / DSD", f"{scan['dso_mm']:.4g} / {scan['dsd_mm']:.4g} mm")
+    table.add_row("noise", noise_text(noise, noise_model))
+    table.add_row("line integrals", f"max {float(data.projections.max()):.3g}")
+    table.add_row("device", runtime.describe(dev))
+    table.add_row("seconds", json.dumps(seconds))
+    table.add_row("file", f"{out} ({_size(out.stat().st_size)})")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -123,20 +144,11 @@ def simulate(
         with stage("write", f"write {out.name}"):
             projection_data.save_projections(out, data, force)
 
-    scan = data.attributes["scan"]
-    h, w = data.geometry.det_shape
     table = Table(show_header=False)
     table.add_row("volume", f"{'x'.join(map(str, vol_grid.shape))} voxels of {vol_grid.spacing[0]:.3g} mm"
                   + (" (normalised, R2-Gaussian units)" if normalise else ""))
     table.add_row("views", f"{data.num_views} training + {test_views} test, {orbit.value} orbit"
                   + (f" over {arc:g} deg" if orbit is OrbitChoice.circular else ""))
-    table.add_row("detector", f"{h}x{w} pixels of {scan['pixel_mm']:.3g} mm")
-    table.add_row("DSO / DSD", f"{scan['dso_mm']:.4g} / {scan['dsd_mm']:.4g} mm")
-    table.add_row("noise", "none" if spec.noise is None else
-                  f"{spec.noise[0]:g} photons, sigma {spec.noise[1]:g} ({noise_model.value})")
-    table.add_row("line integrals", f"max {float(data.projections.max()):.3g}")
-    table.add_row("device", runtime.describe(dev))
-    table.add_row("seconds", json.dumps(stage.seconds))
-    table.add_row("file", f"{out} ({_size(out.stat().st_size)})")
+    add_scan_rows(table, data, spec.noise, noise_model.value, dev, stage.seconds, out)
     out_console.print(table)
     out_console.print(f"wrote {out}")

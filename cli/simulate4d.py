@@ -1,7 +1,6 @@
 """``rgs simulate4d``: a simulated free-breathing scan of a CT into a NAF-style 4D pickle."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +10,7 @@ from rich.table import Table
 from rgs_engine import data4d, projection_data, runtime, simulate as sim, simulate4d as sim4d, volume_io
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
-from .simulate import NoiseModelChoice, _size
+from .simulate import NoiseModelChoice, add_scan_rows
 
 
 @app.command()
@@ -88,8 +87,6 @@ def simulate4d(
         with stage("write", f"write {out.name}"):
             data4d.save_4d_pickle(out, data, force)
 
-    scan = data.attributes["scan"]
-    h, w = data.geometry.det_shape
     si_mm, ap_mm = spec.amplitude_mm
     times = ", ".join(f"{t:.3g}" for t in data.phase_times_s.tolist())
     table = Table(show_header=False)
@@ -100,13 +97,6 @@ def simulate4d(
     table.add_row("breathing", f"{'irregular' if irregular else 'regular'}, period {period:g} s, "
                                f"peak SI {si_mm:g} mm, AP {ap_mm:g} mm")
     table.add_row("phases", f"{phases} ground-truth volumes at t = {times} s")
-    table.add_row("detector", f"{h}x{w} pixels of {scan['pixel_mm']:.3g} mm")
-    table.add_row("DSO / DSD", f"{scan['dso_mm']:.4g} / {scan['dsd_mm']:.4g} mm")
-    table.add_row("noise", "none" if spec.noise is None else
-                  f"{spec.noise[0]:g} photons, sigma {spec.noise[1]:g} ({noise_model.value})")
-    table.add_row("line integrals", f"max {float(data.projections.max()):.3g}")
-    table.add_row("device", runtime.describe(dev))
-    table.add_row("seconds", json.dumps(stage.seconds))
-    table.add_row("file", f"{out} ({_size(out.stat().st_size)})")
+    add_scan_rows(table, data, spec.noise, noise_model.value, dev, stage.seconds, out)
     out_console.print(table)
     out_console.print(f"wrote {out}")

@@ -13,6 +13,7 @@ from rgs_engine import dsa_data, runtime, simulate as sim, vessels, volume_io
 from rgs_engine.geometry import VolumeGrid
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
+from .simulate import noise_text
 
 
 @app.command("simulate-dsa")
@@ -73,8 +74,7 @@ def simulate_dsa(
     table.add_row("run", f"{frames} frames over {run['arc_deg']:g} deg in {run['duration_s']:g} s")
     table.add_row("detector", f"{det}x{det} pixels of {run['pixel_mm']:.3g} mm")
     table.add_row("SAD / SID", f"{run['sad_mm']:g} / {run['sid_mm']:g} mm")
-    table.add_row("noise", "none" if noise_spec is None else
-                  f"{noise_spec[0]:g} photons, sigma {noise_spec[1]:g}")
+    table.add_row("noise", noise_text(noise_spec))
     table.add_row("DSA line integrals", f"max {float(dsa.max()):.3g}")
     table.add_row("device", runtime.describe(dev))
     table.add_row("seconds", json.dumps(stage.seconds))

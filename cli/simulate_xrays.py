@@ -16,7 +16,7 @@ from rgs_engine import rigid, runtime, simulate as sim, volume_io, xray_data
 from rgs_engine.geometry import Geometry
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
-from .simulate import NoiseModelChoice
+from .simulate import NoiseModelChoice, noise_text
 
 
 class ImageFormatChoice(str, Enum):
@@ -132,8 +132,7 @@ def simulate_xrays(
     table.add_row("detector", f"{det}x{det} pixels of {pitch:.3g} mm")
     table.add_row("DSO / DSD", f"{dso:.4g} / {dsd:.4g} mm")
     table.add_row("true pose", f"{moved:.3g} mm, {rigid.rotation_angle_deg(pose):.3g} deg (seed {seed})")
-    table.add_row("noise", "none" if noise_spec is None else
-                  f"{noise_spec[0]:g} photons, sigma {noise_spec[1]:g} ({noise_model.value})")
+    table.add_row("noise", noise_text(noise_spec, noise_model.value))
     table.add_row("line integrals", f"max {float(images.max()):.3g}")
     table.add_row("device", runtime.describe(dev))
     table.add_row("seconds", json.dumps(stage.seconds))

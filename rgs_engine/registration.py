@@ -464,7 +464,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             progress("global", 1, 1)
 
     # ---- refinement: rigid, then (with a context) the structure on its own pose ----------
-    best = (-math.inf, init_m, None)
+    best = (-math.inf, init_m)
     total = len(starts) * sum(steps[:len(scales)])
     done = 0
     for k, x0 in enumerate(starts):
@@ -500,9 +500,9 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                                        "deg": rigid.rotation_angle_deg(rel)}
         history.append(entry)
         if final > best[0]:
-            best = (final, pose, None)
+            best = (final, pose)
 
-    sim_final, pose, xi = best
+    sim_final, pose = best
     runtime.sync()
     result = RegistrationResult(pose=pose, similarity=sim_final, success=bool(sim_final >= threshold),
                                 seconds=time.perf_counter() - t0, initial_similarity=initial,

@@ -69,6 +69,15 @@ def save_json(path: str | os.PathLike, obj, force: bool = False) -> Path:
     return write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), force)
 
 
+def load_json(path: str | os.PathLike):
+    """The JSON document at ``path``; :class:`RgsInputError` when it is not valid JSON (UTF-8)."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RgsInputError(f"{p}: not valid JSON ({exc}): fix the file") from exc
+
+
 def load_nifti(path: str | os.PathLike, need_affine: bool = False) -> tuple[torch.Tensor, VolumeGrid]:
     """Read a 3D NIfTI image: ``(volume, grid)``.
 

@@ -21,7 +21,6 @@ zlib decoder, filters 0-4), uncompressed baseline 8/16-bit (or 32-bit float) gra
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -36,7 +35,7 @@ from . import rigid
 from .errors import RgsInputError
 from .geometry import MODES, Geometry
 from .imaging import _chunk
-from .volume_io import check_writable, save_json, write_bytes
+from .volume_io import check_writable, load_json, save_json, write_bytes
 
 FORMAT = "rgs-xrays"
 VERSION = 1
@@ -302,10 +301,7 @@ def load_xrays(folder: str | os.PathLike) -> XRaySet:
     gpath = root / GEOMETRY_FILE
     if not gpath.is_file():
         raise RgsInputError(f"{gpath}: missing: an X-ray folder needs {GEOMETRY_FILE} (datasets/FORMAT.md)")
-    try:
-        meta = json.loads(gpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RgsInputError(f"{gpath}: not valid JSON ({exc}): fix the file") from exc
+    meta = load_json(gpath)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RgsInputError(f"{gpath}: 'format' must be {FORMAT!r}: not an rgs X-ray folder")
     if meta.get("version") != VERSION:

@@ -42,7 +42,6 @@ import argparse
 import datetime as _dt
 import importlib.util
 import json
-import math
 import sys
 import time
 from pathlib import Path
