@@ -1,15 +1,18 @@
 """Shared pieces of the ``rgs`` commands: the Typer app, options, error handling, progress.
 
 Bad input ends with one line ``error: ...`` on stderr and exit status 2
-(:func:`handle_errors`); :class:`Stages` shows a progress display over named stages.
+(:func:`handle_errors`); :class:`Stages` shows a progress display over named stages,
+:func:`iteration_progress` one over training iterations, and :class:`Interrupt` turns Ctrl-C
+into a stop after the current iteration (exit status :data:`EXIT_INTERRUPTED`).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import time
 from enum import Enum
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import torch
 import typer
@@ -26,6 +29,7 @@ app = typer.Typer(
     help="X-ray radiative Gaussian splatting: sparse-view CT (simulate, recon), CT-to-X-ray "
          "registration (simulate-xrays, register; being validated), and the engine check "
          "(roundtrip). 4D tracking (track4d) is coming.")
+EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C
 out_console = Console()
 err_console = Console(stderr=True)
 
@@ -103,3 +107,52 @@ class Stages:
 def require(ok: bool, message: str) -> None:
     if not ok:
         raise RgsInputError(message)
+
+
+class Interrupt:
+    """SIGINT handler for the iteration loop: the first Ctrl-C asks the loop to stop after
+    the current iteration (so the checkpoint is consistent); a second one interrupts at once.
+    Outside the main thread (no signal handlers) Ctrl-C raises KeyboardInterrupt as usual."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        err_console.print("[yellow]interrupt: stopping after this iteration "
+                          "(Ctrl-C again to stop at once)[/yellow]")
+
+    def __enter__(self) -> "Interrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@contextlib.contextmanager
+def iteration_progress(description: str, total: int, done: int) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr; yields ``update(done, info)``. Erased on an error."""
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=14),
+                        MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), console=err_console)
+    task = progress.add_task(description, total=total, completed=done, info="")
+
+    def update(completed: int, info: str) -> None:
+        progress.update(task, completed=completed, info=info)
+
+    progress.start()
+    try:
+        yield update
+    except BaseException:
+        progress.live.transient = True
+        raise
+    finally:
+        progress.stop()

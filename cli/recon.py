@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import shlex
-import signal
 import time
 from dataclasses import fields
 from enum import Enum
@@ -35,8 +34,6 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import torch
 import typer
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn)
 from rich.table import Table
 
 import rgs_engine
@@ -45,8 +42,8 @@ from rgs_engine.errors import RgsInputError
 from rgs_engine.gs_recon import GaussianReconstruction, GSConfig
 from rgs_engine.projection_data import ProjectionData, describe, load_projections
 
-from .common import (DeviceOption, FilterChoice, app, err_console, handle_errors, out_console,
-                     require, start)
+from .common import (EXIT_INTERRUPTED, DeviceOption, FilterChoice, Interrupt, app, err_console,
+                     handle_errors, iteration_progress, out_console, require, start)
 
 VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS = (
     "volume.nii.gz", "slices.png", "metrics.json", "config.json", "checkpoint.pt", "gaussians.npz")
@@ -54,7 +51,6 @@ SART_CHECKPOINT_FORMAT = "rgs-sart-checkpoint"
 DEFAULT_CHECKPOINT_EVERY = {"gs": 500, "sart": 2}
 DEFAULT_SEED = 0
 PSNR_EVERY_GS = 100  # iterations between PSNR evaluations (a voxelisation) while training
-EXIT_INTERRUPTED = 130
 
 
 class MethodChoice(str, Enum):
@@ -196,55 +192,6 @@ def _select(data: ProjectionData, views: int) -> tuple[ProjectionData, list[int]
 # --------------------------------------------------------------------------------------
 # Progress, interruption, checkpoints
 # --------------------------------------------------------------------------------------
-class _Interrupt:
-    """SIGINT handler for the iteration loop: the first Ctrl-C asks the loop to stop after
-    the current iteration (so the checkpoint is consistent); a second one interrupts at once.
-    Outside the main thread (no signal handlers) Ctrl-C raises KeyboardInterrupt as usual."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        err_console.print("[yellow]interrupt: stopping after this iteration "
-                          "(Ctrl-C again to stop at once)[/yellow]")
-
-    def __enter__(self) -> "_Interrupt":
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-@contextlib.contextmanager
-def _progress(description: str, total: int, done: int) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr; yields ``update(done, info)``. Erased on an error."""
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=14),
-                        MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), console=err_console)
-    task = progress.add_task(description, total=total, completed=done, info="")
-
-    def update(completed: int, info: str) -> None:
-        progress.update(task, completed=completed, info=info)
-
-    progress.start()
-    try:
-        yield update
-    except BaseException:
-        progress.live.transient = True
-        raise
-    finally:
-        progress.stop()
-
-
 def _save_sart_checkpoint(path: Path, solver: iterative.SART) -> None:
     state = {"format": SART_CHECKPOINT_FORMAT, "iteration": solver.iteration,
              "volume": solver.volume.detach().cpu()}
@@ -299,7 +246,7 @@ def _run_sart(data: ProjectionData, settings: dict, out: Path, data_path: Path, 
                             subsets=sart_cfg["subsets"], relaxation=sart_cfg["relaxation"],
                             nonneg=sart_cfg["nonneg"], init=init, iteration=done)
     psnr = None
-    with _Interrupt() as interrupt, _progress("sart", total, done) as update:
+    with Interrupt() as interrupt, iteration_progress("sart", total, done) as update:
         try:
             while solver.iteration < total:
                 if interrupt.requested:
@@ -345,7 +292,7 @@ def _run_gs(data: ProjectionData, settings: dict, out: Path, data_path: Path, re
     psnr_every = max(1, min(PSNR_EVERY_GS, total // 10))
     psnr, stats = None, {"loss": math.nan, "gaussians": len(rec.gaussians)}
     in_step = False
-    with _Interrupt() as interrupt, _progress("gs", total, rec.iteration) as update:
+    with Interrupt() as interrupt, iteration_progress("gs", total, rec.iteration) as update:
         try:
             while rec.iteration < total:
                 if interrupt.requested:
