@@ -28,7 +28,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     help="X-ray radiative Gaussian splatting: sparse-view CT (simulate, recon), CT-to-X-ray "
          "registration (simulate-xrays, register; being validated), and the engine check "
-         "(roundtrip). 4D tracking (track4d) is coming.")
+         "(roundtrip), 4D reconstruction (simulate4d, track4d).")
 EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C
 out_console = Console()
 err_console = Console(stderr=True)

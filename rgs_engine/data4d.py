@@ -91,7 +91,8 @@ class Projection4D:
       ``phase`` (N,) int64 phase-bin index or None;
     * ``phases`` (P, nx, ny, nz) float32 ground-truth attenuation (1/mm) with
       ``phase_times_s`` (P,) float64, the time in [0, scan_seconds] each depicts, or both
-      None; ``period_s`` the true (mean) breathing period in s, or None if unknown;
+      None; ``period_s`` the true (mean) breathing period in s, or None if unknown, and
+      ``period_source`` where it came from (``"file"`` or X2-Gaussian's convention);
     * ``test_projections`` (T, H, W) with ``test_geometry`` and ``test_time`` (the NAF ``val``
       split; ``test_phase`` optional), or all None;
     * ``conventions`` says which values came from X2-Gaussian's defaults (see the module);
@@ -114,6 +115,7 @@ class Projection4D:
     test_time: torch.Tensor | None = None
     test_phase: torch.Tensor | None = None
     conventions: str = ""
+    period_source: str = "file"
     source: str = ""
     attributes: dict = field(default_factory=dict)
 
@@ -214,7 +216,7 @@ def load_4d_pickle(path: str | os.PathLike) -> Projection4D:
     where, data, sc, grid, phases = _open_naf_pickle(path, 4)
     count = phases.shape[0]
     fallback = []
-    scan_seconds, period_s = X2_SCAN_SECONDS, X2_PERIOD_SECONDS
+    scan_seconds, period_s, period_source = X2_SCAN_SECONDS, X2_PERIOD_SECONDS, "file"
     if "scan_seconds" in data:
         scan_seconds = _number(where, data, "scan_seconds")
     else:
@@ -223,6 +225,7 @@ def load_4d_pickle(path: str | os.PathLike) -> Projection4D:
         period_s = _number(where, data, "period_s")
     else:
         fallback.append(f"{X2_PERIOD_SECONDS:g} s breathing period")
+        period_source = f"X2-Gaussian convention ({X2_PERIOD_SECONDS:g} s)"
     if "phase_times_s" in data:
         phase_times = _float_array(f"{where} 'phase_times_s'", data["phase_times_s"], ndim=1,
                                    dtype=np.float64)
@@ -249,7 +252,7 @@ def load_4d_pickle(path: str | os.PathLike) -> Projection4D:
             grid=grid, scan_seconds=scan_seconds,
             phase=None if phase is None else torch.from_numpy(phase),
             phases=torch.from_numpy(phases), phase_times_s=torch.from_numpy(phase_times),
-            period_s=period_s, conventions=conventions, source=where,
+            period_s=period_s, conventions=conventions, period_source=period_source, source=where,
             attributes=dict(attributes) if isinstance(attributes, dict) else {}, **test)
     except RgsInputError as exc:
         message = str(exc)

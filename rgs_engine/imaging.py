@@ -91,6 +91,40 @@ def _panel(image: torch.Tensor, spacing: tuple[float, float], mm_per_pixel: floa
     return F.interpolate(image[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
+def _window(panels: list[torch.Tensor]) -> tuple[float, float]:
+    """The 0.1 and 99.9 percentiles of the panels' pixels (one grey window)."""
+    values = torch.cat([p.reshape(-1) for p in panels])
+    if values.numel() > 2 ** 24:  # torch.quantile's input limit
+        values = values[torch.randperm(values.numel())[: 2 ** 24]]
+    lo, hi = torch.quantile(values, torch.tensor(WINDOW_QUANTILES)).tolist()
+    return lo, hi
+
+
+def _montage(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """uint8 panels laid out in rows and columns, :data:`GAP` pixels apart."""
+    heights = [max(p.shape[0] for p in row) for row in rows]
+    columns = len(rows[0])
+    widths = [max(row[c].shape[1] for row in rows) for c in range(columns)]
+    canvas = np.full((sum(heights) + GAP * (len(rows) - 1), sum(widths) + GAP * (columns - 1)),
+                     BACKGROUND, np.uint8)
+    y = 0
+    for row, h in zip(rows, heights):
+        x = 0
+        for c, p in enumerate(row):
+            canvas[y:y + p.shape[0], x:x + p.shape[1]] = p
+            x += widths[c] + GAP
+        y += h + GAP
+    return canvas
+
+
+def _check_shapes(volumes: dict[str, torch.Tensor], shape: tuple[int, ...], what: str) -> None:
+    if not volumes:
+        raise RgsInputError(f"a picture needs at least one {what}")
+    for name, vol in volumes.items():
+        if tuple(vol.shape[-3:]) != shape[-3:] or vol.dim() != len(shape):
+            raise RgsInputError(f"{what} {name!r} has shape {tuple(vol.shape)}, expected {shape}")
+
+
 def slices_png(path: str | os.PathLike, volumes: dict[str, torch.Tensor], grid: VolumeGrid,
                force: bool = False) -> Path:
     """Montage of the central axial, coronal and sagittal slices of each volume, one per row.
@@ -101,32 +135,37 @@ def slices_png(path: str | os.PathLike, volumes: dict[str, torch.Tensor], grid: 
     percentile of its three slices. The row names and column order are stored in the PNG's
     ``Description`` text chunk. Written atomically, no-clobber unless ``force``.
     """
-    if not volumes:
-        raise RgsInputError("slices_png needs at least one volume")
-    for name, vol in volumes.items():
-        if tuple(vol.shape) != grid.shape:
-            raise RgsInputError(f"volume {name!r} has shape {tuple(vol.shape)}, grid has {grid.shape}")
+    _check_shapes(volumes, grid.shape, "volume")
     mm_per_pixel = float(grid.size_mm.max()) / PANEL
     rows = []
     for vol in volumes.values():
         panels = [_panel(img, sp, mm_per_pixel) for img, sp in _central_slices(vol, grid)]
-        values = torch.cat([p.reshape(-1) for p in panels])
-        if values.numel() > 2 ** 24:  # torch.quantile's input limit
-            values = values[torch.randperm(values.numel())[: 2 ** 24]]
-        lo, hi = torch.quantile(values, torch.tensor(WINDOW_QUANTILES)).tolist()
+        lo, hi = _window(panels)
         rows.append([to_uint8(p, lo, hi) for p in panels])
-    heights = [max(p.shape[0] for p in row) for row in rows]
-    widths = [max(row[c].shape[1] for row in rows) for c in range(3)]
-    canvas = np.full((sum(heights) + GAP * (len(rows) - 1), sum(widths) + GAP * 2), BACKGROUND, np.uint8)
-    y = 0
-    for row, h in zip(rows, heights):
-        x = 0
-        for c, p in enumerate(row):
-            canvas[y:y + p.shape[0], x:x + p.shape[1]] = p
-            x += widths[c] + GAP
-        y += h + GAP
     text = {"Description": "rows: " + ", ".join(volumes) + "; columns: axial, coronal, sagittal"}
-    return write_png(path, canvas, force, text)
+    return write_png(path, _montage(rows), force, text)
+
+
+def slices_gif(path: str | os.PathLike, series: dict[str, torch.Tensor], grid: VolumeGrid,
+               fps: float = 5.0, force: bool = False) -> Path:
+    """An animation over time of the central coronal and sagittal slices (the planes that
+    show breathing motion), one row per series.
+
+    Each of ``series`` is (T, nx, ny, nz) on ``grid`` (the same T); frame ``t`` shows every
+    series at its index ``t``. Pixels as :func:`slices_png`; each row has one grey window
+    over all its frames, so intensities compare across time. Written atomically."""
+    shapes = {tuple(v.shape) for v in series.values()}
+    first = next(iter(series.values()), torch.empty(0, *grid.shape))
+    _check_shapes(series, (first.shape[0], *grid.shape), "series")
+    if len(shapes) != 1:
+        raise RgsInputError(f"series have different shapes {sorted(shapes)}: give each the same times")
+    mm_per_pixel = float(grid.size_mm.max()) / PANEL
+    panels = {name: [[_panel(img, sp, mm_per_pixel) for img, sp in _central_slices(vol, grid)[1:]]
+                     for vol in volumes] for name, volumes in series.items()}
+    windows = {name: _window([p for frame in frames for p in frame]) for name, frames in panels.items()}
+    frames = [_montage([[to_uint8(p, *windows[name]) for p in panels[name][t]] for name in series])
+              for t in range(first.shape[0])]
+    return write_gif(path, np.stack(frames), fps, force)
 
 
 # --------------------------------------------------------------------------------------

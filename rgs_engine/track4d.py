@@ -35,8 +35,12 @@ phase input the period stays near 2.8 s (17-20 % off: the data term's basin arou
 period is about 1 / (cycles in the scan) wide) and nothing is gained, so phase input is for
 periods known to that precision. With an earlier (octave) time encoding of the anchors the
 period drifted to 2.44 s when it learned from the first step, hence ``period_start``.
-The GPU defaults (stage sizes, learning rates, resolutions) are not yet measured on a real
-breathing case.
+On an NVIDIA H200, on breathing cases made from the real chest CT by ``rgs simulate4d``
+(256^3-class grid, 300 projections of 256^2 over 60 s, 15 mm SI / 5 mm AP, TIGRE noise
+1e4 / 10; ``validation/track4d.md``), the defaults take about 3 minutes: the period comes out
+within 0.1 % (regular) and 1.2 % (irregular); the mean per-phase 3D PSNR is 35.7 dB (regular)
+against 34.4 dB for the static recipe on the same projections and 36.9 dB for the static
+recipe on the CT held still (the noise's ceiling).
 """
 from __future__ import annotations
 

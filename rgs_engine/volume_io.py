@@ -123,23 +123,29 @@ def load_nifti(path: str | os.PathLike, need_affine: bool = False) -> tuple[torc
 
 
 def save_nifti(path: str | os.PathLike, volume: torch.Tensor | np.ndarray, grid: VolumeGrid,
-               force: bool = False) -> Path:
-    """Write ``volume`` (shape ``grid.shape``, indexed ``[i, j, k]``) as float32 NIfTI.
+               force: bool = False, frame_seconds: float | None = None) -> Path:
+    """Write ``volume`` (shape ``grid.shape``, indexed ``[i, j, k]``; or ``grid.shape + (T,)``,
+    a 4D series of T volumes) as float32 NIfTI.
 
     The affine is ``grid.affine()`` (world mm), stored as both sform and qform (code 1,
-    scanner anatomical), units mm. Atomic and no-clobber as :func:`atomic_write`.
+    scanner anatomical), units mm; a 4D series with ``frame_seconds`` stores it as the time
+    step (``pixdim[4]``, units s). Atomic and no-clobber as :func:`atomic_write`.
     """
     import nibabel as nib
 
     arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-    if arr.shape != grid.shape:
+    if arr.shape[:3] != grid.shape or arr.ndim not in (3, 4):
         raise RgsInputError(f"volume has shape {arr.shape} but its grid has shape {grid.shape}: "
-                            "pass the grid the volume was made on")
+                            "pass the grid the volume was made on (4D: frames last)")
     affine = grid.affine()
     img = nib.Nifti1Image(np.ascontiguousarray(arr, dtype=np.float32), affine)
     img.set_sform(affine, code=NIFTI_XFORM_SCANNER_ANAT)
     img.set_qform(affine, code=NIFTI_XFORM_SCANNER_ANAT)
-    img.header.set_xyzt_units(xyz="mm")
+    if arr.ndim == 4 and frame_seconds is not None:
+        img.header.set_zooms((*grid.spacing, float(frame_seconds)))
+        img.header.set_xyzt_units(xyz="mm", t="sec")
+    else:
+        img.header.set_xyzt_units(xyz="mm")
     with atomic_write(path, force) as tmp:
         nib.save(img, str(tmp))
     return Path(path)

@@ -212,3 +212,28 @@ def test_covering_scan_sees_the_whole_box():
     assert float(col.min()) > -0.5 and float(col.max()) < 63.5
     assert float(row.min()) > -0.5 and float(row.max()) < 63.5
     assert max(float(col.max() - col.min()), float(row.max() - row.min())) > 0.8 * 63
+
+
+def test_4d_nifti_keeps_frames_affine_and_time_step(tmp_path):
+    grid = VolumeGrid.centred((4, 5, 6), (1.0, 2.0, 3.0))
+    series = torch.rand(4, 5, 6, 3)
+    volume_io.save_nifti(tmp_path / "s.nii.gz", series, grid, frame_seconds=0.35)
+    img = nib.load(tmp_path / "s.nii.gz")
+    np.testing.assert_allclose(img.get_fdata(), series.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(img.affine, grid.affine())
+    assert img.header.get_zooms() == pytest.approx((1.0, 2.0, 3.0, 0.35))
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    with pytest.raises(RgsInputError, match="frames last"):
+        volume_io.save_nifti(tmp_path / "t.nii.gz", series.permute(3, 0, 1, 2), grid)
+
+
+def test_slices_gif_shows_each_series_over_time(tmp_path):
+    grid = VolumeGrid.centred((8, 8, 8), 1.0)
+    moving = torch.zeros(3, 8, 8, 8)
+    for t in range(3):
+        moving[t, :, :, 2 + t] = 1.0  # a bright axial plane moving up
+    imaging.slices_gif(tmp_path / "m.gif", {"truth": moving, "fit": moving * 0.5}, grid)
+    data = (tmp_path / "m.gif").read_bytes()
+    assert data[:6] == b"GIF89a" and data.count(b"\x21\xf9\x04") == 3  # one control block per frame
+    with pytest.raises(RgsInputError, match="different shapes"):
+        imaging.slices_gif(tmp_path / "n.gif", {"a": moving, "b": moving[:2]}, grid)

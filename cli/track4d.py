@@ -1,0 +1,375 @@
+"""``rgs track4d``: 4D reconstruction over time.
+
+``--mode breathing`` (default; X2-Gaussian's scenario): a NAF-style 4D pickle of projections
+taken during free breathing -> canonical Gaussians + a learned deformation and breathing
+period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
+
+* ``phases.nii.gz``: a 4D NIfTI (nx, ny, nz, P) on the data's grid, the volume at each
+  ground-truth phase time, or without ground truth at P = 10 times evenly spread over one
+  learned cycle in the middle of the scan; ``phase_times_s`` in ``metrics.json`` says which;
+* ``phases.gif``: central coronal and sagittal slices over those times (truth above when known);
+* ``metrics.json``: ``period_s``, ``period_truth_s`` and ``period_error_pct`` (with
+  ``period_truth_source``: the file, or X2-Gaussian's 3 s convention when the file has no
+  ``period_s``), ``psnr_3d`` / ``ssim_3d`` per phase and their means ``psnr_3d_mean`` /
+  ``ssim_3d_mean`` against the ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the
+  held-out views at their times, ``seconds`` (this invocation, loading included),
+  ``seconds_by_stage``, ``iterations``, ``num_gaussians``, ``device``, ``conventions``;
+* ``config.json`` (everything to rerun, the equivalent command line), ``checkpoint.pt``.
+
+``--mode dsa`` (4DRGS's scenario) is :func:`cli.track4d_dsa.run_dsa`. Ctrl-C stops after the
+current iteration and saves a checkpoint (exit status 130); ``--resume`` continues.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import shlex
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+import rgs_engine
+from rgs_engine import data4d, imaging, metrics, runtime, volume_io
+from rgs_engine.data4d import Projection4D
+from rgs_engine.errors import RgsInputError
+from rgs_engine.gs_recon import GSConfig
+from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
+
+from .common import (EXIT_INTERRUPTED, DeviceOption, Interrupt, app, err_console, handle_errors,
+                     iteration_progress, out_console, require, start)
+
+PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
+    "phases.nii.gz", "phases.gif", "metrics.json", "config.json", "checkpoint.pt")
+OUTPUTS = (PHASES, GIF, METRICS, CONFIG, CHECKPOINT)
+DEFAULT_PHASES = 10  # volumes over one learned cycle when the data have no ground truth
+DEFAULT_CHECKPOINT_EVERY = 500
+DSA_DEFAULT_VIEWS = 30
+PSNR_EVERY = 250  # iterations between PSNR evaluations (one voxelisation) while training
+
+
+class ModeChoice(str, Enum):
+    breathing = "breathing"
+    dsa = "dsa"
+
+
+class DeformationChoice(str, Enum):
+    kplanes = "kplanes"
+    anchors = "anchors"
+
+
+def _fingerprint(data: Projection4D) -> str:
+    """SHA-256 of the training projections, their geometry and times (detects changed data)."""
+    h = hashlib.sha256()
+    for t in (data.projections, data.geometry.vectors, data.times_s):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _output_times(data: Projection4D, period_s: float) -> tuple[torch.Tensor, str]:
+    """(P,) seconds at which ``phases.nii.gz`` shows the anatomy, and where they came from."""
+    if data.phase_times_s is not None:
+        return data.phase_times_s, "ground-truth phase times"
+    t0 = data.scan_seconds / 2
+    return (t0 + (torch.arange(DEFAULT_PHASES, dtype=torch.float64) + 0.5) * period_s / DEFAULT_PHASES,
+            f"{DEFAULT_PHASES} times over one learned cycle from mid-scan ({t0:g} s)")
+
+
+def _new_settings(case: Path, deformation: Optional[str], iterations: Optional[int],
+                  static_iterations: Optional[int], period_init: Optional[float], seed: Optional[int],
+                  checkpoint_every: Optional[int]) -> dict[str, Any]:
+    base = Track4DConfig()
+    recipe = GSConfig(**{**base.recipe.to_dict(), "seed": 0 if seed is None else seed,
+                         **({} if static_iterations is None else {"iterations": static_iterations})})
+    config = Track4DConfig(**{**base.to_dict(), "recipe": recipe,
+                              "deformation": deformation or base.deformation,
+                              **({} if iterations is None else {"iterations": iterations}),
+                              **({} if period_init is None else {"period_init_s": period_init})})
+    return {"mode": "breathing", "data": str(case.resolve()), "config": config.to_dict(),
+            "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}
+
+
+def _resume_settings(out: Path, case: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """config.json of the run in ``out``; options given again must match it."""
+    path = out / CONFIG
+    require(path.is_file(), f"{path} not found: there is no run to resume in {out}; "
+                            "start one without --resume")
+    s = volume_io.load_json(path)
+    try:
+        cfg = Track4DConfig.from_dict(s["config"])
+        known = {"--deformation": cfg.deformation, "--iterations": cfg.iterations,
+                 "--static-iterations": cfg.recipe.iterations, "--period-init": cfg.period_init_s,
+                 "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"]}
+        same_data = s["data"] == str(case.resolve())
+    except (KeyError, TypeError) as exc:
+        raise RgsInputError(f"{path}: not an rgs track4d config ({type(exc).__name__}: {exc}): "
+                            "start again with --force instead of --resume") from exc
+    require(same_data, f"CASE {case} differs from the run in {out} ({s['data']}): pass the same "
+                       "case to resume, or start a new run without --resume")
+    for option, value in given.items():
+        require(value is None or value == known[option],
+                f"{option} {value} differs from the run in {out} ({option} {known[option]}): "
+                "drop it to resume, or start a new run without --resume")
+    return s
+
+
+def _train(rec: Track4DReconstruction, out: Path, case: Path, every: int,
+           truth: Optional[tuple[float, torch.Tensor]]) -> dict[str, float]:
+    """Run the remaining iterations with a progress bar, checkpoints and Ctrl-C handling."""
+    total = rec.config.total_iterations
+    psnr_every = max(1, min(PSNR_EVERY, total // 10))
+    stats: dict[str, float] = {"loss": math.nan, "gaussians": 0}
+    psnr, in_step, saved = None, False, False
+    with Interrupt() as interrupt, iteration_progress("track4d", total, rec.iteration) as update:
+        try:
+            while rec.iteration < total:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                in_step = True
+                stats = rec.step()
+                in_step = False
+                it = rec.iteration
+                if truth is not None and (it % psnr_every == 0 or it == total):
+                    psnr = metrics.psnr_3d(rec.volume_at(truth[0]), truth[1])
+                update(it, f"{rec.stage}  loss {stats['loss']:.4f}  period {rec.period_s:.3f} s"
+                       + (f"  PSNR {psnr:.2f} dB" if psnr is not None else ""))
+                if it % every == 0:
+                    rec.save_checkpoint(out / CHECKPOINT)
+        except KeyboardInterrupt:
+            saved = not in_step  # a second Ctrl-C inside a step may leave it half done
+            if saved:
+                rec.save_checkpoint(out / CHECKPOINT)
+        else:
+            rec.save_checkpoint(out / CHECKPOINT)
+            return stats
+    where = out / CHECKPOINT
+    err_console.print(f"interrupted: checkpoint at iteration {rec.iteration} saved to {where}" if saved
+                      else f"interrupted inside an iteration: the last checkpoint {where} is kept"
+                      if where.exists() else "interrupted before the first checkpoint: nothing to resume",
+                      highlight=False)
+    if saved or where.exists():
+        err_console.print("resume with: rgs track4d " + shlex.join([str(case), "--out", str(out), "--resume"]),
+                          highlight=False)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Metrics against the truth the data carry, the output times and the volumes there."""
+    times, times_note = _output_times(data, rec.period_s)
+    volumes = rec.phases(times)
+    report: dict[str, Any] = {
+        "period_s": rec.period_s, "period_truth_s": data.period_s,
+        "period_truth_source": data.period_source,
+        "period_error_pct": None if data.period_s is None else 100 * abs(rec.period_s - data.period_s) / data.period_s,
+        "phase_times_s": times.tolist(), "phase_times_note": times_note,
+        "psnr_3d": None, "ssim_3d": None, "psnr_3d_mean": None, "ssim_3d_mean": None,
+        "psnr_2d_test": None, "ssim_2d_test": None, "test_views": None}
+    if data.phases is not None:
+        truth = data.phases.to(volumes.device)
+        report["psnr_3d"] = [metrics.psnr_3d(v, g) for v, g in zip(volumes, truth)]
+        report["ssim_3d"] = [metrics.ssim_3d(v, g) for v, g in zip(volumes, truth)]
+        report["psnr_3d_mean"] = sum(report["psnr_3d"]) / len(volumes)
+        report["ssim_3d_mean"] = sum(report["ssim_3d"]) / len(volumes)
+    if data.test_projections is not None:
+        rendered = rec.render(data.test_geometry, data.test_times_s)
+        test = data.test_projections.to(rendered.device)
+        report["psnr_2d_test"] = metrics.psnr_2d(rendered, test)
+        report["ssim_2d_test"] = metrics.ssim_2d(rendered, test)
+        report["test_views"] = data.test_geometry.num_views
+    return report, times, volumes
+
+
+def _fmt(x: Optional[float], digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
+    out_console.print(f"track4d of {case}: {report['views']} projections over "
+                      f"{report['scan_seconds']:g} s; {report['deformation']}, {report['device']}",
+                      highlight=False)
+    table = Table()
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    truth = report["period_truth_s"]
+    rows = [("period (s)", _fmt(report["period_s"], 3)
+             + ("" if truth is None else f"  (truth {truth:g}, {report['period_error_pct']:.2f} % off)")),
+            ("PSNR 3D, mean over phases (dB)", _fmt(report["psnr_3d_mean"])),
+            ("SSIM 3D, mean over phases", _fmt(report["ssim_3d_mean"], 4)),
+            ("PSNR 2D test (dB)", _fmt(report["psnr_2d_test"])),
+            ("SSIM 2D test", _fmt(report["ssim_2d_test"], 4)),
+            ("iterations", str(report["iterations"])), ("Gaussians", f"{report['num_gaussians']:,}"),
+            ("seconds", f"{report['seconds']:.1f}")]
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
+    for f in OUTPUTS:
+        out_console.print(f"wrote {out / f}", highlight=False)
+
+
+def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iterations: Optional[int],
+                  static_iterations: Optional[int], period_init: Optional[float], seed: Optional[int],
+                  checkpoint_every: Optional[int], resume: bool, force: bool, device) -> None:
+    """``rgs track4d --mode breathing``: see the module."""
+    t_start = time.perf_counter()
+    if resume:
+        given = {"--deformation": deformation, "--iterations": iterations,
+                 "--static-iterations": static_iterations, "--period-init": period_init,
+                 "--seed": seed, "--checkpoint-every": checkpoint_every}
+        settings = _resume_settings(out, case, given)
+        require((out / CHECKPOINT).is_file(), f"{out / CHECKPOINT} not found: the run stopped before "
+                                              "its first checkpoint; start it again with --force")
+        volume_io.check_writable([out / f for f in (PHASES, GIF, METRICS)], force)
+    else:
+        if not force and (out / CONFIG).exists():
+            raise RgsInputError(f"{out / CONFIG} exists: a run is already in {out}; pass --resume "
+                                "to continue it or --force to start over")
+        volume_io.check_writable([out / f for f in OUTPUTS], force)
+        settings = _new_settings(case, deformation, iterations, static_iterations, period_init, seed,
+                                 checkpoint_every)
+    dev = start(device)
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(key: str, label: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with err_console.status(label):
+            yield
+        runtime.sync()
+        seconds[key] = round(time.perf_counter() - t0, 3)
+
+    with stage("load", f"load {case.name}"):
+        data = data4d.load_4d_pickle(case)
+        fingerprint = _fingerprint(data)
+    config = Track4DConfig.from_dict(settings["config"])
+    args = (data.projections, data.geometry, data.grid, data.times_s)
+    if resume:
+        require(fingerprint == settings.get("data_sha256"),
+                f"the projections in {case} differ from the ones the run in {out} used: pass the "
+                "same case to resume, or start a new run without --resume")
+        with stage("initialise", "load checkpoint"):
+            rec = Track4DReconstruction.load_checkpoint(out / CHECKPOINT, *args)
+        require(rec.config.to_dict()["deformation"] == config.deformation,
+                f"{out / CHECKPOINT} holds a different recipe than {out / CONFIG}: start again "
+                "with --force instead of --resume")
+        resumed_from = rec.iteration
+    else:
+        settings.update({"data_sha256": fingerprint, "views": data.num_views, "device": dev.type,
+                         "grid": data.grid.to_dict(), "rgs_version": rgs_engine.__version__,
+                         "command": "rgs track4d " + shlex.join(
+                             [settings["data"], "--out", str(out.resolve()), "--mode", "breathing",
+                              "--deformation", config.deformation, "--iterations", str(config.iterations),
+                              "--static-iterations", str(config.recipe.iterations),
+                              "--period-init", f"{config.period_init_s:g}", "--seed", str(config.recipe.seed),
+                              "--checkpoint-every", str(settings["checkpoint_every"])])})
+        if force:  # a fresh run replaces the old results: no stale checkpoint
+            for f in OUTPUTS:
+                (out / f).unlink(missing_ok=True)
+        volume_io.save_json(out / CONFIG, settings, force=True)
+        with stage("initialise", "initialise Gaussians"):
+            rec = Track4DReconstruction(*args, config=config)
+        resumed_from = None
+
+    truth = None if data.phases is None else (float(data.phase_times_s[0]), data.phases[0].to(dev))
+    t0 = time.perf_counter()
+    stats = _train(rec, out, case, settings["checkpoint_every"], truth)
+    seconds["iterations"] = round(time.perf_counter() - t0, 3)
+    with stage("metrics", "PSNR / SSIM per phase"):
+        report, times, volumes = _evaluate(rec, data)
+    with stage("write", "write outputs"):
+        steps = times.diff()
+        even = steps.numel() > 0 and bool(torch.allclose(steps, steps.mean().expand_as(steps), rtol=1e-6))
+        volume_io.save_nifti(out / PHASES, volumes.permute(1, 2, 3, 0), data.grid, force=True,
+                             frame_seconds=float(steps.mean()) if even else None)
+        series = ({"ground truth": data.phases} if data.phases is not None else {}) | {"rgs": volumes.cpu()}
+        imaging.slices_gif(out / GIF, series, data.grid, force=True)
+    report.update({"mode": "breathing", "deformation": config.deformation, "views": data.num_views,
+                   "scan_seconds": data.scan_seconds, "conventions": data.conventions,
+                   "iterations": rec.iteration, "num_gaussians": len(rec.static.gaussians),
+                   "final_loss": stats["loss"], "resumed_from": resumed_from,
+                   "device": runtime.describe(dev), "seconds": round(time.perf_counter() - t_start, 3),
+                   "seconds_by_stage": seconds, "data": settings["data"]})
+    volume_io.save_json(out / METRICS, report, force=True)
+    _summary(report, case, out)
+
+
+@app.command()
+@handle_errors
+def track4d(
+    case: Annotated[Path, typer.Argument(
+        metavar="CASE", help="breathing: a NAF-style 4D .pickle (X2-Gaussian's format); dsa: a "
+                             "4DRGS case folder or an rgs data.h5 with /time.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (created if missing).")],
+    mode: Annotated[ModeChoice, typer.Option(
+        help="breathing (moving anatomy, learned period) or dsa (contrast inflow, static "
+             "anatomy).")] = ModeChoice.breathing,
+    deformation: Annotated[Optional[DeformationChoice], typer.Option(
+        help="breathing: kplanes (spatio-temporal planes + MLP) or anchors (skinned anchors + "
+             "transformer). [default: kplanes]")] = None,
+    iterations: Annotated[Optional[int], typer.Option(
+        help=f"Training iterations (breathing: of the deformation stage). [default: breathing "
+             f"{Track4DConfig().iterations}]")] = None,
+    static_iterations: Annotated[Optional[int], typer.Option(
+        "--static-iterations", help=f"breathing: iterations of the static coarse stage. "
+                                    f"[default: {Track4DConfig().recipe.iterations}]")] = None,
+    period_init: Annotated[Optional[float], typer.Option(
+        "--period-init", help=f"breathing: initial breathing period, s (learned from it). "
+                              f"[default: {Track4DConfig().period_init_s:g}]")] = None,
+    views: Annotated[Optional[int], typer.Option(
+        help=f"dsa: training frames spread evenly over the run. [default: {DSA_DEFAULT_VIEWS}]")] = None,
+    times: Annotated[Optional[str], typer.Option(
+        help="dsa: comma-separated times (s) at which to write volumes. [default: 5 frames "
+             "spread over the run]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        "--checkpoint-every", help=f"Iterations between checkpoints. [default: "
+                                   f"{DEFAULT_CHECKPOINT_EVERY}]")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the interrupted run in --out (settings from its config.json).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    device: DeviceOption = None,
+) -> None:
+    """Reconstruct anatomy over time: breathing motion (default) or contrast inflow (--mode dsa).
+
+    breathing writes OUT/phases.nii.gz (4D: the volume at each ground-truth phase time),
+    OUT/phases.gif, OUT/metrics.json (learned period and its error, 3D PSNR / SSIM per phase,
+    seconds), OUT/config.json and OUT/checkpoint.pt. Ctrl-C saves a checkpoint; continue with
+    --resume.
+    """
+    require(not out.exists() or out.is_dir(), f"--out {out} is a file: pass a directory")
+    for option, value in {"--iterations": iterations, "--static-iterations": static_iterations,
+                          "--views": views, "--checkpoint-every": checkpoint_every}.items():
+        require(value is None or value >= 1 or (option == "--static-iterations" and value == 0),
+                f"{option} {value}: use at least 1")
+    require(period_init is None or (math.isfinite(period_init) and period_init > 0),
+            f"--period-init {period_init}: give a positive period in seconds")
+    require(case.exists(), f"{case} not found: pass the case to reconstruct")
+    if mode is ModeChoice.dsa:
+        for option, value in {"--deformation": deformation, "--static-iterations": static_iterations,
+                              "--period-init": period_init}.items():
+            require(value is None, f"{option} does not apply to --mode dsa: drop it")
+        from .track4d_dsa import run_dsa
+        run_dsa(case, out, views=views, iterations=iterations, seed=0 if seed is None else seed,
+                times=None if times is None else _parse_times(times), resume=resume, force=force,
+                checkpoint_every=checkpoint_every, device=device)
+        return
+    for option, value in {"--views": views, "--times": times}.items():
+        require(value is None, f"{option} does not apply to --mode breathing: the whole scan is "
+                               "used and phases.nii.gz holds the phase times; drop it")
+    run_breathing(case, out, deformation=deformation.value if deformation else None,
+                  iterations=iterations, static_iterations=static_iterations, period_init=period_init,
+                  seed=seed, checkpoint_every=checkpoint_every, resume=resume, force=force, device=device)
+
+
+def _parse_times(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise RgsInputError(f"--times {text!r}: give comma-separated seconds, e.g. 0.5,2,4") from exc
+    require(values and all(math.isfinite(v) and v >= 0 for v in values),
+            f"--times {text!r}: give comma-separated non-negative seconds, e.g. 0.5,2,4")
+    return values

@@ -1,0 +1,86 @@
+"""``rgs track4d`` (breathing) end to end on a small simulated breathing case, resume, errors."""
+import json
+import os
+import pickle
+import signal
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from chest_phantom import write_chest_nifti
+from cli_helpers import assert_one_line_error, invoke
+from rgs_engine.track4d import Track4DReconstruction
+
+SHORT = ("--static-iterations", "20", "--iterations", "20", "--period-init", "3.5")
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> Path:
+    """24^3 chest phantom breathing with a 4 s period: 40 projections of 24^2 over 16 s."""
+    folder = tmp_path_factory.mktemp("case4d")
+    ct = write_chest_nifti(folder / "chest.nii.gz")
+    out = folder / "case.pickle"
+    result = invoke("simulate4d", ct, out, "--grid", "24", "--projections", "40", "--val-projections",
+                    "3", "--det", "24", "--scan-seconds", "16", "--period", "4", "--phases", "4")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("track4d", case, "--out", out, *SHORT, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    img = nib.load(out / "phases.nii.gz")
+    assert img.shape == (24, 24, 24, 4)
+    assert (out / "phases.gif").read_bytes()[:6] == b"GIF89a"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["period_truth_s"] == 4.0 and m["period_truth_source"] == "file"
+    assert m["period_error_pct"] == pytest.approx(100 * abs(m["period_s"] - 4.0) / 4.0)
+    assert len(m["psnr_3d"]) == 4 and m["psnr_3d_mean"] == pytest.approx(sum(m["psnr_3d"]) / 4)
+    assert m["psnr_3d_mean"] > 15 and m["test_views"] == 3 and m["iterations"] == 40
+    assert m["phase_times_note"] == "ground-truth phase times"
+    config = json.loads((out / "config.json").read_text())
+    assert "--deformation kplanes" in config["command"] and "--static-iterations 20" in config["command"]
+    # outputs are kept unless --force
+    again = invoke("track4d", case, "--out", out, *SHORT, "--device", "cpu")
+    assert_one_line_error(again, "pass --resume to continue it or --force")
+
+
+def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    step = Track4DReconstruction.step
+
+    def interrupted_step(self):  # Ctrl-C arrives during step 25: the run stops after it
+        if self.iteration == 24 and not getattr(self, "_stopped", False):
+            self._stopped = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self)
+
+    monkeypatch.setattr(Track4DReconstruction, "step", interrupted_step)
+    result = invoke("track4d", case, "--out", out, *SHORT, "--deformation", "anchors", "--device", "cpu")
+    assert result.exit_code == 130, result.output
+    assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
+    bad = invoke("track4d", case, "--out", out, "--resume", "--deformation", "kplanes")
+    assert_one_line_error(bad, "--deformation kplanes differs from the run")
+    result = invoke("track4d", case, "--out", out, "--resume", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from"] == 25 and m["iterations"] == 40 and m["deformation"] == "anchors"
+
+
+def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
+    assert_one_line_error(invoke("track4d", tmp_path / "missing.pickle", "--out", tmp_path / "o"),
+                          "not found")
+    assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--views", "30"),
+                          "--views does not apply to --mode breathing")
+    assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--period-init", "-1"),
+                          "--period-init -1.0: give a positive period")
+    assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--resume"),
+                          "there is no run to resume")
+    with open(case, "rb") as f:
+        data = pickle.load(f)
+    del data["train"]["time"]
+    no_time = tmp_path / "no_time.pickle"
+    no_time.write_bytes(pickle.dumps(data))
+    assert_one_line_error(invoke("track4d", no_time, "--out", tmp_path / "o"), "no 'time'")

@@ -1,0 +1,385 @@
+"""Continuous-time 4D breathing reconstruction on a real chest CT: rgs track4d vs a static fit.
+
+X2-Gaussian's task on cases made from the chest CT of ``datasets/fetch_ct.py``
+(``.cache/ct/cxr.nii.gz``) by ``rgs simulate4d`` (the same code, called here):
+
+* ``regular``: period 3.5 s, peak SI 15 mm (diaphragm) and AP 5 mm (chest wall);
+* ``irregular``: mean period 3.5 s with cycle-to-cycle period and amplitude jitter and one
+  deeper breath (the peaks are reached there);
+
+each a 256^3-class grid (1.4 mm), 300 cone-beam projections of 256^2 over a 60 s turn,
+10 held-out views, TIGRE noise (1e4 photons, sigma 10), 10 ground-truth phases over the
+cycle in mid-scan. Per case, every method reconstructs the same projections:
+
+* ``kplanes`` / ``anchors``: ``rgs track4d CASE --out DIR --deformation M`` with the default
+  recipe, run as a user runs it (a subprocess; ``seconds`` is its wall time, loading included);
+* ``static``: the static Gaussian recipe of ``rgs recon`` (``GaussianReconstruction`` with
+  the default ``GSConfig``) on all projections, ignoring time: one volume, compared to every
+  phase; ``fdk``: FDK of all projections, the same way.
+
+Metrics per phase (3D PSNR / SSIM against the ground-truth phase, the definitions of
+``rgs recon``), their means, the learned period and its error. Each case writes
+``OUT/results/track4d_CASE.json`` (and ``_slices.npz``: float16 central coronal slices at
+two phases half a cycle apart, for the picture); ``--report`` turns the JSON files into
+``OUT/track4d.md`` (table, setup, bars) and ``OUT/track4d.png`` (per-phase PSNR and slices,
+needs matplotlib).
+
+Usage::
+
+    python datasets/fetch_ct.py                      # once
+    python validation/track4d.py --case regular      # GPU: about 7 minutes per case
+    python validation/track4d.py --case irregular
+    python validation/track4d.py --report            # anywhere: markdown + picture
+
+``--quick`` (a CPU check of the script: 32^3 grid, 40 projections of 32^2, short recipes)
+gives numbers that mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import io
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if (ROOT / "rgs_engine").is_dir() and str(ROOT) not in sys.path:  # this checkout's engine
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from rgs_engine import data4d, fdk, metrics, runtime  # noqa: E402
+from rgs_engine import simulate4d as sim4d  # noqa: E402
+from rgs_engine.simulate import parse_noise  # noqa: E402
+from rgs_engine.gs_recon import GaussianReconstruction, GSConfig  # noqa: E402
+from rgs_engine.volume_io import load_json, save_json, write_bytes  # noqa: E402
+
+CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
+CASES = ("regular", "irregular")
+METHODS = ("kplanes", "anchors", "static", "fdk", "ceiling")
+LABELS = {"kplanes": "rgs track4d (kplanes)", "anchors": "rgs track4d (anchors)",
+          "static": "static Gaussians (rgs recon)", "fdk": "FDK (static)",
+          "ceiling": "ceiling: static Gaussians of the CT held still"}
+GRID, PROJECTIONS, DET = 256, 300, 256
+NOISE = "1e4,10"
+BARS = {"period_error_pct": 2.0, "regular_gain_db": 3.0, "seconds": 300.0}
+console = Console(highlight=False, soft_wrap=True)
+
+
+def results_path(out_dir: Path, case: str, suffix: str = ".json") -> Path:
+    """``OUT/results/track4d_CASE.json`` (figures) or ``..._slices.npz`` (the picture's slices)."""
+    return out_dir / "results" / f"track4d_{case}{'' if suffix == '.json' else '_slices'}{suffix}"
+
+
+def save_results(out_dir: Path, res: dict) -> None:
+    """Write a case's results (after each method, so a failure later keeps the earlier ones)."""
+    slices = res["slices"]
+    save_json(results_path(out_dir, res["case"]), {k: v for k, v in res.items() if k != "slices"},
+              force=True)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{f"{name}_{k}": s for name, pair in slices.items() for k, s in enumerate(pair)})
+    write_bytes(results_path(out_dir, res["case"], ".npz"), buffer.getvalue(), force=True)
+
+
+def load_results(out_dir: Path, case: str) -> dict:
+    res = load_json(results_path(out_dir, case))
+    with np.load(results_path(out_dir, case, ".npz")) as z:
+        names = sorted({key.rsplit("_", 1)[0] for key in z.files})
+        res["slices"] = {name: [z[f"{name}_0"], z[f"{name}_1"]] for name in names}
+    return res
+
+
+def coronal(volume: torch.Tensor) -> np.ndarray:
+    """The central coronal slice in display orientation (rows z descending), averaged over
+    2 x 2 pixels (the picture's resolution), float16."""
+    image = volume[:, volume.shape[1] // 2, :].flip(0, 1).T.detach().float().cpu()
+    return torch.nn.functional.avg_pool2d(image[None, None], 2)[0, 0].numpy().astype(np.float16)
+
+
+def scores(volumes, truth: torch.Tensor) -> dict:
+    """Per-phase PSNR / SSIM of (P, ...) volumes (or one volume for all) against (P, ...)."""
+    volumes = [volumes] * truth.shape[0] if volumes.dim() == 3 else volumes
+    psnr = [metrics.psnr_3d(v, g) for v, g in zip(volumes, truth)]
+    ssim = [metrics.ssim_3d(v, g) for v, g in zip(volumes, truth)]
+    return {"psnr_3d": psnr, "ssim_3d": ssim, "psnr_3d_mean": float(np.mean(psnr)),
+            "ssim_3d_mean": float(np.mean(ssim))}
+
+
+def run_track4d(case_path: Path, method: str, work: Path, quick: bool, device: str) -> tuple[dict, torch.Tensor]:
+    """``rgs track4d`` in a subprocess: its metrics.json and its phases (P, nx, ny, nz)."""
+    import nibabel as nib
+
+    out = work / method
+    cmd = [sys.executable, "-m", "cli", "track4d", str(case_path), "--out", str(out), "--force",
+           "--deformation", method, "--device", device]
+    if quick:
+        cmd += ["--static-iterations", "20", "--iterations", "20"]
+    console.print("$ " + " ".join(cmd))
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"rgs track4d failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    report = load_json(out / "metrics.json")
+    report["wall_seconds"] = wall
+    phases = torch.from_numpy(np.asarray(nib.load(out / "phases.nii.gz").get_fdata(dtype=np.float32)))
+    return report, phases.permute(3, 0, 1, 2)
+
+
+def static_fit(data, args, dev) -> torch.Tensor:
+    """``rgs recon``'s default Gaussian recipe on all projections of ``data``, ignoring time."""
+    config = GSConfig(iterations=40 if args.quick else GSConfig().iterations, seed=args.seed)
+    torch.manual_seed(config.seed)
+    rec = GaussianReconstruction(data.as_static(), config)
+    for _ in range(config.iterations):
+        rec.step()
+    return rec.volume()
+
+
+def ceiling(spec: sim4d.BreathingSpec, args, dev) -> dict:
+    """The same scan of the CT held still (amplitude 0), fitted by the static recipe and
+    scored against the still CT: the PSNR the noise and the recipe allow without motion."""
+    still = sim4d.simulate_breathing_case(CT, args.grid, replace(spec, amplitude_mm=(0.0, 0.0)))
+    runtime.sync()
+    t0 = time.perf_counter()
+    volume = static_fit(still, args, dev)
+    runtime.sync()
+    return {"seconds": time.perf_counter() - t0, **scores(volume, still.phases.to(dev))}
+
+
+def case_key(case: str, noise) -> str:
+    """``regular`` / ``irregular`` with the default noise, ``+ "-noiseless"`` without."""
+    return case if noise is not None else f"{case}-noiseless"
+
+
+def run_case(args, case: str) -> dict:
+    dev = runtime.init(args.device)
+    spec = sim4d.BreathingSpec(projections=args.projections, det=args.det, noise=args.noise,
+                               irregular=case == "irregular", seed=args.seed)
+    key = case_key(case, args.noise)
+    t0 = time.perf_counter()
+    data = sim4d.simulate_breathing_case(CT, args.grid, spec)
+    simulate_s = time.perf_counter() - t0
+    truth = data.phases.to(dev)
+    i_a, i_b = 0, int(data.phases.shape[0]) // 2  # the phases shown in the picture
+    res = {"case": key, "date": _dt.date.today().isoformat(), "device": runtime.describe(dev),
+           "versions": runtime.versions(), "quick": args.quick,
+           "setup": {"ct": str(CT.relative_to(ROOT)), "grid": list(data.grid.shape),
+                     "spacing_mm": float(data.grid.spacing[0]), "projections": spec.projections,
+                     "det": spec.det, "scan_seconds": spec.scan_seconds, "period_s": spec.period_s,
+                     "irregular": spec.irregular, "amplitude_mm": list(spec.amplitude_mm),
+                     "noise": None if args.noise is None else list(args.noise),
+                     "phases": int(data.phases.shape[0]),
+                     "phase_times_s": data.phase_times_s.tolist(), "slice_phases": [i_a, i_b],
+                     "seed": spec.seed,
+                     "simulate_seconds": simulate_s},
+           "slices": {"truth": [coronal(data.phases[i_a]), coronal(data.phases[i_b])]},
+           "methods": {}}
+    if results_path(args.out_dir, key).is_file():  # add to an earlier run of the same case
+        old = load_results(args.out_dir, key)
+        if old["setup"] | {"simulate_seconds": simulate_s} == res["setup"]:
+            res["methods"], res["slices"] = old["methods"], old["slices"] | res["slices"]
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        case_path = work / f"{case}.pickle"
+        data4d.save_4d_pickle(case_path, data)
+        for method in args.methods:
+            if method in ("kplanes", "anchors"):
+                report, phases = run_track4d(case_path, method, work, args.quick, dev.type)
+                row = {k: report[k] for k in ("period_s", "period_error_pct", "psnr_3d", "ssim_3d",
+                                              "psnr_3d_mean", "ssim_3d_mean", "psnr_2d_test",
+                                              "ssim_2d_test", "seconds", "seconds_by_stage",
+                                              "iterations", "num_gaussians", "wall_seconds")}
+                res["slices"][method] = [coronal(phases[i_a]), coronal(phases[i_b])]
+            elif method == "ceiling":
+                row = ceiling(spec, args, dev)
+            else:
+                runtime.sync()
+                t0 = time.perf_counter()
+                volume = (static_fit(data, args, dev) if method == "static" else
+                          fdk(data.projections.to(dev), data.geometry, data.grid))
+                runtime.sync()
+                row = {"seconds": time.perf_counter() - t0, **scores(volume, truth)}
+                res["slices"][method] = [coronal(volume)] * 2
+            res["methods"][method] = row
+            save_results(args.out_dir, res)
+            console.print(f"{case} {method}: PSNR {row['psnr_3d_mean']:.2f} dB, SSIM "
+                          f"{row['ssim_3d_mean']:.4f}" + (f", period {row['period_s']:.4f} s "
+                          f"({row['period_error_pct']:.2f} % off)" if "period_s" in row else "")
+                          + f", {row['seconds']:.1f} s")
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+def bars(results: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(bar, PASS / FAIL / n/a, measured) rows."""
+    rows = []
+    periods = [(c, m, r["methods"][m]["period_error_pct"]) for c, r in results.items()
+               for m in ("kplanes", "anchors") if m in r["methods"]]
+    if periods:
+        worst = max(p[2] for p in periods)
+        rows.append((f"learned period within {BARS['period_error_pct']:g} % of the truth",
+                     "PASS" if worst <= BARS["period_error_pct"] else "FAIL",
+                     ", ".join(f"{c} {m} {e:.2f} %" for c, m, e in periods)))
+    for case, r in results.items():
+        methods = r["methods"]
+        if "static" not in methods or "kplanes" not in methods:
+            continue
+        gain = methods["kplanes"]["psnr_3d_mean"] - methods["static"]["psnr_3d_mean"]
+        if case == "regular":
+            rows.append((f"regular: mean 3D PSNR >= static + {BARS['regular_gain_db']:g} dB (kplanes, the default)",
+                         "PASS" if gain >= BARS["regular_gain_db"] else "FAIL", f"+{gain:.2f} dB"))
+        else:
+            rows.append((f"{case}: stated margin over static (kplanes)", "stated", f"{gain:+.2f} dB"))
+        if "ceiling" in methods:
+            room = methods["ceiling"]["psnr_3d_mean"] - methods["static"]["psnr_3d_mean"]
+            rows.append((f"{case}: room left by the noise (ceiling - static, not a bar)", "context",
+                         f"{room:+.2f} dB"))
+    for case, r in results.items():
+        if "kplanes" in r["methods"]:
+            s = r["methods"]["kplanes"]["seconds"]
+            rows.append((f"{case}: default recipe <= {BARS['seconds']:g} s on the GPU ({r['device']})",
+                         "PASS" if s <= BARS["seconds"] else "FAIL", f"{s:.0f} s"))
+    return rows
+
+
+def markdown(results: dict[str, dict]) -> str:
+    first = next(iter(results.values()))
+    s = first["setup"]
+    lines = ["# 4D breathing reconstruction (rgs track4d) on a real chest CT", "",
+             f"Measured {first['date']} on **{first['device']}** by `validation/track4d.py`"
+             + (" (--quick: numbers mean nothing)" if first["quick"] else "") + ".", "",
+             f"Cases from `{s['ct']}` by `rgs simulate4d`: {'x'.join(map(str, s['grid']))} grid of "
+             f"{s['spacing_mm']:.2f} mm, {s['projections']} projections of {s['det']}^2 over "
+             f"{s['scan_seconds']:g} s (one turn), TIGRE noise {NOISE.replace(',', ' photons / sigma ')} "
+             f"(none in the `-noiseless` cases), peak SI {s['amplitude_mm'][0]:g} mm / AP {s['amplitude_mm'][1]:g} mm, "
+             f"period {s['period_s']:g} s (irregular: jittered cycles and one deeper breath), "
+             f"{s['phases']} ground-truth phases over the cycle in mid-scan. Every method sees the "
+             "same projections; static methods give one volume, scored against every phase.", "",
+             "| case | method | period (s) | period error | PSNR 3D mean (dB) | SSIM 3D mean | "
+             "vs static (dB) | seconds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for case, r in results.items():
+        static = r["methods"].get("static", {}).get("psnr_3d_mean")
+        for method, row in r["methods"].items():
+            period = f"{row['period_s']:.4f}" if "period_s" in row else "-"
+            error = f"{row['period_error_pct']:.2f} %" if "period_s" in row else "-"
+            gain = f"{row['psnr_3d_mean'] - static:+.2f}" if static is not None and method != "ceiling" else "-"
+            lines.append(f"| {case} | {LABELS[method]} | {period} | {error} | {row['psnr_3d_mean']:.2f} | "
+                         f"{row['ssim_3d_mean']:.4f} | {gain} | {row['seconds']:.1f} |")
+    lines += ["", "True period 3.5 s (the irregular case's mean). `seconds`: the whole `rgs track4d` "
+              "invocation (loading, both stages, metrics, writing) for the 4D methods; training "
+              "(static) or the reconstruction (FDK) for the others.", "", "## Bars", "",
+              "| bar | result | measured |", "|---|---|---|"]
+    lines += [f"| {b} | {v} | {m} |" for b, v, m in bars(results)]
+    lines += ["", "![per-phase PSNR and coronal slices](track4d.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path) -> Path | None:
+    if importlib.util.find_spec("matplotlib") is None:
+        console.print("matplotlib is missing: no track4d.png (pip install '.[validation]')")
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(results)
+    rows = ["truth"] + [m for m in METHODS if any(m in r["slices"] for r in results.values())
+                        and m != "ceiling"]
+    fig = plt.figure(figsize=(3.2 * (1 + 2 * len(cases)), 2.6 * len(rows)))
+    grid = fig.add_gridspec(len(rows), 1 + 2 * len(cases), width_ratios=[2.2] + [1] * 2 * len(cases))
+    for c, case in enumerate(cases):
+        ax = fig.add_subplot(grid[c * len(rows) // len(cases):(c + 1) * len(rows) // len(cases), 0])
+        r = results[case]
+        for method, row in r["methods"].items():
+            ax.plot(range(len(row["psnr_3d"])), row["psnr_3d"], marker="o", ms=3, label=LABELS[method],
+                    color=f"C{METHODS.index(method)}", ls="--" if method == "ceiling" else "-")
+        ax.set_title(f"{case}: 3D PSNR per phase")
+        ax.set_xlabel("phase")
+        ax.set_ylabel("dB")
+        ax.grid(alpha=0.3)
+        if c == 0:
+            ax.legend(fontsize=7)
+        truth = np.asarray(r["slices"]["truth"], dtype=np.float32)
+        lo, hi = np.quantile(truth, [0.001, 0.999])
+        for i, name in enumerate(rows):
+            for k, phase in enumerate(r["setup"]["slice_phases"]):
+                ax = fig.add_subplot(grid[i, 1 + 2 * c + k])
+                if name in r["slices"]:
+                    ax.imshow(np.asarray(r["slices"][name][k], dtype=np.float32), cmap="gray",
+                              vmin=lo, vmax=hi)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(f"{case}, phase {phase}", fontsize=8)
+                if c == 0 and k == 0:
+                    ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(out_dir: Path) -> int:
+    keys = [case_key(c, n) for c in CASES for n in ((1,), None)]
+    results = {key: load_results(out_dir, key) for key in keys if results_path(out_dir, key).is_file()}
+    if not results:
+        console.print(f"[red]no results under {out_dir / 'results'}: run a case first[/red]")
+        return 2
+    text = markdown(results)
+    write_bytes(out_dir / "track4d.md", text.encode(), force=True)
+    console.print(text)
+    picture = plot(results, out_dir / "track4d.png")
+    for p in (out_dir / "track4d.md", picture):
+        if p is not None:
+            console.print(f"wrote {p}")
+    return 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", choices=CASES, help="simulate and reconstruct this case")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    ap.add_argument("--report", action="store_true", help="write track4d.md / .png from the results")
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "validation")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()),
+                    help="folder for the temporary case pickle (about 0.7 GB) and run folders")
+    ap.add_argument("--noise", default=NOISE, help="PHOTONS,SIGMA (TIGRE's model) or none")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU check of the script")
+    args = ap.parse_args(argv)
+    args.noise = parse_noise(args.noise)
+    args.methods = [m for m in args.methods.split(",") if m.strip()]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}: use {', '.join(METHODS)}")
+    if not args.report and args.case is None:
+        ap.error("pass --case regular|irregular (a GPU run) or --report")
+    args.grid, args.projections, args.det = (32, 40, 32) if args.quick else (GRID, PROJECTIONS, DET)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        return report(args.out_dir)
+    if not CT.is_file():
+        console.print(f"[red]{CT} is missing: run python datasets/fetch_ct.py[/red]")
+        return 2
+    run_case(args, args.case)
+    console.print(f"wrote {results_path(args.out_dir, args.case)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
