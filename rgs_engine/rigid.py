@@ -163,6 +163,30 @@ def so3_exp(omega: torch.Tensor) -> torch.Tensor:
     return eye + a * k + b * (k @ k)
 
 
+def axis_angle_quat(omega: torch.Tensor) -> torch.Tensor:
+    """Rotation vector (3,) (axis x angle, radians) -> unit quaternion (4,) (w, x, y, z) of
+    :func:`so3_exp` ``(omega)``: ``(cos(t/2), omega sin(t/2) / t)``. Differentiable
+    everywhere, including at 0 (Taylor series below t^2 = 1e-4)."""
+    check_tensor("rotation vector", omega, (3,), finite=False)
+    t2 = (omega * omega).sum()
+    small = t2 < 1e-4
+    ts = torch.where(small, torch.ones_like(t2), t2).sqrt()
+    c = torch.where(small, 1 - t2 / 8 + t2 * t2 / 384, torch.cos(ts / 2))
+    s = torch.where(small, 0.5 - t2 / 48 + t2 * t2 / 3840, torch.sin(ts / 2) / ts)
+    return torch.cat([c.reshape(1), s * omega])
+
+
+_LEFT_INDEX = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]])
+_LEFT_SIGN = torch.tensor([[1, -1, -1, -1], [1, 1, -1, 1], [1, 1, 1, -1], [1, -1, 1, 1]])
+
+
+def quat_left_matrix(q: torch.Tensor) -> torch.Tensor:
+    """(4, 4) matrix ``L(q)`` with ``L(q) p = q * p`` (Hamilton product, (w, x, y, z)): one
+    gather and one product, so a batch of products is one matrix multiply."""
+    check_tensor("quaternion", q, (4,), finite=False)
+    return q[_LEFT_INDEX.to(q.device)] * _LEFT_SIGN.to(q.device, q.dtype)
+
+
 def se3_exp(xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pose vector ``xi`` (6,) = (rotation vector (rad), translation (mm)) -> ``(R, t)``.
 
@@ -218,21 +242,22 @@ def _pose(transform) -> tuple[torch.Tensor, torch.Tensor]:
     raise RgsInputError("ct_to_xray must be a (4, 4) torch tensor or a pair (R (3, 3), t (3,))")
 
 
-def rigid_transform_gaussians(means: torch.Tensor, quats: torch.Tensor, ct_to_xray
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+def rigid_transform_gaussians(means: torch.Tensor, quats: torch.Tensor, ct_to_xray,
+                              quat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Move Gaussians by the rigid map ``x -> R x + t``: ``(means', quats')``.
 
     ``means`` (N, 3) mm, ``quats`` (N, 4) (w, x, y, z); ``ct_to_xray`` a (4, 4) tensor or
-    ``(R, t)``. ``means' = R p + t`` and ``quats' = q(R) * q`` (Hamilton product), so the
-    covariances become ``R S R^T``; scales and densities are unchanged. Differentiable w.r.t.
-    ``R``/``t`` (and the inputs); the pose is cast to ``means``' dtype and device. ``R`` must
-    be a rotation (not checked, to keep the call free of host reads).
+    ``(R, t)``; ``quat`` the unit quaternion of ``R`` when the caller has it (else it is
+    computed from ``R``). ``means' = R p + t`` and ``quats' = q(R) * q`` (Hamilton product),
+    so the covariances become ``R S R^T``; scales and densities are unchanged.
+    Differentiable w.r.t. ``R``/``t``/``quat`` (and the inputs); the pose is cast to
+    ``means``' dtype and device. ``R`` must be a rotation (not checked, to keep the call free
+    of host reads).
     """
     check_tensor("means", means, (None, 3), finite=False)
     check_tensor("quats", quats, (means.shape[0], 4), finite=False)
     r, t = _pose(ct_to_xray)
     r = r.to(device=means.device, dtype=means.dtype)
     t = t.to(device=means.device, dtype=means.dtype)
-    new_means = means @ r.T + t
-    q_r = rotmat_to_quat(r).to(quats.dtype)
-    return new_means, quat_multiply(q_r, quats)
+    q_r = (rotmat_to_quat(r) if quat is None else quat).to(device=quats.device, dtype=quats.dtype)
+    return torch.addmm(t, means, r.T), quats @ quat_left_matrix(q_r).T

@@ -8,7 +8,8 @@ import torch
 from blob_phantom import blob_phantom
 from rgs_engine import Geometry, RgsInputError, VolumeGrid, splat, voxelize
 from rgs_engine.ct_gaussians import fit_volume, gaussians_for_ct
-from rgs_engine.rigid import quat_multiply, rigid_transform_gaussians, rotmat_to_quat, se3_exp, so3_exp
+from rgs_engine.rigid import (axis_angle_quat, quat_left_matrix, quat_multiply, rigid_transform_gaussians,
+                              rotmat_to_quat, se3_exp, so3_exp)
 from rgs_engine.gaussians import quat_to_rotmat
 from rgs_engine.volume_io import save_nifti
 
@@ -70,6 +71,24 @@ def test_rotmat_quat_and_se3():
     p = torch.randn(7, 4, dtype=torch.float64)
     assert torch.allclose(quat_to_rotmat(quat_multiply(q, p)), quat_to_rotmat(q) @ quat_to_rotmat(p),
                           atol=1e-12)
+
+
+def test_axis_angle_quat_and_left_matrix_agree_with_the_matrix_route():
+    for seed in range(5):
+        omega = _random_pose(seed)[:3]
+        q = axis_angle_quat(omega)
+        assert torch.allclose(quat_to_rotmat(q[None])[0], so3_exp(omega), atol=1e-12)
+        p = torch.randn(6, 4, dtype=torch.float64)
+        assert torch.allclose(p @ quat_left_matrix(q).T, quat_multiply(q, p), atol=1e-12)
+    for omega in (torch.zeros(3, dtype=torch.float64), torch.full((3,), 3e-3, dtype=torch.float64),
+                  _random_pose(3)[:3]):
+        assert torch.autograd.gradcheck(axis_angle_quat, (omega.clone().requires_grad_(),))
+    # the registration's route (quaternion given) equals the matrix route up to the sign of q
+    means, quats = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    xi = _random_pose(4)
+    m1, q1 = rigid_transform_gaussians(means, quats, se3_exp(xi))
+    m2, q2 = rigid_transform_gaussians(means, quats, se3_exp(xi), axis_angle_quat(xi[:3]))
+    assert torch.allclose(m1, m2) and torch.allclose(quat_to_rotmat(q1), quat_to_rotmat(q2), atol=1e-12)
 
 
 def test_gradcheck_pose():
