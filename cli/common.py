@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
 import signal
 import time
 from enum import Enum
@@ -20,7 +22,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
                            TextColumn, TimeElapsedColumn)
 
-from rgs_engine import runtime
+from rgs_engine import runtime, volume_io
 from rgs_engine.errors import RgsDeviceError, RgsInputError
 
 app = typer.Typer(
@@ -156,3 +158,92 @@ def iteration_progress(description: str, total: int, done: int) -> Iterator[Call
         raise
     finally:
         progress.stop()
+
+
+def fmt(x: Optional[float], digits: int = 2) -> str:
+    """``x`` with ``digits`` decimals, ``n/a`` for None (summary tables)."""
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def stage_timer(seconds: dict[str, float]) -> Callable[[str, str], contextlib.AbstractContextManager]:
+    """``stage(key, label)``: a context manager showing ``label`` as a status line on stderr
+    and recording the block's seconds (after :func:`rgs_engine.runtime.sync`) in ``seconds[key]``."""
+    @contextlib.contextmanager
+    def stage(key: str, label: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with err_console.status(label):
+            yield
+        runtime.sync()
+        seconds[key] = round(time.perf_counter() - t0, 3)
+    return stage
+
+
+def interrupted_exit(checkpoint, iteration: Optional[int], saved: bool, resume_command: str) -> None:
+    """Report a Ctrl-C (what was saved, how to resume) and exit with status 130."""
+    if saved:
+        message = f"interrupted: checkpoint at iteration {iteration} saved to {checkpoint}"
+    elif os.path.exists(checkpoint):
+        message = f"interrupted inside an iteration: the last periodic checkpoint {checkpoint} is kept"
+    else:
+        message = "interrupted before the first checkpoint: nothing to resume"
+    err_console.print(message, highlight=False)
+    if saved or os.path.exists(checkpoint):
+        err_console.print("resume with: " + resume_command, highlight=False)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def run_iterations(rec, total: int, checkpoint, every: int, label: str, info: Callable[[dict], str],
+          resume_command: str) -> dict:
+    """Run ``rec.step()`` until ``rec.iteration == total`` under a progress bar (``info(stats)``
+    after each step), saving ``rec.save_checkpoint(checkpoint)`` every ``every`` iterations
+    and at the end; returns the last step's stats. Ctrl-C stops after the current step, saves
+    a checkpoint and exits with status 130 (:func:`interrupted_exit`)."""
+    stats: dict = {"loss": math.nan}
+    in_step = saved = False
+    with Interrupt() as interrupt, iteration_progress(label, total, rec.iteration) as update:
+        try:
+            while rec.iteration < total:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                in_step = True
+                stats = rec.step()
+                in_step = False
+                update(rec.iteration, info(stats))
+                if rec.iteration % every == 0:
+                    rec.save_checkpoint(checkpoint)
+        except KeyboardInterrupt:
+            saved = not in_step  # a second Ctrl-C inside a step may leave it half done
+            if saved:
+                rec.save_checkpoint(checkpoint)
+        else:
+            rec.save_checkpoint(checkpoint)
+            return stats
+    interrupted_exit(checkpoint, rec.iteration, saved, resume_command)
+
+
+def resume_settings(out, case, mode: str, known: Callable[[dict], dict], given: dict) -> dict:
+    """``out/config.json`` of the ``rgs track4d --mode MODE`` run in ``out``, for --resume.
+
+    ``known(settings)`` maps each option to the run's value (a damaged file raises KeyError
+    or TypeError there); the options in ``given`` that are not None must match them, and
+    ``case`` must be the run's data."""
+    path = out / "config.json"
+    require(path.is_file(), f"{path} not found: there is no run to resume in {out}; "
+                            "start one without --resume")
+    s = volume_io.load_json(path)
+    run_mode = s.get("mode", "breathing") if isinstance(s, dict) else None
+    require(run_mode == mode, f"the run in {out} is not a --mode {mode} run ({run_mode}): resume it "
+                              "with its own mode, or start a new run with --force")
+    try:
+        values = known(s)
+        same_data = s["data"] == str(case.resolve())
+    except (KeyError, TypeError, RgsInputError) as exc:
+        raise RgsInputError(f"{path}: not an rgs track4d {mode} config ({type(exc).__name__}: {exc}): "
+                            "start again with --force instead of --resume") from exc
+    require(same_data, f"CASE {case} differs from the run in {out} ({s['data']}): pass the same "
+                       "case to resume, or start a new run without --resume")
+    for option, value in given.items():
+        require(value is None or value == values[option],
+                f"{option} {value} differs from the run in {out} ({option} {values[option]}): "
+                "drop it to resume, or start a new run without --resume")
+    return s

@@ -21,16 +21,14 @@ after the current iteration, saves a checkpoint and exits with status 130.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import shlex
 import time
 from dataclasses import fields
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import torch
 import typer
@@ -42,8 +40,9 @@ from rgs_engine.errors import RgsInputError
 from rgs_engine.gs_recon import GaussianReconstruction, GSConfig
 from rgs_engine.projection_data import ProjectionData, describe, load_projections
 
-from .common import (EXIT_INTERRUPTED, DeviceOption, FilterChoice, Interrupt, app, err_console,
-                     handle_errors, iteration_progress, out_console, require, start)
+from .common import (DeviceOption, FilterChoice, Interrupt, app, fmt, handle_errors,
+                     interrupted_exit, iteration_progress, out_console, require, run_iterations, stage_timer,
+                     start)
 
 VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS = (
     "volume.nii.gz", "slices.png", "metrics.json", "config.json", "checkpoint.pt", "gaussians.npz")
@@ -212,23 +211,8 @@ def _load_sart_checkpoint(path: Path, grid) -> tuple[torch.Tensor, int]:
     return state["volume"], int(state["iteration"])
 
 
-def _fmt(x: Optional[float], digits: int = 2) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _interrupted(out: Path, data_path: Path, iteration: Optional[int], saved: bool) -> None:
-    where = out / CHECKPOINT
-    if saved:
-        message = f"interrupted: checkpoint at iteration {iteration} saved to {where}"
-    elif where.exists():
-        message = f"interrupted inside an iteration: the last periodic checkpoint {where} is kept"
-    else:
-        message = "interrupted before the first checkpoint: nothing to resume"
-    err_console.print(message, highlight=False)
-    if saved or where.exists():
-        err_console.print("resume with: rgs recon " + shlex.join([str(data_path), "--out", str(out),
-                                                                   "--resume"]), highlight=False)
-    raise typer.Exit(EXIT_INTERRUPTED)
+def _resume_command(out: Path, data_path: Path) -> str:
+    return "rgs recon " + shlex.join([str(data_path), "--out", str(out), "--resume"])
 
 
 # --------------------------------------------------------------------------------------
@@ -266,7 +250,7 @@ def _run_sart(data: ProjectionData, settings: dict, out: Path, data_path: Path, 
         else:
             interrupt_exit = False
     if interrupt_exit:
-        _interrupted(out, data_path, iteration, saved=True)
+        interrupted_exit(out / CHECKPOINT, iteration, True, _resume_command(out, data_path))
     _save_sart_checkpoint(out / CHECKPOINT, solver)
     return solver.volume, {"iterations": solver.iteration, "num_gaussians": None,
                            "final_residual": solver.residual,
@@ -290,33 +274,15 @@ def _run_gs(data: ProjectionData, settings: dict, out: Path, data_path: Path, re
             rec = GaussianReconstruction(data, config)
     resumed_from = rec.iteration if resume else None
     psnr_every = max(1, min(PSNR_EVERY_GS, total // 10))
-    psnr, stats = None, {"loss": math.nan, "gaussians": len(rec.gaussians)}
-    in_step = False
-    with Interrupt() as interrupt, iteration_progress("gs", total, rec.iteration) as update:
-        try:
-            while rec.iteration < total:
-                if interrupt.requested:
-                    raise KeyboardInterrupt
-                in_step = True
-                stats = rec.step()
-                in_step = False
-                it = rec.iteration
-                if truth is not None and (it % psnr_every == 0 or it == total):
-                    psnr = metrics.psnr_3d(rec.volume(), truth)
-                update(it, f"loss {stats['loss']:.4f}  {int(stats['gaussians']):,} Gaussians"
-                       + (f"  PSNR {psnr:.2f} dB" if psnr is not None else ""))
-                if it % every == 0:
-                    rec.save_checkpoint(out / CHECKPOINT, force=True)
-        except KeyboardInterrupt:
-            saved = not in_step  # a second Ctrl-C inside a step may leave it half done
-            if saved:
-                rec.save_checkpoint(out / CHECKPOINT, force=True)
-            iteration, interrupt_exit = rec.iteration, True
-        else:
-            interrupt_exit = False
-    if interrupt_exit:
-        _interrupted(out, data_path, iteration, saved=saved)
-    rec.save_checkpoint(out / CHECKPOINT, force=True)
+    psnr: list[Optional[float]] = [None]  # the latest, every psnr_every steps
+
+    def info(stats: dict) -> str:
+        if truth is not None and (rec.iteration % psnr_every == 0 or rec.iteration == total):
+            psnr[0] = metrics.psnr_3d(rec.volume(), truth)
+        return (f"loss {stats['loss']:.4f}  {int(stats['gaussians']):,} Gaussians"
+                + (f"  PSNR {psnr[0]:.2f} dB" if psnr[0] is not None else ""))
+
+    stats = run_iterations(rec, total, out / CHECKPOINT, every, "gs", info, _resume_command(out, data_path))
     rec.save_gaussians(out / GAUSSIANS, force=True)
     return rec.volume(), {"iterations": rec.iteration, "num_gaussians": len(rec.gaussians),
                           "final_loss": stats["loss"], "resumed_from": resumed_from}, rec
@@ -413,14 +379,7 @@ def recon(
 
     dev = start(device)
     stage_seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(key: str, label: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        with err_console.status(label):
-            yield
-        runtime.sync()
-        stage_seconds[key] = round(time.perf_counter() - t0, 3)
+    stage = stage_timer(stage_seconds)
 
     with stage("load", f"load {data_path.name}"):
         full = load_projections(data_path)
@@ -512,9 +471,9 @@ def recon(
     table = Table()
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    rows = [("PSNR 3D (dB)", _fmt(report["psnr_3d"])), ("SSIM 3D", _fmt(report["ssim_3d"], 4)),
-            ("PSNR 2D test (dB)", _fmt(report["psnr_2d_test"])),
-            ("SSIM 2D test", _fmt(report["ssim_2d_test"], 4)),
+    rows = [("PSNR 3D (dB)", fmt(report["psnr_3d"])), ("SSIM 3D", fmt(report["ssim_3d"], 4)),
+            ("PSNR 2D test (dB)", fmt(report["psnr_2d_test"])),
+            ("SSIM 2D test", fmt(report["ssim_2d_test"], 4)),
             ("iterations", str(report["iterations"]) if report["iterations"] is not None else "n/a"),
             ("Gaussians", "n/a" if report["num_gaussians"] is None else f"{report['num_gaussians']:,}"),
             ("seconds", f"{report['seconds']:.2f}")]

@@ -21,14 +21,13 @@ current iteration and saves a checkpoint (exit status 130); ``--resume`` continu
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import shlex
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import typer
@@ -41,8 +40,8 @@ from rgs_engine.errors import RgsInputError
 from rgs_engine.gs_recon import GSConfig
 from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
 
-from .common import (EXIT_INTERRUPTED, DeviceOption, Interrupt, app, err_console, handle_errors,
-                     iteration_progress, out_console, require, start)
+from .common import (DeviceOption, app, fmt, handle_errors, out_console, require, resume_settings,
+                     run_iterations, stage_timer, start)
 
 PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
     "phases.nii.gz", "phases.gif", "metrics.json", "config.json", "checkpoint.pt")
@@ -94,68 +93,12 @@ def _new_settings(case: Path, deformation: Optional[str], iterations: Optional[i
             "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}
 
 
-def _resume_settings(out: Path, case: Path, given: dict[str, Any]) -> dict[str, Any]:
-    """config.json of the run in ``out``; options given again must match it."""
-    path = out / CONFIG
-    require(path.is_file(), f"{path} not found: there is no run to resume in {out}; "
-                            "start one without --resume")
-    s = volume_io.load_json(path)
-    try:
-        cfg = Track4DConfig.from_dict(s["config"])
-        known = {"--deformation": cfg.deformation, "--iterations": cfg.iterations,
-                 "--static-iterations": cfg.recipe.iterations, "--period-init": cfg.period_init_s,
-                 "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"]}
-        same_data = s["data"] == str(case.resolve())
-    except (KeyError, TypeError) as exc:
-        raise RgsInputError(f"{path}: not an rgs track4d config ({type(exc).__name__}: {exc}): "
-                            "start again with --force instead of --resume") from exc
-    require(same_data, f"CASE {case} differs from the run in {out} ({s['data']}): pass the same "
-                       "case to resume, or start a new run without --resume")
-    for option, value in given.items():
-        require(value is None or value == known[option],
-                f"{option} {value} differs from the run in {out} ({option} {known[option]}): "
-                "drop it to resume, or start a new run without --resume")
-    return s
-
-
-def _train(rec: Track4DReconstruction, out: Path, case: Path, every: int,
-           truth: Optional[tuple[float, torch.Tensor]]) -> dict[str, float]:
-    """Run the remaining iterations with a progress bar, checkpoints and Ctrl-C handling."""
-    total = rec.config.total_iterations
-    psnr_every = max(1, min(PSNR_EVERY, total // 10))
-    stats: dict[str, float] = {"loss": math.nan, "gaussians": 0}
-    psnr, in_step, saved = None, False, False
-    with Interrupt() as interrupt, iteration_progress("track4d", total, rec.iteration) as update:
-        try:
-            while rec.iteration < total:
-                if interrupt.requested:
-                    raise KeyboardInterrupt
-                in_step = True
-                stats = rec.step()
-                in_step = False
-                it = rec.iteration
-                if truth is not None and (it % psnr_every == 0 or it == total):
-                    psnr = metrics.psnr_3d(rec.volume_at(truth[0]), truth[1])
-                update(it, f"{rec.stage}  loss {stats['loss']:.4f}  period {rec.period_s:.3f} s"
-                       + (f"  PSNR {psnr:.2f} dB" if psnr is not None else ""))
-                if it % every == 0:
-                    rec.save_checkpoint(out / CHECKPOINT)
-        except KeyboardInterrupt:
-            saved = not in_step  # a second Ctrl-C inside a step may leave it half done
-            if saved:
-                rec.save_checkpoint(out / CHECKPOINT)
-        else:
-            rec.save_checkpoint(out / CHECKPOINT)
-            return stats
-    where = out / CHECKPOINT
-    err_console.print(f"interrupted: checkpoint at iteration {rec.iteration} saved to {where}" if saved
-                      else f"interrupted inside an iteration: the last checkpoint {where} is kept"
-                      if where.exists() else "interrupted before the first checkpoint: nothing to resume",
-                      highlight=False)
-    if saved or where.exists():
-        err_console.print("resume with: rgs track4d " + shlex.join([str(case), "--out", str(out), "--resume"]),
-                          highlight=False)
-    raise typer.Exit(EXIT_INTERRUPTED)
+def _known(s: dict) -> dict[str, Any]:
+    """The options of the run whose config.json is ``s``."""
+    cfg = Track4DConfig.from_dict(s["config"])
+    return {"--deformation": cfg.deformation, "--iterations": cfg.iterations,
+            "--static-iterations": cfg.recipe.iterations, "--period-init": cfg.period_init_s,
+            "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"]}
 
 
 def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
@@ -184,10 +127,6 @@ def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str,
     return report, times, volumes
 
 
-def _fmt(x: Optional[float], digits: int = 2) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
 def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     out_console.print(f"track4d of {case}: {report['views']} projections over "
                       f"{report['scan_seconds']:g} s; {report['deformation']}, {report['device']}",
@@ -196,12 +135,12 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     table.add_column("quantity")
     table.add_column("value", justify="right")
     truth = report["period_truth_s"]
-    rows = [("period (s)", _fmt(report["period_s"], 3)
+    rows = [("period (s)", fmt(report["period_s"], 3)
              + ("" if truth is None else f"  (truth {truth:g}, {report['period_error_pct']:.2f} % off)")),
-            ("PSNR 3D, mean over phases (dB)", _fmt(report["psnr_3d_mean"])),
-            ("SSIM 3D, mean over phases", _fmt(report["ssim_3d_mean"], 4)),
-            ("PSNR 2D test (dB)", _fmt(report["psnr_2d_test"])),
-            ("SSIM 2D test", _fmt(report["ssim_2d_test"], 4)),
+            ("PSNR 3D, mean over phases (dB)", fmt(report["psnr_3d_mean"])),
+            ("SSIM 3D, mean over phases", fmt(report["ssim_3d_mean"], 4)),
+            ("PSNR 2D test (dB)", fmt(report["psnr_2d_test"])),
+            ("SSIM 2D test", fmt(report["ssim_2d_test"], 4)),
             ("iterations", str(report["iterations"])), ("Gaussians", f"{report['num_gaussians']:,}"),
             ("seconds", f"{report['seconds']:.1f}")]
     for row in rows:
@@ -220,7 +159,7 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
         given = {"--deformation": deformation, "--iterations": iterations,
                  "--static-iterations": static_iterations, "--period-init": period_init,
                  "--seed": seed, "--checkpoint-every": checkpoint_every}
-        settings = _resume_settings(out, case, given)
+        settings = resume_settings(out, case, "breathing", _known, given)
         require((out / CHECKPOINT).is_file(), f"{out / CHECKPOINT} not found: the run stopped before "
                                               "its first checkpoint; start it again with --force")
         volume_io.check_writable([out / f for f in (PHASES, GIF, METRICS)], force)
@@ -233,14 +172,7 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
                                  checkpoint_every)
     dev = start(device)
     seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(key: str, label: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        with err_console.status(label):
-            yield
-        runtime.sync()
-        seconds[key] = round(time.perf_counter() - t0, 3)
+    stage = stage_timer(seconds)
 
     with stage("load", f"load {case.name}"):
         data = data4d.load_4d_pickle(case)
@@ -274,9 +206,19 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
             rec = Track4DReconstruction(*args, config=config)
         resumed_from = None
 
-    truth = None if data.phases is None else (float(data.phase_times_s[0]), data.phases[0].to(dev))
+    total = rec.config.total_iterations
+    psnr_every = max(1, min(PSNR_EVERY, total // 10))
+    psnr: list[Optional[float]] = [None]  # of the first ground-truth phase, every psnr_every steps
+
+    def info(stats: dict) -> str:
+        if data.phases is not None and (rec.iteration % psnr_every == 0 or rec.iteration == total):
+            psnr[0] = metrics.psnr_3d(rec.volume_at(float(data.phase_times_s[0])), data.phases[0].to(dev))
+        return (f"{rec.stage}  loss {stats['loss']:.4f}  period {rec.period_s:.3f} s"
+                + (f"  PSNR {psnr[0]:.2f} dB" if psnr[0] is not None else ""))
+
     t0 = time.perf_counter()
-    stats = _train(rec, out, case, settings["checkpoint_every"], truth)
+    stats = run_iterations(rec, total, out / CHECKPOINT, settings["checkpoint_every"], "track4d", info,
+                  "rgs track4d " + shlex.join([str(case), "--out", str(out), "--resume"]))
     seconds["iterations"] = round(time.perf_counter() - t0, 3)
     with stage("metrics", "PSNR / SSIM per phase"):
         report, times, volumes = _evaluate(rec, data)
@@ -337,8 +279,10 @@ def track4d(
 
     breathing writes OUT/phases.nii.gz (4D: the volume at each ground-truth phase time),
     OUT/phases.gif, OUT/metrics.json (learned period and its error, 3D PSNR / SSIM per phase,
-    seconds), OUT/config.json and OUT/checkpoint.pt. Ctrl-C saves a checkpoint; continue with
-    --resume.
+    seconds), OUT/config.json and OUT/checkpoint.pt. --mode dsa writes OUT/vessels.nii.gz
+    (time average), OUT/vessels_4d.nii.gz (at --times), OUT/vessels.ply, OUT/mip.gif,
+    OUT/metrics.json (held-out 2D PSNR / SSIM, Chamfer and HD95 to the truth surface, seconds),
+    OUT/config.json and OUT/checkpoint.pt. Ctrl-C saves a checkpoint; continue with --resume.
     """
     require(not out.exists() or out.is_dir(), f"--out {out} is a file: pass a directory")
     for option, value in {"--iterations": iterations, "--static-iterations": static_iterations,
@@ -353,7 +297,7 @@ def track4d(
                               "--period-init": period_init}.items():
             require(value is None, f"{option} does not apply to --mode dsa: drop it")
         from .track4d_dsa import run_dsa
-        run_dsa(case, out, views=views, iterations=iterations, seed=0 if seed is None else seed,
+        run_dsa(case, out, views=views, iterations=iterations, seed=seed,
                 times=None if times is None else _parse_times(times), resume=resume, force=force,
                 checkpoint_every=checkpoint_every, device=device)
         return

@@ -249,6 +249,14 @@ class GaussianReconstruction:
         loss = self.image_loss(splat(*params, geo) / self.proj_scale, target) + self.tv_loss(params)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.finish_step()
+        return {"loss": float(loss.detach()), "gaussians": len(self.gaussians)}
+
+    def finish_step(self) -> None:
+        """The rest of a step once its loss is backpropagated into the Gaussians: position
+        gradient statistics, the Adam step, the iteration count, densify / prune on schedule
+        (:meth:`step` and models built on these Gaussians share it)."""
+        g = self.gaussians
         with torch.no_grad():
             self.grad_accum += g.means.grad.norm(dim=1) * self.half_box
             self.grad_count += 1
@@ -256,7 +264,6 @@ class GaussianReconstruction:
         self.iteration += 1
         if self.iteration in self._densify_steps():
             self._densify_and_prune()
-        return {"loss": float(loss.detach()), "gaussians": len(self.gaussians)}
 
     # ---- adaptive density control ------------------------------------------------------
     def _densify_steps(self) -> set[int]:
@@ -306,6 +313,15 @@ class GaussianReconstruction:
             merged = {name: t[alive] for name, t in merged.items()}
             origin = origin[alive]
         self._replace_params(merged, origin)
+
+    def prune(self, keep: torch.Tensor) -> None:
+        """Drop the Gaussians where ``keep`` (N,) bool is False; the others keep their Adam
+        moments and densification statistics."""
+        with torch.no_grad():
+            merged = {name: getattr(self.gaussians, name).detach()[keep] for name in self.PARAMS}
+            accum, count = self.grad_accum[keep], self.grad_count[keep]
+        self._replace_params(merged, torch.nonzero(keep).squeeze(1))
+        self.grad_accum, self.grad_count = accum, count
 
     def _replace_params(self, merged: dict[str, torch.Tensor], origin: torch.Tensor) -> None:
         """Swap in new parameter tensors; Adam moments follow their rows (zeros for children)."""

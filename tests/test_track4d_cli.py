@@ -29,7 +29,7 @@ def case(tmp_path_factory) -> Path:
 
 def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
     out = tmp_path / "run"
-    result = invoke("track4d", case, "--out", out, *SHORT, "--device", "cpu")
+    result = invoke("track4d", case, "--out", out, *SHORT)
     assert result.exit_code == 0, result.output
     img = nib.load(out / "phases.nii.gz")
     assert img.shape == (24, 24, 24, 4)
@@ -43,7 +43,7 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert "--deformation kplanes" in config["command"] and "--static-iterations 20" in config["command"]
     # outputs are kept unless --force
-    again = invoke("track4d", case, "--out", out, *SHORT, "--device", "cpu")
+    again = invoke("track4d", case, "--out", out, *SHORT)
     assert_one_line_error(again, "pass --resume to continue it or --force")
 
 
@@ -58,12 +58,12 @@ def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
         return step(self)
 
     monkeypatch.setattr(Track4DReconstruction, "step", interrupted_step)
-    result = invoke("track4d", case, "--out", out, *SHORT, "--deformation", "anchors", "--device", "cpu")
+    result = invoke("track4d", case, "--out", out, *SHORT, "--deformation", "anchors")
     assert result.exit_code == 130, result.output
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
     bad = invoke("track4d", case, "--out", out, "--resume", "--deformation", "kplanes")
     assert_one_line_error(bad, "--deformation kplanes differs from the run")
-    result = invoke("track4d", case, "--out", out, "--resume", "--device", "cpu")
+    result = invoke("track4d", case, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["resumed_from"] == 25 and m["iterations"] == 40 and m["deformation"] == "anchors"
