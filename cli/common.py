@@ -19,6 +19,7 @@ from typing import Annotated, Callable, Iterator, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
                            TextColumn, TimeElapsedColumn)
 
@@ -247,3 +248,24 @@ def resume_settings(out, case, mode: str, known: Callable[[dict], dict], given: 
                 f"{option} {value} differs from the run in {out} ({option} {values[option]}): "
                 "drop it to resume, or start a new run without --resume")
     return s
+
+
+def print_summary(rows: list[tuple[str, str]], written) -> None:
+    """A two-column (quantity, value) table on stdout, then ``wrote PATH`` per written file."""
+    table = Table()
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for row in rows:
+        table.add_row(*row)
+    out_console.print(table)
+    for path in written:
+        out_console.print(f"wrote {path}", highlight=False)
+
+
+def check_new_run(out, outputs, force: bool) -> None:
+    """A new run in ``out``: refuse to replace another run's config.json or any of
+    ``outputs`` (file names) without ``--force``."""
+    if not force and (out / "config.json").exists():
+        raise RgsInputError(f"{out / 'config.json'} exists: a run is already in {out}; pass --resume "
+                            "to continue it or --force to start over")
+    volume_io.check_writable([out / f for f in outputs], force)

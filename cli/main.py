@@ -2,7 +2,8 @@
 
 Commands: ``info`` (versions and compute device), ``roundtrip`` (the engine's end-to-end
 check on a real CT), ``simulate`` / ``recon`` (sparse-view CT), ``simulate-xrays`` /
-``register`` (CT-to-X-ray registration), ``simulate4d`` / ``simulate-dsa`` / ``track4d`` (4D). Each lives in its own module. Every command takes ``--device auto|cuda|cpu`` (default:
+``register`` (CT-to-X-ray registration), ``simulate4d`` / ``simulate-dsa`` / ``track4d`` (4D).
+Each lives in its own module. Every command takes ``--device auto|cuda|cpu`` (default:
 ``$RGS_DEVICE``, else ``auto``). Bad input ends with one line ``error: ...`` on stderr and
 exit status 2; outputs are written atomically and existing ones are kept unless ``--force``.
 """

@@ -32,7 +32,6 @@ from typing import Annotated, Any, Callable, Optional
 
 import torch
 import typer
-from rich.table import Table
 
 import rgs_engine
 from rgs_engine import imaging, iterative, metrics, runtime, volume_io
@@ -40,9 +39,9 @@ from rgs_engine.errors import RgsInputError
 from rgs_engine.gs_recon import GaussianReconstruction, GSConfig
 from rgs_engine.projection_data import ProjectionData, describe, load_projections
 
-from .common import (DeviceOption, FilterChoice, Interrupt, app, fmt, handle_errors,
-                     interrupted_exit, iteration_progress, out_console, require, run_iterations, stage_timer,
-                     start)
+from .common import (DeviceOption, FilterChoice, Interrupt, app, fmt, handle_errors, interrupted_exit,
+                     iteration_progress, out_console, print_summary, require, run_iterations,
+                     stage_timer, start)
 
 VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS = (
     "volume.nii.gz", "slices.png", "metrics.json", "config.json", "checkpoint.pt", "gaussians.npz")
@@ -468,19 +467,12 @@ def recon(
 
     out_console.print(f"recon of {data_path}: {describe(data)}; method {name}, {runtime.describe(dev)}",
                       highlight=False)
-    table = Table()
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
     rows = [("PSNR 3D (dB)", fmt(report["psnr_3d"])), ("SSIM 3D", fmt(report["ssim_3d"], 4)),
             ("PSNR 2D test (dB)", fmt(report["psnr_2d_test"])),
             ("SSIM 2D test", fmt(report["ssim_2d_test"], 4)),
             ("iterations", str(report["iterations"]) if report["iterations"] is not None else "n/a"),
             ("Gaussians", "n/a" if report["num_gaussians"] is None else f"{report['num_gaussians']:,}"),
             ("seconds", f"{report['seconds']:.2f}")]
-    for row in rows:
-        table.add_row(*row)
-    out_console.print(table)
     files = [VOLUME, SLICES, METRICS, CONFIG] + ([CHECKPOINT] if name != "fdk" else []) + (
         [GAUSSIANS] if name == "gs" else [])
-    for f in files:
-        out_console.print(f"wrote {out / f}", highlight=False)
+    print_summary(rows, [out / f for f in files])

@@ -31,7 +31,6 @@ from typing import Annotated, Any, Optional
 
 import torch
 import typer
-from rich.table import Table
 
 import rgs_engine
 from rgs_engine import data4d, imaging, metrics, runtime, volume_io
@@ -40,8 +39,8 @@ from rgs_engine.errors import RgsInputError
 from rgs_engine.gs_recon import GSConfig
 from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
 
-from .common import (DeviceOption, app, fmt, handle_errors, out_console, require, resume_settings,
-                     run_iterations, stage_timer, start)
+from .common import (DeviceOption, app, check_new_run, fmt, handle_errors, out_console, print_summary,
+                     require, resume_settings, run_iterations, stage_timer, start)
 
 PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
     "phases.nii.gz", "phases.gif", "metrics.json", "config.json", "checkpoint.pt")
@@ -131,9 +130,6 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     out_console.print(f"track4d of {case}: {report['views']} projections over "
                       f"{report['scan_seconds']:g} s; {report['deformation']}, {report['device']}",
                       highlight=False)
-    table = Table()
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
     truth = report["period_truth_s"]
     rows = [("period (s)", fmt(report["period_s"], 3)
              + ("" if truth is None else f"  (truth {truth:g}, {report['period_error_pct']:.2f} % off)")),
@@ -143,11 +139,7 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
             ("SSIM 2D test", fmt(report["ssim_2d_test"], 4)),
             ("iterations", str(report["iterations"])), ("Gaussians", f"{report['num_gaussians']:,}"),
             ("seconds", f"{report['seconds']:.1f}")]
-    for row in rows:
-        table.add_row(*row)
-    out_console.print(table)
-    for f in OUTPUTS:
-        out_console.print(f"wrote {out / f}", highlight=False)
+    print_summary(rows, [out / f for f in OUTPUTS])
 
 
 def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iterations: Optional[int],
@@ -164,10 +156,7 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
                                               "its first checkpoint; start it again with --force")
         volume_io.check_writable([out / f for f in (PHASES, GIF, METRICS)], force)
     else:
-        if not force and (out / CONFIG).exists():
-            raise RgsInputError(f"{out / CONFIG} exists: a run is already in {out}; pass --resume "
-                                "to continue it or --force to start over")
-        volume_io.check_writable([out / f for f in OUTPUTS], force)
+        check_new_run(out, OUTPUTS, force)
         settings = _new_settings(case, deformation, iterations, static_iterations, period_init, seed,
                                  checkpoint_every)
     dev = start(device)

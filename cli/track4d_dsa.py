@@ -42,15 +42,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.table import Table
 
 import rgs_engine
 from rgs_engine import dsa_data, imaging, mesh, metrics, runtime, volume_io
 from rgs_engine.dsa_recon import DsaConfig, DsaReconstruction, vessel_surface
-from rgs_engine.errors import RgsInputError
 from rgs_engine.projection_data import ProjectionData, load_projections
 
-from .common import fmt, out_console, require, resume_settings, run_iterations, stage_timer, start
+from .common import (check_new_run, fmt, out_console, print_summary, require, resume_settings, run_iterations,
+                     stage_timer, start)
 
 MEAN, SERIES, SURFACE, GIF, METRICS, CONFIG, CHECKPOINT = (
     "vessels.nii.gz", "vessels_4d.nii.gz", "vessels.ply", "mip.gif",
@@ -172,9 +171,6 @@ def _evaluate(rec: DsaReconstruction, data: ProjectionData, mean: torch.Tensor,
 def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     out_console.print(f"track4d dsa of {case}: {report['views']} of {report['frames']} frames, "
                       f"{report['device']}", highlight=False)
-    table = Table()
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
     rows = [("Chamfer, mean of both directions (mm)", fmt(report["chamfer_mm"])),
             ("Chamfer, sum (4DRGS convention, mm)", fmt(report["chamfer_sum_mm"])),
             ("HD95 (mm)", fmt(report["hd95_mm"])),
@@ -183,11 +179,7 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
             ("PSNR 3D time average (dB)", fmt(report["psnr_3d_time_average"])),
             ("iterations", str(report["iterations"])), ("Gaussians", f"{report['num_gaussians']:,}"),
             ("seconds", f"{report['seconds']:.1f}")]
-    for row in rows:
-        table.add_row(*row)
-    out_console.print(table)
-    for f in OUTPUTS:
-        out_console.print(f"wrote {out / f}", highlight=False)
+    print_summary(rows, [out / f for f in OUTPUTS])
 
 
 def _write_outputs(rec: DsaReconstruction, data: ProjectionData, mean: torch.Tensor,
@@ -224,10 +216,7 @@ def run_dsa(case: Path, out: Path, *, views: Optional[int], iterations: Optional
                                               "its first checkpoint; start it again with --force")
         volume_io.check_writable([out / f for f in OUTPUTS if f not in (CONFIG, CHECKPOINT)], force)
     else:
-        if not force and (out / CONFIG).exists():
-            raise RgsInputError(f"{out / CONFIG} exists: a run is already in {out}; pass --resume "
-                                "to continue it or --force to start over")
-        volume_io.check_writable([out / f for f in OUTPUTS], force)
+        check_new_run(out, OUTPUTS, force)
         base = DsaConfig()
         config = DsaConfig(**{**base.to_dict(), "seed": 0 if seed is None else seed,
                               **({} if iterations is None else {"iterations": iterations})})
