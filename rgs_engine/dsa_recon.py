@@ -26,8 +26,8 @@ percentile of the FDK initialisation) are dropped. The Gaussians' recipe is gs_r
 (``rgs recon``'s), chosen on the GPU case below.
 
 Volumes: :meth:`DsaReconstruction.volume_at` (attenuation at a time), :meth:`mean_volume`
-(over a set of times; voxelisation is linear in the densities, so one voxelisation),
-:meth:`peak_volume` (voxel-wise maximum over times: the opacified lumen). :func:`vessel_surface`
+(over a set of times; voxelisation is linear in the densities, so one voxelisation).
+:func:`vessel_surface`
 is the surface rule every method shares: the isosurface of a volume at half its robust
 maximum (the smallest value of the top 0.01 % of the voxels), a rule that needs no ground truth.
 
@@ -308,15 +308,6 @@ class DsaReconstruction:
         params = self.gs.physical()
         grid = grid if grid is not None else self.grid
         return voxelize(*params[:3], self.densities(params, self._times(times)).mean(0), grid)
-
-    @torch.no_grad()
-    def peak_volume(self, times, grid: VolumeGrid | None = None) -> torch.Tensor:
-        """(nx, ny, nz) voxel-wise maximum (1/mm) of the volumes at ``times``."""
-        peak = None
-        for t in self._times(times).tolist():
-            v = self.volume_at(t, grid)
-            peak = v if peak is None else torch.maximum(peak, v)
-        return peak
 
     @torch.no_grad()
     def render(self, geometry: Geometry, times) -> torch.Tensor:
