@@ -30,8 +30,8 @@ app = typer.Typer(
     name="rgs", add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
     rich_markup_mode="markdown",
     help="X-ray radiative Gaussian splatting: sparse-view CT (simulate, recon), CT-to-X-ray "
-         "registration (simulate-xrays, register; being validated), and the engine check "
-         "(roundtrip), 4D reconstruction (simulate4d, track4d).")
+         "registration (simulate-xrays, register), 4D reconstruction of breathing and of DSA "
+         "contrast inflow (simulate4d, simulate-dsa, track4d), and the engine check (roundtrip).")
 EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C
 out_console = Console()
 err_console = Console(stderr=True)

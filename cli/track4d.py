@@ -37,6 +37,7 @@ from rgs_engine import data4d, imaging, metrics, runtime, volume_io
 from rgs_engine.data4d import Projection4D
 from rgs_engine.errors import RgsInputError
 from rgs_engine.gs_recon import GSConfig
+from rgs_engine.dsa_recon import DsaConfig
 from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
 
 from .common import (DeviceOption, app, check_new_run, fmt, handle_errors, out_console, print_summary,
@@ -243,7 +244,7 @@ def track4d(
              "transformer). [default: kplanes]")] = None,
     iterations: Annotated[Optional[int], typer.Option(
         help=f"Training iterations (breathing: of the deformation stage). [default: breathing "
-             f"{Track4DConfig().iterations}]")] = None,
+             f"{Track4DConfig().iterations}, dsa {DsaConfig().iterations}]")] = None,
     static_iterations: Annotated[Optional[int], typer.Option(
         "--static-iterations", help=f"breathing: iterations of the static coarse stage. "
                                     f"[default: {Track4DConfig().recipe.iterations}]")] = None,
