@@ -194,13 +194,17 @@ def interrupted_exit(checkpoint, iteration: Optional[int], saved: bool, resume_c
 
 
 def run_iterations(rec, total: int, checkpoint, every: int, label: str, info: Callable[[dict], str],
-          resume_command: str) -> dict:
+                   resume_command: str, psnr: Optional[Callable[[], float]] = None,
+                   psnr_every: int = 100) -> dict:
     """Run ``rec.step()`` until ``rec.iteration == total`` under a progress bar (``info(stats)``
-    after each step), saving ``rec.save_checkpoint(checkpoint)`` every ``every`` iterations
-    and at the end; returns the last step's stats. Ctrl-C stops after the current step, saves
-    a checkpoint and exits with status 130 (:func:`interrupted_exit`)."""
+    after each step, then the latest ``psnr()`` in dB, evaluated every ``min(psnr_every,
+    total / 10)`` steps and at the end), saving ``rec.save_checkpoint(checkpoint)`` every
+    ``every`` iterations and at the end; returns the last step's stats. Ctrl-C stops after
+    the current step, saves a checkpoint and exits with status 130 (:func:`interrupted_exit`)."""
     stats: dict = {"loss": math.nan}
     in_step = saved = False
+    psnr_every = max(1, min(psnr_every, total // 10))
+    latest: Optional[float] = None
     with Interrupt() as interrupt, iteration_progress(label, total, rec.iteration) as update:
         try:
             while rec.iteration < total:
@@ -209,7 +213,9 @@ def run_iterations(rec, total: int, checkpoint, every: int, label: str, info: Ca
                 in_step = True
                 stats = rec.step()
                 in_step = False
-                update(rec.iteration, info(stats))
+                if psnr is not None and (rec.iteration % psnr_every == 0 or rec.iteration == total):
+                    latest = psnr()
+                update(rec.iteration, info(stats) + (f"  PSNR {latest:.2f} dB" if latest is not None else ""))
                 if rec.iteration % every == 0:
                     rec.save_checkpoint(checkpoint)
         except KeyboardInterrupt:
@@ -260,6 +266,15 @@ def print_summary(rows: list[tuple[str, str]], written) -> None:
     out_console.print(table)
     for path in written:
         out_console.print(f"wrote {path}", highlight=False)
+
+
+def write_run_config(out, outputs, settings: dict, force: bool) -> None:
+    """Start a new run in ``out``: with ``force``, first remove the old run's ``outputs``
+    (file names: no stale checkpoint survives); then write ``settings`` to config.json."""
+    if force:
+        for f in outputs:
+            (out / f).unlink(missing_ok=True)
+    volume_io.save_json(out / "config.json", settings, force=True)
 
 
 def check_new_run(out, outputs, force: bool) -> None:

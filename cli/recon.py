@@ -41,7 +41,7 @@ from rgs_engine.projection_data import ProjectionData, describe, load_projection
 
 from .common import (DeviceOption, FilterChoice, Interrupt, app, fmt, handle_errors, interrupted_exit,
                      iteration_progress, out_console, print_summary, require, run_iterations,
-                     stage_timer, start)
+                     stage_timer, start, write_run_config)
 
 VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS = (
     "volume.nii.gz", "slices.png", "metrics.json", "config.json", "checkpoint.pt", "gaussians.npz")
@@ -272,16 +272,11 @@ def _run_gs(data: ProjectionData, settings: dict, out: Path, data_path: Path, re
             torch.manual_seed(config.seed)
             rec = GaussianReconstruction(data, config)
     resumed_from = rec.iteration if resume else None
-    psnr_every = max(1, min(PSNR_EVERY_GS, total // 10))
-    psnr: list[Optional[float]] = [None]  # the latest, every psnr_every steps
-
-    def info(stats: dict) -> str:
-        if truth is not None and (rec.iteration % psnr_every == 0 or rec.iteration == total):
-            psnr[0] = metrics.psnr_3d(rec.volume(), truth)
-        return (f"loss {stats['loss']:.4f}  {int(stats['gaussians']):,} Gaussians"
-                + (f"  PSNR {psnr[0]:.2f} dB" if psnr[0] is not None else ""))
-
-    stats = run_iterations(rec, total, out / CHECKPOINT, every, "gs", info, _resume_command(out, data_path))
+    stats = run_iterations(rec, total, out / CHECKPOINT, every, "gs",
+                           lambda st: f"loss {st['loss']:.4f}  {int(st['gaussians']):,} Gaussians",
+                           _resume_command(out, data_path),
+                           psnr=None if truth is None else lambda: metrics.psnr_3d(rec.volume(), truth),
+                           psnr_every=PSNR_EVERY_GS)
     rec.save_gaussians(out / GAUSSIANS, force=True)
     return rec.volume(), {"iterations": rec.iteration, "num_gaussians": len(rec.gaussians),
                           "final_loss": stats["loss"], "resumed_from": resumed_from}, rec
@@ -421,10 +416,7 @@ def recon(
                        "--checkpoint-every", str(settings.get("checkpoint_every")),
                        "--init", str(settings.get("gs", {}).get("init"))]
                 + [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]}[name]))
-        if force:  # a fresh run replaces the old results: no stale checkpoint or Gaussians
-            for f in (VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS):
-                (out / f).unlink(missing_ok=True)
-        volume_io.save_json(out / CONFIG, settings, force=True)
+        write_run_config(out, (VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS), settings, force)
 
     truth = data.ground_truth.to(dev) if data.ground_truth is not None else None
     rec = None

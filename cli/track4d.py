@@ -41,7 +41,8 @@ from rgs_engine.dsa_recon import DsaConfig
 from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
 
 from .common import (DeviceOption, app, check_new_run, fmt, handle_errors, out_console, print_summary,
-                     require, resume_settings, run_iterations, stage_timer, start)
+                     require, resume_settings, run_iterations, stage_timer, start,
+                     write_run_config)
 
 PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
     "phases.nii.gz", "phases.gif", "metrics.json", "config.json", "checkpoint.pt")
@@ -188,27 +189,19 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
                               "--static-iterations", str(config.recipe.iterations),
                               "--period-init", f"{config.period_init_s:g}", "--seed", str(config.recipe.seed),
                               "--checkpoint-every", str(settings["checkpoint_every"])])})
-        if force:  # a fresh run replaces the old results: no stale checkpoint
-            for f in OUTPUTS:
-                (out / f).unlink(missing_ok=True)
-        volume_io.save_json(out / CONFIG, settings, force=True)
+        write_run_config(out, OUTPUTS, settings, force)
         with stage("initialise", "initialise Gaussians"):
             rec = Track4DReconstruction(*args, config=config)
         resumed_from = None
 
-    total = rec.config.total_iterations
-    psnr_every = max(1, min(PSNR_EVERY, total // 10))
-    psnr: list[Optional[float]] = [None]  # of the first ground-truth phase, every psnr_every steps
-
-    def info(stats: dict) -> str:
-        if data.phases is not None and (rec.iteration % psnr_every == 0 or rec.iteration == total):
-            psnr[0] = metrics.psnr_3d(rec.volume_at(float(data.phase_times_s[0])), data.phases[0].to(dev))
-        return (f"{rec.stage}  loss {stats['loss']:.4f}  period {rec.period_s:.3f} s"
-                + (f"  PSNR {psnr[0]:.2f} dB" if psnr[0] is not None else ""))
-
     t0 = time.perf_counter()
-    stats = run_iterations(rec, total, out / CHECKPOINT, settings["checkpoint_every"], "track4d", info,
-                  "rgs track4d " + shlex.join([str(case), "--out", str(out), "--resume"]))
+    stats = run_iterations(
+        rec, rec.config.total_iterations, out / CHECKPOINT, settings["checkpoint_every"], "track4d",
+        lambda st: f"{rec.stage}  loss {st['loss']:.4f}  period {rec.period_s:.3f} s",
+        "rgs track4d " + shlex.join([str(case), "--out", str(out), "--resume"]),
+        psnr=None if data.phases is None else lambda: metrics.psnr_3d(
+            rec.volume_at(float(data.phase_times_s[0])), data.phases[0].to(dev)),
+        psnr_every=PSNR_EVERY)
     seconds["iterations"] = round(time.perf_counter() - t0, 3)
     with stage("metrics", "PSNR / SSIM per phase"):
         report, times, volumes = _evaluate(rec, data)

@@ -49,7 +49,7 @@ from rgs_engine.dsa_recon import DsaConfig, DsaReconstruction, vessel_surface
 from rgs_engine.projection_data import ProjectionData, load_projections
 
 from .common import (check_new_run, fmt, out_console, print_summary, require, resume_settings, run_iterations,
-                     stage_timer, start)
+                     stage_timer, start, write_run_config)
 
 MEAN, SERIES, SURFACE, GIF, METRICS, CONFIG, CHECKPOINT = (
     "vessels.nii.gz", "vessels_4d.nii.gz", "vessels.ply", "mip.gif",
@@ -253,10 +253,7 @@ def run_dsa(case: Path, out: Path, *, views: Optional[int], iterations: Optional
                  "--views", str(settings["views"]), "--iterations", str(config.iterations),
                  "--seed", str(config.seed), "--times", ",".join(f"{t:g}" for t in settings["times"]),
                  "--checkpoint-every", str(settings["checkpoint_every"])])})
-        if force:  # a fresh run replaces the old results: no stale checkpoint
-            for f in OUTPUTS:
-                (out / f).unlink(missing_ok=True)
-        volume_io.save_json(out / CONFIG, settings, force=True)
+        write_run_config(out, OUTPUTS, settings, force)
         with stage("initialise", "initialise Gaussians (FDK)"):
             torch.manual_seed(config.seed)
             rec = DsaReconstruction(train, config)
