@@ -2,8 +2,6 @@
 import importlib.util
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import h5py
@@ -17,7 +15,7 @@ from rgs_engine import iterative
 from rgs_engine.projection_data import ProjectionData, save_projections
 from rgs_engine.simulate import project_views
 from blob_phantom import blob_phantom as phantom
-from cli_helpers import assert_one_line_error as _assert_one_line_error, invoke
+from cli_helpers import assert_one_line_error as _assert_one_line_error, interrupt_at, invoke
 
 GRID = VolumeGrid.centred((24, 24, 24), 4.0)
 FINAL = ("volume.nii.gz", "slices.png", "metrics.json", "config.json")
@@ -213,24 +211,6 @@ def test_sart_on_arbitrary_poses(scans, tmp_path):
 # --------------------------------------------------------------------------------------
 # Ctrl-C and --resume
 # --------------------------------------------------------------------------------------
-def _interrupt_at(monkeypatch, cls, call: int, style: str) -> None:
-    """Make the ``call``-th ``cls.step`` be interrupted: a real SIGINT after the step
-    ("signal", as Ctrl-C arrives) or a KeyboardInterrupt raised before it ("raise")."""
-    original = cls.step
-    count = {"n": 0}
-
-    def step(self):
-        count["n"] += 1
-        if count["n"] == call and style == "raise":
-            raise KeyboardInterrupt
-        result = original(self)
-        if count["n"] == call and style == "signal":
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(cls, "step", step)
-
-
 @pytest.mark.parametrize("style, stopped_at", [("signal", 3), ("raise", 2)])
 def test_sart_resume_equals_an_uninterrupted_run(scans, tmp_path, monkeypatch, style, stopped_at):
     args = ["--views", 12, "--method", "sart", "--iterations", 6, "--checkpoint-every", 2]
@@ -239,7 +219,7 @@ def test_sart_resume_equals_an_uninterrupted_run(scans, tmp_path, monkeypatch, s
 
     part = tmp_path / "part"
     with monkeypatch.context() as m:
-        _interrupt_at(m, iterative.SART, 3, style)
+        interrupt_at(m, iterative.SART, 3, style)
         result = _invoke(scans["circle"], "--out", part, *args)
     assert result.exit_code == 130, result.output
     assert f"checkpoint at iteration {stopped_at}" in result.stderr and "--resume" in result.stderr
@@ -259,7 +239,7 @@ def test_sart_resume_equals_an_uninterrupted_run(scans, tmp_path, monkeypatch, s
 def test_resume_refusals(scans, tmp_path, monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        _interrupt_at(m, iterative.SART, 2, "signal")
+        interrupt_at(m, iterative.SART, 2, "signal")
         assert _invoke(scans["circle"], "--out", out, "--views", 12, "--method", "sart",
                        "--iterations", 5).exit_code == 130
     before = _snapshot(out)
@@ -316,7 +296,7 @@ def test_gs_resume_equals_an_uninterrupted_run(scans, tmp_path, monkeypatch, sca
     full, part = tmp_path / "full", tmp_path / "part"
     assert _invoke(scans[scan], "--out", full, *args).exit_code == 0
     with monkeypatch.context() as m:
-        _interrupt_at(m, GaussianReconstruction, 5, "signal")  # after densification at 4
+        interrupt_at(m, GaussianReconstruction, 5, "signal")  # after densification at 4
         result = _invoke(scans[scan], "--out", part, *args)
     assert result.exit_code == 130, result.output
     result = _invoke(scans[scan], "--out", part, "--resume")

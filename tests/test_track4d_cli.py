@@ -1,15 +1,13 @@
 """``rgs track4d`` (breathing) end to end on a small simulated breathing case, resume, errors."""
 import json
-import os
 import pickle
-import signal
 from pathlib import Path
 
 import nibabel as nib
 import pytest
 
 from chest_phantom import write_chest_nifti
-from cli_helpers import assert_one_line_error, invoke
+from cli_helpers import assert_one_line_error, interrupt_at, invoke
 from rgs_engine.track4d import Track4DReconstruction
 
 SHORT = ("--static-iterations", "20", "--iterations", "20", "--period-init", "3.5")
@@ -49,15 +47,7 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
 
 def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    step = Track4DReconstruction.step
-
-    def interrupted_step(self):  # Ctrl-C arrives during step 25: the run stops after it
-        if self.iteration == 24 and not getattr(self, "_stopped", False):
-            self._stopped = True
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self)
-
-    monkeypatch.setattr(Track4DReconstruction, "step", interrupted_step)
+    interrupt_at(monkeypatch, Track4DReconstruction, 25, "signal")  # Ctrl-C during step 25: the run stops after it
     result = invoke("track4d", case, "--out", out, *SHORT, "--deformation", "anchors")
     assert result.exit_code == 130, result.output
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()

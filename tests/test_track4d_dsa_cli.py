@@ -1,13 +1,11 @@
 """``rgs track4d --mode dsa`` end to end on a tiny simulated DSA run: outputs, resume, errors."""
 import json
-import os
-import signal
 from pathlib import Path
 
 import nibabel as nib
 import pytest
 
-from cli_helpers import assert_one_line_error, invoke
+from cli_helpers import assert_one_line_error, interrupt_at, invoke
 from rgs_engine.dsa_data import load_dsa
 from rgs_engine.dsa_recon import DsaReconstruction
 from rgs_engine.mesh import read_ply
@@ -68,15 +66,7 @@ def test_writes_volumes_surface_gif_and_metrics(case, tmp_path):
 
 def test_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    step = DsaReconstruction.step
-
-    def interrupted_step(self):  # Ctrl-C arrives during step 11: the run stops after it
-        if self.iteration == 10 and not getattr(self, "_stopped", False):
-            self._stopped = True
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self)
-
-    monkeypatch.setattr(DsaReconstruction, "step", interrupted_step)
+    interrupt_at(monkeypatch, DsaReconstruction, 11, "signal")  # Ctrl-C during step 11: the run stops after it
     result = invoke("track4d", case, "--out", out, *SHORT)
     assert result.exit_code == 130, result.output
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
