@@ -16,7 +16,7 @@ taken at its own time) while contrast flows into vessels that do not move. The m
   that ``w = 1`` where the sum is 0. ``T`` starts at 0, so the model starts as the static fit.
 
 Each step renders ``recipe.views_per_step`` training views, each splatted with its own
-density vector ``rho(t_view)`` (one bridge call per view), and minimises gs_recon's loss
+density vector ``rho(t_view)`` (one splat call for the batch), and minimises gs_recon's loss
 (``L1 + w_ssim (1 - SSIM)`` on normalised projections + ``w_tv`` TV3D of the base field) with
 Adam on the Gaussians (gs_recon's schedule) and on the field (``lr_field``, log-linear).
 Every ``prune_every`` steps, Gaussians whose peak attenuation over the run (``max_t
@@ -219,7 +219,6 @@ class DsaReconstruction:
         self.device = runtime.ensure()
         self.times = data.time.to(self.device)
         self.gs = GaussianReconstruction(data, self.config.recipe) if _initialise else None
-        self._views: dict[int, Geometry] = {}
         lo, hi = data.grid.bounds()
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
@@ -232,12 +231,6 @@ class DsaReconstruction:
     def iteration(self) -> int:
         return self.gs.iteration
 
-    def _view(self, index: int) -> Geometry:
-        """Training view ``index`` as a one-view geometry (cached with its kernel table)."""
-        if index not in self._views:
-            self._views[index] = self.data.geometry.subset([index])
-        return self._views[index]
-
     def _times(self, times) -> torch.Tensor:
         t = torch.as_tensor(times, dtype=torch.float64).reshape(-1)
         if t.numel() == 0 or not bool(torch.isfinite(t).all()):
@@ -248,11 +241,6 @@ class DsaReconstruction:
         """(B, N) attenuation (1/mm) of the Gaussians ``params`` (physical means, scales,
         quats, base densities) at ``times`` (B,)."""
         return params[3][None] * self.field(params[0], times)
-
-    def _splat(self, params: tuple[torch.Tensor, ...], densities: torch.Tensor,
-               views: list[Geometry]) -> torch.Tensor:
-        """(B, H, W): view ``b`` splatted with ``densities[b]``."""
-        return torch.cat([splat(*params[:3], densities[b], view) for b, view in enumerate(views)])
 
     # ---- training ------------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -266,8 +254,8 @@ class DsaReconstruction:
         idx = gs.view_batch()
         on_dev = idx.to(self.device)
         params = gs.gaussians.physical()
-        pred = self._splat(params, self.densities(params, self.times[on_dev]),
-                           [self._view(i) for i in idx.tolist()])
+        pred = splat(*params[:3], self.densities(params, self.times[on_dev]),
+                     self.data.geometry.subset(idx))
         loss = gs.image_loss(pred / gs.proj_scale, gs.target[on_dev]) + gs.tv_loss(params)
         gs.optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -317,8 +305,7 @@ class DsaReconstruction:
             raise RgsInputError(f"{geometry.num_views} views but {times.numel()} times: give one "
                                 "time per view")
         params = self.gs.physical()
-        return self._splat(params, self.densities(params, times),
-                           [geometry.subset([v]) for v in range(geometry.num_views)])
+        return splat(*params[:3], self.densities(params, times), geometry)
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -47,19 +47,24 @@ def inverse_covariance(scales: torch.Tensor, quats: torch.Tensor) -> torch.Tenso
     return m @ m.transpose(-1, -2)
 
 
-def check_params(means, scales, quats, densities) -> int:
+def check_params(means, scales, quats, densities, views: int | None = None) -> int:
     """Validate physical Gaussian parameters; return N.
 
+    With ``views`` (splatting), the geometry may instead be one set per view (``means`` and
+    ``scales`` (views, N, 3), ``quats`` (views, N, 4)) and so may the densities (views, N).
     Shapes, dtypes and devices are checked without touching the data; the value checks
     (finite, positive scales, non-zero quaternions) share one device-to-host transfer, so a
     training loop pays one sync per call, not six.
     """
     tensors = {"means": means, "scales": scales, "quats": quats, "densities": densities}
-    check_tensor("means", means, (None, 3), finite=False)
-    n = means.shape[0]
-    check_tensor("scales", scales, (n, 3), finite=False)
-    check_tensor("quats", quats, (n, 4), finite=False)
-    check_tensor("densities", densities, (n,), finite=False)
+    per_view = views is not None and isinstance(means, torch.Tensor) and means.dim() == 3
+    check_tensor("means", means, (views, None, 3) if per_view else (None, 3), finite=False)
+    n = means.shape[-2]
+    lead = (views, n) if per_view else (n,)
+    check_tensor("scales", scales, (*lead, 3), finite=False)
+    check_tensor("quats", quats, (*lead, 4), finite=False)
+    per_view_density = views is not None and isinstance(densities, torch.Tensor) and densities.dim() == 2
+    check_tensor("densities", densities, (views, n) if per_view_density else (n,), finite=False)
     dtypes = {t.dtype for t in tensors.values()}
     devices = {t.device for t in tensors.values()}
     if len(dtypes) != 1 or len(devices) != 1:
@@ -70,7 +75,7 @@ def check_params(means, scales, quats, densities) -> int:
         return n
     with torch.no_grad():
         flags = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]
-                            + [(scales <= 0).any(), (quats.norm(dim=1) == 0).any()]).cpu()
+                            + [(scales <= 0).any(), (quats.norm(dim=-1) == 0).any()]).cpu()
     for name, bad in zip(tensors, flags[:4].tolist()):
         if bad:
             raise RgsInputError(f"{name} contains NaN or Inf values: clean the input before calling")

@@ -6,6 +6,10 @@ through each pixel centre, computed by local-affine splatting with the integrati
 rectification (exact for parallel beams; see :mod:`rgs_engine.kernels.splat_projection`).
 Units: means and scales in mm, densities in 1/mm, projections unitless. All views are
 rendered by one launch of each kernel; gradients flow to all four parameter tensors.
+
+The views may also each see their own Gaussians: per-view geometry ``(V, N, k)`` (a
+deformation evaluated at each view's time) and/or per-view densities ``(V, N)`` (contrast
+that changes with time); the launch count and the single host sync stay the same.
 """
 from __future__ import annotations
 
@@ -33,15 +37,17 @@ class _Binning(NamedTuple):
     ranges: torch.Tensor
 
 
-def _bin(means, scales, quats, densities, table, geometry: Geometry, cutoff: float) -> _Binning:
+def _bin(means, scales, quats, densities, n: int, table, geometry: Geometry, cutoff: float) -> _Binning:
+    """Project and tile-bin ``n`` Gaussians per view; ``means``, ``scales``, ``quats``
+    (``n`` or ``V * n`` rows) and ``densities`` (``n`` or ``V * n``) in the kernels' layout."""
     num_v, (height, width) = geometry.num_views, geometry.det_shape
-    n = means.shape[0]
     params = kernel_output(num_v, n, NUM_PARAMS)
     counts = kernel_output(num_v, n, dtype=torch.int32)
     cone = geometry.mode == "cone"
     if n:
         splat_forward.project_gaussians(means, scales, quats, densities, table, params, counts,
-                                        cone, cutoff, width, height)
+                                        cone, cutoff, width, height,
+                                        n if means.shape[0] > n else 0, n if densities.shape[0] > n else 0)
     ends = torch.cumsum(counts.reshape(-1), 0, dtype=torch.int64)
     total = int(ends[-1]) if ends.numel() else 0  # the one host sync of a forward pass
     if total > MAX_PAIRS:
@@ -65,10 +71,12 @@ class SplatFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, scales, quats, densities, geometry: Geometry, cutoff: float):
         dev = runtime.ensure()
-        m, s, q, d = (kernel_input(name, t) for name, t in
-                      (("means", means), ("scales", scales), ("quats", quats), ("densities", densities)))
+        n = means.shape[-2]
+        m, s, q = (kernel_input(name, t).reshape(-1, t.shape[-1])  # per-view sets: V * N rows
+                   for name, t in (("means", means), ("scales", scales), ("quats", quats)))
+        d = kernel_input("densities", densities).reshape(-1)
         table = geometry.kernel_table(dev)
-        binning = _bin(m, s, q, d, table, geometry, cutoff)
+        binning = _bin(m, s, q, d, n, table, geometry, cutoff)
         height, width = geometry.det_shape
         image = kernel_output(geometry.num_views, height, width)
         if binning.keys.numel():
@@ -77,20 +85,22 @@ class SplatFunction(torch.autograd.Function):
         ctx.save_for_backward(m, s, q, d)
         ctx.binning, ctx.table, ctx.cone, ctx.cutoff = binning, table, geometry.mode == "cone", cutoff
         ctx.dtypes = (means.dtype, scales.dtype, quats.dtype, densities.dtype)
+        ctx.shapes = (means.shape, scales.shape, quats.shape, densities.shape)
         return image.to(means.dtype) if means.dtype != torch.float32 else image
 
     @staticmethod
     def backward(ctx, grad_image):
         m, s, q, d = ctx.saved_tensors
         b = ctx.binning
-        num_v, n = b.params.shape[0], m.shape[0]
+        num_v, n = b.params.shape[:2]
         grads = [torch.zeros_like(t) for t in (m, s, q, d)]
         if b.keys.numel():
             g2d = kernel_output(num_v, n, NUM_GRADS)
             splat_backward.pair_grads(b.params, b.keys, b.ids, as_float32(grad_image),
                                       g2d, ctx.cutoff * ctx.cutoff)
-            splat_backward.gaussian_grads(m, s, q, d, ctx.table, g2d, *grads, ctx.cone)
-        out = [g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+            splat_backward.gaussian_grads(m, s, q, d, ctx.table, g2d, *grads, ctx.cone,
+                                          m.shape[0] > n, d.shape[0] > n)
+        out = [g.reshape(shape).to(dt) for g, shape, dt in zip(grads, ctx.shapes, ctx.dtypes)]
         return (*out, None, None)
 
 
@@ -101,6 +111,8 @@ def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
     Args:
         means: (N, 3) centres, mm.  scales: (N, 3) standard deviations, mm, > 0.
         quats: (N, 4) rotations (w, x, y, z), any non-zero norm.  densities: (N,) 1/mm.
+            Per view instead: ``means``, ``scales``, ``quats`` together (V, N, 3 / 3 / 4),
+            and/or ``densities`` (V, N); view ``v`` then renders entry ``v``.
         geometry: the views (cone or parallel); detector ``(H, W)``.
         cutoff: footprint radius in standard deviations of the detector-plane Gaussian.
 
@@ -112,5 +124,5 @@ def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
         raise RgsInputError(f"geometry must be an rgs_engine.Geometry, got {type(geometry).__name__}")
     if not cutoff > 0:
         raise RgsInputError(f"cutoff must be positive (standard deviations), got {cutoff}")
-    check_params(means, scales, quats, densities)
+    check_params(means, scales, quats, densities, views=geometry.num_views)
     return SplatFunction.apply(means, scales, quats, densities, geometry, float(cutoff))

@@ -11,7 +11,8 @@ Two stages, one iteration counter:
    motion-blurred but well-placed set of canonical Gaussians.
 2. **deformation** (``iterations`` steps): each step takes a batch of ``recipe.views_per_step``
    views, deforms the canonical Gaussians to each view's time (one deformation call for the
-   batch), splats each view with its own deformed set and minimises
+   batch), splats each view with its own deformed set (one splat call for the batch) and
+   minimises
 
        L = L1 + w_ssim (1 - SSIM)                        (normalised projections, gs_recon's)
            + w_tv TV3D(canonical field)                   (gs_recon's)
@@ -185,7 +186,6 @@ class Track4DReconstruction:
         self.static = GaussianReconstruction(self.data, self.config.recipe) if _initialise else None
         self.model: Deformation | None = None
         self.optimizer: torch.optim.Adam | None = None
-        self._views: dict[int, Geometry] = {}
 
     # ---- the deformation model -----------------------------------------------------------
     def _build_model(self) -> None:
@@ -238,19 +238,13 @@ class Track4DReconstruction:
         return float(self.model.period.period_s.detach()) if self.model is not None else self.config.period_init_s
 
     # ---- rendering ---------------------------------------------------------------------
-    def _view(self, index: int) -> Geometry:
-        """Training view ``index`` as a one-view geometry (cached with its kernel table)."""
-        if index not in self._views:
-            self._views[index] = self.data.geometry.subset([index])
-        return self._views[index]
-
     def _splat(self, params: tuple[torch.Tensor, ...], times: torch.Tensor,
-               views: list[Geometry]) -> torch.Tensor:
-        """(B, H, W) line integrals: view ``b`` of the canonical Gaussians ``params``
-        (physical) deformed to ``times[b]`` seconds, one deformation call for the batch."""
+               views: Geometry) -> torch.Tensor:
+        """(B, H, W) line integrals: view ``b`` of ``views`` sees the canonical Gaussians
+        ``params`` (physical) deformed to ``times[b]`` seconds (one deformation call and one
+        splat call for the batch)."""
         deformed = self.model(*params[:3], times)
-        return torch.cat([splat(deformed.means[b], deformed.scales[b], deformed.quats[b],
-                                params[3], view) for b, view in enumerate(views)])
+        return splat(deformed.means, deformed.scales, deformed.quats, params[3], views)
 
     @contextlib.contextmanager
     def _evaluating(self):
@@ -272,8 +266,7 @@ class Track4DReconstruction:
         if self.model is None:
             return self.static.render(geometry)
         with self._evaluating():
-            return self._splat(self.static.gaussians.physical(), times,
-                               [geometry.subset([v]) for v in range(geometry.num_views)])
+            return self._splat(self.static.gaussians.physical(), times, geometry)
 
     def volume_at(self, t_seconds: float, grid: VolumeGrid | None = None) -> torch.Tensor:
         """(nx, ny, nz) attenuation (1/mm) at time ``t_seconds`` on ``grid`` (default the
@@ -313,7 +306,7 @@ class Track4DReconstruction:
         idx = static.view_batch()
         times = self.times[idx.to(self.device)]
         params = static.gaussians.physical()
-        pred = self._splat(params, times, [self._view(i) for i in idx.tolist()])
+        pred = self._splat(params, times, self.data.geometry.subset(idx))
         loss = static.image_loss(pred / static.proj_scale, static.target[idx.to(self.device)])
         loss = loss + static.tv_loss(params)
         if cfg.time_input == "time" and cfg.consistency_weight > 0:

@@ -47,7 +47,14 @@ def _detector_params(means, scales, quats, densities, geometry: Geometry):
 
 
 def splat(means, scales, quats, densities, geometry: Geometry, cutoff: float = 3.0) -> torch.Tensor:
-    """(V, H, W) local-affine splat of N Gaussians, float64, dense over all pixels."""
+    """(V, H, W) local-affine splat of N Gaussians, float64, dense over all pixels; per-view
+    geometry (V, N, k) and/or densities (V, N) render view by view."""
+    if means.dim() == 3 or densities.dim() == 2:
+        def pick(t, per_view_dim, v):
+            return t[v] if t.dim() == per_view_dim else t
+        return torch.cat([splat(pick(means, 3, v), pick(scales, 3, v), pick(quats, 3, v),
+                                pick(densities, 2, v), geometry.subset([v]), cutoff)
+                          for v in range(geometry.num_views)])
     means, scales, quats, densities = (t.to(torch.float64) for t in (means, scales, quats, densities))
     centre, cov_det, amp = _detector_params(means, scales, quats, densities, geometry)
     h, w = geometry.det_shape

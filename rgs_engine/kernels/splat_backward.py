@@ -6,12 +6,16 @@
    tile), so their upstream-gradient reads coincide; the atomics only meet where one
    footprint spans several tiles.
 2. :func:`gaussian_grads`, one thread per Gaussian: loops over the views and chains the 2D
-   gradients back to centre, scales, quaternion and density (no atomics).
+   gradients back to centre, scales, quaternion and density (no atomics): summed over the
+   views for parameters the views share, written per view for per-view ones.
 """
 import taichi as ti
 
 from .splat_projection import NUM_GRADS, load_gaussian, splat_params_vjp
 from .tiling import TILE, pixel_rect
+
+vec3 = ti.math.vec3
+vec4 = ti.math.vec4
 
 
 @ti.kernel
@@ -58,32 +62,53 @@ def pair_grads(params: ti.types.ndarray(ndim=3), keys: ti.types.ndarray(ndim=1),
             ti.atomic_add(grad_params[v, i, j], g[j])
 
 
+@ti.func
+def write_geometry_grads(g_means: ti.types.ndarray(), g_scales: ti.types.ndarray(),
+                         g_quats: ti.types.ndarray(), row: ti.i32, gp: vec3, gs: vec3, gq: vec4):
+    """Store one row of centre, scale and quaternion gradients."""
+    for j in ti.static(range(3)):
+        g_means[row, j] = gp[j]
+        g_scales[row, j] = gs[j]
+    for j in ti.static(range(4)):
+        g_quats[row, j] = gq[j]
+
+
 @ti.kernel
 def gaussian_grads(means: ti.types.ndarray(ndim=2), scales: ti.types.ndarray(ndim=2),
                    quats: ti.types.ndarray(ndim=2), densities: ti.types.ndarray(ndim=1),
                    table: ti.types.ndarray(ndim=2), grad_params: ti.types.ndarray(ndim=3),
                    g_means: ti.types.ndarray(ndim=2), g_scales: ti.types.ndarray(ndim=2),
                    g_quats: ti.types.ndarray(ndim=2), g_densities: ti.types.ndarray(ndim=1),
-                   cone: ti.template()):
-    """Chain ``grad_params`` (V, N, 6) to (N, 3), (N, 3), (N, 4), (N,) parameter gradients."""
-    for i in range(means.shape[0]):
-        p, s, q = load_gaussian(means, scales, quats, i)
-        rho = densities[i]
+                   cone: ti.template(), geometry_per_view: ti.template(),
+                   density_per_view: ti.template()):
+    """Chain ``grad_params`` (V, N, 6) to the gradients of ``means``, ``scales``, ``quats``
+    ((N, k), or (V * N, k) when ``geometry_per_view``) and ``densities`` ((N,), or (V * N,)
+    when ``density_per_view``); row layout as in :func:`.splat_forward.project_gaussians`."""
+    n = grad_params.shape[1]
+    for i in range(n):
         gp = ti.math.vec3(0.0)
         gs = ti.math.vec3(0.0)
         gq = ti.math.vec4(0.0)
         grho = 0.0
-        for v in range(table.shape[0]):
+        for v in range(grad_params.shape[0]):
+            row = v * n + i if ti.static(geometry_per_view) else i
+            drow = v * n + i if ti.static(density_per_view) else i
             g = ti.Vector([grad_params[v, i, j] for j in ti.static(range(NUM_GRADS))])
+            a, b, c, d = vec3(0.0), vec3(0.0), vec4(0.0), 0.0
             if g.norm_sqr() > 0:
-                a, b, c, d = splat_params_vjp(p, s, q, rho, table, v, cone, g)
+                p, s, q = load_gaussian(means, scales, quats, row)
+                a, b, c, d = splat_params_vjp(p, s, q, densities[drow], table, v, cone, g)
+            if ti.static(geometry_per_view):
+                write_geometry_grads(g_means, g_scales, g_quats, row, a, b, c)
+            else:
                 gp += a
                 gs += b
                 gq += c
+            if ti.static(density_per_view):
+                g_densities[drow] = d
+            else:
                 grho += d
-        for j in ti.static(range(3)):
-            g_means[i, j] = gp[j]
-            g_scales[i, j] = gs[j]
-        for j in ti.static(range(4)):
-            g_quats[i, j] = gq[j]
-        g_densities[i] = grho
+        if ti.static(not geometry_per_view):
+            write_geometry_grads(g_means, g_scales, g_quats, i, gp, gs, gq)
+        if ti.static(not density_per_view):
+            g_densities[i] = grho

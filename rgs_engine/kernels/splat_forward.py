@@ -1,7 +1,10 @@
 """Forward X-ray splatting kernels: per-(view, Gaussian) projection, then per-pixel sums.
 
 1. :func:`project_gaussians` (one thread per view x Gaussian) computes the 8 splat parameters
-   of :mod:`.splat_projection` and how many tiles each footprint overlaps.
+   of :mod:`.splat_projection` and how many tiles each footprint overlaps. The geometry
+   (centres, scales, rotations) and the densities are each either shared by all views or
+   given per view (rows ``v * N .. v * N + N - 1`` for view ``v``): a deforming or
+   time-varying set of Gaussians renders all its views in one launch.
 2. Binning (:mod:`.tiling`) lists the Gaussians of every tile.
 3. :func:`render` (GPU: one thread per pixel, a thread block per 16x16 tile so a warp walks
    one tile's list together) sums ``amp exp(-q / 2)`` over its tile's Gaussians with
@@ -21,11 +24,16 @@ def project_gaussians(means: ti.types.ndarray(ndim=2), scales: ti.types.ndarray(
                       quats: ti.types.ndarray(ndim=2), densities: ti.types.ndarray(ndim=1),
                       table: ti.types.ndarray(ndim=2), params: ti.types.ndarray(ndim=3),
                       counts: ti.types.ndarray(ndim=2), cone: ti.template(), cutoff: ti.f32,
-                      width: ti.i32, height: ti.i32):
-    """``params`` (V, N, 8) and tile ``counts`` (V, N) for every view and Gaussian."""
-    for v, i in ti.ndrange(table.shape[0], means.shape[0]):
-        p, s, q = load_gaussian(means, scales, quats, i)
-        out = splat_params(p, s, q, densities[i], table, v, cone, cutoff)
+                      width: ti.i32, height: ti.i32, geometry_stride: ti.i32, density_stride: ti.i32):
+    """``params`` (V, N, 8) and tile ``counts`` (V, N) for every view and Gaussian.
+
+    Gaussian ``i`` of view ``v`` is row ``v * geometry_stride + i`` of ``means``, ``scales``
+    and ``quats`` and entry ``v * density_stride + i`` of ``densities`` (stride 0: shared by
+    all views, N: one set per view).
+    """
+    for v, i in ti.ndrange(counts.shape[0], counts.shape[1]):
+        p, s, q = load_gaussian(means, scales, quats, v * geometry_stride + i)
+        out = splat_params(p, s, q, densities[v * density_stride + i], table, v, cone, cutoff)
         for k in ti.static(range(NUM_PARAMS)):
             params[v, i, k] = out[k]
         counts[v, i] = tile_count(out[0], out[1], out[6], out[7], out[5], width, height)
