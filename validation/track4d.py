@@ -27,7 +27,7 @@ needs matplotlib).
 Usage::
 
     python datasets/fetch_ct.py                      # once
-    python validation/track4d.py --case regular      # GPU: about 7 minutes per case
+    python validation/track4d.py --case regular      # GPU: about 6 minutes per case
     python validation/track4d.py --case irregular
     python validation/track4d.py --report            # anywhere: markdown + picture
 
@@ -382,7 +382,7 @@ def main(argv=None) -> int:
         console.print(f"[red]{CT} is missing: run python datasets/fetch_ct.py[/red]")
         return 2
     run_case(args, args.case)
-    console.print(f"wrote {results_path(args.out_dir, args.case)}")
+    console.print(f"wrote {results_path(args.out_dir, case_key(args.case, args.noise))}")
     return 0
 
 
