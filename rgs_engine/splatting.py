@@ -37,17 +37,18 @@ class _Binning(NamedTuple):
     ranges: torch.Tensor
 
 
-def _bin(means, scales, quats, densities, n: int, table, geometry: Geometry, cutoff: float) -> _Binning:
-    """Project and tile-bin ``n`` Gaussians per view; ``means``, ``scales``, ``quats``
-    (``n`` or ``V * n`` rows) and ``densities`` (``n`` or ``V * n``) in the kernels' layout."""
+def _bin(means, scales, quats, densities, n: int, per_view: tuple[bool, bool], table,
+         geometry: Geometry, cutoff: float) -> _Binning:
+    """Project and tile-bin ``n`` Gaussians per view. ``means``, ``scales``, ``quats`` have
+    ``n`` rows, or ``V * n`` when ``per_view[0]``; ``densities`` ``n``, or ``V * n`` when
+    ``per_view[1]`` (view ``v``'s set starts at row ``v * n``)."""
     num_v, (height, width) = geometry.num_views, geometry.det_shape
     params = kernel_output(num_v, n, NUM_PARAMS)
     counts = kernel_output(num_v, n, dtype=torch.int32)
     cone = geometry.mode == "cone"
     if n:
         splat_forward.project_gaussians(means, scales, quats, densities, table, params, counts,
-                                        cone, cutoff, width, height,
-                                        n if means.shape[0] > n else 0, n if densities.shape[0] > n else 0)
+                                        cone, cutoff, width, height, n * per_view[0], n * per_view[1])
     ends = torch.cumsum(counts.reshape(-1), 0, dtype=torch.int64)
     total = int(ends[-1]) if ends.numel() else 0  # the one host sync of a forward pass
     if total > MAX_PAIRS:
@@ -71,12 +72,12 @@ class SplatFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, scales, quats, densities, geometry: Geometry, cutoff: float):
         dev = runtime.ensure()
-        n = means.shape[-2]
+        n, per_view = means.shape[-2], (means.dim() == 3, densities.dim() == 2)
         m, s, q = (kernel_input(name, t).reshape(-1, t.shape[-1])  # per-view sets: V * N rows
                    for name, t in (("means", means), ("scales", scales), ("quats", quats)))
         d = kernel_input("densities", densities).reshape(-1)
         table = geometry.kernel_table(dev)
-        binning = _bin(m, s, q, d, n, table, geometry, cutoff)
+        binning = _bin(m, s, q, d, n, per_view, table, geometry, cutoff)
         height, width = geometry.det_shape
         image = kernel_output(geometry.num_views, height, width)
         if binning.keys.numel():
@@ -84,6 +85,7 @@ class SplatFunction(torch.autograd.Function):
             render(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
         ctx.save_for_backward(m, s, q, d)
         ctx.binning, ctx.table, ctx.cone, ctx.cutoff = binning, table, geometry.mode == "cone", cutoff
+        ctx.per_view = per_view
         ctx.dtypes = (means.dtype, scales.dtype, quats.dtype, densities.dtype)
         ctx.shapes = (means.shape, scales.shape, quats.shape, densities.shape)
         return image.to(means.dtype) if means.dtype != torch.float32 else image
@@ -98,8 +100,7 @@ class SplatFunction(torch.autograd.Function):
             g2d = kernel_output(num_v, n, NUM_GRADS)
             splat_backward.pair_grads(b.params, b.keys, b.ids, as_float32(grad_image),
                                       g2d, ctx.cutoff * ctx.cutoff)
-            splat_backward.gaussian_grads(m, s, q, d, ctx.table, g2d, *grads, ctx.cone,
-                                          m.shape[0] > n, d.shape[0] > n)
+            splat_backward.gaussian_grads(m, s, q, d, ctx.table, g2d, *grads, ctx.cone, *ctx.per_view)
         out = [g.reshape(shape).to(dt) for g, shape, dt in zip(grads, ctx.shapes, ctx.dtypes)]
         return (*out, None, None)
 

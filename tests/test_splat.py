@@ -213,7 +213,7 @@ def test_pixel_and_tile_render_kernels_agree(device):
     from rgs_engine.kernels import splat_forward
     geo = GEOMETRIES["cone-tilted"]()
     params = [t.float() for t in random_gaussians(40, device)]
-    b = splatting._bin(*params, 40, geo.kernel_table(device), geo, 3.0)
+    b = splatting._bin(*params, 40, (False, False), geo.kernel_table(device), geo, 3.0)
     images = []
     for render in (splat_forward.render, splat_forward.render_tiles):
         img = torch.zeros(geo.num_views, *geo.det_shape, device=device)
