@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rgs_engine import RgsInputError, VolumeGrid, metrics, vessels
-from rgs_engine.dsa_recon import DsaConfig, DsaReconstruction, robust_max, vessel_surface
+from rgs_engine.dsa_recon import ContrastField, DsaConfig, DsaReconstruction, robust_max, vessel_surface
 from rgs_engine.gs_recon import GaussianReconstruction, GSConfig
 from rgs_engine.projection_data import ProjectionData
 from rgs_engine.splatting import splat
@@ -182,9 +182,27 @@ def test_bad_input_and_config(train):
     assert DsaConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(RgsInputError, match="unknown DSA recipe keys"):
         DsaConfig.from_dict({"iterations": 3, "period": 2})
-    for bad in ({"rank": 0}, {"time_cells": 1}, {"prune_fraction": -1.0}, {"lr_field": (1e-2, 0.0)}):
+    for bad in ({"rank": 0}, {"time_cells": 1}, {"prune_fraction": -1.0}, {"lr_field": (1e-2, 0.0)},
+                {"time_smoothness_weight": -1.0}):
         with pytest.raises(RgsInputError):
             DsaConfig(**bad)
+
+
+def test_time_roughness_penalises_curvature_only(train):
+    """Zero for time factors linear in time, the summed squared second differences otherwise;
+    with a large weight the trained factors stay nearly linear."""
+    field = ContrastField((-10, -10, -10), (10, 10, 10), (0.0, 4.0), 4, 6, 2)
+    with torch.no_grad():
+        field.time.copy_(torch.linspace(-1, 1, 6).expand(1, 2, 1, 6) * torch.tensor([1.0, -3.0])[None, :, None, None])
+    assert float(field.time_roughness()) == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        field.time[0, 0, 0, 2] += 0.5  # one bump: second differences 0.5, -1, 0.5 in factor 0
+    assert float(field.time_roughness()) == pytest.approx((0.25 + 1 + 0.25) / 2)
+    rough, smooth = (DsaReconstruction(train, config(30, time_smoothness_weight=w)) for w in (0.0, 1e4))
+    for rec in (rough, smooth):
+        for _ in range(30):
+            rec.step()
+    assert float(smooth.field.time_roughness()) < 0.01 * float(rough.field.time_roughness())
 
 
 def test_vessel_surface_rule_needs_no_truth():
