@@ -91,7 +91,7 @@ committed results are without it); pass ``time_smoothness_weight=10`` to use it 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ from torch import nn
 from . import losses, runtime
 from .errors import RgsInputError
 from .geometry import Geometry, VolumeGrid
-from .gs_recon import GaussianReconstruction, GSConfig, load_state, save_state, to_cpu
+from .gs_recon import GaussianReconstruction, GSConfig, Recipe, load_state, save_state, to_cpu
 from .mesh import marching_tetrahedra
 from .projection_data import ProjectionData
 from .splatting import splat
@@ -118,7 +118,7 @@ def _dsa_recipe() -> GSConfig:
 
 
 @dataclass
-class DsaConfig:
+class DsaConfig(Recipe):
     """The DSA recipe. Learning rates are ``(start, end)`` per step, decaying log-linearly.
 
     * ``iterations``, ``seed``: copied into ``recipe`` (which also holds the batch size
@@ -129,6 +129,8 @@ class DsaConfig:
     * pruning every ``prune_every`` steps (0: never) of Gaussians whose peak attenuation over
       ``prune_times`` times is below ``prune_fraction`` x the reference attenuation.
     """
+
+    NAME = "DSA"
 
     iterations: int = 3000
     seed: int = 0
@@ -151,20 +153,10 @@ class DsaConfig:
                                 "time_smoothness_weight >= 0")
         if min(self.space_cells, self.time_cells, self.prune_times) < 2 or self.rank < 1:
             raise RgsInputError("need space_cells, time_cells and prune_times >= 2 and rank >= 1")
-        self.lr_field = tuple(float(x) for x in self.lr_field)
+        self._rates_as_floats()
         if len(self.lr_field) != 2 or not min(self.lr_field) > 0:
             raise RgsInputError(f"lr_field must be two positive rates (start, end), got {self.lr_field}")
         self.recipe = replace(self.recipe, iterations=self.iterations, seed=self.seed)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DsaConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise RgsInputError(f"unknown DSA recipe keys {sorted(unknown)}: check config.json")
-        return cls(**d)
 
 
 class ContrastField(nn.Module):

@@ -48,9 +48,33 @@ from .volume_io import atomic_write
 from .voxelization import voxelize
 
 
+class Recipe:
+    """What the recipe dataclasses share: learning rates ``lr_*`` stored as float tuples, and
+    ``to_dict`` / ``from_dict`` (config.json) that reject unknown keys (``NAME`` labels them)."""
+
+    NAME = "recipe"
+
+    def _rates_as_floats(self) -> None:
+        for f in fields(self):
+            if f.name.startswith("lr_"):
+                object.__setattr__(self, f.name, tuple(float(x) for x in getattr(self, f.name)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise RgsInputError(f"unknown {cls.NAME} recipe keys {sorted(unknown)}: check config.json")
+        return cls(**d)
+
+
 @dataclass
-class GSConfig:
+class GSConfig(Recipe):
     """The Gaussian recipe. Lengths are fractions of the volume box unless stated."""
+
+    NAME = "Gaussian"
 
     iterations: int = 3000
     init: str = "auto"                 # auto | fdk | random
@@ -84,25 +108,12 @@ class GSConfig:
             raise RgsInputError("need iterations, num_init and max_gaussians >= 0")
         if self.num_init and self.max_gaussians and self.max_gaussians < self.num_init:
             raise RgsInputError("need num_init <= max_gaussians")
-        for f in fields(self):
-            if f.name.startswith("lr_"):
-                object.__setattr__(self, f.name, tuple(float(x) for x in getattr(self, f.name)))
+        self._rates_as_floats()
 
     def resolved(self, voxels: int) -> "GSConfig":
         """A copy with the automatic sizes filled in for a grid of ``voxels`` voxels."""
         n = self.num_init or int(min(max(voxels // 20, 10_000), 50_000))
         return GSConfig(**{**asdict(self), "num_init": n, "max_gaussians": self.max_gaussians or 6 * n})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GSConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise RgsInputError(f"unknown Gaussian recipe keys {sorted(unknown)}: check config.json")
-        return cls(**d)
 
 
 class GaussianReconstruction:

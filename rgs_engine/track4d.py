@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,7 +61,7 @@ from . import losses, runtime
 from .deformation import TIME_INPUTS, AnchorDeformation, Deformation, KPlanesField, periodic_consistency
 from .errors import RgsInputError
 from .geometry import Geometry, VolumeGrid
-from .gs_recon import GaussianReconstruction, GSConfig, load_state, save_state, to_cpu
+from .gs_recon import GaussianReconstruction, GSConfig, Recipe, load_state, save_state, to_cpu
 from .projection_data import ProjectionData
 from .splatting import splat
 from .voxelization import voxelize
@@ -75,7 +75,7 @@ def _static_recipe() -> GSConfig:
 
 
 @dataclass
-class Track4DConfig:
+class Track4DConfig(Recipe):
     """The 4D recipe. Learning rates are ``(start, end)`` per step, decaying log-linearly.
 
     * ``deformation``: ``kplanes`` or ``anchors``; ``time_input``: ``time`` (normalised scan
@@ -102,6 +102,8 @@ class Track4DConfig:
     * ``recipe``: the static stage's :class:`~rgs_engine.gs_recon.GSConfig` (its seed seeds
       everything).
     """
+
+    NAME = "4D"
 
     deformation: str = "kplanes"
     time_input: str = "time"
@@ -144,24 +146,12 @@ class Track4DConfig:
             raise RgsInputError("loss weights, consistency_points and the canonical learning-rate "
                                 "factor must be >= 0, period_start in [0, 1]")
         self.kplanes_multires = tuple(int(m) for m in self.kplanes_multires)
-        for f in fields(self):
-            if f.name.startswith("lr_"):
-                setattr(self, f.name, tuple(float(x) for x in getattr(self, f.name)))
+        self._rates_as_floats()
 
     @property
     def total_iterations(self) -> int:
         """Both stages' steps."""
         return self.recipe.iterations + self.iterations
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Track4DConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise RgsInputError(f"unknown 4D recipe keys {sorted(unknown)}: check config.json")
-        return cls(**d)
 
 
 class Track4DReconstruction:
