@@ -284,3 +284,13 @@ def check_new_run(out, outputs, force: bool) -> None:
         raise RgsInputError(f"{out / 'config.json'} exists: a run is already in {out}; pass --resume "
                             "to continue it or --force to start over")
     volume_io.check_writable([out / f for f in outputs], force)
+
+
+def write_metrics(path, report: dict, dev: torch.device, t_start: float, seconds: dict,
+                  settings: dict) -> None:
+    """Finish ``report`` with what every run reports (``device``, total ``seconds`` since
+    ``t_start`` (perf_counter), ``seconds_by_stage``, the input's ``data`` record from
+    ``settings``) and write it to ``path`` (metrics.json)."""
+    report.update({"device": runtime.describe(dev), "seconds": round(time.perf_counter() - t_start, 3),
+                   "seconds_by_stage": seconds, "data": settings["data"]})
+    volume_io.save_json(path, report, force=True)

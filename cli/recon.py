@@ -41,7 +41,7 @@ from rgs_engine.projection_data import ProjectionData, describe, load_projection
 
 from .common import (DeviceOption, FilterChoice, Interrupt, app, fmt, handle_errors, interrupted_exit,
                      iteration_progress, out_console, print_summary, require, run_iterations,
-                     stage_timer, start, write_run_config)
+                     stage_timer, start, write_metrics, write_run_config)
 
 VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS = (
     "volume.nii.gz", "slices.png", "metrics.json", "config.json", "checkpoint.pt", "gaussians.npz")
@@ -452,10 +452,7 @@ def recon(
         panels = ({"ground truth": truth} if truth is not None else {}) | {LABELS[name]: volume}
         imaging.slices_png(out / SLICES, panels, data.grid, force=True)
     report.update(extra)
-    report.update({"device": runtime.describe(dev),
-                   "seconds": round(time.perf_counter() - t_start, 3),
-                   "seconds_by_stage": stage_seconds, "data": settings["data"]})
-    volume_io.save_json(out / METRICS, report, force=True)
+    write_metrics(out / METRICS, report, dev, t_start, stage_seconds, settings)
 
     out_console.print(f"recon of {data_path}: {describe(data)}; method {name}, {runtime.describe(dev)}",
                       highlight=False)

@@ -33,7 +33,7 @@ import torch
 import typer
 
 import rgs_engine
-from rgs_engine import data4d, imaging, metrics, runtime, volume_io
+from rgs_engine import data4d, imaging, metrics, volume_io
 from rgs_engine.data4d import Projection4D
 from rgs_engine.errors import RgsInputError
 from rgs_engine.gs_recon import GSConfig
@@ -42,7 +42,7 @@ from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
 
 from .common import (DeviceOption, app, check_new_run, fmt, handle_errors, out_console, print_summary,
                      require, resume_settings, run_iterations, stage_timer, start,
-                     write_run_config)
+                     write_metrics, write_run_config)
 
 PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
     "phases.nii.gz", "phases.gif", "metrics.json", "config.json", "checkpoint.pt")
@@ -215,10 +215,8 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
     report.update({"mode": "breathing", "deformation": config.deformation, "views": data.num_views,
                    "scan_seconds": data.scan_seconds, "conventions": data.conventions,
                    "iterations": rec.iteration, "num_gaussians": len(rec.static.gaussians),
-                   "final_loss": stats["loss"], "resumed_from": resumed_from,
-                   "device": runtime.describe(dev), "seconds": round(time.perf_counter() - t_start, 3),
-                   "seconds_by_stage": seconds, "data": settings["data"]})
-    volume_io.save_json(out / METRICS, report, force=True)
+                   "final_loss": stats["loss"], "resumed_from": resumed_from})
+    write_metrics(out / METRICS, report, dev, t_start, seconds, settings)
     _summary(report, case, out)
 
 

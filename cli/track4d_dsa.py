@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 
 import rgs_engine
-from rgs_engine import dsa_data, imaging, mesh, metrics, runtime, volume_io
+from rgs_engine import dsa_data, imaging, mesh, metrics, volume_io
 from rgs_engine.dsa_recon import DsaConfig, DsaReconstruction, vessel_surface
 from rgs_engine.projection_data import ProjectionData, load_projections
 
 from .common import (check_new_run, fmt, out_console, print_summary, require, resume_settings, run_iterations,
-                     stage_timer, start, write_run_config)
+                     stage_timer, start, write_metrics, write_run_config)
 
 MEAN, SERIES, SURFACE, GIF, METRICS, CONFIG, CHECKPOINT = (
     "vessels.nii.gz", "vessels_4d.nii.gz", "vessels.ply", "mip.gif",
@@ -276,8 +276,6 @@ def run_dsa(case: Path, out: Path, *, views: Optional[int], iterations: Optional
                    "times": settings["times"], "time_unit": settings["time_unit"],
                    "surface_level": level, "surface_vertices": len(vertices),
                    "iterations": rec.iteration, "num_gaussians": len(rec.gs.gaussians),
-                   "final_loss": stats["loss"], "resumed_from": resumed_from,
-                   "device": runtime.describe(dev), "seconds": round(time.perf_counter() - t_start, 3),
-                   "seconds_by_stage": seconds, "data": settings["data"]})
-    volume_io.save_json(out / METRICS, report, force=True)
+                   "final_loss": stats["loss"], "resumed_from": resumed_from})
+    write_metrics(out / METRICS, report, dev, t_start, seconds, settings)
     _summary(report, case, out)
