@@ -247,6 +247,10 @@ def track4d(
     times: Annotated[Optional[str], typer.Option(
         help="dsa: comma-separated times (s) at which to write volumes. [default: 5 frames "
              "spread over the run]")] = None,
+    time_smoothness: Annotated[Optional[float], typer.Option(
+        "--time-smoothness", help=f"dsa: weight of the contrast field's temporal roughness in "
+                                  f"the loss (0: none). "
+                                  f"[default: {DsaConfig().time_smoothness_weight:g}]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         "--checkpoint-every", help=f"Iterations between checkpoints. [default: "
@@ -272,6 +276,8 @@ def track4d(
                 f"{option} {value}: use at least 1")
     require(period_init is None or (math.isfinite(period_init) and period_init > 0),
             f"--period-init {period_init}: give a positive period in seconds")
+    require(time_smoothness is None or (math.isfinite(time_smoothness) and time_smoothness >= 0),
+            f"--time-smoothness {time_smoothness}: give a weight >= 0")
     require(case.exists(), f"{case} not found: pass the case to reconstruct")
     if mode is ModeChoice.dsa:
         for option, value in {"--deformation": deformation, "--static-iterations": static_iterations,
@@ -279,9 +285,10 @@ def track4d(
             require(value is None, f"{option} does not apply to --mode dsa: drop it")
         from .track4d_dsa import run_dsa
         run_dsa(case, out, views=views, iterations=iterations, seed=seed,
-                times=None if times is None else _parse_times(times), resume=resume, force=force,
+                time_smoothness=time_smoothness, times=None if times is None else _parse_times(times), resume=resume, force=force,
                 checkpoint_every=checkpoint_every, device=device)
         return
+    require(time_smoothness is None, "--time-smoothness applies to --mode dsa only: drop it")
     for option, value in {"--views": views, "--times": times}.items():
         require(value is None, f"{option} does not apply to --mode breathing: the whole scan is "
                                "used and phases.nii.gz holds the phase times; drop it")

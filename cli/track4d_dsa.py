@@ -114,7 +114,7 @@ def _known(s: dict) -> dict[str, Any]:
     """The options of the run whose config.json is ``s``."""
     config = DsaConfig.from_dict(s["config"])
     return {"--views": s["views"], "--iterations": config.iterations, "--seed": config.seed,
-            "--times": s["times"], "--checkpoint-every": s["checkpoint_every"]}
+            "--time-smoothness": config.time_smoothness_weight, "--times": s["times"], "--checkpoint-every": s["checkpoint_every"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -202,14 +202,15 @@ def _write_outputs(rec: DsaReconstruction, data: ProjectionData, mean: torch.Ten
 # rgs track4d --mode dsa
 # --------------------------------------------------------------------------------------
 def run_dsa(case: Path, out: Path, *, views: Optional[int], iterations: Optional[int],
-            seed: Optional[int], times: Optional[list[float]], resume: bool, force: bool,
-            checkpoint_every: Optional[int], device) -> None:
+            seed: Optional[int], time_smoothness: Optional[float], times: Optional[list[float]],
+            resume: bool, force: bool, checkpoint_every: Optional[int], device) -> None:
     """``rgs track4d CASE --out OUT --mode dsa``: see the module. ``None`` options take their
-    defaults (views 30, the recipe's iterations, seed 0, 5 times over the run, a checkpoint
-    every 500 iterations); on ``resume`` the options given must match the run's."""
+    defaults (views 30, the recipe's iterations, seed 0 and time-smoothness weight, 5 times
+    over the run, a checkpoint every 500 iterations); on ``resume`` the options given must match the run's."""
     t_start = time.perf_counter()
     if resume:
-        given = {"--views": views, "--iterations": iterations, "--seed": seed, "--times": times,
+        given = {"--views": views, "--iterations": iterations, "--seed": seed,
+                 "--time-smoothness": time_smoothness, "--times": times,
                  "--checkpoint-every": checkpoint_every}
         settings = resume_settings(out, case, "dsa", _known, given)
         require((out / CHECKPOINT).is_file(), f"{out / CHECKPOINT} not found: the run stopped before "
@@ -219,7 +220,9 @@ def run_dsa(case: Path, out: Path, *, views: Optional[int], iterations: Optional
         check_new_run(out, OUTPUTS, force)
         base = DsaConfig()
         config = DsaConfig(**{**base.to_dict(), "seed": 0 if seed is None else seed,
-                              **({} if iterations is None else {"iterations": iterations})})
+                              **({} if iterations is None else {"iterations": iterations}),
+                              **({} if time_smoothness is None
+                                 else {"time_smoothness_weight": time_smoothness})})
         settings = {"mode": "dsa", "data": str(case.resolve()),
                     "views": DEFAULT_VIEWS if views is None else views, "config": config.to_dict(),
                     "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}

@@ -41,12 +41,12 @@ def config(iterations, **kw):
 def test_beats_a_static_fit_in_3d_and_on_held_out_frames(run, data, train):
     held = sorted(set(range(data.num_views)) - set(data.view_indices(TRAIN).tolist()))
     frames = {k: v for k, v in run.truth.frame_volumes.items() if float(v.max()) > 0}
-    static = GaussianReconstruction(train, GSConfig(iterations=100, **SMALL))
-    dsa = DsaReconstruction(train, config(100))
-    for _ in range(100):
+    static = GaussianReconstruction(train, GSConfig(iterations=300, **SMALL))
+    dsa = DsaReconstruction(train, config(300))  # the default time smoothness needs ~300 steps
+    for _ in range(300):
         static.step()
         out = dsa.step()
-    assert out["gaussians"] == len(dsa.gs.gaussians) and dsa.iteration == 100
+    assert out["gaussians"] == len(dsa.gs.gaussians) and dsa.iteration == 300
     dev = dsa.device
     volume = static.volume()
     psnr_static = np.mean([metrics.psnr_3d(volume, v.to(dev)) for v in frames.values()])
@@ -55,7 +55,7 @@ def test_beats_a_static_fit_in_3d_and_on_held_out_frames(run, data, train):
     target = data.projections[held].to(dev)
     held_static = metrics.psnr_2d(static.render(data.geometry.subset(held)), target)
     held_dsa = metrics.psnr_2d(dsa.render(data.geometry.subset(held), data.time[held]), target)
-    # measured on CPU: 3D 35.3 vs 32.6 dB, held-out 2D 47.2 vs 37.4 dB
+    # measured on CPU: 3D 35.8 vs 32.2 dB, held-out 2D 47.8 vs 39.0 dB
     assert psnr_dsa > psnr_static + 1.5, (psnr_dsa, psnr_static)
     assert held_dsa > held_static + 5.0, (held_dsa, held_static)
     # the mean volume over the run's times is the time-averaged truth's estimate
@@ -75,7 +75,7 @@ def test_field_gradient_matches_finite_differences(train):
     gen = torch.Generator().manual_seed(1)
     weights = torch.rand(3, *train.geometry.det_shape, generator=gen).to(rec.device)
     with torch.no_grad():
-        rec.field.time.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+        rec.field.time.copy_(0.5 * torch.randn(rec.field.time.shape, generator=torch.Generator().manual_seed(2)))
 
     def loss() -> torch.Tensor:
         return (weights * splat(*params[:3], rec.densities(params, times), views)).sum()

@@ -64,6 +64,8 @@ def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
                           "not found")
     assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--views", "30"),
                           "--views does not apply to --mode breathing")
+    assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--time-smoothness", "1"),
+                          "--time-smoothness applies to --mode dsa only")
     assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--period-init", "-1"),
                           "--period-init -1.0: give a positive period")
     assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--resume"),

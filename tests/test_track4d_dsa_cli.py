@@ -7,7 +7,7 @@ import pytest
 
 from cli_helpers import assert_one_line_error, interrupt_at, invoke
 from rgs_engine.dsa_data import load_dsa
-from rgs_engine.dsa_recon import DsaReconstruction
+from rgs_engine.dsa_recon import DsaConfig, DsaReconstruction
 from rgs_engine.mesh import read_ply
 from rgs_engine.projection_data import ProjectionData, save_projections
 
@@ -53,6 +53,7 @@ def test_writes_volumes_surface_gif_and_metrics(case, tmp_path):
     assert m["device"].startswith(("cpu", "cuda"))
     config = json.loads((out / "config.json").read_text())
     assert "--mode dsa" in config["command"] and "--views 12" in config["command"]
+    assert config["config"]["time_smoothness_weight"] == DsaConfig().time_smoothness_weight
     assert config["view_indices"] == [2 * k for k in range(12)]
     # outputs are kept unless --force
     assert_one_line_error(invoke("track4d", case, "--out", out, *SHORT),
@@ -67,15 +68,18 @@ def test_writes_volumes_surface_gif_and_metrics(case, tmp_path):
 def test_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, DsaReconstruction, 11, "signal")  # Ctrl-C during step 11: the run stops after it
-    result = invoke("track4d", case, "--out", out, *SHORT)
+    result = invoke("track4d", case, "--out", out, *SHORT, "--time-smoothness", "2.5")
     assert result.exit_code == 130, result.output
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
     assert_one_line_error(invoke("track4d", case, "--out", out, "--mode", "dsa", "--resume", "--views", "8"),
                           "--views 8 differs from the run")
+    assert_one_line_error(invoke("track4d", case, "--out", out, "--mode", "dsa", "--resume",
+                                 "--time-smoothness", "10"), "--time-smoothness 10.0 differs from the run")
     result = invoke("track4d", case, "--out", out, "--mode", "dsa", "--resume")
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["resumed_from"] == 11 and m["iterations"] == 30
+    assert json.loads((out / "config.json").read_text())["config"]["time_smoothness_weight"] == 2.5
 
 
 def test_h5_with_time(case, tmp_path):
@@ -96,6 +100,8 @@ def test_bad_input_is_one_line_errors(case, tmp_path):
                        ((case, "--out", out, "--mode", "dsa", "--views", "25"), "the run has only 24 frames"),
                        ((case, "--out", out, "--mode", "dsa", "--views", "12", "--times", "1,9"),
                         "--times 9 outside the run"),
+                       ((case, "--out", out, "--mode", "dsa", "--time-smoothness", "-1"),
+                        "--time-smoothness -1.0: give a weight >= 0"),
                        ((tmp_path, "--out", out, "--mode", "dsa"), "transforms.json: missing"),
                        ((case, "--out", out, "--mode", "dsa", "--resume"), "there is no run to resume")):
         assert_one_line_error(invoke("track4d", *args), text)
