@@ -50,7 +50,9 @@ def mean_psnr(volume_at, grid, device):
 
 @pytest.mark.parametrize("deformation", ["kplanes", "anchors"])
 def test_learns_the_period_and_beats_a_static_fit(case, device, deformation):
-    rec = Track4DReconstruction(*case, config(deformation, 100, 200))
+    # K-planes with 6 time cells per initial period (not 12): over 11 runs of this toy the
+    # gain was 2.8-4.5 dB; with 12 it was 1.0-4.7 dB (float atomics make each run differ)
+    rec = Track4DReconstruction(*case, config(deformation, 100, 200, kplanes_time_cells=6))
     for _ in range(100):
         rec.step()
     assert rec.stage == "deformation" and rec.model is None and rec.period_s == 2.8
@@ -60,7 +62,7 @@ def test_learns_the_period_and_beats_a_static_fit(case, device, deformation):
         out = rec.step()
     assert out["period_s"] == rec.period_s
     dynamic = mean_psnr(rec.volume_at, case[2], device)
-    # measured on CPU: kplanes 3.511 s, +3.9 dB; anchors 3.495 s, +8.3 dB
+    # measured on CPU: kplanes 3.512-3.524 s, +2.8-4.5 dB; anchors 3.495 s, +8.3 dB
     assert abs(rec.period_s - PERIOD_S) / PERIOD_S < 0.03, rec.period_s
     assert dynamic > static + 2.0, (dynamic, static)
     assert rec.phases([0.0, 1.75]).shape == (2, 24, 24, 24)
