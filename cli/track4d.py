@@ -10,8 +10,11 @@ period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
 * ``phases.gif``: central coronal and sagittal slices over those times (truth above when known);
 * ``metrics.json``: ``period_s``, ``period_truth_s`` and ``period_error_pct`` (with
   ``period_truth_source``: the file, or X2-Gaussian's 3 s convention when the file has no
-  ``period_s``), ``psnr_3d`` / ``ssim_3d`` per phase and their means ``psnr_3d_mean`` /
-  ``ssim_3d_mean`` against the ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the
+  ``period_s``), ``period_initial_s`` (where the learning started: ``--period-init``) and
+  ``period_estimate_s`` / ``period_estimate_power`` (the period the projections show,
+  :mod:`rgs_engine.period_estimate`, or null where the scan is too short), ``psnr_3d`` /
+  ``ssim_3d`` per phase and their means ``psnr_3d_mean`` / ``ssim_3d_mean`` against the
+  ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the
   held-out views at their times, ``seconds`` (this invocation, loading included),
   ``seconds_by_stage``, ``iterations``, ``num_gaussians``, ``device``, ``conventions``;
 * ``config.json`` (everything to rerun, the equivalent command line), ``checkpoint.pt``.
@@ -27,7 +30,7 @@ import shlex
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 import torch
 import typer
@@ -49,6 +52,7 @@ PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
 OUTPUTS = (PHASES, GIF, METRICS, CONFIG, CHECKPOINT)
 DEFAULT_PHASES = 10  # volumes over one learned cycle when the data have no ground truth
 DEFAULT_CHECKPOINT_EVERY = 500
+AUTO = "auto"  # --period-init: the period estimated from the projections
 DSA_DEFAULT_VIEWS = 30
 PSNR_EVERY = 250  # iterations between PSNR evaluations (one voxelisation) while training
 
@@ -81,24 +85,42 @@ def _output_times(data: Projection4D, period_s: float) -> tuple[torch.Tensor, st
 
 
 def _new_settings(case: Path, deformation: Optional[str], iterations: Optional[int],
-                  static_iterations: Optional[int], period_init: Optional[float], seed: Optional[int],
-                  checkpoint_every: Optional[int]) -> dict[str, Any]:
+                  static_iterations: Optional[int], period_init: Union[float, str, None],
+                  seed: Optional[int], checkpoint_every: Optional[int]) -> dict[str, Any]:
     base = Track4DConfig()
     recipe = GSConfig(**{**base.recipe.to_dict(), "seed": 0 if seed is None else seed,
                          **({} if static_iterations is None else {"iterations": static_iterations})})
     config = Track4DConfig(**{**base.to_dict(), "recipe": recipe,
                               "deformation": deformation or base.deformation,
                               **({} if iterations is None else {"iterations": iterations}),
-                              **({} if period_init is None else {"period_init_s": period_init})})
+                              **({} if period_init is None else {"period_from_projections": True}
+                                 if period_init == AUTO else {"period_init_s": period_init})})
     return {"mode": "breathing", "data": str(case.resolve()), "config": config.to_dict(),
             "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}
+
+
+def _period_init(config: Track4DConfig) -> Union[float, str]:
+    """The ``--period-init`` value of ``config``: seconds or ``auto``."""
+    return AUTO if config.period_from_projections else config.period_init_s
+
+
+def _parse_period_init(text: Optional[str]) -> Union[float, str, None]:
+    if text is None or text == AUTO:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    require(math.isfinite(value) and value > 0,
+            f"--period-init {text}: give a positive period in seconds, or auto")
+    return value
 
 
 def _known(s: dict) -> dict[str, Any]:
     """The options of the run whose config.json is ``s``."""
     cfg = Track4DConfig.from_dict(s["config"])
     return {"--deformation": cfg.deformation, "--iterations": cfg.iterations,
-            "--static-iterations": cfg.recipe.iterations, "--period-init": cfg.period_init_s,
+            "--static-iterations": cfg.recipe.iterations, "--period-init": _period_init(cfg),
             "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"]}
 
 
@@ -106,10 +128,14 @@ def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str,
     """Metrics against the truth the data carry, the output times and the volumes there."""
     times, times_note = _output_times(data, rec.period_s)
     volumes = rec.phases(times)
+    estimate = rec.period_estimate
     report: dict[str, Any] = {
         "period_s": rec.period_s, "period_truth_s": data.period_s,
         "period_truth_source": data.period_source,
         "period_error_pct": None if data.period_s is None else 100 * abs(rec.period_s - data.period_s) / data.period_s,
+        "period_initial_s": rec.initial_period_s,
+        "period_estimate_s": None if estimate is None else estimate.period_s,
+        "period_estimate_power": None if estimate is None else estimate.power,
         "phase_times_s": times.tolist(), "phase_times_note": times_note,
         "psnr_3d": None, "ssim_3d": None, "psnr_3d_mean": None, "ssim_3d_mean": None,
         "psnr_2d_test": None, "ssim_2d_test": None, "test_views": None}
@@ -135,6 +161,7 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     truth = report["period_truth_s"]
     rows = [("period (s)", fmt(report["period_s"], 3)
              + ("" if truth is None else f"  (truth {truth:g}, {report['period_error_pct']:.2f} % off)")),
+            ("period from the projections (s)", fmt(report["period_estimate_s"], 3)),
             ("PSNR 3D, mean over phases (dB)", fmt(report["psnr_3d_mean"])),
             ("SSIM 3D, mean over phases", fmt(report["ssim_3d_mean"], 4)),
             ("PSNR 2D test (dB)", fmt(report["psnr_2d_test"])),
@@ -145,8 +172,9 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
 
 
 def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iterations: Optional[int],
-                  static_iterations: Optional[int], period_init: Optional[float], seed: Optional[int],
-                  checkpoint_every: Optional[int], resume: bool, force: bool, device) -> None:
+                  static_iterations: Optional[int], period_init: Union[float, str, None],
+                  seed: Optional[int], checkpoint_every: Optional[int], resume: bool, force: bool,
+                  device) -> None:
     """``rgs track4d --mode breathing``: see the module."""
     t_start = time.perf_counter()
     if resume:
@@ -187,7 +215,8 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
                              [settings["data"], "--out", str(out.resolve()), "--mode", "breathing",
                               "--deformation", config.deformation, "--iterations", str(config.iterations),
                               "--static-iterations", str(config.recipe.iterations),
-                              "--period-init", f"{config.period_init_s:g}", "--seed", str(config.recipe.seed),
+                              "--period-init", str(_period_init(config)),
+                              "--seed", str(config.recipe.seed),
                               "--checkpoint-every", str(settings["checkpoint_every"])])})
         write_run_config(out, OUTPUTS, settings, force)
         with stage("initialise", "initialise Gaussians"):
@@ -239,8 +268,9 @@ def track4d(
     static_iterations: Annotated[Optional[int], typer.Option(
         "--static-iterations", help=f"breathing: iterations of the static coarse stage. "
                                     f"[default: {Track4DConfig().recipe.iterations}]")] = None,
-    period_init: Annotated[Optional[float], typer.Option(
-        "--period-init", help=f"breathing: initial breathing period, s (learned from it). "
+    period_init: Annotated[Optional[str], typer.Option(
+        "--period-init", help=f"breathing: initial breathing period, s (learned from it), or "
+                              f"{AUTO} (estimated from the projections' row shifts). "
                               f"[default: {Track4DConfig().period_init_s:g}]")] = None,
     views: Annotated[Optional[int], typer.Option(
         help=f"dsa: training frames spread evenly over the run. [default: {DSA_DEFAULT_VIEWS}]")] = None,
@@ -274,8 +304,7 @@ def track4d(
                           "--views": views, "--checkpoint-every": checkpoint_every}.items():
         require(value is None or value >= 1 or (option == "--static-iterations" and value == 0),
                 f"{option} {value}: use at least 1")
-    require(period_init is None or (math.isfinite(period_init) and period_init > 0),
-            f"--period-init {period_init}: give a positive period in seconds")
+    period_init = _parse_period_init(period_init)
     require(time_smoothness is None or (math.isfinite(time_smoothness) and time_smoothness >= 0),
             f"--time-smoothness {time_smoothness}: give a weight >= 0")
     require(case.exists(), f"{case} not found: pass the case to reconstruct")
@@ -285,8 +314,8 @@ def track4d(
             require(value is None, f"{option} does not apply to --mode dsa: drop it")
         from .track4d_dsa import run_dsa
         run_dsa(case, out, views=views, iterations=iterations, seed=seed,
-                time_smoothness=time_smoothness, times=None if times is None else _parse_times(times), resume=resume, force=force,
-                checkpoint_every=checkpoint_every, device=device)
+                time_smoothness=time_smoothness, times=None if times is None else _parse_times(times),
+                resume=resume, force=force, checkpoint_every=checkpoint_every, device=device)
         return
     require(time_smoothness is None, "--time-smoothness applies to --mode dsa only: drop it")
     for option, value in {"--views": views, "--times": times}.items():

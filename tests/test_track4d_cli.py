@@ -38,6 +38,7 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
     assert len(m["psnr_3d"]) == 4 and m["psnr_3d_mean"] == pytest.approx(sum(m["psnr_3d"]) / 4)
     assert m["psnr_3d_mean"] > 15 and m["test_views"] == 3 and m["iterations"] == 40
     assert m["phase_times_note"] == "ground-truth phase times"
+    assert m["period_initial_s"] == 3.5 and m["period_estimate_s"] > 0 and 0 < m["period_estimate_power"] <= 1
     config = json.loads((out / "config.json").read_text())
     assert "--deformation kplanes" in config["command"] and "--static-iterations 20" in config["command"]
     # outputs are kept unless --force
@@ -48,15 +49,21 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
 def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, Track4DReconstruction, 25, "signal")  # Ctrl-C during step 25: the run stops after it
-    result = invoke("track4d", case, "--out", out, *SHORT, "--deformation", "anchors")
+    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--period-init", "auto",
+                    "--deformation", "anchors")
     assert result.exit_code == 130, result.output
+    assert "--period-init auto" in json.loads((out / "config.json").read_text())["command"]
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
     bad = invoke("track4d", case, "--out", out, "--resume", "--deformation", "kplanes")
     assert_one_line_error(bad, "--deformation kplanes differs from the run")
+    bad = invoke("track4d", case, "--out", out, "--resume", "--period-init", "3.5")
+    assert_one_line_error(bad, "--period-init 3.5 differs from the run")
     result = invoke("track4d", case, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["resumed_from"] == 25 and m["iterations"] == 40 and m["deformation"] == "anchors"
+    # the estimate made when stage 2 started (step 21) came back with the checkpoint
+    assert m["period_initial_s"] == m["period_estimate_s"] and abs(m["period_estimate_s"] - 4.0) < 0.4
 
 
 def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
@@ -67,7 +74,7 @@ def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
     assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--time-smoothness", "1"),
                           "--time-smoothness applies to --mode dsa only")
     assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--period-init", "-1"),
-                          "--period-init -1.0: give a positive period")
+                          "--period-init -1: give a positive period in seconds, or auto")
     assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--resume"),
                           "there is no run to resume")
     with open(case, "rb") as f:
