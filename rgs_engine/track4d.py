@@ -32,8 +32,9 @@ Measured on a CPU toy (``tests/test_track4d.py``: a blob moving 12 mm along z wi
 period, 24^3 grid, 60 views of 32^2 over 20 s, 100 static + 200 deformation steps, three
 seeds): with time input the period comes out at 3.49-3.52 s from 2.8 s and the mean 3D PSNR
 over one cycle beats the static fit by 3.2-5.9 dB (kplanes) and 8.3-8.5 dB (anchors); over
-repeated runs of one seed the kplanes gain spread over 1.0-4.7 dB (float atomics), 2.8-4.5 dB
-(11 runs) with 6 instead of 12 time cells per initial period, which the test uses. With
+repeated runs of one seed the kplanes gain spread over 1.0-4.7 dB (float atomics; 6 instead
+of 12 time cells per initial period: 2.8-4.5 dB in 11 runs, 1.05 dB in a twelfth), and +5.0 dB
+in five of five runs when stage 2 starts from the projections' period (below). With
 phase input the period stays near 2.8 s (17-20 % off: the data term's basin around the true
 period is about 1 / (cycles in the scan) wide) and nothing is gained, so phase input is for
 periods known to that precision. With an earlier (octave) time encoding of the anchors the
