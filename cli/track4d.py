@@ -14,8 +14,8 @@ period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
   ``period_estimate_s`` / ``period_estimate_power`` (the period the projections show,
   :mod:`rgs_engine.period_estimate`, or null where the scan is too short), ``psnr_3d`` /
   ``ssim_3d`` per phase and their means ``psnr_3d_mean`` / ``ssim_3d_mean`` against the
-  ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the
-  held-out views at their times, ``seconds`` (this invocation, loading included),
+  ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the held-out views at their times,
+  ``seconds`` (this invocation, loading included),
   ``seconds_by_stage``, ``iterations``, ``num_gaussians``, ``device``, ``conventions``;
 * ``config.json`` (everything to rerun, the equivalent command line), ``checkpoint.pt``.
 

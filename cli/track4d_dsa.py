@@ -114,7 +114,8 @@ def _known(s: dict) -> dict[str, Any]:
     """The options of the run whose config.json is ``s``."""
     config = DsaConfig.from_dict(s["config"])
     return {"--views": s["views"], "--iterations": config.iterations, "--seed": config.seed,
-            "--time-smoothness": config.time_smoothness_weight, "--times": s["times"], "--checkpoint-every": s["checkpoint_every"]}
+            "--time-smoothness": config.time_smoothness_weight, "--times": s["times"],
+            "--checkpoint-every": s["checkpoint_every"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -206,7 +207,8 @@ def run_dsa(case: Path, out: Path, *, views: Optional[int], iterations: Optional
             resume: bool, force: bool, checkpoint_every: Optional[int], device) -> None:
     """``rgs track4d CASE --out OUT --mode dsa``: see the module. ``None`` options take their
     defaults (views 30, the recipe's iterations, seed 0 and time-smoothness weight, 5 times
-    over the run, a checkpoint every 500 iterations); on ``resume`` the options given must match the run's."""
+    over the run, a checkpoint every 500 iterations); on ``resume`` the options given must
+    match the run's."""
     t_start = time.perf_counter()
     if resume:
         given = {"--views": views, "--iterations": iterations, "--seed": seed,
