@@ -10,9 +10,10 @@ period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
 * ``phases.gif``: central coronal and sagittal slices over those times (truth above when known);
 * ``metrics.json``: ``period_s``, ``period_truth_s`` and ``period_error_pct`` (with
   ``period_truth_source``: the file, or X2-Gaussian's 3 s convention when the file has no
-  ``period_s``), ``period_initial_s`` (where the learning started: ``--period-init``) and
-  ``period_estimate_s`` / ``period_estimate_power`` (the period the projections show,
-  :mod:`rgs_engine.period_estimate`, or null where the scan is too short), ``psnr_3d`` /
+  ``period_s``), ``period_estimate_s`` / ``period_estimate_power`` (the period the
+  projections show, :mod:`rgs_engine.period_estimate`, or null where the scan is too short),
+  ``period_initial_s`` (where the learning started: that estimate, or ``--period-init``
+  seconds), ``psnr_3d`` /
   ``ssim_3d`` per phase and their means ``psnr_3d_mean`` / ``ssim_3d_mean`` against the
   ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the held-out views at their times,
   ``seconds`` (this invocation, loading included),
@@ -94,7 +95,8 @@ def _new_settings(case: Path, deformation: Optional[str], iterations: Optional[i
                               "deformation": deformation or base.deformation,
                               **({} if iterations is None else {"iterations": iterations}),
                               **({} if period_init is None else {"period_from_projections": True}
-                                 if period_init == AUTO else {"period_init_s": period_init})})
+                                 if period_init == AUTO else {"period_from_projections": False,
+                                                              "period_init_s": period_init})})
     return {"mode": "breathing", "data": str(case.resolve()), "config": config.to_dict(),
             "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}
 
@@ -162,6 +164,7 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     rows = [("period (s)", fmt(report["period_s"], 3)
              + ("" if truth is None else f"  (truth {truth:g}, {report['period_error_pct']:.2f} % off)")),
             ("period from the projections (s)", fmt(report["period_estimate_s"], 3)),
+            ("period learned from (s)", fmt(report["period_initial_s"], 3)),
             ("PSNR 3D, mean over phases (dB)", fmt(report["psnr_3d_mean"])),
             ("SSIM 3D, mean over phases", fmt(report["ssim_3d_mean"], 4)),
             ("PSNR 2D test (dB)", fmt(report["psnr_2d_test"])),
@@ -270,8 +273,9 @@ def track4d(
                                     f"[default: {Track4DConfig().recipe.iterations}]")] = None,
     period_init: Annotated[Optional[str], typer.Option(
         "--period-init", help=f"breathing: initial breathing period, s (learned from it), or "
-                              f"{AUTO} (estimated from the projections' row shifts). "
-                              f"[default: {Track4DConfig().period_init_s:g}]")] = None,
+                              f"{AUTO}: estimated from the projections' row shifts, "
+                              f"{Track4DConfig().period_init_s:g} where the scan allows no "
+                              f"estimate. [default: {AUTO}]")] = None,
     views: Annotated[Optional[int], typer.Option(
         help=f"dsa: training frames spread evenly over the run. [default: {DSA_DEFAULT_VIEWS}]")] = None,
     times: Annotated[Optional[str], typer.Option(

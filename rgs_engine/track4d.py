@@ -41,9 +41,10 @@ periods known to that precision. With an earlier (octave) time encoding of the a
 period drifted to 2.44 s when it learned from the first step, hence ``period_start``.
 On an NVIDIA H200, on breathing cases made from the real chest CT by ``rgs simulate4d``
 (256^3-class grid, 300 projections of 256^2 over 60 s, 15 mm SI / 5 mm AP, TIGRE noise
-1e4 / 10; ``validation/track4d.md``), the defaults take about 2 minutes (kplanes 125 s,
-anchors 105-115 s; rendering each step's batch in one splat call instead of one per view
-took kplanes from 180 s): the period comes out within 0.2 % (regular) and 1.3 %
+1e4 / 10; ``validation/track4d.md``), the defaults take 2-3 minutes (kplanes 125-163 s,
+anchors 105-117 s; rendering each step's batch in one splat call instead of one per view
+took kplanes from 180 s). Started from 2.8 s (before the estimate below became the default),
+the period comes out within 0.2 % (regular) and 1.3 %
 (irregular); the mean per-phase 3D PSNR is 35.9 dB (regular; three runs of the same
 recipe gave 34.98, 35.72 and 35.93 dB: float atomics change which Gaussians densify)
 against 34.4 dB for the static recipe on the same projections and 36.9 dB for the static
@@ -54,19 +55,25 @@ the still CT gave 37.43 dB with 6000 steps, 37.48 dB from 150k initial Gaussians
 34.77 dB; 150k initial Gaussians 36.30 dB (203 s; with 2000 static steps 36.21 dB, 221 s);
 6 time cells per initial period 36.23 and 36.16 dB (seed 0, 116 s) but 34.67 dB with seed 1,
 whose period stayed at 2.83 s; 8 time cells 35.79 dB. None reaches static + 3 dB (37.4 dB)
-and one run per setting does not separate them from the default's spread, so the default
-stays.
+and one run per setting does not separate them from the default's spread, so none became
+the default.
 
 **The period from the projections** (:meth:`Track4DReconstruction.estimate_period`, made
-when stage 2 starts, reported always; with ``period_from_projections`` also the period stage
-2 starts from): the periodogram of each view's row shift against the static fit
-(:mod:`rgs_engine.period_estimate`). On the CPU toy it gives 3.505 s, and stage 2 started
-there ends at 3.500-3.502 s with +5.0 dB over the static fit in five of five runs (kplanes;
-anchors +8.4 dB), against 0.95-4.73 dB from 2.8 s. On ``rgs simulate4d`` cases of the real
-CT at 64^3 / 64^2 (300 projections over 60 s, CPU): regular 3.499 s after 300 or 1000
-static steps (3.496 s from the FDK initialisation alone), irregular 3.598 s (the cycles the
-scan actually holds average 3.576 s; the nominal period is 3.5 s). It is not yet the
-default: ``validation/track4d.py`` has not been rerun with it on the GPU.
+when stage 2 starts; with ``period_from_projections``, the default, also the period stage 2
+starts from; ``period_init_s`` where none can be made): the periodogram of each view's row
+shift against the static fit (:mod:`rgs_engine.period_estimate`). Why it is the default: a
+period learned from X2-Gaussian's 2.8 s start only reaches the truth when that is near. On
+the CPU toy with a 5 s period (12 breaths a minute) kplanes stayed at 2.81 s and anchors ended
+at 3.37 s; from the estimate (5.012 s) they learned 4.997 s (+5.9 dB over the static fit) and
+5.001 s (+8.1 dB); at 2 and 4 s both starts got there. At the toy's 3.5 s the estimate
+(3.505 s) gave +5.0 dB in five of five kplanes runs, 2.8 s +0.95 to +4.73 dB. On the
+``validation/track4d.py`` cases (H200, period 3.5 s) it gives 3.500 s (regular) and 3.599 s
+(irregular: the cycles the scan holds average 3.576 s); kplanes then learned 3.499 / 3.527 s
+(0.02 / 0.78 % off; from 2.8 s in the same session 0.05 / 1.27 %). Its mean per-phase PSNR was
+a little lower in each same-session pair: regular 35.01 vs 35.50 dB (seed 1: 35.20 vs 35.24;
+seed 2 from the estimate 35.37), irregular 34.76 vs 35.18, noiseless 35.57 vs 35.68 dB; the
+2.8 s start's own seed-0 runs spread over 34.77-35.93 dB. Anchors: 35.82 / 35.89 dB from the
+estimate, 35.87 / 35.83 dB from 2.8 s.
 """
 from __future__ import annotations
 
@@ -103,12 +110,12 @@ class Track4DConfig(Recipe):
       time + periodic consistency, X2-Gaussian's way) or ``phase`` (``frac(t / T)``, periodic
       by construction); see :mod:`rgs_engine.deformation`.
     * ``iterations``: deformation-stage steps (the static stage runs ``recipe.iterations``).
-    * ``period_init_s``: the initial period, s (X2-Gaussian's 2.8 s), or with
-      ``period_from_projections`` the projections' own estimate
-      (:attr:`Track4DReconstruction.period_estimate`, made when stage 2 starts; the models'
-      time resolution still counts cells per ``period_init_s``); ``lr_period`` acts on
-      its logarithm from ``period_start`` (fraction of stage 2) on: before, the motion is not
-      yet learned and the period's gradient is noise (1: the period stays fixed).
+    * ``period_from_projections``: stage 2 starts the period at the projections' own estimate
+      (:attr:`Track4DReconstruction.period_estimate`, made when stage 2 starts), or at
+      ``period_init_s`` (X2-Gaussian's 2.8 s) when off or when the scan allows no estimate;
+      the models' time resolution counts cells per ``period_init_s`` either way. ``lr_period``
+      acts on its logarithm from ``period_start`` (fraction of stage 2) on: before, the motion
+      is not yet learned and the period's gradient is noise (1: the period stays fixed).
     * ``lr_network`` (MLP / transformer), ``lr_planes`` (K-planes' feature planes);
       ``canonical_lr_factor`` scales gs_recon's schedule for the canonical Gaussians in stage 2.
     * loss weights: ``consistency_weight``, ``plane_tv_weight``, ``time_smoothness_weight``
@@ -133,7 +140,7 @@ class Track4DConfig(Recipe):
     time_input: str = "time"
     iterations: int = 3000
     period_init_s: float = 2.8
-    period_from_projections: bool = False
+    period_from_projections: bool = True
     lr_period: tuple[float, float] = (1e-2, 1e-3)
     period_start: float = 0.2
     lr_network: tuple[float, float] = (2e-3, 2e-4)
@@ -221,13 +228,10 @@ class Track4DReconstruction:
 
     def _estimate_if_possible(self) -> PeriodEstimate | None:
         """:meth:`estimate_period`, or None where the data allow none (a scan shorter than two
-        of the shortest periods, no motion seen) unless ``period_from_projections`` needs it."""
+        of the shortest periods, no motion seen); stage 2 then starts from ``period_init_s``."""
         try:
             return self.estimate_period()
-        except RgsInputError as exc:
-            if self.config.period_from_projections:
-                raise RgsInputError(f"no breathing period can be estimated from the projections "
-                                    f"({exc}): give an initial period instead") from exc
+        except RgsInputError:
             return None
 
     @property

@@ -49,9 +49,9 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
 def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, Track4DReconstruction, 25, "signal")  # Ctrl-C during step 25: the run stops after it
-    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--period-init", "auto",
-                    "--deformation", "anchors")
+    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--deformation", "anchors")
     assert result.exit_code == 130, result.output
+    # the default
     assert "--period-init auto" in json.loads((out / "config.json").read_text())["command"]
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
     bad = invoke("track4d", case, "--out", out, "--resume", "--deformation", "kplanes")
