@@ -12,8 +12,9 @@ period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
   ``period_truth_source``: the file, or X2-Gaussian's 3 s convention when the file has no
   ``period_s``), ``period_estimate_s`` / ``period_estimate_power`` (the period the
   projections show, :mod:`rgs_engine.period_estimate`, or null where the scan is too short),
-  ``period_initial_s`` (where the learning started: that estimate, or ``--period-init``
-  seconds), ``psnr_3d`` /
+  ``period_mismatch_pct`` (the learned period's distance from it; above 5 % a warning
+  suggests ``--period-init auto``), ``period_initial_s`` (where the learning started:
+  ``--period-init`` seconds, or with ``auto`` the estimate), ``psnr_3d`` /
   ``ssim_3d`` per phase and their means ``psnr_3d_mean`` / ``ssim_3d_mean`` against the
   ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the held-out views at their times,
   ``seconds`` (this invocation, loading included),
@@ -42,10 +43,10 @@ from rgs_engine.data4d import Projection4D
 from rgs_engine.errors import RgsInputError
 from rgs_engine.gs_recon import GSConfig
 from rgs_engine.dsa_recon import DsaConfig
-from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
+from rgs_engine.track4d import PERIOD_MISMATCH_PCT, Track4DConfig, Track4DReconstruction
 
-from .common import (DeviceOption, app, check_new_run, fmt, handle_errors, out_console, print_summary,
-                     require, resume_settings, run_iterations, stage_timer, start,
+from .common import (DeviceOption, app, check_new_run, err_console, fmt, handle_errors, out_console,
+                     print_summary, require, resume_settings, run_iterations, stage_timer, start,
                      write_metrics, write_run_config)
 
 PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
@@ -95,8 +96,7 @@ def _new_settings(case: Path, deformation: Optional[str], iterations: Optional[i
                               "deformation": deformation or base.deformation,
                               **({} if iterations is None else {"iterations": iterations}),
                               **({} if period_init is None else {"period_from_projections": True}
-                                 if period_init == AUTO else {"period_from_projections": False,
-                                                              "period_init_s": period_init})})
+                                 if period_init == AUTO else {"period_init_s": period_init})})
     return {"mode": "breathing", "data": str(case.resolve()), "config": config.to_dict(),
             "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}
 
@@ -138,6 +138,7 @@ def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str,
         "period_initial_s": rec.initial_period_s,
         "period_estimate_s": None if estimate is None else estimate.period_s,
         "period_estimate_power": None if estimate is None else estimate.power,
+        "period_mismatch_pct": rec.period_mismatch_pct,
         "phase_times_s": times.tolist(), "phase_times_note": times_note,
         "psnr_3d": None, "ssim_3d": None, "psnr_3d_mean": None, "ssim_3d_mean": None,
         "psnr_2d_test": None, "ssim_2d_test": None, "test_views": None}
@@ -250,6 +251,19 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
                    "final_loss": stats["loss"], "resumed_from": resumed_from})
     write_metrics(out / METRICS, report, dev, t_start, seconds, settings)
     _summary(report, case, out)
+    _warn_if_period_suspect(report, config)
+
+
+def _warn_if_period_suspect(report: dict[str, Any], config: Track4DConfig) -> None:
+    """A warning on stderr where the learned period is far from the projections' estimate."""
+    mismatch = report["period_mismatch_pct"]
+    if mismatch is None or mismatch <= PERIOD_MISMATCH_PCT:
+        return
+    advice = ("give the period if you know it: --period-init SECONDS" if config.period_from_projections
+              else f"rerun with --period-init {AUTO} to start from the estimate")
+    err_console.print(f"[yellow]warning: the learned period {report['period_s']:.3f} s is {mismatch:.0f} % "
+                      f"from the {report['period_estimate_s']:.3f} s the projections show: {advice}[/yellow]",
+                      highlight=False)
 
 
 @app.command()
@@ -273,9 +287,8 @@ def track4d(
                                     f"[default: {Track4DConfig().recipe.iterations}]")] = None,
     period_init: Annotated[Optional[str], typer.Option(
         "--period-init", help=f"breathing: initial breathing period, s (learned from it), or "
-                              f"{AUTO}: estimated from the projections' row shifts, "
-                              f"{Track4DConfig().period_init_s:g} where the scan allows no "
-                              f"estimate. [default: {AUTO}]")] = None,
+                              f"{AUTO} (estimated from the projections' row shifts). "
+                              f"[default: {Track4DConfig().period_init_s:g}]")] = None,
     views: Annotated[Optional[int], typer.Option(
         help=f"dsa: training frames spread evenly over the run. [default: {DSA_DEFAULT_VIEWS}]")] = None,
     times: Annotated[Optional[str], typer.Option(

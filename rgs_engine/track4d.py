@@ -59,21 +59,23 @@ and one run per setting does not separate them from the default's spread, so non
 the default.
 
 **The period from the projections** (:meth:`Track4DReconstruction.estimate_period`, made
-when stage 2 starts; with ``period_from_projections``, the default, also the period stage 2
-starts from; ``period_init_s`` where none can be made): the periodogram of each view's row
-shift against the static fit (:mod:`rgs_engine.period_estimate`). Why it is the default: a
-period learned from X2-Gaussian's 2.8 s start only reaches the truth when that is near. On
-the CPU toy with a 5 s period (12 breaths a minute) kplanes stayed at 2.81 s and anchors ended
-at 3.37 s; from the estimate (5.012 s) they learned 4.997 s (+5.9 dB over the static fit) and
-5.001 s (+8.1 dB); at 2 and 4 s both starts got there. At the toy's 3.5 s the estimate
-(3.505 s) gave +5.0 dB in five of five kplanes runs, 2.8 s +0.95 to +4.73 dB. On the
-``validation/track4d.py`` cases (H200, period 3.5 s) it gives 3.500 s (regular) and 3.599 s
-(irregular: the cycles the scan holds average 3.576 s); kplanes then learned 3.499 / 3.527 s
-(0.02 / 0.78 % off; from 2.8 s in the same session 0.05 / 1.27 %). Its mean per-phase PSNR was
-a little lower in each same-session pair: regular 35.01 vs 35.50 dB (seed 1: 35.20 vs 35.24;
-seed 2 from the estimate 35.37), irregular 34.76 vs 35.18, noiseless 35.57 vs 35.68 dB; the
-2.8 s start's own seed-0 runs spread over 34.77-35.93 dB. Anchors: 35.82 / 35.89 dB from the
-estimate, 35.87 / 35.83 dB from 2.8 s.
+when stage 2 starts, reported always and compared with the learned period
+(:attr:`~Track4DReconstruction.period_mismatch_pct`); with ``period_from_projections`` also
+the period stage 2 starts from): the periodogram of each view's row shift against the static
+fit (:mod:`rgs_engine.period_estimate`). On the CPU toy (200 deformation steps) the 2.8 s
+start only finds periods near it: with a 5 s period kplanes stayed at 2.81 s and anchors
+ended at 3.37 s, while from the estimate (5.012 s) they learned 4.997 s (+5.9 dB over the
+static fit) and 5.001 s (+8.1 dB); at 3.5 s the estimate (3.505 s) gave +5.0 dB in five of
+five kplanes runs, 2.8 s +0.95 to +4.73 dB. On the real CT, though, both starts learn the
+period and 2.8 s gave the higher PSNR in each pair. CPU, 48^3 case of a 5 s period (300
+projections of 48^2, 300 + 1500 steps): 2.8 s learned 4.996 s (32.26 dB), the estimate
+(4.994 s) 5.004 s (32.18 dB). H200, the ``validation/track4d.py`` cases (3.5 s; estimates
+3.500 s regular, 3.599 s irregular, whose cycles average 3.576 s): kplanes regular 35.50 vs
+35.01 dB (seed 1: 35.24 vs 35.20), irregular 35.18 vs 34.76 dB (period 1.27 vs 0.78 % off),
+noiseless 35.68 vs 35.57 dB, from 2.8 s vs the estimate; anchors 35.87 / 35.83 dB from
+2.8 s (previous session), 35.82 / 35.89 dB from the estimate. So 2.8 s stays the default, and
+a learned period more than :data:`PERIOD_MISMATCH_PCT` % from the estimate is flagged
+(``rgs track4d`` prints a warning naming ``--period-init auto``).
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ from .voxelization import voxelize
 DEFORMATIONS = ("kplanes", "anchors")
 CHECKPOINT_FORMAT = "rgs-track4d"
 ESTIMATE_VIEWS_PER_CALL = 32  # views per splat call when rendering all of them for the estimate
+PERIOD_MISMATCH_PCT = 5.0  # a learned period further from the projections' estimate is suspect
 
 
 def _static_recipe() -> GSConfig:
@@ -140,7 +143,7 @@ class Track4DConfig(Recipe):
     time_input: str = "time"
     iterations: int = 3000
     period_init_s: float = 2.8
-    period_from_projections: bool = True
+    period_from_projections: bool = False
     lr_period: tuple[float, float] = (1e-2, 1e-3)
     period_start: float = 0.2
     lr_network: tuple[float, float] = (2e-3, 2e-4)
@@ -289,6 +292,14 @@ class Track4DReconstruction:
     def period_s(self) -> float:
         """The current breathing period estimate, seconds."""
         return float(self.model.period.period_s.detach()) if self.model is not None else self.initial_period_s
+
+    @property
+    def period_mismatch_pct(self) -> float | None:
+        """How far (%) :attr:`period_s` is from the projections' estimate, None without one;
+        above :data:`PERIOD_MISMATCH_PCT` the learned period is suspect."""
+        if self.period_estimate is None:
+            return None
+        return 100 * abs(self.period_s - self.period_estimate.period_s) / self.period_estimate.period_s
 
     # ---- rendering ---------------------------------------------------------------------
     def _splat(self, params: tuple[torch.Tensor, ...], times: torch.Tensor,

@@ -39,6 +39,10 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
     assert m["psnr_3d_mean"] > 15 and m["test_views"] == 3 and m["iterations"] == 40
     assert m["phase_times_note"] == "ground-truth phase times"
     assert m["period_initial_s"] == 3.5 and m["period_estimate_s"] > 0 and 0 < m["period_estimate_power"] <= 1
+    # 20 steps leave the period near its 3.5 s start, the projections show about 4 s: flagged
+    mismatch = 100 * abs(m["period_s"] - m["period_estimate_s"]) / m["period_estimate_s"]
+    assert m["period_mismatch_pct"] == pytest.approx(mismatch) and mismatch > 5, m
+    assert "warning: the learned period" in result.stderr and "--period-init auto" in result.stderr
     config = json.loads((out / "config.json").read_text())
     assert "--deformation kplanes" in config["command"] and "--static-iterations 20" in config["command"]
     # outputs are kept unless --force
@@ -49,9 +53,9 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
 def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, Track4DReconstruction, 25, "signal")  # Ctrl-C during step 25: the run stops after it
-    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--deformation", "anchors")
+    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--period-init", "auto",
+                    "--deformation", "anchors")
     assert result.exit_code == 130, result.output
-    # the default
     assert "--period-init auto" in json.loads((out / "config.json").read_text())["command"]
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
     bad = invoke("track4d", case, "--out", out, "--resume", "--deformation", "kplanes")
