@@ -255,8 +255,13 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
 
 
 def _warn_if_period_suspect(report: dict[str, Any], config: Track4DConfig) -> None:
-    """A warning on stderr where the learned period is far from the projections' estimate."""
+    """A warning on stderr where the learned period is far from the projections' estimate, or
+    where ``--period-init auto`` found no estimate to start from."""
     mismatch = report["period_mismatch_pct"]
+    if config.period_from_projections and mismatch is None:
+        err_console.print(f"[yellow]warning: the projections show no breathing period (scan too short "
+                          f"or no motion seen): the period was learned from "
+                          f"{report['period_initial_s']:g} s[/yellow]", highlight=False)
     if mismatch is None or mismatch <= PERIOD_MISMATCH_PCT:
         return
     advice = ("give the period if you know it: --period-init SECONDS" if config.period_from_projections

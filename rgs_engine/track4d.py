@@ -43,8 +43,7 @@ On an NVIDIA H200, on breathing cases made from the real chest CT by ``rgs simul
 (256^3-class grid, 300 projections of 256^2 over 60 s, 15 mm SI / 5 mm AP, TIGRE noise
 1e4 / 10; ``validation/track4d.md``), the defaults take 2-3 minutes (kplanes 125-163 s,
 anchors 105-117 s; rendering each step's batch in one splat call instead of one per view
-took kplanes from 180 s). Started from 2.8 s (before the estimate below became the default),
-the period comes out within 0.2 % (regular) and 1.3 %
+took kplanes from 180 s): the period comes out within 0.2 % (regular) and 1.3 %
 (irregular); the mean per-phase 3D PSNR is 35.9 dB (regular; three runs of the same
 recipe gave 34.98, 35.72 and 35.93 dB: float atomics change which Gaussians densify)
 against 34.4 dB for the static recipe on the same projections and 36.9 dB for the static

@@ -8,7 +8,12 @@ import pytest
 
 from chest_phantom import write_chest_nifti
 from cli_helpers import assert_one_line_error, interrupt_at, invoke
-from rgs_engine.track4d import Track4DReconstruction
+from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
+
+try:
+    from cli import track4d as track4d_cli
+except ImportError:  # an installed rgs
+    from rgs_cli import track4d as track4d_cli
 
 SHORT = ("--static-iterations", "20", "--iterations", "20", "--period-init", "3.5")
 
@@ -87,3 +92,17 @@ def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
     no_time = tmp_path / "no_time.pickle"
     no_time.write_bytes(pickle.dumps(data))
     assert_one_line_error(invoke("track4d", no_time, "--out", tmp_path / "o"), "no 'time'")
+
+
+def test_period_warnings(capsys):
+    auto, fixed = Track4DConfig(period_from_projections=True), Track4DConfig()
+    report = {"period_s": 3.1, "period_estimate_s": 3.5, "period_initial_s": 2.8}
+    track4d_cli._warn_if_period_suspect({**report, "period_mismatch_pct": 4.9}, fixed)
+    assert capsys.readouterr().err == ""
+    track4d_cli._warn_if_period_suspect({**report, "period_mismatch_pct": 11.4}, fixed)
+    assert "3.100 s is 11 % from the 3.500 s" in capsys.readouterr().err.replace("\n", " ")
+    track4d_cli._warn_if_period_suspect({**report, "period_mismatch_pct": 11.4}, auto)
+    assert "--period-init SECONDS" in capsys.readouterr().err.replace("\n", " ")
+    track4d_cli._warn_if_period_suspect({**report, "period_estimate_s": None, "period_mismatch_pct": None}, auto)
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "no breathing period" in err and "learned from 2.8 s" in err, err
