@@ -258,7 +258,7 @@ def _warn_if_period_suspect(report: dict[str, Any], config: Track4DConfig) -> No
     """A warning on stderr where the learned period is far from the projections' estimate, or
     where ``--period-init auto`` found no estimate to start from."""
     mismatch = report["period_mismatch_pct"]
-    if config.period_from_projections and mismatch is None:
+    if config.period_from_projections and report["period_estimate_s"] is None:
         err_console.print(f"[yellow]warning: the projections show no breathing period (scan too short "
                           f"or no motion seen): the period was learned from "
                           f"{report['period_initial_s']:g} s[/yellow]", highlight=False)

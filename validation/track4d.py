@@ -29,7 +29,7 @@ needs matplotlib).
 Usage::
 
     python datasets/fetch_ct.py                      # once
-    python validation/track4d.py --case regular      # GPU: about 8 minutes per case
+    python validation/track4d.py --case regular      # GPU: about 12 minutes per case (all methods)
     python validation/track4d.py --case irregular
     python validation/track4d.py --report            # anywhere: markdown + picture
 
