@@ -13,7 +13,10 @@ period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
   ``period_s``), ``period_estimate_s`` / ``period_estimate_power`` (the period the
   projections show, :mod:`rgs_engine.period_estimate`, or null where the scan is too short),
   ``period_mismatch_pct`` (the learned period's distance from it; above 5 % a warning
-  suggests ``--period-init auto``), ``period_initial_s`` (where the learning started:
+  suggests ``--period-init auto``), ``motion_mm`` (the learned motion's size: 99th percentile
+  over the Gaussians of the largest distance from their mean position over the output times;
+  under ``motion_floor_mm``, half a voxel, a warning says the model learned no motion and the
+  volumes are a static fit), ``period_initial_s`` (where the learning started:
   ``--period-init`` seconds, or with ``auto`` the estimate), ``psnr_3d`` /
   ``ssim_3d`` per phase and their means ``psnr_3d_mean`` / ``ssim_3d_mean`` against the
   ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the held-out views at their times,
@@ -139,6 +142,7 @@ def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str,
         "period_estimate_s": None if estimate is None else estimate.period_s,
         "period_estimate_power": None if estimate is None else estimate.power,
         "period_mismatch_pct": rec.period_mismatch_pct,
+        "motion_mm": rec.motion_mm(times), "motion_floor_mm": rec.motion_floor_mm,
         "phase_times_s": times.tolist(), "phase_times_note": times_note,
         "psnr_3d": None, "ssim_3d": None, "psnr_3d_mean": None, "ssim_3d_mean": None,
         "psnr_2d_test": None, "ssim_2d_test": None, "test_views": None}
@@ -166,6 +170,7 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
              + ("" if truth is None else f"  (truth {truth:g}, {report['period_error_pct']:.2f} % off)")),
             ("period from the projections (s)", fmt(report["period_estimate_s"], 3)),
             ("period learned from (s)", fmt(report["period_initial_s"], 3)),
+            ("motion learned (mm, 99th percentile)", fmt(report["motion_mm"])),
             ("PSNR 3D, mean over phases (dB)", fmt(report["psnr_3d_mean"])),
             ("SSIM 3D, mean over phases", fmt(report["ssim_3d_mean"], 4)),
             ("PSNR 2D test (dB)", fmt(report["psnr_2d_test"])),
@@ -251,17 +256,24 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
                    "final_loss": stats["loss"], "resumed_from": resumed_from})
     write_metrics(out / METRICS, report, dev, t_start, seconds, settings)
     _summary(report, case, out)
-    _warn_if_period_suspect(report, config)
+    _warn_if_suspect(report, config)
 
 
-def _warn_if_period_suspect(report: dict[str, Any], config: Track4DConfig) -> None:
-    """A warning on stderr where the learned period is far from the projections' estimate, or
-    where ``--period-init auto`` found no estimate to start from."""
-    mismatch = report["period_mismatch_pct"]
-    if config.period_from_projections and report["period_estimate_s"] is None:
+def _warn_if_suspect(report: dict[str, Any], config: Track4DConfig) -> None:
+    """Warnings on stderr: ``--period-init auto`` found no estimate to start from; the model
+    learned no visible motion though the projections show a period; the learned period is far
+    from the projections' estimate."""
+    mismatch, estimate = report["period_mismatch_pct"], report["period_estimate_s"]
+    if config.period_from_projections and estimate is None:
         err_console.print(f"[yellow]warning: the projections show no breathing period (scan too short "
                           f"or no motion seen): the period was learned from "
                           f"{report['period_initial_s']:g} s[/yellow]", highlight=False)
+    if estimate is not None and report["motion_mm"] < report["motion_floor_mm"]:
+        err_console.print(f"[yellow]warning: the deformation learned no visible motion "
+                          f"({report['motion_mm']:.2f} mm, under half a voxel) though the projections "
+                          f"show a {estimate:.3f} s period: these volumes are a static fit; rerun with "
+                          f"another --seed or more --iterations[/yellow]", highlight=False)
+        return  # the period of a model that does not move means nothing
     if mismatch is None or mismatch <= PERIOD_MISMATCH_PCT:
         return
     advice = ("give the period if you know it: --period-init SECONDS" if config.period_from_projections

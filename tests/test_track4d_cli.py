@@ -44,10 +44,14 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
     assert m["psnr_3d_mean"] > 15 and m["test_views"] == 3 and m["iterations"] == 40
     assert m["phase_times_note"] == "ground-truth phase times"
     assert m["period_initial_s"] == 3.5 and m["period_estimate_s"] > 0 and 0 < m["period_estimate_power"] <= 1
-    # 20 steps leave the period near its 3.5 s start, the projections show about 4 s: flagged
+    # 20 steps leave the period near its 3.5 s start (the projections show about 4 s) and
+    # teach K-planes no visible motion yet (measured 0.00 mm; 1 mm = half a voxel): flagged
     mismatch = 100 * abs(m["period_s"] - m["period_estimate_s"]) / m["period_estimate_s"]
     assert m["period_mismatch_pct"] == pytest.approx(mismatch) and mismatch > 5, m
-    assert "warning: the learned period" in result.stderr and "--period-init auto" in result.stderr
+    assert m["motion_floor_mm"] == pytest.approx(0.5 * min(img.header.get_zooms()[:3]), rel=1e-5)
+    assert 0 <= m["motion_mm"] < m["motion_floor_mm"], m
+    err = result.stderr.replace("\n", " ")
+    assert "learned no visible motion" in err and "another --seed" in err, err
     config = json.loads((out / "config.json").read_text())
     assert "--deformation kplanes" in config["command"] and "--static-iterations 20" in config["command"]
     # outputs are kept unless --force
@@ -94,15 +98,25 @@ def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
     assert_one_line_error(invoke("track4d", no_time, "--out", tmp_path / "o"), "no 'time'")
 
 
-def test_period_warnings(capsys):
+def test_period_and_motion_warnings(capsys):
     auto, fixed = Track4DConfig(period_from_projections=True), Track4DConfig()
-    report = {"period_s": 3.1, "period_estimate_s": 3.5, "period_initial_s": 2.8}
-    track4d_cli._warn_if_period_suspect({**report, "period_mismatch_pct": 4.9}, fixed)
+    report = {"period_s": 3.1, "period_estimate_s": 3.5, "period_initial_s": 2.8, "motion_mm": 9.0,
+              "motion_floor_mm": 0.7}
+    track4d_cli._warn_if_suspect({**report, "period_mismatch_pct": 4.9}, fixed)
     assert capsys.readouterr().err == ""
-    track4d_cli._warn_if_period_suspect({**report, "period_mismatch_pct": 11.4}, fixed)
+    track4d_cli._warn_if_suspect({**report, "period_mismatch_pct": 11.4}, fixed)
     assert "3.100 s is 11 % from the 3.500 s" in capsys.readouterr().err.replace("\n", " ")
-    track4d_cli._warn_if_period_suspect({**report, "period_mismatch_pct": 11.4}, auto)
+    track4d_cli._warn_if_suspect({**report, "period_mismatch_pct": 11.4}, auto)
     assert "--period-init SECONDS" in capsys.readouterr().err.replace("\n", " ")
-    track4d_cli._warn_if_period_suspect({**report, "period_estimate_s": None, "period_mismatch_pct": None}, auto)
+    track4d_cli._warn_if_suspect({**report, "period_estimate_s": None, "period_mismatch_pct": None}, auto)
     err = capsys.readouterr().err.replace("\n", " ")
     assert "no breathing period" in err and "learned from 2.8 s" in err, err
+    # a model that did not move: its period means nothing, the advice is another seed
+    track4d_cli._warn_if_suspect({**report, "motion_mm": 0.02, "period_mismatch_pct": 20.0}, fixed)
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "no visible motion (0.02 mm" in err and "3.500 s period" in err and "another --seed" in err, err
+    assert "learned period" not in err
+    # no motion in the model and none in the projections: nothing to say
+    track4d_cli._warn_if_suspect({**report, "motion_mm": 0.02, "period_estimate_s": None,
+                                  "period_mismatch_pct": None}, fixed)
+    assert capsys.readouterr().err == ""
