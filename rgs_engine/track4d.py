@@ -76,26 +76,29 @@ noiseless 35.68 vs 35.57 dB, from 2.8 s vs the estimate; anchors 35.87 / 35.83 d
 a learned period more than :data:`PERIOD_MISMATCH_PCT` % from the estimate is flagged
 (``rgs track4d`` prints a warning naming ``--period-init auto``).
 
-**When K-planes starts to move** (H200, the regular case; :meth:`~Track4DReconstruction.motion_mm`
-over the ground-truth phases): its time planes start constant (X2-Gaussian's init) and its
-heads at zero, so its features carry no time until the planes drift apart, and the motion
-starts after a random delay: 9-11 mm of motion after 300-600 stage-2 steps in three runs, none
-(0.00 mm) after 900 steps in two others (seed 1, and seed 0 repeated: float atomics decide;
-the same seed moved by step 300 in another run), and a run equal to the default up to step
-1200 never moved in 3000 steps (34.37 dB, period 2.8000 s). The anchors' time encoding
-enters their tokens additively, so they move from the first step (CPU toy: 1.9 mm after one
-step; K-planes 0.01 mm after 50). A late start costs PSNR (the default's spread) and may not
-end within the recipe, hence ``motion_mm`` in ``rgs track4d``'s metrics and its warning below
+**When K-planes starts to move** (H200, the regular case; motion: the largest displacement of
+any Gaussian between two times half a cycle apart): its time planes start constant
+(X2-Gaussian's init) and its heads at zero, so its features carry no time until the planes
+drift apart, and the motion starts after a random delay: 9-11 mm of motion after 300-600
+stage-2 steps in three runs, none (0.00 mm) after 900 steps in two others (seed 1, and seed 0
+repeated: float atomics decide; the same seed moved by step 300 in another run), and a run
+equal to the default up to step 1200 never moved in 3000 steps (34.37 dB, period 2.8000 s).
+The anchors' time encoding enters their tokens additively, so they move from the first step
+(CPU toy, :meth:`~Track4DReconstruction.motion_mm`: 1.9 mm after one step; K-planes 0.01 mm
+after 50). A late start costs PSNR (the default's spread) and may not end within the recipe,
+hence ``motion_mm`` in ``rgs track4d``'s metrics and its warning below
 :attr:`~Track4DReconstruction.motion_floor_mm`. Time planes started at 1 +- 0.1 did not move
 sooner (seed 2: none after 600 steps). On the CPU toy, phase input started from the
 projections' estimate moves within 50 steps (9-12 mm) and gave 36.1 / 37.3 dB against the
-default's 31.7 / 34.8 dB (seeds 0, 1; 4 or 2 time cells per period instead of 12: slower or
-never); it is not yet measured on the real-CT cases, whose irregular cycles phase input
-cannot represent. **Densifying in stage 2** by the deformed renderings' position gradients
-(gs_recon's clone / split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 %
-over 5-50 % of stage 2) and 35.60 dB (3 rounds over 40-70 %) against 35.87 dB without, and each
-round cut K-planes' PSNR at the inhale phase by 4 dB (35.36 to 31.19), 150 steps recovering
-3.75 dB of it.
+default's 31.7 / 34.8 dB (seeds 0, 1; the default with 4 or 2 time cells per period instead of
+12 moved later or never); it is not yet measured on the real-CT cases, whose irregular cycles
+phase input cannot represent.
+
+**Densifying in stage 2** by the deformed renderings' position gradients (gs_recon's clone /
+split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of
+stage 2) and 35.60 dB (3 rounds over 40-70 %) against 35.87 dB without, and each round cut
+K-planes' PSNR at the inhale phase by 4 dB (35.36 to 31.19), 150 steps recovering 3.75 dB of
+it.
 """
 from __future__ import annotations
 
