@@ -265,22 +265,24 @@ def _warn_if_suspect(report: dict[str, Any], config: Track4DConfig) -> None:
     from the projections' estimate."""
     mismatch, estimate = report["period_mismatch_pct"], report["period_estimate_s"]
     if config.period_from_projections and estimate is None:
-        err_console.print(f"[yellow]warning: the projections show no breathing period (scan too short "
-                          f"or no motion seen): the period was learned from "
-                          f"{report['period_initial_s']:g} s[/yellow]", highlight=False)
+        _warn(f"the projections show no breathing period (scan too short or no motion seen): the "
+              f"period was learned from {report['period_initial_s']:g} s")
     if estimate is not None and report["motion_mm"] < report["motion_floor_mm"]:
-        err_console.print(f"[yellow]warning: the deformation learned no visible motion "
-                          f"({report['motion_mm']:.2f} mm, under half a voxel) though the projections "
-                          f"show a {estimate:.3f} s period: these volumes are a static fit; rerun with "
-                          f"another --seed or more --iterations[/yellow]", highlight=False)
+        _warn(f"the deformation learned no visible motion ({report['motion_mm']:.2f} mm, under half a "
+              f"voxel) though the projections show a {estimate:.3f} s period: these volumes are a "
+              f"static fit; rerun with another --seed or more --iterations")
         return  # the period of a model that does not move means nothing
     if mismatch is None or mismatch <= PERIOD_MISMATCH_PCT:
         return
     advice = ("give the period if you know it: --period-init SECONDS" if config.period_from_projections
               else f"rerun with --period-init {AUTO} to start from the estimate")
-    err_console.print(f"[yellow]warning: the learned period {report['period_s']:.3f} s is {mismatch:.0f} % "
-                      f"from the {report['period_estimate_s']:.3f} s the projections show: {advice}[/yellow]",
-                      highlight=False)
+    _warn(f"the learned period {report['period_s']:.3f} s is {mismatch:.0f} % from the {estimate:.3f} s "
+          f"the projections show: {advice}")
+
+
+def _warn(message: str) -> None:
+    """One yellow ``warning: ...`` line on stderr."""
+    err_console.print(f"[yellow]warning: {message}[/yellow]", highlight=False)
 
 
 @app.command()
