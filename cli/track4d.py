@@ -72,6 +72,11 @@ class DeformationChoice(str, Enum):
     anchors = "anchors"
 
 
+class TimeInputChoice(str, Enum):
+    time = "time"
+    phase = "phase"
+
+
 def _fingerprint(data: Projection4D) -> str:
     """SHA-256 of the training projections, their geometry and times (detects changed data)."""
     h = hashlib.sha256()
@@ -89,14 +94,16 @@ def _output_times(data: Projection4D, period_s: float) -> tuple[torch.Tensor, st
             f"{DEFAULT_PHASES} times over one learned cycle from mid-scan ({t0:g} s)")
 
 
-def _new_settings(case: Path, deformation: Optional[str], iterations: Optional[int],
-                  static_iterations: Optional[int], period_init: Union[float, str, None],
-                  seed: Optional[int], checkpoint_every: Optional[int]) -> dict[str, Any]:
+def _new_settings(case: Path, deformation: Optional[str], time_input: Optional[str],
+                  iterations: Optional[int], static_iterations: Optional[int],
+                  period_init: Union[float, str, None], seed: Optional[int],
+                  checkpoint_every: Optional[int]) -> dict[str, Any]:
     base = Track4DConfig()
     recipe = GSConfig(**{**base.recipe.to_dict(), "seed": 0 if seed is None else seed,
                          **({} if static_iterations is None else {"iterations": static_iterations})})
     config = Track4DConfig(**{**base.to_dict(), "recipe": recipe,
                               "deformation": deformation or base.deformation,
+                              "time_input": time_input or base.time_input,
                               **({} if iterations is None else {"iterations": iterations}),
                               **({} if period_init is None else {"period_from_projections": True}
                                  if period_init == AUTO else {"period_init_s": period_init})})
@@ -124,7 +131,8 @@ def _parse_period_init(text: Optional[str]) -> Union[float, str, None]:
 def _known(s: dict) -> dict[str, Any]:
     """The options of the run whose config.json is ``s``."""
     cfg = Track4DConfig.from_dict(s["config"])
-    return {"--deformation": cfg.deformation, "--iterations": cfg.iterations,
+    return {"--deformation": cfg.deformation, "--time-input": cfg.time_input,
+            "--iterations": cfg.iterations,
             "--static-iterations": cfg.recipe.iterations, "--period-init": _period_init(cfg),
             "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"]}
 
@@ -163,7 +171,8 @@ def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str,
 
 def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     out_console.print(f"track4d of {case}: {report['views']} projections over "
-                      f"{report['scan_seconds']:g} s; {report['deformation']}, {report['device']}",
+                      f"{report['scan_seconds']:g} s; {report['deformation']} "
+                      f"({report['time_input']} input), {report['device']}",
                       highlight=False)
     truth = report["period_truth_s"]
     rows = [("period (s)", fmt(report["period_s"], 3)
@@ -180,14 +189,15 @@ def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     print_summary(rows, [out / f for f in OUTPUTS])
 
 
-def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iterations: Optional[int],
-                  static_iterations: Optional[int], period_init: Union[float, str, None],
+def run_breathing(case: Path, out: Path, *, deformation: Optional[str], time_input: Optional[str],
+                  iterations: Optional[int], static_iterations: Optional[int],
+                  period_init: Union[float, str, None],
                   seed: Optional[int], checkpoint_every: Optional[int], resume: bool, force: bool,
                   device) -> None:
     """``rgs track4d --mode breathing``: see the module."""
     t_start = time.perf_counter()
     if resume:
-        given = {"--deformation": deformation, "--iterations": iterations,
+        given = {"--deformation": deformation, "--time-input": time_input, "--iterations": iterations,
                  "--static-iterations": static_iterations, "--period-init": period_init,
                  "--seed": seed, "--checkpoint-every": checkpoint_every}
         settings = resume_settings(out, case, "breathing", _known, given)
@@ -196,8 +206,8 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
         volume_io.check_writable([out / f for f in (PHASES, GIF, METRICS)], force)
     else:
         check_new_run(out, OUTPUTS, force)
-        settings = _new_settings(case, deformation, iterations, static_iterations, period_init, seed,
-                                 checkpoint_every)
+        settings = _new_settings(case, deformation, time_input, iterations, static_iterations,
+                                 period_init, seed, checkpoint_every)
     dev = start(device)
     seconds: dict[str, float] = {}
     stage = stage_timer(seconds)
@@ -222,7 +232,8 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
                          "grid": data.grid.to_dict(), "rgs_version": rgs_engine.__version__,
                          "command": "rgs track4d " + shlex.join(
                              [settings["data"], "--out", str(out.resolve()), "--mode", "breathing",
-                              "--deformation", config.deformation, "--iterations", str(config.iterations),
+                              "--deformation", config.deformation, "--time-input", config.time_input,
+                              "--iterations", str(config.iterations),
                               "--static-iterations", str(config.recipe.iterations),
                               "--period-init", str(_period_init(config)),
                               "--seed", str(config.recipe.seed),
@@ -250,7 +261,8 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], iteratio
                              frame_seconds=float(steps.mean()) if even else None)
         series = ({"ground truth": data.phases} if data.phases is not None else {}) | {"rgs": volumes.cpu()}
         imaging.slices_gif(out / GIF, series, data.grid, force=True)
-    report.update({"mode": "breathing", "deformation": config.deformation, "views": data.num_views,
+    report.update({"mode": "breathing", "deformation": config.deformation, "time_input": config.time_input,
+                   "views": data.num_views,
                    "scan_seconds": data.scan_seconds, "conventions": data.conventions,
                    "iterations": rec.iteration, "num_gaussians": len(rec.static.gaussians),
                    "final_loss": stats["loss"], "resumed_from": resumed_from})
@@ -298,6 +310,11 @@ def track4d(
     deformation: Annotated[Optional[DeformationChoice], typer.Option(
         help="breathing: kplanes (spatio-temporal planes + MLP) or anchors (skinned anchors + "
              "transformer). [default: kplanes]")] = None,
+    time_input: Annotated[Optional[TimeInputChoice], typer.Option(
+        "--time-input", help="breathing: what the deformation sees: time (scan time, so cycles "
+                             "may differ; periodic-consistency loss) or phase (time modulo the "
+                             "learned period: every cycle alike, better for regular breathing "
+                             "with --period-init auto). [default: time]")] = None,
     iterations: Annotated[Optional[int], typer.Option(
         help=f"Training iterations (breathing: of the deformation stage). [default: breathing "
              f"{Track4DConfig().iterations}, dsa {DsaConfig().iterations}]")] = None,
@@ -345,8 +362,8 @@ def track4d(
             f"--time-smoothness {time_smoothness}: give a weight >= 0")
     require(case.exists(), f"{case} not found: pass the case to reconstruct")
     if mode is ModeChoice.dsa:
-        for option, value in {"--deformation": deformation, "--static-iterations": static_iterations,
-                              "--period-init": period_init}.items():
+        for option, value in {"--deformation": deformation, "--time-input": time_input,
+                              "--static-iterations": static_iterations, "--period-init": period_init}.items():
             require(value is None, f"{option} does not apply to --mode dsa: drop it")
         from .track4d_dsa import run_dsa
         run_dsa(case, out, views=views, iterations=iterations, seed=seed,
@@ -358,7 +375,8 @@ def track4d(
         require(value is None, f"{option} does not apply to --mode breathing: the whole scan is "
                                "used and phases.nii.gz holds the phase times; drop it")
     run_breathing(case, out, deformation=deformation.value if deformation else None,
-                  iterations=iterations, static_iterations=static_iterations, period_init=period_init,
+                  time_input=time_input.value if time_input else None, iterations=iterations,
+                  static_iterations=static_iterations, period_init=period_init,
                   seed=seed, checkpoint_every=checkpoint_every, resume=resume, force=force, device=device)
 
 

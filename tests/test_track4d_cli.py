@@ -63,18 +63,22 @@ def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, Track4DReconstruction, 25, "signal")  # Ctrl-C during step 25: the run stops after it
     result = invoke("track4d", case, "--out", out, *SHORT[:4], "--period-init", "auto",
-                    "--deformation", "anchors")
+                    "--deformation", "anchors", "--time-input", "phase")
     assert result.exit_code == 130, result.output
-    assert "--period-init auto" in json.loads((out / "config.json").read_text())["command"]
+    command = json.loads((out / "config.json").read_text())["command"]
+    assert "--period-init auto" in command and "--time-input phase" in command
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
     bad = invoke("track4d", case, "--out", out, "--resume", "--deformation", "kplanes")
     assert_one_line_error(bad, "--deformation kplanes differs from the run")
     bad = invoke("track4d", case, "--out", out, "--resume", "--period-init", "3.5")
     assert_one_line_error(bad, "--period-init 3.5 differs from the run")
+    bad = invoke("track4d", case, "--out", out, "--resume", "--time-input", "time")
+    assert_one_line_error(bad, "--time-input time differs from the run")
     result = invoke("track4d", case, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
-    assert m["resumed_from"] == 25 and m["iterations"] == 40 and m["deformation"] == "anchors"
+    assert m["resumed_from"] == 25 and m["iterations"] == 40
+    assert m["deformation"] == "anchors" and m["time_input"] == "phase"
     # the estimate made when stage 2 started (step 21) came back with the checkpoint
     assert m["period_initial_s"] == m["period_estimate_s"] and abs(m["period_estimate_s"] - 4.0) < 0.4
 

@@ -102,6 +102,8 @@ def test_bad_input_is_one_line_errors(case, tmp_path):
                         "--times 9 outside the run"),
                        ((case, "--out", out, "--mode", "dsa", "--time-smoothness", "-1"),
                         "--time-smoothness -1.0: give a weight >= 0"),
+                       ((case, "--out", out, "--mode", "dsa", "--time-input", "phase"),
+                        "--time-input does not apply to --mode dsa"),
                        ((tmp_path, "--out", out, "--mode", "dsa"), "transforms.json: missing"),
                        ((case, "--out", out, "--mode", "dsa", "--resume"), "there is no run to resume")):
         assert_one_line_error(invoke("track4d", *args), text)
