@@ -37,8 +37,9 @@ of 12 time cells per initial period: 2.8-4.5 dB in 11 runs, 1.05 dB in a twelfth
 in five of five runs when stage 2 starts from the projections' period (below). With
 phase input the period stays near 2.8 s (17-20 % off: the data term's basin around the true
 period is about 1 / (cycles in the scan) wide) and nothing is gained, so phase input is for
-periods known to that precision. With an earlier (octave) time encoding of the anchors the
-period drifted to 2.44 s when it learned from the first step, hence ``period_start``.
+periods known to that precision, e.g. the projections' estimate (below). With an earlier
+(octave) time encoding of the anchors the period drifted to 2.44 s when it learned from the
+first step, hence ``period_start``.
 On an NVIDIA H200, on breathing cases made from the real chest CT by ``rgs simulate4d``
 (256^3-class grid, 300 projections of 256^2 over 60 s, 15 mm SI / 5 mm AP, TIGRE noise
 1e4 / 10; ``validation/track4d.md``), the defaults take 2-3 minutes (kplanes 125-163 s,
@@ -47,15 +48,15 @@ took kplanes from 180 s): the period comes out within 0.2 % (regular) and 1.3 %
 (irregular); the mean per-phase 3D PSNR is 35.9 dB (regular; three runs of the same
 recipe gave 34.98, 35.72 and 35.93 dB: float atomics change which Gaussians densify)
 against 34.4 dB for the static recipe on the same projections and 36.9 dB for the static
-recipe on the CT held still (the noise's ceiling). 3000 static + 4000 deformation steps
-gave 35.58 dB in 187 s. The ceiling itself moves little with capacity: the static recipe on
-the still CT gave 37.43 dB with 6000 steps, 37.48 dB from 150k initial Gaussians and
-37.72 dB with both (74 s). Single 4D runs on the regular case (H200): the default again
-34.77 dB; 150k initial Gaussians 36.30 dB (203 s; with 2000 static steps 36.21 dB, 221 s);
-6 time cells per initial period 36.23 and 36.16 dB (seed 0, 116 s) but 34.67 dB with seed 1,
-whose period stayed at 2.83 s; 8 time cells 35.79 dB. None reaches static + 3 dB (37.4 dB)
-and one run per setting does not separate them from the default's spread, so none became
-the default.
+recipe on the CT held still (its ceiling, not the 4D runs': phase input passes it, below).
+3000 static + 4000 deformation steps gave 35.58 dB in 187 s. The ceiling itself moves little
+with capacity: the static recipe on the still CT gave 37.43 dB with 6000 steps, 37.48 dB
+from 150k initial Gaussians and 37.72 dB with both (74 s). Single 4D runs on the regular
+case (H200): the default again 34.77 dB; 150k initial Gaussians 36.30 dB (203 s; with 2000
+static steps 36.21 dB, 221 s); 6 time cells per initial period 36.23 and 36.16 dB (seed 0,
+116 s) but 34.67 dB with seed 1, whose period stayed at 2.83 s; 8 time cells 35.79 dB. None
+reaches static + 3 dB (37.4 dB; phase input with 5000 deformation steps does, below) and one
+run per setting does not separate them from the default's spread, so none became the default.
 
 **The period from the projections** (:meth:`Track4DReconstruction.estimate_period`, made
 when stage 2 starts, reported always and compared with the learned period
@@ -95,7 +96,17 @@ default's 31.7 / 34.8 dB (seeds 0, 1; the default with 4 or 2 time cells per per
 steps, one run each) it gave 33.34 dB (period 3.5003 s) against 32.37 dB (3.4962 s) on the
 regular case, +0.9 to +1.0 dB at every phase, and 32.87 dB (3.5912 s, 2.6 % from the 3.5 s
 mean) against 32.40 dB (3.5657 s) on the irregular one, 0.3 dB lower at two inhale phases,
-whose cycle-to-cycle changes phase input cannot represent; not yet measured on the GPU cases.
+whose cycle-to-cycle changes phase input cannot represent. On the H200 cases (exp runs of the
+engine, then ``validation/track4d.py``, one run per line): regular, phase input from the
+estimate 37.22 / 37.13 dB (seeds 0, 1; 101 / 99 s of training; 8.2-8.4 mm of motion) and
+37.14 dB in the validation run (131 s whole command), against the default's 35.18 / 35.36 dB
+(121 / 127 s) in the same session: +1.9 dB, flat over the phases (37.0-37.5 dB); 24 instead
+of 12 time cells 37.05 dB; 5000 deformation steps 37.65 dB (207 s of training), static +3.2
+dB. Irregular: 35.54 / 35.49 dB against 35.11 dB, but 1.0-1.3 dB lower at the three inhale
+phases and the period 3.602 / 3.606 s, 3.0 % from the 3.5 s mean of the cycle draw (0.8 %
+from the 3.576 s the scan's cycles average; the default 3.547 s). So phase input is an
+option (``rgs track4d --time-input phase --period-init auto``) for regular breathing, not the
+default, which must follow free breathing cycle by cycle.
 
 **Densifying in stage 2** by the deformed renderings' position gradients (gs_recon's clone /
 split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of

@@ -14,7 +14,8 @@ cycle in mid-scan. Per case, every method reconstructs the same projections:
 * ``kplanes`` / ``anchors``: ``rgs track4d CASE --out DIR --deformation M`` with the default
   recipe, run as a user runs it (a subprocess; ``seconds`` is its wall time, loading included);
   ``kplanes-auto`` / ``anchors-auto`` the same with ``--period-init auto`` (the period learned
-  from the projections' own estimate instead of 2.8 s);
+  from the projections' own estimate instead of 2.8 s); ``kplanes-phase`` adds
+  ``--time-input phase`` to ``kplanes-auto`` (every cycle alike);
 * ``static``: the static Gaussian recipe of ``rgs recon`` (``GaussianReconstruction`` with
   the default ``GSConfig``) on all projections, ignoring time: one volume, compared to every
   phase; ``fdk``: FDK of all projections, the same way.
@@ -59,17 +60,23 @@ from rich.console import Console  # noqa: E402
 
 from rgs_engine import data4d, fdk, metrics, runtime  # noqa: E402
 from rgs_engine import simulate4d as sim4d  # noqa: E402
+from rgs_engine.breathing import breathing_cycles  # noqa: E402
 from rgs_engine.simulate import parse_noise  # noqa: E402
 from rgs_engine.gs_recon import GaussianReconstruction, GSConfig  # noqa: E402
 from rgs_engine.volume_io import load_json, save_json, write_bytes  # noqa: E402
 
 CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
 CASES = ("regular", "irregular")
-TRACK4D = ("kplanes", "anchors", "kplanes-auto", "anchors-auto")  # rgs track4d: deformation[-period init]
+TRACK4D = {  # rgs track4d runs: method -> options
+    "kplanes": (), "anchors": ("--deformation", "anchors"),
+    "kplanes-auto": ("--period-init", "auto"),
+    "anchors-auto": ("--deformation", "anchors", "--period-init", "auto"),
+    "kplanes-phase": ("--time-input", "phase", "--period-init", "auto")}
 METHODS = (*TRACK4D, "static", "fdk", "ceiling")
 LABELS = {"kplanes": "rgs track4d (kplanes)", "anchors": "rgs track4d (anchors)",
           "kplanes-auto": "rgs track4d (kplanes, --period-init auto)",
           "anchors-auto": "rgs track4d (anchors, --period-init auto)",
+          "kplanes-phase": "rgs track4d (kplanes, --time-input phase --period-init auto)",
           "static": "static Gaussians (rgs recon)", "fdk": "FDK (static)",
           "ceiling": "ceiling: static Gaussians of the CT held still"}
 GRID, PROJECTIONS, DET = 256, 300, 256
@@ -122,9 +129,8 @@ def run_track4d(case_path: Path, method: str, work: Path, quick: bool, device: s
     import nibabel as nib
 
     out = work / method
-    deformation, _, start = method.partition("-")
     cmd = [sys.executable, "-m", "cli", "track4d", str(case_path), "--out", str(out), "--force",
-           "--deformation", deformation, "--device", device] + (["--period-init", start] if start else [])
+           "--device", device, *TRACK4D[method]]
     if quick:
         cmd += ["--static-iterations", "20", "--iterations", "20"]
     console.print("$ " + " ".join(cmd))
@@ -158,6 +164,12 @@ def ceiling(spec: sim4d.BreathingSpec, args, dev) -> dict:
     volume = static_fit(still, args, dev)
     runtime.sync()
     return {"seconds": time.perf_counter() - t0, **scores(volume, still.phases.to(dev))}
+
+
+def cycles_mean_s(setup: dict) -> float:
+    """The mean length (s) of the breathing cycles covering the scan of a case's ``setup``."""
+    starts, _ = breathing_cycles(setup["scan_seconds"], setup["period_s"], setup["irregular"], setup["seed"])
+    return float(np.mean(np.diff(np.asarray(starts))))
 
 
 def case_key(case: str, noise) -> str:
@@ -204,6 +216,7 @@ def run_case(args, case: str) -> dict:
                                               "psnr_3d_mean", "ssim_3d_mean", "psnr_2d_test",
                                               "ssim_2d_test", "seconds", "seconds_by_stage",
                                               "iterations", "num_gaussians", "wall_seconds")}
+                row["motion_mm"] = report["motion_mm"]
                 res["slices"][method] = [coronal(phases[i_a]), coronal(phases[i_b])]
             elif method == "ceiling":
                 row = ceiling(spec, args, dev)
@@ -232,11 +245,15 @@ def bars(results: dict[str, dict]) -> list[tuple[str, str, str]]:
     rows = []
     periods = [(c, m, r["methods"][m]["period_error_pct"]) for c, r in results.items()
                for m in TRACK4D if m in r["methods"]]
-    if periods:
-        worst = max(p[2] for p in periods)
-        rows.append((f"learned period within {BARS['period_error_pct']:g} % of the truth",
+    for default in (True, False):
+        chosen = [p for p in periods if (p[1] == "kplanes") == default]
+        if not chosen:
+            continue
+        worst = max(p[2] for p in chosen)
+        rows.append((f"learned period within {BARS['period_error_pct']:g} % of the truth"
+                     + (" (kplanes, the default)" if default else ", other recipes"),
                      "PASS" if worst <= BARS["period_error_pct"] else "FAIL",
-                     ", ".join(f"{c} {m} {e:.2f} %" for c, m, e in periods)))
+                     ", ".join(f"{c} {m} {e:.2f} %" for c, m, e in chosen)))
     for case, r in results.items():
         methods = r["methods"]
         if "static" not in methods or "kplanes" not in methods:
@@ -247,14 +264,14 @@ def bars(results: dict[str, dict]) -> list[tuple[str, str, str]]:
                          "PASS" if gain >= BARS["regular_gain_db"] else "FAIL", f"+{gain:.2f} dB"))
         else:
             rows.append((f"{case}: stated margin over static (kplanes)", "stated", f"{gain:+.2f} dB"))
-        for method in TRACK4D[1:]:
+        for method in list(TRACK4D)[1:]:
             if method in methods:
                 other = methods[method]["psnr_3d_mean"] - methods["static"]["psnr_3d_mean"]
                 rows.append((f"{case}: margin over static, {LABELS[method]}", "stated", f"{other:+.2f} dB"))
         if "ceiling" in methods:
             room = methods["ceiling"]["psnr_3d_mean"] - methods["static"]["psnr_3d_mean"]
-            rows.append((f"{case}: room left by the noise (ceiling - static, not a bar)", "context",
-                         f"{room:+.2f} dB"))
+            rows.append((f"{case}: static recipe on the still CT minus static (ceiling - static, "
+                         "not a bar)", "context", f"{room:+.2f} dB"))
     for case, r in results.items():
         if "kplanes" in r["methods"]:
             s = r["methods"]["kplanes"]["seconds"]
@@ -277,27 +294,35 @@ def markdown(results: dict[str, dict]) -> str:
              f"{s['phases']} ground-truth phases over the cycle in mid-scan. Every method sees the "
              "same projections; static methods give one volume, scored against every phase.", "",
              "| case | method | period (s) | period error | period from the projections (s) | "
-             "PSNR 3D mean (dB) | SSIM 3D mean | vs static (dB) | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "motion (mm) | PSNR 3D mean (dB) | SSIM 3D mean | vs static (dB) | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case, r in results.items():
         static = r["methods"].get("static", {}).get("psnr_3d_mean")
         for method, row in r["methods"].items():
             period = f"{row['period_s']:.4f}" if "period_s" in row else "-"
             error = f"{row['period_error_pct']:.2f} %" if "period_s" in row else "-"
             estimate = f"{row['period_estimate_s']:.4f}" if row.get("period_estimate_s") else "-"
+            motion = f"{row['motion_mm']:.2f}" if "motion_mm" in row else "-"
             gain = f"{row['psnr_3d_mean'] - static:+.2f}" if static is not None and method != "ceiling" else "-"
-            lines.append(f"| {case} | {LABELS[method]} | {period} | {error} | {estimate} | "
+            lines.append(f"| {case} | {LABELS[method]} | {period} | {error} | {estimate} | {motion} | "
                          f"{row['psnr_3d_mean']:.2f} | {row['ssim_3d_mean']:.4f} | {gain} | {row['seconds']:.1f} |")
-    lines += ["", "True period 3.5 s (the irregular case's mean). `seconds`: the whole `rgs track4d` "
+    irregular = next((r["setup"] for r in results.values() if r["setup"]["irregular"]), None)
+    drawn = "" if irregular is None else (
+        f"; its cycles over the scan average {cycles_mean_s(irregular):.3f} s")
+    lines += ["", f"True period {s['period_s']:g} s (the mean of the irregular case's cycle draw{drawn}). "
+              "`seconds`: the whole `rgs track4d` "
               "invocation (loading, both stages, metrics, writing) for the 4D methods; training "
               "(static) or the reconstruction (FDK) for the others. `period from the projections`: "
               "the estimate `rgs track4d` reports (and starts the period from with `--period-init "
-              "auto`; the default starts at X2-Gaussian's 2.8 s); `-` where the run predates it.", "",
+              "auto`; the default starts at X2-Gaussian's 2.8 s); `motion`: the learned motion's size "
+              "(`motion_mm` of `metrics.json`, 99th percentile over the Gaussians); `-` where the "
+              "run predates the column.", "",
               "The `ceiling` rows fit the same scan of the CT held still (no motion) with the static "
-              "recipe: the PSNR that the noise and the Gaussian recipe allow. A motion model can at "
-              "best remove the motion blur, so `ceiling - static` is about the most it can gain over "
-              "the static fit; where that room is under 3 dB, the +3 dB bar cannot be met on that case "
-              "by removing motion alone.", "", "## Bars", "",
+              "recipe: the PSNR that the noise allows that recipe without motion blur. It is not a "
+              "bound on the 4D runs, which follow another schedule (1000 static + 3000 deformation "
+              f"steps against the static recipe's {GSConfig().iterations}, with other densification): "
+              "`ceiling - static` is context, not the most a motion model can gain.", "",
+              "## Bars", "",
               "| bar | result | measured |", "|---|---|---|"]
     lines += [f"| {b} | {v} | {m} |" for b, v, m in bars(results)]
     lines += ["", "![per-phase PSNR and coronal slices](track4d.png)", ""]
