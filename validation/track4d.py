@@ -215,8 +215,8 @@ def run_case(args, case: str) -> dict:
                                               "period_estimate_s", "psnr_3d", "ssim_3d",
                                               "psnr_3d_mean", "ssim_3d_mean", "psnr_2d_test",
                                               "ssim_2d_test", "seconds", "seconds_by_stage",
-                                              "iterations", "num_gaussians", "wall_seconds")}
-                row["motion_mm"] = report["motion_mm"]
+                                              "iterations", "num_gaussians", "motion_mm",
+                                              "wall_seconds")}
                 res["slices"][method] = [coronal(phases[i_a]), coronal(phases[i_b])]
             elif method == "ceiling":
                 row = ceiling(spec, args, dev)
