@@ -89,25 +89,27 @@ enters their tokens additively, so they move from the first step (CPU toy,
 late start costs PSNR (the default's spread) and may not end within the recipe, hence
 ``motion_mm`` in ``rgs track4d``'s metrics and its warning below
 :attr:`~Track4DReconstruction.motion_floor_mm`. Time planes started at 1 +- 0.1 did not move
-sooner (seed 2: none after 600 steps). On the CPU toy, phase input started from the
-projections' estimate moves within 50 steps (9-12 mm) and gave 36.1 / 37.3 dB against the
-default's 31.7 / 34.8 dB (seeds 0, 1; the default with 4 or 2 time cells per period instead of
-12 moved later or never); on the real CT at 48^3 (CPU, 300 projections of 48^2, 300 + 1000
-steps, one run each) it gave 33.34 dB (period 3.5003 s) against 32.37 dB (3.4962 s) on the
-regular case, +0.9 to +1.0 dB at every phase, and 32.87 dB (3.5912 s, 2.6 % from the 3.5 s
-mean) against 32.40 dB (3.5657 s) on the irregular one, 0.3 dB lower at two inhale phases,
-whose cycle-to-cycle changes phase input cannot represent. On the H200 cases (exp runs of the
-engine, then ``validation/track4d.py``, one run per line): regular, phase input from the
-estimate 37.22 / 37.13 dB (seeds 0, 1; 101 / 99 s of training; 8.2-8.4 mm of motion) and
-37.14 dB in the validation run (131 s whole command), against the default's 35.18 / 35.36 dB
-(121 / 127 s) in the same session: +1.9 dB, flat over the phases (37.0-37.5 dB); 24 instead
-of 12 time cells 37.05 dB; 5000 deformation steps 37.65 dB (207 s of training), static +3.2
-dB. Irregular: 35.54 / 35.49 dB against 35.11 dB, but 1.0-1.3 dB lower at the three inhale
-phases and the period 3.602 / 3.606 s, 3.0 % from the 3.5 s mean of the cycle draw (0.8 %
-from the 3.576 s the scan's cycles average; the default 3.547 s). So phase input is an
+sooner (seed 2: none after 600 steps).
+
+**Phase input started from the projections' estimate** (``time_input="phase"`` with
+``period_from_projections``): on the CPU toy it moves within 50 steps (9-12 mm) and gave 36.1
+/ 37.3 dB against the default's 31.7 / 34.8 dB (seeds 0, 1; the default with 4 or 2 time cells
+per period instead of 12 moved later or never); on the real CT at 48^3 (CPU, 300 projections
+of 48^2, 300 + 1000 steps, one run each) it gave 33.34 dB (period 3.5003 s) against 32.37 dB
+(3.4962 s) on the regular case, +0.9 to +1.0 dB at every phase, and 32.87 dB (3.5912 s, 2.6 %
+from the 3.5 s mean) against 32.40 dB (3.5657 s) on the irregular one, 0.3 dB lower at two
+inhale phases, whose cycle-to-cycle changes phase input cannot represent. On the H200 cases
+(exp runs of the engine, then ``validation/track4d.py``, one run per line): regular, phase
+input from the estimate 37.22 / 37.13 dB (seeds 0, 1; 101 / 99 s of training; 8.2-8.4 mm of
+motion) and 37.14 dB in the validation run (131 s whole command), against the default's 35.18
+/ 35.36 dB (121 / 127 s) in the same session: +1.9 dB, flat over the phases (37.0-37.5 dB); 24
+instead of 12 time cells 37.05 dB; 5000 deformation steps 37.65 dB (207 s of training), static
++3.2 dB. Irregular: 35.54 / 35.49 dB against 35.11 dB, but 1.0-1.3 dB lower at the three
+inhale phases and the period 3.602 / 3.606 s, 3.0 % from the 3.5 s mean of the cycle draw (0.8
+% from the 3.576 s the scan's cycles average; the default 3.547 s). So phase input is an
 option (``rgs track4d --time-input phase --period-init auto``) for regular breathing, not the
-default, which must follow free breathing cycle by cycle. A stronger periodic consistency does not
-pool the cycles in time mode instead: on the real CT at 48^3 (CPU, as above, one run each)
+default, which must follow free breathing cycle by cycle. A stronger periodic consistency does
+not pool the cycles in time mode instead: on the real CT at 48^3 (CPU, as above, one run each)
 ``consistency_weight`` 1 and 10 learned no motion (0.01 / 0.00 mm; periods 3.222 / 2.816 s)
 and 32.52 / 32.54 dB, against 8.43 mm, 3.4981 s and 32.49 dB with the default 0.1.
 
