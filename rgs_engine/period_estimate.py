@@ -1,4 +1,4 @@
-"""The breathing period from the projections alone: a motion surrogate and its periodogram.
+"""The breathing period from the projections alone: a motion surrogate, its periodogram, its cycles.
 
 On a circular scan the patient's superior-inferior axis is the rotation axis, which every
 view sees along its detector rows, so breathing moves the content of each projection along
@@ -14,7 +14,13 @@ of every view (e.g. a static fit of all projections):
   signal's variance that ``a + b cos(2 pi t / P) + c sin(2 pi t / P)`` explains (in [0, 1]);
 * :func:`estimate_period`: its highest peak between ``min_s`` and ``max_s`` seconds on a
   frequency grid oversampled ``OVERSAMPLING`` times the scan's resolution ``1 / span``,
-  refined by a parabola through the peak and its neighbours.
+  refined by a parabola through the peak and its neighbours;
+* :func:`cycle_offsets`: how regular the breathing is. The signal's mean cycle at the
+  period (a ``harmonics``-term Fourier series fitted to all samples) is matched to each
+  cycle of the scan (a window of ``CYCLE_WINDOW`` periods around it: offset + scale x the
+  mean cycle shifted in time, least squares), and the best shift of each is its phase offset
+  (in cycles): constant for strictly periodic breathing, wandering when cycle lengths vary.
+  Its standard deviation is :func:`phase_wander`.
 
 The estimate assumes the motion has a component along the detector rows and that the
 fundamental dominates the breathing curve's harmonics (true of Lujan's ``sin^(2n)`` curves,
@@ -22,6 +28,7 @@ whose first harmonic is 2.5 times the second for ``n = 3``).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -30,6 +37,9 @@ from .errors import RgsInputError
 
 OVERSAMPLING = 8
 MIN_PERIOD_S, MAX_PERIOD_S = 1.5, 10.0  # 6 to 40 breaths per minute
+CYCLE_HARMONICS = 3  # Fourier terms of the mean cycle (Lujan's curves: the fourth is < 2 %)
+CYCLE_WINDOW = 1.5  # periods of signal matched around each cycle
+CYCLE_SHIFTS = 101  # trial shifts of the mean cycle per window, over one period
 
 
 class PeriodEstimate(NamedTuple):
@@ -92,3 +102,52 @@ def estimate_period(times_s: torch.Tensor, signal: torch.Tensor, min_s: float = 
         if curve < 0:
             freq += step * 0.5 * (a - c) / curve
     return PeriodEstimate(1.0 / freq, float(powers[k]), 1.0 / freqs, powers)
+
+
+def _cycle_basis(times_s: torch.Tensor, period_s: float, harmonics: int) -> torch.Tensor:
+    """(N, 2 K) ``[cos 2 pi k t / P, sin 2 pi k t / P]`` for ``k = 1 .. K``."""
+    angle = 2 * torch.pi * times_s[:, None] / period_s * torch.arange(1, harmonics + 1).to(times_s)
+    return torch.cat([angle.cos(), angle.sin()], 1)
+
+
+def cycle_offsets(times_s: torch.Tensor, signal: torch.Tensor, period_s: float,
+                  harmonics: int = CYCLE_HARMONICS) -> torch.Tensor:
+    """(J,) float64 phase offsets (cycles, in ``[-0.5, 0.5]``) of the J whole cycles of
+    ``signal`` (N,) at ``times_s`` (N,) seconds from its mean cycle at ``period_s`` (see the
+    module); cycle j is centred at ``t_min + (j + 1/2) period_s``. Needs two whole cycles."""
+    t = times_s.to(signal.device, torch.float64).reshape(-1)
+    y = signal.to(torch.float64).reshape(-1)
+    if not (math.isfinite(period_s) and period_s > 0) or t.numel() != y.numel():
+        raise RgsInputError(f"cycle offsets need one time per sample and a positive period, got "
+                            f"{t.numel()} times, {y.numel()} samples, period {period_s!r}")
+    centres = float(t.min()) + period_s * (torch.arange(int((float(t.max() - t.min())) // period_s),
+                                                        dtype=torch.float64, device=t.device) + 0.5)
+    if centres.numel() < 2:
+        raise RgsInputError(f"the samples span less than two {period_s:.3g} s cycles: "
+                            "no cycle-to-cycle comparison")
+    design = torch.cat([torch.ones_like(t)[:, None], _cycle_basis(t, period_s, harmonics)], 1)
+    coef = torch.linalg.lstsq(design, y[:, None]).solution[1:, 0]          # the mean cycle
+    shifts = torch.linspace(-0.5, 0.5, CYCLE_SHIFTS, dtype=torch.float64, device=t.device)
+    g = torch.stack([_cycle_basis(t - d * period_s, period_s, harmonics) @ coef for d in shifts])  # (M, N)
+    w = ((t[None] - centres[:, None]).abs() <= CYCLE_WINDOW * period_s / 2).to(t)   # (J, N)
+    # per window and shift: least squares y ~ a + b g, residual from the weighted sums
+    n, sy, syy = w.sum(1, keepdim=True), w @ y[:, None], w @ (y * y)[:, None]
+    sg, sgg, sgy = w @ g.T, w @ (g * g).T, w @ (g * y).T                 # (J, M)
+    cov_gy, var_g, var_y = sgy - sg * sy / n, sgg - sg * sg / n, syy - sy * sy / n
+    b = cov_gy / var_g.clamp_min(1e-300)
+    resid = torch.where(b > 0, var_y - b * cov_gy, torch.inf)             # the mean cycle's polarity
+    k = resid.argmin(1)
+    best = shifts[k]
+    inner = (k > 0) & (k < CYCLE_SHIFTS - 1)
+    kk = k.clamp(1, CYCLE_SHIFTS - 2)
+    r0, r1, r2 = (resid.gather(1, (kk + d)[:, None])[:, 0] for d in (-1, 0, 1))
+    curve = r0 - 2 * r1 + r2
+    refine = inner & torch.isfinite(curve) & (curve > 0)
+    step = float(shifts[1] - shifts[0])
+    return torch.where(refine, best + step * 0.5 * (r0 - r2) / torch.where(refine, curve, 1.0), best)
+
+
+def phase_wander(times_s: torch.Tensor, signal: torch.Tensor, period_s: float) -> float:
+    """Standard deviation (cycles) of :func:`cycle_offsets`: about 0 for breathing that keeps
+    one period, a tenth of a cycle for cycle lengths jittered by 10 %."""
+    return float(cycle_offsets(times_s, signal, period_s).std())
