@@ -13,11 +13,15 @@ period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
   ``period_s``), ``period_estimate_s`` / ``period_estimate_power`` (the period the
   projections show, :mod:`rgs_engine.period_estimate`, or null where the scan is too short),
   ``period_mismatch_pct`` (the learned period's distance from it; above 5 % a warning
-  suggests ``--period-init auto``), ``motion_mm`` (the learned motion's size: 99th percentile
+  suggests ``--period-init auto``), ``phase_wander_cycles`` (how far the scan's cycles
+  stray from that period, :func:`rgs_engine.period_estimate.phase_wander`), ``time_input``
+  (what the deformation saw: ``time`` or ``phase``; with ``--time-input auto``, the default,
+  phase where the phase wander is at most 0.03 cycles) and ``time_input_option``, ``motion_mm`` (the learned motion's size: 99th percentile
   over the Gaussians of the largest distance from their mean position over the output times;
   under ``motion_floor_mm``, half a voxel, a warning says the model learned no motion and the
   volumes are a static fit), ``period_initial_s`` (where the learning started:
-  ``--period-init`` seconds, or with ``auto`` the estimate), ``psnr_3d`` /
+  ``--period-init`` seconds, or with ``auto`` the estimate; by default the estimate with
+  phase input, 2.8 s with time input), ``psnr_3d`` /
   ``ssim_3d`` per phase and their means ``psnr_3d_mean`` / ``ssim_3d_mean`` against the
   ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the held-out views at their times,
   ``seconds`` (this invocation, loading included),
@@ -75,6 +79,7 @@ class DeformationChoice(str, Enum):
 class TimeInputChoice(str, Enum):
     time = "time"
     phase = "phase"
+    auto = "auto"
 
 
 def _fingerprint(data: Projection4D) -> str:
@@ -106,13 +111,17 @@ def _new_settings(case: Path, deformation: Optional[str], time_input: Optional[s
                               "time_input": time_input or base.time_input,
                               **({} if iterations is None else {"iterations": iterations}),
                               **({} if period_init is None else {"period_from_projections": True}
-                                 if period_init == AUTO else {"period_init_s": period_init})})
+                                 if period_init == AUTO else {"period_init_s": period_init,
+                                                              "period_from_projections": False})})
     return {"mode": "breathing", "data": str(case.resolve()), "config": config.to_dict(),
             "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}
 
 
-def _period_init(config: Track4DConfig) -> Union[float, str]:
-    """The ``--period-init`` value of ``config``: seconds or ``auto``."""
+def _period_init(config: Track4DConfig) -> Union[float, str, None]:
+    """The ``--period-init`` value of ``config``: seconds, ``auto``, or None (the default:
+    the time input's, see :attr:`Track4DReconstruction.period_from_projections`)."""
+    if config.period_from_projections is None:
+        return None
     return AUTO if config.period_from_projections else config.period_init_s
 
 
@@ -133,7 +142,8 @@ def _known(s: dict) -> dict[str, Any]:
     cfg = Track4DConfig.from_dict(s["config"])
     return {"--deformation": cfg.deformation, "--time-input": cfg.time_input,
             "--iterations": cfg.iterations,
-            "--static-iterations": cfg.recipe.iterations, "--period-init": _period_init(cfg),
+            "--static-iterations": cfg.recipe.iterations,
+            "--period-init": "default" if _period_init(cfg) is None else _period_init(cfg),
             "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"]}
 
 
@@ -143,6 +153,8 @@ def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str,
     volumes = rec.phases(times)
     estimate = rec.period_estimate
     report: dict[str, Any] = {
+        "time_input": rec.time_input, "time_input_option": rec.config.time_input,
+        "phase_wander_cycles": rec.phase_wander,
         "period_s": rec.period_s, "period_truth_s": data.period_s,
         "period_truth_source": data.period_source,
         "period_error_pct": None if data.period_s is None else 100 * abs(rec.period_s - data.period_s) / data.period_s,
@@ -172,13 +184,15 @@ def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str,
 def _summary(report: dict[str, Any], case: Path, out: Path) -> None:
     out_console.print(f"track4d of {case}: {report['views']} projections over "
                       f"{report['scan_seconds']:g} s; {report['deformation']} "
-                      f"({report['time_input']} input), {report['device']}",
+                      f"({report['time_input']} input"
+                      f"{', auto' if report['time_input_option'] == 'auto' else ''}), {report['device']}",
                       highlight=False)
     truth = report["period_truth_s"]
     rows = [("period (s)", fmt(report["period_s"], 3)
              + ("" if truth is None else f"  (truth {truth:g}, {report['period_error_pct']:.2f} % off)")),
             ("period from the projections (s)", fmt(report["period_estimate_s"], 3)),
             ("period learned from (s)", fmt(report["period_initial_s"], 3)),
+            ("phase wander of the cycles (cycles)", fmt(report["phase_wander_cycles"], 3)),
             ("motion learned (mm, 99th percentile)", fmt(report["motion_mm"])),
             ("PSNR 3D, mean over phases (dB)", fmt(report["psnr_3d_mean"])),
             ("SSIM 3D, mean over phases", fmt(report["ssim_3d_mean"], 4)),
@@ -228,6 +242,7 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], time_inp
                 "with --force instead of --resume")
         resumed_from = rec.iteration
     else:
+        period_init = _period_init(config)
         settings.update({"data_sha256": fingerprint, "views": data.num_views, "device": dev.type,
                          "grid": data.grid.to_dict(), "rgs_version": rgs_engine.__version__,
                          "command": "rgs track4d " + shlex.join(
@@ -235,7 +250,7 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], time_inp
                               "--deformation", config.deformation, "--time-input", config.time_input,
                               "--iterations", str(config.iterations),
                               "--static-iterations", str(config.recipe.iterations),
-                              "--period-init", str(_period_init(config)),
+                              *(() if period_init is None else ("--period-init", str(period_init))),
                               "--seed", str(config.recipe.seed),
                               "--checkpoint-every", str(settings["checkpoint_every"])])})
         write_run_config(out, OUTPUTS, settings, force)
@@ -261,22 +276,21 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], time_inp
                              frame_seconds=float(steps.mean()) if even else None)
         series = ({"ground truth": data.phases} if data.phases is not None else {}) | {"rgs": volumes.cpu()}
         imaging.slices_gif(out / GIF, series, data.grid, force=True)
-    report.update({"mode": "breathing", "deformation": config.deformation, "time_input": config.time_input,
-                   "views": data.num_views,
+    report.update({"mode": "breathing", "deformation": config.deformation, "views": data.num_views,
                    "scan_seconds": data.scan_seconds, "conventions": data.conventions,
                    "iterations": rec.iteration, "num_gaussians": len(rec.static.gaussians),
                    "final_loss": stats["loss"], "resumed_from": resumed_from})
     write_metrics(out / METRICS, report, dev, t_start, seconds, settings)
     _summary(report, case, out)
-    _warn_if_suspect(report, config)
+    _warn_if_suspect(report, rec.period_from_projections)
 
 
-def _warn_if_suspect(report: dict[str, Any], config: Track4DConfig) -> None:
-    """Warnings on stderr: ``--period-init auto`` found no estimate to start from; the model
-    learned no visible motion though the projections show a period; the learned period is far
-    from the projections' estimate."""
+def _warn_if_suspect(report: dict[str, Any], from_projections: bool) -> None:
+    """Warnings on stderr: the period was to start from the projections' estimate
+    (``from_projections``) but they allow none; the model learned no visible motion though
+    the projections show a period; the learned period is far from the projections' estimate."""
     mismatch, estimate = report["period_mismatch_pct"], report["period_estimate_s"]
-    if config.period_from_projections and estimate is None:
+    if from_projections and estimate is None:
         _warn(f"the projections show no breathing period (scan too short or no motion seen): the "
               f"period was learned from {report['period_initial_s']:g} s")
     if estimate is not None and report["motion_mm"] < report["motion_floor_mm"]:
@@ -286,7 +300,7 @@ def _warn_if_suspect(report: dict[str, Any], config: Track4DConfig) -> None:
         return  # the period of a model that does not move means nothing
     if mismatch is None or mismatch <= PERIOD_MISMATCH_PCT:
         return
-    advice = ("give the period if you know it: --period-init SECONDS" if config.period_from_projections
+    advice = ("give the period if you know it: --period-init SECONDS" if from_projections
               else f"rerun with --period-init {AUTO} to start from the estimate")
     _warn(f"the learned period {report['period_s']:.3f} s is {mismatch:.0f} % from the {estimate:.3f} s "
           f"the projections show: {advice}")
@@ -312,9 +326,10 @@ def track4d(
              "transformer). [default: kplanes]")] = None,
     time_input: Annotated[Optional[TimeInputChoice], typer.Option(
         "--time-input", help="breathing: what the deformation sees: time (scan time, so cycles "
-                             "may differ; periodic-consistency loss) or phase (time modulo the "
-                             "learned period: every cycle alike, better for regular breathing "
-                             "with --period-init auto). [default: time]")] = None,
+                             "may differ; periodic-consistency loss), phase (time modulo the "
+                             "learned period, started from the projections' estimate: every "
+                             "cycle alike) or auto (phase where the projections show cycles that "
+                             "keep the period, else time). [default: auto]")] = None,
     iterations: Annotated[Optional[int], typer.Option(
         help=f"Training iterations (breathing: of the deformation stage). [default: breathing "
              f"{Track4DConfig().iterations}, dsa {DsaConfig().iterations}]")] = None,
@@ -323,8 +338,9 @@ def track4d(
                                     f"[default: {Track4DConfig().recipe.iterations}]")] = None,
     period_init: Annotated[Optional[str], typer.Option(
         "--period-init", help=f"breathing: initial breathing period, s (learned from it), or "
-                              f"{AUTO} (estimated from the projections' row shifts). "
-                              f"[default: {Track4DConfig().period_init_s:g}]")] = None,
+                              f"{AUTO} (estimated from the projections' row shifts). [default: "
+                              f"{AUTO} with phase input, {Track4DConfig().period_init_s:g} with time "
+                              f"input]")] = None,
     views: Annotated[Optional[int], typer.Option(
         help=f"dsa: training frames spread evenly over the run. [default: {DSA_DEFAULT_VIEWS}]")] = None,
     times: Annotated[Optional[str], typer.Option(

@@ -42,7 +42,8 @@ periods known to that precision, e.g. the projections' estimate (below). With an
 first step, hence ``period_start``.
 On an NVIDIA H200, on breathing cases made from the real chest CT by ``rgs simulate4d``
 (256^3-class grid, 300 projections of 256^2 over 60 s, 15 mm SI / 5 mm AP, TIGRE noise
-1e4 / 10; ``validation/track4d.md``), the defaults take 2-3 minutes (kplanes 125-163 s,
+1e4 / 10; ``validation/track4d.md``), the earlier default (time input from 2.8 s, 3000
+deformation steps; the default now is below) took 2-3 minutes (kplanes 125-163 s,
 anchors 105-117 s; rendering each step's batch in one splat call instead of one per view
 took kplanes from 180 s): the period comes out within 0.2 % (regular) and 1.3 %
 (irregular); the mean per-phase 3D PSNR is 35.9 dB (regular; three runs of the same
@@ -106,12 +107,28 @@ motion) and 37.14 dB in the validation run (131 s whole command), against the de
 instead of 12 time cells 37.05 dB; 5000 deformation steps 37.65 dB (207 s of training), static
 +3.2 dB. Irregular: 35.54 / 35.49 dB against 35.11 dB, but 1.0-1.3 dB lower at the three
 inhale phases and the period 3.602 / 3.606 s, 3.0 % from the 3.5 s mean of the cycle draw (0.8
-% from the 3.576 s the scan's cycles average; the default 3.547 s). So phase input is an
-option (``rgs track4d --time-input phase --period-init auto``) for regular breathing, not the
-default, which must follow free breathing cycle by cycle. A stronger periodic consistency does
+% from the 3.576 s the scan's cycles average; the default 3.547 s). So phase input suits
+breathing that keeps its period, and time input follows free breathing cycle by cycle
+(below: the default chooses between them). A stronger periodic consistency does
 not pool the cycles in time mode instead: on the real CT at 48^3 (CPU, as above, one run each)
 ``consistency_weight`` 1 and 10 learned no motion (0.01 / 0.00 mm; periods 3.222 / 2.816 s)
 and 32.52 / 32.54 dB, against 8.43 mm, 3.4981 s and 32.49 dB with the default 0.1.
+
+**The default, time input ``auto``, 5000 deformation steps**: phase input (from the
+estimate) where the projections' cycles keep their period, time input (from 2.8 s) where
+they do not. The measure is the phase wander (:func:`~rgs_engine.period_estimate.phase_wander`,
+the standard deviation of the cycles' phase offsets from the projections' mean cycle, in
+cycles), made with the period estimate when stage 2 starts: 0.004 / 0.092 on the regular /
+irregular real-CT cases at 48^3 (CPU, after 300 static steps), 0.008 / 0.092 on the H200
+cases, 0.001 / 0.050 / 0.079 on the CPU toy with a phase drifting by 0 / 0.10 / 0.15 cycles;
+hence the :data:`REGULAR_WANDER_CYCLES` of 0.03: cycle lengths jittered by 10 % (the
+irregular case's) wander three times as far, and get time input. 5000 instead of 3000
+deformation steps: phase input still gained 0.4-0.5 dB there (above); time input neither
+gained nor lost (4000 steps above). H200, ``validation/track4d.py`` (whole commands): regular
+(phase chosen) kplanes 37.58 dB, static + 3.17 dB, period 0.02 % off, 224 s, and in two more
+runs (``--seed 1`` / ``2``, same case) 37.60 / 37.62 dB in 203 / 188 s; anchors 36.61 dB
+(+2.20), 174 s. Irregular (time chosen): kplanes 34.86 dB (+0.24; period 0.84 % off), 243 s;
+anchors 36.31 dB (+1.69; 0.51 %), 217 s.
 
 **Densifying in stage 2** by the deformed renderings' position gradients (gs_recon's clone /
 split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of
@@ -132,12 +149,14 @@ from .deformation import TIME_INPUTS, AnchorDeformation, Deformation, KPlanesFie
 from .errors import RgsInputError
 from .geometry import Geometry, VolumeGrid
 from .gs_recon import GaussianReconstruction, GSConfig, Recipe, load_state, save_state, to_cpu
-from .period_estimate import PeriodEstimate, estimate_period, row_shifts
+from .period_estimate import PeriodEstimate, estimate_period, phase_wander, row_shifts
 from .projection_data import ProjectionData
 from .splatting import splat
 from .voxelization import voxelize
 
 DEFORMATIONS = ("kplanes", "anchors")
+TIME_INPUT_CHOICES = (*TIME_INPUTS, "auto")
+REGULAR_WANDER_CYCLES = 0.03  # auto: phase input when the cycles keep the period this closely
 CHECKPOINT_FORMAT = "rgs-track4d"
 ESTIMATE_VIEWS_PER_CALL = 32  # views per splat call when rendering all of them for the estimate
 PERIOD_MISMATCH_PCT = 5.0  # a learned period further from the projections' estimate is suspect
@@ -153,13 +172,17 @@ class Track4DConfig(Recipe):
     """The 4D recipe. Learning rates are ``(start, end)`` per step, decaying log-linearly.
 
     * ``deformation``: ``kplanes`` or ``anchors``; ``time_input``: ``time`` (normalised scan
-      time + periodic consistency, X2-Gaussian's way) or ``phase`` (``frac(t / T)``, periodic
-      by construction); see :mod:`rgs_engine.deformation`.
+      time + periodic consistency, X2-Gaussian's way), ``phase`` (``frac(t / T)``, periodic
+      by construction; see :mod:`rgs_engine.deformation`) or ``auto``: chosen when stage 2
+      starts, phase where the projections show breathing that keeps its period (a phase
+      wander of at most :data:`REGULAR_WANDER_CYCLES`, :attr:`Track4DReconstruction.phase_wander`),
+      else time.
     * ``iterations``: deformation-stage steps (the static stage runs ``recipe.iterations``).
     * ``period_from_projections``: stage 2 starts the period at the projections' own estimate
       (:attr:`Track4DReconstruction.period_estimate`, made when stage 2 starts), or at
       ``period_init_s`` (X2-Gaussian's 2.8 s) when off or when the scan allows no estimate;
-      the models' time resolution counts cells per ``period_init_s`` either way. ``lr_period``
+      None: on with phase input (whose period stays near its start), off with time input.
+      The models' time resolution counts cells per ``period_init_s`` either way. ``lr_period``
       acts on its logarithm from ``period_start`` (fraction of stage 2) on: before, the motion
       is not yet learned and the period's gradient is noise (1: the period stays fixed).
     * ``lr_network`` (MLP / transformer), ``lr_planes`` (K-planes' feature planes);
@@ -183,10 +206,10 @@ class Track4DConfig(Recipe):
     NAME = "4D"
 
     deformation: str = "kplanes"
-    time_input: str = "time"
-    iterations: int = 3000
+    time_input: str = "auto"
+    iterations: int = 5000
     period_init_s: float = 2.8
-    period_from_projections: bool = False
+    period_from_projections: bool | None = None
     lr_period: tuple[float, float] = (1e-2, 1e-3)
     period_start: float = 0.2
     lr_network: tuple[float, float] = (2e-3, 2e-4)
@@ -213,8 +236,8 @@ class Track4DConfig(Recipe):
     def __post_init__(self) -> None:
         if self.deformation not in DEFORMATIONS:
             raise RgsInputError(f"deformation must be kplanes or anchors, got {self.deformation!r}")
-        if self.time_input not in TIME_INPUTS:
-            raise RgsInputError(f"time input must be time or phase, got {self.time_input!r}")
+        if self.time_input not in TIME_INPUT_CHOICES:
+            raise RgsInputError(f"time input must be time, phase or auto, got {self.time_input!r}")
         if isinstance(self.recipe, dict):
             self.recipe = GSConfig.from_dict(self.recipe)
         if self.iterations < 0 or not (math.isfinite(self.period_init_s) and self.period_init_s > 0):
@@ -239,7 +262,8 @@ class Track4DReconstruction:
     :meth:`step` runs one step of the current stage; :meth:`volume_at` / :meth:`phases` give
     volumes (1/mm) at any time; :attr:`period_s` is the learned period (the initial one during
     the static stage). ``static`` is the stage-1 :class:`GaussianReconstruction`, whose
-    Gaussians are the canonical set; ``model`` the deformation (None during stage 1).
+    Gaussians are the canonical set; ``model`` the deformation (None during stage 1);
+    :attr:`time_input` what the model sees (None while ``auto`` is undecided).
     """
 
     def __init__(self, projections: torch.Tensor, geometry: Geometry, grid: VolumeGrid,
@@ -261,29 +285,55 @@ class Track4DReconstruction:
         self.model: Deformation | None = None
         self.optimizer: torch.optim.Adam | None = None
         self.period_estimate: PeriodEstimate | None = None
+        self.phase_wander: float | None = None
+        self.time_input: str | None = None if self.config.time_input == "auto" else self.config.time_input
 
     # ---- the deformation model -----------------------------------------------------------
-    def estimate_period(self) -> PeriodEstimate:
-        """The breathing period the projections show (:mod:`rgs_engine.period_estimate`): the
-        periodogram of each view's row shift against the current static Gaussians' rendering."""
+    def row_shifts(self) -> torch.Tensor:
+        """(N,) float64: each view's row shift (pixels) against the current static Gaussians'
+        rendering, the breathing surrogate of :mod:`rgs_engine.period_estimate`."""
         shifts = []
         for chunk in torch.arange(self.data.num_views).split(ESTIMATE_VIEWS_PER_CALL):
             reference = self.static.render(self.data.geometry.subset(chunk))
             shifts.append(row_shifts(self.data.projections[chunk].to(self.device), reference))
-        return estimate_period(self.data.time, torch.cat(shifts))
+        return torch.cat(shifts)
 
-    def _estimate_if_possible(self) -> PeriodEstimate | None:
-        """:meth:`estimate_period`, or None where the data allow none (a scan shorter than two
-        of the shortest periods, no motion seen); stage 2 then starts from ``period_init_s``."""
+    def estimate_period(self) -> PeriodEstimate:
+        """The breathing period the projections show: the periodogram of :meth:`row_shifts`."""
+        return estimate_period(self.data.time, self.row_shifts())
+
+    def _read_breathing(self) -> None:
+        """Set :attr:`period_estimate` and :attr:`phase_wander` (the standard deviation,
+        cycles, of the scan's cycles' phase offsets at the estimated period,
+        :func:`~rgs_engine.period_estimate.phase_wander`), each None where the data allow
+        none (a scan shorter than two of the shortest periods or two estimated ones, no
+        motion seen); stage 2 then starts from ``period_init_s``."""
+        shifts = self.row_shifts()
         try:
-            return self.estimate_period()
+            self.period_estimate = estimate_period(self.data.time, shifts)
+            self.phase_wander = phase_wander(self.data.time, shifts, self.period_estimate.period_s)
         except RgsInputError:
-            return None
+            pass
+
+    def _choose_time_input(self) -> str:
+        """``config.time_input``, or for ``auto`` phase where :attr:`phase_wander` is at most
+        :data:`REGULAR_WANDER_CYCLES`, else time."""
+        if self.config.time_input != "auto":
+            return self.config.time_input
+        regular = self.phase_wander is not None and self.phase_wander <= REGULAR_WANDER_CYCLES
+        return "phase" if regular else "time"
+
+    @property
+    def period_from_projections(self) -> bool:
+        """Whether stage 2 starts the period at the estimate (when there is one): the config's
+        choice, by default with phase input."""
+        chosen = self.config.period_from_projections
+        return self.time_input == "phase" if chosen is None else chosen
 
     @property
     def initial_period_s(self) -> float:
         """The period stage 2 starts from (s): the estimate's or ``config.period_init_s``."""
-        if self.config.period_from_projections and self.period_estimate is not None:
+        if self.period_from_projections and self.period_estimate is not None:
             return self.period_estimate.period_s
         return self.config.period_init_s
 
@@ -292,9 +342,9 @@ class Track4DReconstruction:
         cfg = self.config
         lo, hi = self.static.box_lo.cpu(), self.static.box_hi.cpu()
         common = dict(box_lo=lo, box_hi=hi, time_range=self.time_range,
-                      period_s=self.initial_period_s, time_input=cfg.time_input)
+                      period_s=self.initial_period_s, time_input=self.time_input)
         # initial periods per time unit of the models: the scan window (time) or one cycle (phase)
-        cycles = 1.0 if cfg.time_input == "phase" else \
+        cycles = 1.0 if self.time_input == "phase" else \
             (self.time_range[1] - self.time_range[0]) / cfg.period_init_s
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.recipe.seed)
@@ -427,7 +477,8 @@ class Track4DReconstruction:
             self.iteration += 1
             return {**out, "period_s": self.period_s}
         if self.model is None:
-            self.period_estimate = self._estimate_if_possible()
+            self._read_breathing()
+            self.time_input = self._choose_time_input()
             self._build_model()
         cfg, static = self.config, self.static
         self._set_lrs(min((self.iteration - cfg.recipe.iterations) / max(cfg.iterations - 1, 1), 1.0))
@@ -437,7 +488,7 @@ class Track4DReconstruction:
         pred = self._splat(params, times, self.data.geometry.subset(idx))
         loss = static.image_loss(pred / static.proj_scale, static.target[idx.to(self.device)])
         loss = loss + static.tv_loss(params)
-        if cfg.time_input == "time" and cfg.consistency_weight > 0:
+        if self.time_input == "time" and cfg.consistency_weight > 0:
             loss = loss + cfg.consistency_weight * self._consistency(params, times)
         weights = {"plane_tv": cfg.plane_tv_weight, "time_smoothness": cfg.time_smoothness_weight}
         for name, value in self.model.regularisers().items():
@@ -457,6 +508,7 @@ class Track4DReconstruction:
                 "iteration": self.iteration, "static": self.static.state_dict(),
                 "model": None if self.model is None else to_cpu(self.model.state_dict()),
                 "period_estimate": None if self.period_estimate is None else tuple(self.period_estimate),
+                "phase_wander": self.phase_wander, "time_input": self.time_input,
                 "optimizer": None if self.optimizer is None else to_cpu(self.optimizer.state_dict())}
 
     def save_checkpoint(self, path, force: bool = True) -> None:
@@ -475,6 +527,7 @@ class Track4DReconstruction:
         rec.iteration = int(state["iteration"])
         if state.get("period_estimate") is not None:
             rec.period_estimate = PeriodEstimate(*state["period_estimate"])
+        rec.phase_wander, rec.time_input = state.get("phase_wander"), state.get("time_input", rec.time_input)
         if state["model"] is not None:
             rec._build_model()
             rec.model.load_state_dict(state["model"])

@@ -7,7 +7,7 @@ import torch
 from rgs_engine import RgsInputError, VolumeGrid, metrics, project
 from rgs_engine.gs_recon import GSConfig
 from rgs_engine.simulate import circular_geometry, default_distances
-from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
+from rgs_engine.track4d import REGULAR_WANDER_CYCLES, Track4DConfig, Track4DReconstruction
 
 PERIOD_S, AMPLITUDE_MM, SCAN_S = 3.5, 12.0, 20.0
 # a small-problem recipe (as test_gs_recon's): more Gaussians per voxel, smaller scales
@@ -15,16 +15,17 @@ RECIPE = dict(num_init=2000, max_gaussians=3000, views_per_step=4, tv_size=8, in
               lr_scale=(3e-2, 3e-3))
 
 
-def phantom(grid: VolumeGrid, t: float, period_s: float = PERIOD_S) -> torch.Tensor:
-    """A still blob and one moving along z as ``A sin(2 pi t / T)``, 1/mm (CPU float32)."""
+def phantom(grid: VolumeGrid, t: float, period_s: float = PERIOD_S, wander: float = 0.0) -> torch.Tensor:
+    """A still blob and one moving along z as ``A sin(2 pi phi)``, 1/mm (CPU float32), with
+    the phase ``phi = t / T + wander sin(2 pi t / 10 s)`` (cycles)."""
     c = grid.voxel_centres().float()
-    z = AMPLITUDE_MM * math.sin(2 * math.pi * t / period_s)
+    z = AMPLITUDE_MM * math.sin(2 * math.pi * (t / period_s + wander * math.sin(2 * math.pi * t / 10.0)))
     moving = 0.03 * torch.exp(-((c - torch.tensor([6.0, 0.0, z])) ** 2).sum(-1) / (2 * 8.0 ** 2))
     still = 0.015 * torch.exp(-((c - torch.tensor([-18.0, 8.0, -6.0])) ** 2).sum(-1) / (2 * 10.0 ** 2))
     return moving + still
 
 
-def make_case(device, period_s: float = PERIOD_S):
+def make_case(device, period_s: float = PERIOD_S, wander: float = 0.0):
     """60 cone-beam projections (32 x 32) over 20 s of one full circle, 24^3 grid of 4 mm."""
     grid = VolumeGrid.centred((24, 24, 24), 4.0)
     views = 60
@@ -32,7 +33,8 @@ def make_case(device, period_s: float = PERIOD_S):
     geometry = circular_geometry(grid, torch.arange(views, dtype=torch.float64).numpy() * 2 * math.pi / views,
                                  dso, dsd, 32)
     times = torch.arange(views, dtype=torch.float64) * (SCAN_S / views)
-    projections = torch.cat([project(phantom(grid, float(t), period_s).to(device), grid, geometry.subset([i]))
+    projections = torch.cat([project(phantom(grid, float(t), period_s, wander).to(device), grid,
+                                     geometry.subset([i]))
                              for i, t in enumerate(times)])
     return projections, geometry, grid, times
 
@@ -76,13 +78,14 @@ def fit_after_static(case, device, deformation, period_s=PERIOD_S, **kw):
     return rec, mean_psnr(rec.volume_at, case[2], device, period_s), static, start
 
 
-# measured on CPU over repeated runs of one seed (float atomics make each run differ):
-# kplanes 3.488-3.524 s and +1.0-4.7 dB (a slow start while the period is wrong), anchors
-# 3.495 s and +8.3 dB; the learned motion (99th percentile of the largest distance from the
-# mean position over a cycle, the blob moves +-12 mm) 14.1 mm (kplanes), 11.5 mm (anchors)
+# time input (X2-Gaussian's), measured on CPU over repeated runs of one seed (float atomics
+# make each run differ): kplanes 3.488-3.524 s and +1.0-4.7 dB (a slow start while the
+# period is wrong), anchors 3.495 s and +8.3 dB; the learned motion (99th percentile of the
+# largest distance from the mean position over a cycle, the blob moves +-12 mm) 14.1 mm
+# (kplanes), 11.5 mm (anchors)
 @pytest.mark.parametrize("deformation, gain_db", [("kplanes", 0.0), ("anchors", 2.0)])
 def test_learns_the_period_and_beats_a_static_fit(case, device, deformation, gain_db):
-    rec, dynamic, static, start = fit_after_static(case, device, deformation)
+    rec, dynamic, static, start = fit_after_static(case, device, deformation, time_input="time")
     assert start == 2.8
     assert abs(rec.period_s - PERIOD_S) / PERIOD_S < 0.03, rec.period_s
     assert dynamic > static + gain_db, (dynamic, static)
@@ -92,10 +95,22 @@ def test_learns_the_period_and_beats_a_static_fit(case, device, deformation, gai
     assert rendered.shape == (2, 32, 32)
 
 
+# the default (auto: phase input here, from the estimate), measured on CPU: kplanes 3.501 s,
+# +7.2 dB (14 mm of motion); anchors 3.502 s, +9.1 dB (12 mm)
+@pytest.mark.parametrize("deformation, gain_db", [("kplanes", 4.0), ("anchors", 6.0)])
+def test_the_default_on_regular_breathing(case, device, deformation, gain_db):
+    rec, dynamic, static, start = fit_after_static(case, device, deformation)
+    assert rec.time_input == "phase" and start == rec.period_estimate.period_s
+    assert abs(rec.period_s - PERIOD_S) / PERIOD_S < 0.01, rec.period_s
+    assert dynamic > static + gain_db, (dynamic, static)
+    assert 5.0 < rec.motion_mm(cycle()) < 18.0
+
+
 # measured on CPU: estimate 3.505 s; kplanes 3.500-3.502 s, +5.0 dB; anchors 3.500 s, +8.4 dB
 @pytest.mark.parametrize("deformation, gain_db", [("kplanes", 4.0), ("anchors", 7.0)])
 def test_period_from_the_projections(case, device, deformation, gain_db):
-    rec, dynamic, static, start = fit_after_static(case, device, deformation, period_from_projections=True)
+    rec, dynamic, static, start = fit_after_static(case, device, deformation, time_input="time",
+                                                   period_from_projections=True)
     assert start == rec.period_estimate.period_s and abs(start - PERIOD_S) / PERIOD_S < 0.01, start
     assert abs(rec.period_s - PERIOD_S) / PERIOD_S < 0.01, rec.period_s
     assert dynamic > static + gain_db, (dynamic, static)
@@ -105,7 +120,7 @@ def test_period_from_the_projections(case, device, deformation, gain_db):
 # 3.37 s (CPU); from the estimate (5.012 s) they learn 4.997 s (+5.9 dB) and 5.001 s (+8.1 dB)
 def test_the_estimate_finds_a_period_far_from_x2_gaussians_start(device):
     rec, dynamic, static, start = fit_after_static(make_case(device, 5.0), device, "kplanes", 5.0,
-                                                   period_from_projections=True)
+                                                   time_input="time", period_from_projections=True)
     assert abs(start - 5.0) / 5.0 < 0.01 and abs(rec.period_s - 5.0) / 5.0 < 0.01, (start, rec.period_s)
     assert dynamic > static + 4.0, (dynamic, static)
     assert rec.period_mismatch_pct < 1.0
@@ -118,7 +133,22 @@ def test_a_scan_too_short_for_an_estimate_starts_from_the_initial_period(case):
     for _ in range(3):
         rec.step()
     assert rec.period_estimate is None and rec.initial_period_s == 3.0 and rec.model is not None
-    assert rec.period_mismatch_pct is None
+    assert rec.period_mismatch_pct is None and rec.phase_wander is None
+    assert rec.time_input == "time"  # auto without an estimate: phase input would have no period
+
+
+# auto, measured on CPU: phase wander 0.001 cycles (wander 0), 0.050 and 0.079 (0.10, 0.15)
+@pytest.mark.parametrize("wander, chosen", [(0.0, "phase"), (0.15, "time")])
+def test_auto_time_input_follows_the_regularity_of_the_cycles(device, wander, chosen):
+    case = make_case(device, wander=wander)
+    rec = Track4DReconstruction(*case, config("kplanes", 100, 1))
+    assert rec.config.time_input == "auto" and rec.time_input is None
+    for _ in range(101):
+        rec.step()
+    assert rec.time_input == chosen and rec.model.time_input == chosen
+    assert (rec.phase_wander <= REGULAR_WANDER_CYCLES) == (chosen == "phase"), rec.phase_wander
+    # phase input starts from the projections' period, time input from X2-Gaussian's 2.8 s
+    assert rec.initial_period_s == (rec.period_estimate.period_s if chosen == "phase" else 2.8)
 
 
 def test_checkpoint_resume_continues_the_same_run(case, tmp_path):
@@ -131,8 +161,9 @@ def test_checkpoint_resume_continues_the_same_run(case, tmp_path):
     for start in (3, 10):
         resumed = Track4DReconstruction.load_checkpoint(tmp_path / f"ck{start}.pt", *case)
         assert resumed.iteration == start
-        if start == 10:  # in stage 2: the period estimate made at its start comes back
+        if start == 10:  # in stage 2: the estimate and the time input chosen at its start come back
             assert resumed.period_estimate.period_s == straight.period_estimate.period_s
+            assert (resumed.time_input, resumed.phase_wander) == (straight.time_input, straight.phase_wander)
         for _ in range(14 - start):
             resumed.step()
         assert math.isclose(resumed.period_s, straight.period_s, rel_tol=1e-4)

@@ -8,14 +8,14 @@ import pytest
 
 from chest_phantom import write_chest_nifti
 from cli_helpers import assert_one_line_error, interrupt_at, invoke
-from rgs_engine.track4d import Track4DConfig, Track4DReconstruction
+from rgs_engine.track4d import REGULAR_WANDER_CYCLES, Track4DReconstruction
 
 try:
     from cli import track4d as track4d_cli
 except ImportError:  # an installed rgs
     from rgs_cli import track4d as track4d_cli
 
-SHORT = ("--static-iterations", "20", "--iterations", "20", "--period-init", "3.5")
+SHORT = ("--static-iterations", "20", "--iterations", "20", "--period-init", "3.5", "--time-input", "time")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,7 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
     assert m["psnr_3d_mean"] > 15 and m["test_views"] == 3 and m["iterations"] == 40
     assert m["phase_times_note"] == "ground-truth phase times"
     assert m["period_initial_s"] == 3.5 and m["period_estimate_s"] > 0 and 0 < m["period_estimate_power"] <= 1
+    assert m["time_input"] == m["time_input_option"] == "time" and m["phase_wander_cycles"] >= 0
     # 20 steps leave the period near its 3.5 s start (the projections show about 4 s) and
     # teach K-planes no visible motion yet (measured 0.00 mm; 1 mm = half a voxel): flagged
     mismatch = 100 * abs(m["period_s"] - m["period_estimate_s"]) / m["period_estimate_s"]
@@ -62,25 +63,29 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
 def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, Track4DReconstruction, 25, "signal")  # Ctrl-C during step 25: the run stops after it
-    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--period-init", "auto",
-                    "--deformation", "anchors", "--time-input", "phase")
+    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--deformation", "anchors")
     assert result.exit_code == 130, result.output
     command = json.loads((out / "config.json").read_text())["command"]
-    assert "--period-init auto" in command and "--time-input phase" in command
+    assert "--time-input auto" in command and "--period-init" not in command  # the default
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
     bad = invoke("track4d", case, "--out", out, "--resume", "--deformation", "kplanes")
     assert_one_line_error(bad, "--deformation kplanes differs from the run")
     bad = invoke("track4d", case, "--out", out, "--resume", "--period-init", "3.5")
-    assert_one_line_error(bad, "--period-init 3.5 differs from the run")
+    assert_one_line_error(bad, "--period-init 3.5 differs from the run in")
+    assert "(--period-init default)" in bad.stderr.replace("\n", " ")
     bad = invoke("track4d", case, "--out", out, "--resume", "--time-input", "time")
     assert_one_line_error(bad, "--time-input time differs from the run")
     result = invoke("track4d", case, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["resumed_from"] == 25 and m["iterations"] == 40
-    assert m["deformation"] == "anchors" and m["time_input"] == "phase"
-    # the estimate made when stage 2 started (step 21) came back with the checkpoint
-    assert m["period_initial_s"] == m["period_estimate_s"] and abs(m["period_estimate_s"] - 4.0) < 0.4
+    assert m["deformation"] == "anchors" and m["time_input_option"] == "auto"
+    # the estimate and the choice made when stage 2 started (step 21) came back with the
+    # checkpoint: phase input (started from the estimate) where the cycles keep the period
+    regular = m["phase_wander_cycles"] is not None and m["phase_wander_cycles"] <= REGULAR_WANDER_CYCLES
+    assert m["time_input"] == ("phase" if regular else "time"), m
+    assert m["period_initial_s"] == (m["period_estimate_s"] if regular else 2.8)
+    assert abs(m["period_estimate_s"] - 4.0) < 0.4
 
 
 def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
@@ -103,7 +108,7 @@ def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
 
 
 def test_period_and_motion_warnings(capsys):
-    auto, fixed = Track4DConfig(period_from_projections=True), Track4DConfig()
+    auto, fixed = True, False  # the period started from the projections' estimate, or not
     report = {"period_s": 3.1, "period_estimate_s": 3.5, "period_initial_s": 2.8, "motion_mm": 9.0,
               "motion_floor_mm": 0.7}
     track4d_cli._warn_if_suspect({**report, "period_mismatch_pct": 4.9}, fixed)
