@@ -13,9 +13,11 @@ cycle in mid-scan. Per case, every method reconstructs the same projections:
 
 * ``kplanes`` / ``anchors``: ``rgs track4d CASE --out DIR --deformation M`` with the default
   recipe, run as a user runs it (a subprocess; ``seconds`` is its wall time, loading included);
-  ``kplanes-auto`` / ``anchors-auto`` the same with ``--period-init auto`` (the period learned
-  from the projections' own estimate instead of 2.8 s); ``kplanes-phase`` adds
-  ``--time-input phase`` to ``kplanes-auto`` (every cycle alike);
+  the default ``--time-input auto`` picks phase input (every cycle alike, the period started
+  from the projections' estimate) for breathing that keeps its period, else time input;
+  ``M-time-3000`` is the earlier default (``--time-input time --iterations 3000``, the period
+  started at X2-Gaussian's 2.8 s), ``M-time-3000-estimate`` the same with ``--period-init
+  auto`` (started from the estimate), ``kplanes-phase-3000`` phase input for 3000 steps;
 * ``static``: the static Gaussian recipe of ``rgs recon`` (``GaussianReconstruction`` with
   the default ``GSConfig``) on all projections, ignoring time: one volume, compared to every
   phase; ``fdk``: FDK of all projections, the same way.
@@ -63,24 +65,26 @@ from rgs_engine import simulate4d as sim4d  # noqa: E402
 from rgs_engine.breathing import breathing_cycles  # noqa: E402
 from rgs_engine.simulate import parse_noise  # noqa: E402
 from rgs_engine.gs_recon import GaussianReconstruction, GSConfig  # noqa: E402
+from rgs_engine.track4d import REGULAR_WANDER_CYCLES, Track4DConfig  # noqa: E402
 from rgs_engine.volume_io import load_json, save_json, write_bytes  # noqa: E402
 
 CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
 CASES = ("regular", "irregular")
-TRACK4D = {  # rgs track4d runs: method -> options
-    "kplanes": (), "anchors": ("--deformation", "anchors"),
-    "kplanes-auto": ("--period-init", "auto"),
-    "anchors-auto": ("--deformation", "anchors", "--period-init", "auto"),
-    "kplanes-phase": ("--time-input", "phase", "--period-init", "auto")}
+EARLIER = ("--time-input", "time", "--iterations", "3000")  # the default before time input auto
+TRACK4D = {  # rgs track4d runs: method -> options after --deformation
+    **{m: ("--deformation", m) for m in ("kplanes", "anchors")},
+    **{f"{m}-time-3000": ("--deformation", m, *EARLIER) for m in ("kplanes", "anchors")},
+    **{f"{m}-time-3000-estimate": ("--deformation", m, *EARLIER, "--period-init", "auto")
+       for m in ("kplanes", "anchors")},
+    "kplanes-phase-3000": ("--deformation", "kplanes", "--time-input", "phase", "--iterations", "3000")}
 METHODS = (*TRACK4D, "static", "fdk", "ceiling")
-LABELS = {"kplanes": "rgs track4d (kplanes)", "anchors": "rgs track4d (anchors)",
-          "kplanes-auto": "rgs track4d (kplanes, --period-init auto)",
-          "anchors-auto": "rgs track4d (anchors, --period-init auto)",
-          "kplanes-phase": "rgs track4d (kplanes, --time-input phase --period-init auto)",
+LABELS = {**{m: f"rgs track4d ({opts[1]}{', ' if opts[2:] else ''}{' '.join(opts[2:])})"
+             for m, opts in TRACK4D.items()},
           "static": "static Gaussians (rgs recon)", "fdk": "FDK (static)",
           "ceiling": "ceiling: static Gaussians of the CT held still"}
 GRID, PROJECTIONS, DET = 256, 300, 256
 NOISE = "1e4,10"
+DEFAULT_4D = Track4DConfig()
 BARS = {"period_error_pct": 2.0, "regular_gain_db": 3.0, "seconds": 300.0}
 console = Console(highlight=False, soft_wrap=True)
 
@@ -216,7 +220,7 @@ def run_case(args, case: str) -> dict:
                                               "psnr_3d_mean", "ssim_3d_mean", "psnr_2d_test",
                                               "ssim_2d_test", "seconds", "seconds_by_stage",
                                               "iterations", "num_gaussians", "motion_mm",
-                                              "wall_seconds")}
+                                              "time_input", "phase_wander_cycles", "wall_seconds")}
                 res["slices"][method] = [coronal(phases[i_a]), coronal(phases[i_b])]
             elif method == "ceiling":
                 row = ceiling(spec, args, dev)
@@ -280,6 +284,16 @@ def bars(results: dict[str, dict]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def time_input(method: str, row: dict) -> str:
+    """``time`` / ``phase`` (+ the phase wander) of a 4D row: from its metrics, or for rows
+    that predate them from the method's ``--time-input``; ``-`` for the static methods."""
+    if "time_input" in row:
+        wander = row["phase_wander_cycles"]
+        return row["time_input"] + ("" if wander is None else f" ({wander:.3f})")
+    options = TRACK4D.get(method, ())
+    return options[options.index("--time-input") + 1] if "--time-input" in options else "-"
+
+
 def markdown(results: dict[str, dict]) -> str:
     first = next(iter(results.values()))
     s = first["setup"]
@@ -293,18 +307,20 @@ def markdown(results: dict[str, dict]) -> str:
              f"period {s['period_s']:g} s (irregular: jittered cycles and one deeper breath), "
              f"{s['phases']} ground-truth phases over the cycle in mid-scan. Every method sees the "
              "same projections; static methods give one volume, scored against every phase.", "",
-             "| case | method | period (s) | period error | period from the projections (s) | "
-             "motion (mm) | PSNR 3D mean (dB) | SSIM 3D mean | vs static (dB) | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| case | method | input (phase wander) | period (s) | period error | period from the "
+             "projections (s) | motion (mm) | PSNR 3D mean (dB) | SSIM 3D mean | vs static (dB) | seconds |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case, r in results.items():
         static = r["methods"].get("static", {}).get("psnr_3d_mean")
-        for method, row in r["methods"].items():
+        for method in sorted(r["methods"], key=METHODS.index):
+            row = r["methods"][method]
             period = f"{row['period_s']:.4f}" if "period_s" in row else "-"
             error = f"{row['period_error_pct']:.2f} %" if "period_s" in row else "-"
             estimate = f"{row['period_estimate_s']:.4f}" if row.get("period_estimate_s") else "-"
             motion = f"{row['motion_mm']:.2f}" if "motion_mm" in row else "-"
             gain = f"{row['psnr_3d_mean'] - static:+.2f}" if static is not None and method != "ceiling" else "-"
-            lines.append(f"| {case} | {LABELS[method]} | {period} | {error} | {estimate} | {motion} | "
+            lines.append(f"| {case} | {LABELS[method]} | {time_input(method, row)} | {period} | {error} | "
+                         f"{estimate} | {motion} | "
                          f"{row['psnr_3d_mean']:.2f} | {row['ssim_3d_mean']:.4f} | {gain} | {row['seconds']:.1f} |")
     irregular = next((r["setup"] for r in results.values() if r["setup"]["irregular"]), None)
     drawn = "" if irregular is None else (
@@ -312,15 +328,19 @@ def markdown(results: dict[str, dict]) -> str:
     lines += ["", f"True period {s['period_s']:g} s (the mean of the irregular case's cycle draw{drawn}). "
               "`seconds`: the whole `rgs track4d` "
               "invocation (loading, both stages, metrics, writing) for the 4D methods; training "
-              "(static) or the reconstruction (FDK) for the others. `period from the projections`: "
-              "the estimate `rgs track4d` reports (and starts the period from with `--period-init "
-              "auto`; the default starts at X2-Gaussian's 2.8 s); `motion`: the learned motion's size "
-              "(`motion_mm` of `metrics.json`, 99th percentile over the Gaussians); `-` where the "
-              "run predates the column.", "",
+              "(static) or the reconstruction (FDK) for the others. `input`: what the deformation "
+              "saw, and in brackets the phase wander of the scan's cycles (`phase_wander_cycles`, "
+              "cycles) on which the default `--time-input auto` chose phase input (at most "
+              f"{REGULAR_WANDER_CYCLES:g}) or time input. `period from the projections`: "
+              "the estimate `rgs track4d` reports (and starts the period from with phase input or "
+              "`--period-init auto`; time input otherwise starts at X2-Gaussian's 2.8 s); `motion`: "
+              "the learned motion's size (`motion_mm` of `metrics.json`, 99th percentile over the "
+              "Gaussians); `-` where the run predates the column.", "",
               "The `ceiling` rows fit the same scan of the CT held still (no motion) with the static "
               "recipe: the PSNR that the noise allows that recipe without motion blur. It is not a "
-              "bound on the 4D runs, which follow another schedule (1000 static + 3000 deformation "
-              f"steps against the static recipe's {GSConfig().iterations}, with other densification): "
+              f"bound on the 4D runs, which follow another schedule ({DEFAULT_4D.recipe.iterations} "
+              f"static + {DEFAULT_4D.iterations} deformation steps, 3000 in the `--iterations 3000` "
+              f"rows, against the static recipe's {GSConfig().iterations}, with other densification): "
               "`ceiling - static` is context, not the most a motion model can gain.", "",
               "## Bars", "",
               "| bar | result | measured |", "|---|---|---|"]
