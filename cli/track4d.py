@@ -16,10 +16,11 @@ period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
   suggests ``--period-init auto``), ``phase_wander_cycles`` (how far the scan's cycles
   stray from that period, :func:`rgs_engine.period_estimate.phase_wander`), ``time_input``
   (what the deformation saw: ``time`` or ``phase``; with ``--time-input auto``, the default,
-  phase where the phase wander is at most 0.03 cycles) and ``time_input_option``, ``motion_mm`` (the learned motion's size: 99th percentile
-  over the Gaussians of the largest distance from their mean position over the output times;
-  under ``motion_floor_mm``, half a voxel, a warning says the model learned no motion and the
-  volumes are a static fit), ``period_initial_s`` (where the learning started:
+  phase where the phase wander is at most 0.03 cycles) and ``time_input_option``,
+  ``motion_mm`` (the learned motion's size: 99th percentile over the Gaussians of the largest
+  distance from their mean position over the output times; under ``motion_floor_mm``, half a
+  voxel, a warning says the model learned no motion and the volumes are a static fit),
+  ``period_initial_s`` (where the learning started:
   ``--period-init`` seconds, or with ``auto`` the estimate; by default the estimate with
   phase input, 2.8 s with time input), ``psnr_3d`` /
   ``ssim_3d`` per phase and their means ``psnr_3d_mean`` / ``ssim_3d_mean`` against the

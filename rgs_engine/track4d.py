@@ -59,11 +59,11 @@ static steps 36.21 dB, 221 s); 6 time cells per initial period 36.23 and 36.16 d
 reaches static + 3 dB (37.4 dB; phase input with 5000 deformation steps does, below) and one
 run per setting does not separate them from the default's spread, so none became the default.
 
-**The period from the projections** (:meth:`Track4DReconstruction.estimate_period`, made
+**The period from the projections** (:attr:`Track4DReconstruction.period_estimate`, made
 when stage 2 starts, reported always and compared with the learned period
 (:attr:`~Track4DReconstruction.period_mismatch_pct`); with ``period_from_projections`` also
 the period stage 2 starts from): the periodogram of each view's row shift against the static
-fit (:mod:`rgs_engine.period_estimate`). On the CPU toy (200 deformation steps) the 2.8 s
+fit (:meth:`~Track4DReconstruction.row_shifts`, :mod:`rgs_engine.period_estimate`). On the CPU toy (200 deformation steps) the 2.8 s
 start only finds periods near it: with a 5 s period kplanes stayed at 2.81 s and anchors
 ended at 3.37 s, while from the estimate (5.012 s) they learned 4.997 s (+5.9 dB over the
 static fit) and 5.001 s (+8.1 dB); at 3.5 s the estimate (3.505 s) gave +5.0 dB in five of
@@ -298,10 +298,6 @@ class Track4DReconstruction:
             shifts.append(row_shifts(self.data.projections[chunk].to(self.device), reference))
         return torch.cat(shifts)
 
-    def estimate_period(self) -> PeriodEstimate:
-        """The breathing period the projections show: the periodogram of :meth:`row_shifts`."""
-        return estimate_period(self.data.time, self.row_shifts())
-
     def _read_breathing(self) -> None:
         """Set :attr:`period_estimate` and :attr:`phase_wander` (the standard deviation,
         cycles, of the scan's cycles' phase offsets at the estimated period,
@@ -309,11 +305,9 @@ class Track4DReconstruction:
         none (a scan shorter than two of the shortest periods or two estimated ones, no
         motion seen); stage 2 then starts from ``period_init_s``."""
         shifts = self.row_shifts()
-        try:
+        with contextlib.suppress(RgsInputError):
             self.period_estimate = estimate_period(self.data.time, shifts)
             self.phase_wander = phase_wander(self.data.time, shifts, self.period_estimate.period_s)
-        except RgsInputError:
-            pass
 
     def _choose_time_input(self) -> str:
         """``config.time_input``, or for ``auto`` phase where :attr:`phase_wander` is at most

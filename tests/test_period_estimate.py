@@ -61,7 +61,8 @@ def test_cycle_offsets_of_regular_breathing_are_flat(period_s):
     noise = torch.randn(300, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     y = 2.0 - 0.7 * lujan(t / period_s + 0.3) + noise / 10  # any offset, scale, sign, start phase
     offsets = cycle_offsets(t, y, period_s)
-    assert offsets.shape == (int(float(t.max() - t.min()) // period_s),) and float(offsets.abs().max()) < 0.04, offsets
+    assert offsets.shape == (int(float(t.max() - t.min()) // period_s),)
+    assert float(offsets.abs().max()) < 0.04, offsets
     assert phase_wander(t, y, period_s) < 0.015
 
 
