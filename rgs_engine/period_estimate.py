@@ -37,7 +37,7 @@ from .errors import RgsInputError
 
 OVERSAMPLING = 8
 MIN_PERIOD_S, MAX_PERIOD_S = 1.5, 10.0  # 6 to 40 breaths per minute
-CYCLE_HARMONICS = 3  # Fourier terms of the mean cycle (Lujan's curves: the fourth is < 2 %)
+CYCLE_HARMONICS = 3  # Fourier terms of the mean cycle (Lujan's sin^(2n) curve has exactly n)
 CYCLE_WINDOW = 1.5  # periods of signal matched around each cycle
 CYCLE_SHIFTS = 101  # trial shifts of the mean cycle per window, over one period
 
@@ -149,5 +149,5 @@ def cycle_offsets(times_s: torch.Tensor, signal: torch.Tensor, period_s: float,
 
 def phase_wander(times_s: torch.Tensor, signal: torch.Tensor, period_s: float) -> float:
     """Standard deviation (cycles) of :func:`cycle_offsets`: about 0 for breathing that keeps
-    one period, a tenth of a cycle for cycle lengths jittered by 10 %."""
+    one period, about a tenth of a cycle for cycle lengths jittered by 10 %."""
     return float(cycle_offsets(times_s, signal, period_s).std())

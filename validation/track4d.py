@@ -71,7 +71,7 @@ from rgs_engine.volume_io import load_json, save_json, write_bytes  # noqa: E402
 CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
 CASES = ("regular", "irregular")
 EARLIER = ("--time-input", "time", "--iterations", "3000")  # the default before time input auto
-TRACK4D = {  # rgs track4d runs: method -> options after --deformation
+TRACK4D = {  # rgs track4d runs: method -> options
     **{m: ("--deformation", m) for m in ("kplanes", "anchors")},
     **{f"{m}-time-3000": ("--deformation", m, *EARLIER) for m in ("kplanes", "anchors")},
     **{f"{m}-time-3000-estimate": ("--deformation", m, *EARLIER, "--period-init", "auto")
