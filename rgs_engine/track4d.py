@@ -102,12 +102,12 @@ from the 3.5 s mean) against 32.40 dB (3.5657 s) on the irregular one, 0.3 dB lo
 inhale phases, whose cycle-to-cycle changes phase input cannot represent. On the H200 cases
 (exp runs of the engine, then ``validation/track4d.py``, one run per line): regular, phase
 input from the estimate 37.22 / 37.13 dB (seeds 0, 1; 101 / 99 s of training; 8.2-8.4 mm of
-motion) and 37.14 dB in the validation run (131 s whole command), against the default's 35.18
+motion) and 37.14 dB in the validation run (131 s whole command), against time input's 35.18
 / 35.36 dB (121 / 127 s) in the same session: +1.9 dB, flat over the phases (37.0-37.5 dB); 24
 instead of 12 time cells 37.05 dB; 5000 deformation steps 37.65 dB (207 s of training), static
 +3.2 dB. Irregular: 35.54 / 35.49 dB against 35.11 dB, but 1.0-1.3 dB lower at the three
 inhale phases and the period 3.602 / 3.606 s, 3.0 % from the 3.5 s mean of the cycle draw (0.8
-% from the 3.576 s the scan's cycles average; the default 3.547 s). So phase input suits
+% from the 3.576 s the scan's cycles average; time input 3.547 s). So phase input suits
 breathing that keeps its period, and time input follows free breathing cycle by cycle
 (below: the default chooses between them). A stronger periodic consistency does
 not pool the cycles in time mode instead: on the real CT at 48^3 (CPU, as above, one run each)
@@ -123,8 +123,10 @@ irregular real-CT cases at 48^3 (CPU, after 300 static steps), 0.008 / 0.092 on 
 cases, 0.001 / 0.050 / 0.079 on the CPU toy with a phase drifting by 0 / 0.10 / 0.15 cycles;
 hence the :data:`REGULAR_WANDER_CYCLES` of 0.03: cycle lengths jittered by 10 % (the
 irregular case's) wander three times as far, and get time input. 5000 instead of 3000
-deformation steps: phase input still gained 0.4-0.5 dB there (above); time input neither
-gained nor lost (4000 steps above). H200, ``validation/track4d.py`` (whole commands): regular
+deformation steps: phase input still gained 0.4-0.5 dB there (above); time input did not
+gain (4000 steps above; irregular, 5000 steps below against 3000: 34.86 against 35.18 dB,
+single runs within its run-to-run spread of about 1 dB). H200, ``validation/track4d.py``
+(whole commands): regular
 (phase chosen) kplanes 37.58 dB, static + 3.17 dB, period 0.02 % off, 224 s, and in two more
 runs (``--seed 1`` / ``2``, same case) 37.60 / 37.62 dB in 203 / 188 s; anchors 36.61 dB
 (+2.20), 174 s. Irregular (time chosen): kplanes 34.86 dB (+0.24; period 0.84 % off), 243 s;
