@@ -118,11 +118,11 @@ def _new_settings(case: Path, deformation: Optional[str], time_input: Optional[s
             "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}
 
 
-def _period_init(config: Track4DConfig) -> Union[float, str, None]:
-    """The ``--period-init`` value of ``config``: seconds, ``auto``, or None (the default:
-    the time input's, see :attr:`Track4DReconstruction.period_from_projections`)."""
+def _period_init(config: Track4DConfig) -> Union[float, str]:
+    """The ``--period-init`` value of ``config``: seconds, ``auto``, or ``default`` (none
+    given: the time input's, see :attr:`Track4DReconstruction.period_from_projections`)."""
     if config.period_from_projections is None:
-        return None
+        return "default"
     return AUTO if config.period_from_projections else config.period_init_s
 
 
@@ -144,7 +144,7 @@ def _known(s: dict) -> dict[str, Any]:
     return {"--deformation": cfg.deformation, "--time-input": cfg.time_input,
             "--iterations": cfg.iterations,
             "--static-iterations": cfg.recipe.iterations,
-            "--period-init": "default" if _period_init(cfg) is None else _period_init(cfg),
+            "--period-init": _period_init(cfg),
             "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"]}
 
 
@@ -251,7 +251,7 @@ def run_breathing(case: Path, out: Path, *, deformation: Optional[str], time_inp
                               "--deformation", config.deformation, "--time-input", config.time_input,
                               "--iterations", str(config.iterations),
                               "--static-iterations", str(config.recipe.iterations),
-                              *(() if period_init is None else ("--period-init", str(period_init))),
+                              *(() if period_init == "default" else ("--period-init", str(period_init))),
                               "--seed", str(config.recipe.seed),
                               "--checkpoint-every", str(settings["checkpoint_every"])])})
         write_run_config(out, OUTPUTS, settings, force)
