@@ -23,8 +23,10 @@ from rich.table import Table
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
                            TextColumn, TimeElapsedColumn)
 
-from rgs_engine import runtime, volume_io
-from rgs_engine.errors import RgsDeviceError, RgsInputError
+from rgs_engine.core import runtime
+
+from rgs_engine.io import files as volume_io
+from rgs_engine.core.errors import RgsDeviceError, RgsInputError
 
 app = typer.Typer(
     name="rgs", add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -79,7 +81,7 @@ class Stages:
     """A rich progress display (stderr) over named stages that records each stage's seconds.
 
     The display is erased if a stage fails. Each stage ends with
-    :func:`rgs_engine.runtime.sync`, so GPU work is counted in the stage that queued it.
+    :func:`rgs_engine.core.runtime.sync`, so GPU work is counted in the stage that queued it.
     """
 
     def __init__(self, total: int):
@@ -168,7 +170,7 @@ def fmt(x: Optional[float], digits: int = 2) -> str:
 
 def stage_timer(seconds: dict[str, float]) -> Callable[[str, str], contextlib.AbstractContextManager]:
     """``stage(key, label)``: a context manager showing ``label`` as a status line on stderr
-    and recording the block's seconds (after :func:`rgs_engine.runtime.sync`) in ``seconds[key]``."""
+    and recording the block's seconds (after :func:`rgs_engine.core.runtime.sync`) in ``seconds[key]``."""
     @contextlib.contextmanager
     def stage(key: str, label: str) -> Iterator[None]:
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from rich.table import Table
 
-from rgs_engine import runtime
+from rgs_engine.core import runtime
 
 from . import roundtrip  # noqa: F401  (registers the command)
 from . import simulate  # noqa: F401

@@ -34,10 +34,12 @@ import torch
 import typer
 
 import rgs_engine
-from rgs_engine import imaging, iterative, metrics, runtime, volume_io
-from rgs_engine.errors import RgsInputError
-from rgs_engine.gs_recon import GaussianReconstruction, GSConfig
-from rgs_engine.projection_data import ProjectionData, describe, load_projections
+from rgs_engine.io import images as imaging, files as volume_io
+from rgs_engine.recon import sart as iterative
+from rgs_engine.core import metrics, runtime
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.recon.gaussian import GaussianReconstruction, GSConfig
+from rgs_engine.io.projections import ProjectionData, describe, load_projections
 
 from .common import (DeviceOption, FilterChoice, Interrupt, app, fmt, handle_errors, interrupted_exit,
                      iteration_progress, out_console, print_summary, require, run_iterations,

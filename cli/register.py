@@ -10,8 +10,12 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from rgs_engine import ct_gaussians, imaging, registration as reg, rigid, runtime, volume_io, xray_data
-from rgs_engine.errors import RgsInputError
+from rgs_engine.registration import ct_gaussians, register as reg
+
+from rgs_engine.io import images as imaging, files as volume_io, xrays as xray_data
+
+from rgs_engine.core import rigid, runtime
+from rgs_engine.core.errors import RgsInputError
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
 

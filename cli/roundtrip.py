@@ -8,7 +8,9 @@ import typer
 from rich.table import Table
 
 import rgs_engine
-from rgs_engine import ct, imaging, metrics, runtime, volume_io
+from rgs_engine.sim import ct
+from rgs_engine.io import images as imaging, files as volume_io
+from rgs_engine.core import metrics, runtime
 
 from .common import (DeviceOption, FilterChoice, Stages, app, handle_errors, out_console, require,
                      start)

@@ -9,7 +9,11 @@ from typing import Annotated, List, Optional
 import typer
 from rich.table import Table
 
-from rgs_engine import phantoms, projection_data, runtime, simulate as sim, volume_io
+from rgs_engine.sim import phantoms, scan as sim
+
+from rgs_engine.io import projections as projection_data, files as volume_io
+
+from rgs_engine.core import runtime
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
 

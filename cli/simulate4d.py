@@ -7,7 +7,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rgs_engine import data4d, projection_data, runtime, simulate as sim, simulate4d as sim4d, volume_io
+from rgs_engine.io import naf4d as data4d, projections as projection_data, files as volume_io
+
+from rgs_engine.core import runtime
+
+from rgs_engine.sim import scan as sim, breathing_scan as sim4d
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
 from .simulate import NoiseModelChoice, add_scan_rows

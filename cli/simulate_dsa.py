@@ -9,8 +9,12 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from rgs_engine import dsa_data, runtime, simulate as sim, vessels, volume_io
-from rgs_engine.geometry import VolumeGrid
+from rgs_engine.io import dsa_case as dsa_data, files as volume_io
+
+from rgs_engine.core import runtime
+
+from rgs_engine.sim import scan as sim, vessels
+from rgs_engine.core.geometry import VolumeGrid
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
 from .simulate import noise_text

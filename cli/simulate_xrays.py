@@ -12,8 +12,12 @@ import torch
 import typer
 from rich.table import Table
 
-from rgs_engine import rigid, runtime, simulate as sim, volume_io, xray_data
-from rgs_engine.geometry import Geometry
+from rgs_engine.core import rigid, runtime
+
+from rgs_engine.sim import scan as sim
+
+from rgs_engine.io import files as volume_io, xrays as xray_data
+from rgs_engine.core.geometry import Geometry
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
 from .simulate import NoiseModelChoice, noise_text

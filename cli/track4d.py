@@ -2,7 +2,7 @@
 
 ``--mode breathing`` (default; X2-Gaussian's scenario): a NAF-style 4D pickle of projections
 taken during free breathing -> canonical Gaussians + a learned deformation and breathing
-period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
+period (:mod:`rgs_engine.motion.track4d`). Outputs in ``--out DIR``:
 
 * ``phases.nii.gz``: a 4D NIfTI (nx, ny, nz, P) on the data's grid, the volume at each
   ground-truth phase time, or without ground truth at P = 10 times evenly spread over one
@@ -11,10 +11,10 @@ period (:mod:`rgs_engine.track4d`). Outputs in ``--out DIR``:
 * ``metrics.json``: ``period_s``, ``period_truth_s`` and ``period_error_pct`` (with
   ``period_truth_source``: the file, or X2-Gaussian's 3 s convention when the file has no
   ``period_s``), ``period_estimate_s`` / ``period_estimate_power`` (the period the
-  projections show, :mod:`rgs_engine.period_estimate`, or null where the scan is too short),
+  projections show, :mod:`rgs_engine.motion.period_estimate`, or null where the scan is too short),
   ``period_mismatch_pct`` (the learned period's distance from it; above 5 % a warning
   suggests ``--period-init auto``), ``phase_wander_cycles`` (how far the scan's cycles
-  stray from that period, :func:`rgs_engine.period_estimate.phase_wander`), ``time_input``
+  stray from that period, :func:`rgs_engine.motion.period_estimate.phase_wander`), ``time_input``
   (what the deformation saw: ``time`` or ``phase``; with ``--time-input auto``, the default,
   phase where the phase wander is at most 0.03 cycles) and ``time_input_option``,
   ``motion_mm`` (the learned motion's size: 99th percentile over the Gaussians of the largest
@@ -46,12 +46,13 @@ import torch
 import typer
 
 import rgs_engine
-from rgs_engine import data4d, imaging, metrics, volume_io
-from rgs_engine.data4d import Projection4D
-from rgs_engine.errors import RgsInputError
-from rgs_engine.gs_recon import GSConfig
-from rgs_engine.dsa_recon import DsaConfig
-from rgs_engine.track4d import PERIOD_MISMATCH_PCT, Track4DConfig, Track4DReconstruction
+from rgs_engine.io import naf4d as data4d, images as imaging, files as volume_io
+from rgs_engine.core import metrics
+from rgs_engine.io.naf4d import Projection4D
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.recon.gaussian import GSConfig
+from rgs_engine.motion.dsa import DsaConfig
+from rgs_engine.motion.track4d import PERIOD_MISMATCH_PCT, Track4DConfig, Track4DReconstruction
 
 from .common import (DeviceOption, app, check_new_run, err_console, fmt, handle_errors, out_console,
                      print_summary, require, resume_settings, run_iterations, stage_timer, start,

@@ -1,9 +1,9 @@
 """``rgs track4d --mode dsa``: 4D vessels from a rotational DSA run (4DRGS's scenario).
 
 CASE is a 4DRGS case folder (``transforms.json``, mask and fill runs, optionally
-``ground_truth/``: :mod:`rgs_engine.dsa_data`) or an rgs ``.h5`` of DSA line integrals with
+``ground_truth/``: :mod:`rgs_engine.io.dsa_case`) or an rgs ``.h5`` of DSA line integrals with
 ``/time``. ``--views N`` (default 30) frames spread evenly over the run train the model
-(:class:`rgs_engine.dsa_recon.DsaReconstruction`); the other frames are held out and
+(:class:`rgs_engine.motion.dsa.DsaReconstruction`); the other frames are held out and
 rendered at their times for the 2D metrics. Times are in the case's unit: seconds, or
 ``f / (F - 1)`` for a 4DRGS case without frame times.
 
@@ -14,7 +14,7 @@ Outputs in ``--out DIR``:
 * ``vessels_4d.nii.gz``: 4D (nx, ny, nz, T), the volume at each of the ``--times`` (default:
   5 times evenly over the run, first and last frame included; ``times`` in ``metrics.json``);
 * ``vessels.ply`` (mm): the surface of ``vessels.nii.gz`` by
-  :func:`rgs_engine.dsa_recon.vessel_surface` (half the robust maximum, no ground truth; the
+  :func:`rgs_engine.motion.dsa.vessel_surface` (half the robust maximum, no ground truth; the
   time average, not the peak over time, whose per-time noise speckles the surface);
 * ``mip.gif``: maximum-intensity projection along y (coronal, radiological orientation) of
   the volume at those :data:`MIP_TIMES` times, one grey scale for all frames;
@@ -44,9 +44,10 @@ import torch
 import torch.nn.functional as F
 
 import rgs_engine
-from rgs_engine import dsa_data, imaging, mesh, metrics, volume_io
-from rgs_engine.dsa_recon import DsaConfig, DsaReconstruction, vessel_surface
-from rgs_engine.projection_data import ProjectionData, load_projections
+from rgs_engine.io import dsa_case as dsa_data, images as imaging, mesh, files as volume_io
+from rgs_engine.core import metrics
+from rgs_engine.motion.dsa import DsaConfig, DsaReconstruction, vessel_surface
+from rgs_engine.io.projections import ProjectionData, load_projections
 
 from .common import (check_new_run, fmt, out_console, print_summary, require, resume_settings, run_iterations,
                      stage_timer, start, write_metrics, write_run_config)
@@ -123,7 +124,7 @@ def _known(s: dict) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 def coronal_mip(volume: torch.Tensor) -> torch.Tensor:
     """Maximum-intensity projection along y of a (nx, ny, nz) volume, in
-    :func:`rgs_engine.imaging.central_slices`'s coronal orientation (CPU float32)."""
+    :func:`rgs_engine.io.images.central_slices`'s coronal orientation (CPU float32)."""
     # the coronal "central slice" of the (nx, 1, nz) projection is the projection itself
     return imaging.central_slices(volume.amax(1, keepdim=True))[1]
 

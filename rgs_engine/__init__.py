@@ -17,15 +17,15 @@ import os
 # Taichi prints a banner on import; rgs reports its own device (``rgs info``).
 os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "false")
 
-from . import runtime  # noqa: E402
-from .analytic import fdk  # noqa: E402
-from .errors import RgsDeviceError, RgsInputError  # noqa: E402
-from .gaussians import Gaussians, covariance, inverse_covariance, quat_to_rotmat  # noqa: E402
-from .geometry import Geometry, VolumeGrid  # noqa: E402
-from .projector import backproject, project  # noqa: E402
-from .registration import register  # noqa: E402
-from .splatting import splat  # noqa: E402
-from .voxelization import voxelize  # noqa: E402
+from .core import runtime  # noqa: E402
+from .core.errors import RgsDeviceError, RgsInputError  # noqa: E402
+from .core.gaussians import Gaussians, covariance, inverse_covariance, quat_to_rotmat  # noqa: E402
+from .core.geometry import Geometry, VolumeGrid  # noqa: E402
+from .core.projector import backproject, project  # noqa: E402
+from .core.splatting import splat  # noqa: E402
+from .core.voxelization import voxelize  # noqa: E402
+from .recon.fdk import fdk  # noqa: E402
+from .registration.register import register  # noqa: E402
 
 __version__ = "0.1.0"
 init = runtime.init

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rgs_engine import runtime
+from rgs_engine.core import runtime
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Breathing curve, anatomical displacement field and warp (rgs_engine.breathing)."""
+"""Breathing curve, anatomical displacement field and warp (rgs_engine.sim.breathing)."""
 import math
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from chest_phantom import LUNG_CENTRE_Z, LUNG_HALF_HEIGHT, SPINE, chest_grid, chest_hu
-from rgs_engine import breathing as br
-from rgs_engine.ct import hu_to_mu
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import VolumeGrid
+from rgs_engine.sim import breathing as br
+from rgs_engine.sim.ct import hu_to_mu
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import VolumeGrid
 
 
 # --------------------------------------------------------------------------------------

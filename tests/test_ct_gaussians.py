@@ -7,11 +7,11 @@ import torch
 
 from blob_phantom import blob_phantom
 from rgs_engine import Geometry, RgsInputError, VolumeGrid, splat, voxelize
-from rgs_engine.ct_gaussians import fit_volume, gaussians_for_ct
-from rgs_engine.rigid import (axis_angle_quat, quat_left_matrix, quat_multiply, rigid_transform_gaussians,
+from rgs_engine.registration.ct_gaussians import fit_volume, gaussians_for_ct
+from rgs_engine.core.rigid import (axis_angle_quat, quat_left_matrix, quat_multiply, rigid_transform_gaussians,
                               rotmat_to_quat, se3_exp, so3_exp)
-from rgs_engine.gaussians import quat_to_rotmat
-from rgs_engine.volume_io import save_nifti
+from rgs_engine.core.gaussians import quat_to_rotmat
+from rgs_engine.io.files import save_nifti
 
 GRID = VolumeGrid.centred((32, 32, 32), 3.0)
 

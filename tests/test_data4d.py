@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from rgs_engine.data4d import Projection4D, load_4d_pickle, save_4d_pickle, x2_phase_times
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import Geometry, VolumeGrid
-from rgs_engine.projection_data import ProjectionData, load_projections
+from rgs_engine.io.naf4d import Projection4D, load_4d_pickle, save_4d_pickle, x2_phase_times
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import Geometry, VolumeGrid
+from rgs_engine.io.projections import ProjectionData, load_projections
 
 GRID = VolumeGrid.centred((6, 7, 8), (10.0, 9.0, 8.0))
 DET = (10, 12)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rgs_engine import RgsInputError
-from rgs_engine.deformation import (AnchorDeformation, KPlanesField, LearnedPeriod,
+from rgs_engine.motion.deformation import (AnchorDeformation, KPlanesField, LearnedPeriod,
                                     farthest_point_sampling, knn_skinning, periodic_consistency,
                                     phase_harmonics)
 

@@ -1,4 +1,4 @@
-"""4DRGS DSA case layout (rgs_engine.dsa_data): round trip, conventions, every error path."""
+"""4DRGS DSA case layout (rgs_engine.io.dsa_case): round trip, conventions, every error path."""
 import gzip
 import json
 import math
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from rgs_engine import dsa_data
-from rgs_engine.dsa_data import DsaCase, DsaTruth, load_dsa, load_dsa_case, save_dsa_case
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import VolumeGrid
+from rgs_engine.io import dsa_case as dsa_data
+from rgs_engine.io.dsa_case import DsaCase, DsaTruth, load_dsa, load_dsa_case, save_dsa_case
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import VolumeGrid
 
 F, H, W = 5, 6, 7
 GRID = VolumeGrid.centred((8, 9, 10), (2.0, 2.5, 1.5))

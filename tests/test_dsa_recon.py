@@ -1,15 +1,19 @@
-"""4D DSA reconstruction (rgs_engine.dsa_recon) on a small synthetic vessel tree with a bolus."""
+"""4D DSA reconstruction (rgs_engine.motion.dsa) on a small synthetic vessel tree with a bolus."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from rgs_engine import RgsInputError, VolumeGrid, metrics, vessels
-from rgs_engine.dsa_recon import ContrastField, DsaConfig, DsaReconstruction, robust_max, vessel_surface
-from rgs_engine.gs_recon import GaussianReconstruction, GSConfig
-from rgs_engine.projection_data import ProjectionData
-from rgs_engine.splatting import splat
+from rgs_engine import RgsInputError, VolumeGrid
+
+from rgs_engine.core import metrics
+
+from rgs_engine.sim import vessels
+from rgs_engine.motion.dsa import ContrastField, DsaConfig, DsaReconstruction, robust_max, vessel_surface
+from rgs_engine.recon.gaussian import GaussianReconstruction, GSConfig
+from rgs_engine.io.projections import ProjectionData
+from rgs_engine.core.splatting import splat
 
 # a small-problem recipe (as test_gs_recon's): more Gaussians per voxel, smaller scales
 SMALL = dict(num_init=2000, views_per_step=4, tv_size=8, init_scale=0.5, lr_scale=(3e-2, 3e-3),

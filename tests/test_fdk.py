@@ -6,8 +6,8 @@ import torch
 
 from rgs_engine import Geometry, RgsInputError, VolumeGrid
 from rgs_engine._torch_impl.fdk import fdk as fdk_reference
-from rgs_engine.analytic import angular_weights, fdk
-from rgs_engine.projector import project
+from rgs_engine.recon.fdk import angular_weights, fdk
+from rgs_engine.core.projector import project
 
 MU = 0.02  # 1/mm
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rgs_engine import Geometry, Gaussians, RgsInputError, VolumeGrid, covariance, inverse_covariance
-from rgs_engine.geometry import reorient_to_grid
+from rgs_engine.core.geometry import reorient_to_grid
 
 
 def test_circular_tigre_convention():

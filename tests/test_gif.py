@@ -1,12 +1,12 @@
-"""GIF89a writer (rgs_engine.imaging.write_gif), checked by a minimal decoder written here."""
+"""GIF89a writer (rgs_engine.io.images.write_gif), checked by a minimal decoder written here."""
 import io
 import struct
 
 import numpy as np
 import pytest
 
-from rgs_engine.errors import RgsInputError
-from rgs_engine.imaging import encode_gif, write_gif
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.io.images import encode_gif, write_gif
 
 
 def _lzw_decode(data: bytes, min_size: int) -> bytes:

@@ -1,10 +1,14 @@
 """Gaussian reconstruction: initialisation, optimisation, density control, checkpoints."""
 import pytest
 
-from rgs_engine import RgsInputError, analytic, metrics
-from rgs_engine.gs_recon import GaussianReconstruction, GSConfig
-from rgs_engine.phantoms import shepp_logan, shepp_logan_grid
-from rgs_engine.simulate import ScanSpec, simulate
+from rgs_engine import RgsInputError
+
+from rgs_engine.recon import fdk as analytic
+
+from rgs_engine.core import metrics
+from rgs_engine.recon.gaussian import GaussianReconstruction, GSConfig
+from rgs_engine.sim.phantoms import shepp_logan, shepp_logan_grid
+from rgs_engine.sim.scan import ScanSpec, simulate
 
 # a small-problem recipe: more Gaussians per voxel and smaller starting scales than the
 # 256^3 defaults, so a 24^3 phantom converges in a few hundred CPU steps

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from rgs_engine import ct, imaging, volume_io
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import VolumeGrid
+from rgs_engine.sim import ct
+
+from rgs_engine.io import images as imaging, files as volume_io
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import VolumeGrid
 
 LPS_AFFINE = np.array([[-0.8, 0, 0, 20.0], [0, -0.9, 0, 31.0], [0, 0, 2.0, -40.0], [0, 0, 0, 1]])
 PERMUTED_AFFINE = np.array([[0, 0, 2.0, -7.0], [1.5, 0, 0, 3.0], [0, -1.1, 0, 12.0], [0, 0, 0, 1]])

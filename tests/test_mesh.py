@@ -1,13 +1,13 @@
-"""Marching tetrahedra, mesh files, surface sampling and surface distances (rgs_engine.mesh)."""
+"""Marching tetrahedra, mesh files, surface sampling and surface distances (rgs_engine.io.mesh)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from rgs_engine import mesh
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import VolumeGrid
+from rgs_engine.io import mesh
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import VolumeGrid
 
 CENTRE = np.array([3.0, -2.0, 1.5])
 RADIUS = 10.0

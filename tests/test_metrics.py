@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from rgs_engine import metrics
-from rgs_engine.errors import RgsInputError
+from rgs_engine.core import metrics
+from rgs_engine.core.errors import RgsInputError
 
 
 def _volume(shape=(20, 22, 24)):

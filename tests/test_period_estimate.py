@@ -1,11 +1,11 @@
-"""The breathing period from the projections (rgs_engine.period_estimate)."""
+"""The breathing period from the projections (rgs_engine.motion.period_estimate)."""
 import math
 
 import pytest
 import torch
 
 from rgs_engine import RgsInputError
-from rgs_engine.period_estimate import cycle_offsets, estimate_period, periodogram, phase_wander, row_shifts
+from rgs_engine.motion.period_estimate import cycle_offsets, estimate_period, periodogram, phase_wander, row_shifts
 
 
 def uneven_times(n: int, span_s: float, seed: int = 0) -> torch.Tensor:

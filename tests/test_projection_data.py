@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from rgs_engine.simulate import project_views
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import Geometry, VolumeGrid
-from rgs_engine.projection_data import (ProjectionData, load_projections, save_projections)
+from rgs_engine.sim.scan import project_views
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import Geometry, VolumeGrid
+from rgs_engine.io.projections import (ProjectionData, load_projections, save_projections)
 
 GRID = VolumeGrid.centred((24, 24, 24), 2.0, centre=(1.0, -2.0, 3.0))
 ANGLES = np.arange(10) * 2 * math.pi / 10

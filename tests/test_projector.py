@@ -6,7 +6,7 @@ import torch
 
 from rgs_engine import Geometry, RgsInputError, VolumeGrid
 from rgs_engine._torch_impl import projector as ref
-from rgs_engine.projector import backproject, project
+from rgs_engine.core.projector import backproject, project
 
 DET = (16, 20)
 ANGLES = torch.tensor([0.3, 1.35, 2.2, 3.9, 5.1])  # avoids 45-degree ties of the dominant axis

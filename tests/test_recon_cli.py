@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from rgs_engine import Geometry, VolumeGrid
-from rgs_engine import iterative
-from rgs_engine.projection_data import ProjectionData, save_projections
-from rgs_engine.simulate import project_views
+from rgs_engine.recon import sart as iterative
+from rgs_engine.io.projections import ProjectionData, save_projections
+from rgs_engine.sim.scan import project_views
 from blob_phantom import blob_phantom as phantom
 from cli_helpers import assert_one_line_error as _assert_one_line_error, interrupt_at, invoke
 
 GRID = VolumeGrid.centred((24, 24, 24), 4.0)
 FINAL = ("volume.nii.gz", "slices.png", "metrics.json", "config.json")
-HAS_GS = importlib.util.find_spec("rgs_engine.gs_recon") is not None
+HAS_GS = importlib.util.find_spec("rgs_engine.recon.gaussian") is not None
 # a tiny Gaussian recipe for the CPU tests (few Gaussians; the densification schedule scales
 # with the iterations, so it runs inside these short runs)
 GS_SETS = ["--set", "num_init=1000", "--set", "max_gaussians=2000", "--set", "tv_size=8"]
@@ -271,7 +271,7 @@ def test_resume_refusals(scans, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------
 # Gaussians
 # --------------------------------------------------------------------------------------
-@pytest.mark.skipif(not HAS_GS, reason="rgs_engine.gs_recon is not in this tree")
+@pytest.mark.skipif(not HAS_GS, reason="rgs_engine.recon.gaussian is not in this tree")
 def test_gs_smoke(scans, tmp_path):
     out = tmp_path / "run"
     result = _invoke(scans["circle"], "--out", out, "--iterations", 6, *GS_SETS)
@@ -287,10 +287,10 @@ def test_gs_smoke(scans, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_GS, reason="rgs_engine.gs_recon is not in this tree")
+@pytest.mark.skipif(not HAS_GS, reason="rgs_engine.recon.gaussian is not in this tree")
 @pytest.mark.parametrize("scan, init", [("circle", "fdk"), ("posed", "random")])
 def test_gs_resume_equals_an_uninterrupted_run(scans, tmp_path, monkeypatch, scan, init):
-    from rgs_engine.gs_recon import GaussianReconstruction
+    from rgs_engine.recon.gaussian import GaussianReconstruction
 
     args = ["--iterations", 10, "--checkpoint-every", 3, "--init", init, *GS_SETS]
     full, part = tmp_path / "full", tmp_path / "part"

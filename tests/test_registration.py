@@ -1,4 +1,4 @@
-"""CT-to-X-ray rigid registration (rgs_engine.registration, ``rgs register``).
+"""CT-to-X-ray rigid registration (rgs_engine.registration.register, ``rgs register``).
 
 The CT is the 32^3, 3 mm blob phantom (tests/blob_phantom.py) stored in HU with an affine
 off the origin; X-rays are 64x64 AP + lateral Joseph DRRs from ``rgs simulate-xrays``.
@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from blob_phantom import blob_phantom
-from rgs_engine import VolumeGrid, rigid, xray_data
-from rgs_engine import registration as reg
-from rgs_engine.ct_gaussians import gaussians_for_ct
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import Geometry
-from rgs_engine.volume_io import save_nifti
+from rgs_engine import VolumeGrid
+from rgs_engine.core import rigid
+from rgs_engine.io import xrays as xray_data
+from rgs_engine.registration import register as reg
+from rgs_engine.registration.ct_gaussians import gaussians_for_ct
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import Geometry
+from rgs_engine.io.files import save_nifti
 from cli_helpers import invoke as _invoke
 
 

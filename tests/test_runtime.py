@@ -14,9 +14,9 @@ def run_py(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_import_does_not_initialise_taichi():
-    res = run_py("import rgs_engine, rgs_engine.splatting, taichi as ti\n"
+    res = run_py("import rgs_engine, rgs_engine.core.splatting, taichi as ti\n"
                  "from taichi.lang import impl\n"
-                 "assert not rgs_engine.runtime.is_initialised()\n"
+                 "assert not rgs_engine.core.runtime.is_initialised()\n"
                  "assert impl.get_runtime().prog is None, 'taichi initialised at import'\n"
                  "print('ok')")
     assert res.returncode == 0, res.stderr

@@ -6,8 +6,8 @@ import torch
 
 from rgs_engine import Geometry, RgsInputError, VolumeGrid, fdk, project
 from rgs_engine._torch_impl.projector import project as project_reference
-from rgs_engine.iterative import SART, ZERO_WEIGHT, sart, subset_order, subsets_of
-from rgs_engine.metrics import psnr_3d
+from rgs_engine.recon.sart import SART, ZERO_WEIGHT, sart, subset_order, subsets_of
+from rgs_engine.core.metrics import psnr_3d
 from blob_phantom import blob_phantom as phantom
 
 

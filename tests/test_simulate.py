@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from rgs_engine.simulate import project_views
-from rgs_engine import simulate as sim
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import VolumeGrid
-from rgs_engine.phantoms import ellipsoid_table, shepp_logan, shepp_logan_grid, shepp_logan_normalised
-from rgs_engine.projection_data import load_projections
+from rgs_engine.sim.scan import project_views
+from rgs_engine.sim import scan as sim
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import VolumeGrid
+from rgs_engine.sim.phantoms import ellipsoid_table, shepp_logan, shepp_logan_grid, shepp_logan_normalised
+from rgs_engine.io.projections import load_projections
 from cli_helpers import error_line as _error_line, invoke as _invoke
 
 

@@ -9,11 +9,11 @@ import torch
 
 from chest_phantom import chest_grid, write_chest_nifti
 from cli_helpers import assert_one_line_error, invoke
-from rgs_engine.breathing import displacement_field, motion_amplitudes, warp
-from rgs_engine.data4d import load_4d_pickle
-from rgs_engine.geometry import VolumeGrid
-from rgs_engine.projector import project
-from rgs_engine.simulate import load_ct_volume
+from rgs_engine.sim.breathing import displacement_field, motion_amplitudes, warp
+from rgs_engine.io.naf4d import load_4d_pickle
+from rgs_engine.core.geometry import VolumeGrid
+from rgs_engine.core.projector import project
+from rgs_engine.sim.scan import load_ct_volume
 
 SMALL = ("--grid", "24", "--projections", "12", "--val-projections", "3", "--det", "24",
          "--scan-seconds", "16", "--period", "4", "--phases", "4")

@@ -1,7 +1,7 @@
 """``rgs simulate-dsa``: a tiny run end to end, no-clobber, one-line errors."""
 import json
 
-from rgs_engine.dsa_data import load_dsa
+from rgs_engine.io.dsa_case import load_dsa
 from cli_helpers import assert_one_line_error, invoke
 
 TINY = ("--frames", 6, "--grid", 16, "--det", 16)

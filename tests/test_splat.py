@@ -7,7 +7,7 @@ import torch
 
 from rgs_engine import Geometry, RgsInputError
 from rgs_engine._torch_impl import splat as ref
-from rgs_engine.splatting import splat
+from rgs_engine.core.splatting import splat
 
 
 def rel(a, b):
@@ -209,7 +209,7 @@ def test_bad_inputs_raise(device, bad, msg):
 
 def test_pixel_and_tile_render_kernels_agree(device):
     """The GPU (pixel-parallel) and CPU (tile-parallel) forward kernels give the same sums."""
-    from rgs_engine import splatting
+    from rgs_engine.core import splatting
     from rgs_engine.kernels import splat_forward
     geo = GEOMETRIES["cone-tilted"]()
     params = [t.float() for t in random_gaussians(40, device)]

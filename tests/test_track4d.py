@@ -4,10 +4,12 @@ import math
 import pytest
 import torch
 
-from rgs_engine import RgsInputError, VolumeGrid, metrics, project
-from rgs_engine.gs_recon import GSConfig
-from rgs_engine.simulate import circular_geometry, default_distances
-from rgs_engine.track4d import REGULAR_WANDER_CYCLES, Track4DConfig, Track4DReconstruction
+from rgs_engine import RgsInputError, VolumeGrid, project
+
+from rgs_engine.core import metrics
+from rgs_engine.recon.gaussian import GSConfig
+from rgs_engine.sim.scan import circular_geometry, default_distances
+from rgs_engine.motion.track4d import REGULAR_WANDER_CYCLES, Track4DConfig, Track4DReconstruction
 
 PERIOD_S, AMPLITUDE_MM, SCAN_S = 3.5, 12.0, 20.0
 # a small-problem recipe (as test_gs_recon's): more Gaussians per voxel, smaller scales

@@ -8,7 +8,7 @@ import pytest
 
 from chest_phantom import write_chest_nifti
 from cli_helpers import assert_one_line_error, interrupt_at, invoke
-from rgs_engine.track4d import REGULAR_WANDER_CYCLES, Track4DReconstruction
+from rgs_engine.motion.track4d import REGULAR_WANDER_CYCLES, Track4DReconstruction
 
 try:
     from cli import track4d as track4d_cli

@@ -6,10 +6,10 @@ import nibabel as nib
 import pytest
 
 from cli_helpers import assert_one_line_error, interrupt_at, invoke
-from rgs_engine.dsa_data import load_dsa
-from rgs_engine.dsa_recon import DsaConfig, DsaReconstruction
-from rgs_engine.mesh import read_ply
-from rgs_engine.projection_data import ProjectionData, save_projections
+from rgs_engine.io.dsa_case import load_dsa
+from rgs_engine.motion.dsa import DsaConfig, DsaReconstruction
+from rgs_engine.io.mesh import read_ply
+from rgs_engine.io.projections import ProjectionData, save_projections
 
 try:
     from cli import track4d_dsa

@@ -1,4 +1,4 @@
-"""Synthetic vessel tree, bolus and rotational DSA run (rgs_engine.vessels)."""
+"""Synthetic vessel tree, bolus and rotational DSA run (rgs_engine.sim.vessels)."""
 import json
 import math
 
@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from rgs_engine import dsa_data, vessels
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import VolumeGrid
-from rgs_engine.projector import project
-from rgs_engine.vessels import Bolus, Branch, VesselPhantom
+from rgs_engine.io import dsa_case as dsa_data
+
+from rgs_engine.sim import vessels
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import VolumeGrid
+from rgs_engine.core.projector import project
+from rgs_engine.sim.vessels import Bolus, Branch, VesselPhantom
 
 GRID = VolumeGrid.centred((24, 24, 24), vessels.BOX_MM / 24)
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import rgs_engine.voxelization as vox
+import rgs_engine.core.voxelization as vox
 from rgs_engine import RgsInputError, VolumeGrid
 from rgs_engine._torch_impl.voxelize import voxelize as reference
 

@@ -1,4 +1,4 @@
-"""X-ray folders (rgs_engine.xray_data), rigid transforms and ``rgs simulate-xrays``."""
+"""X-ray folders (rgs_engine.io.xrays), rigid transforms and ``rgs simulate-xrays``."""
 import json
 import math
 import struct
@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from rgs_engine import rigid, xray_data
-from rgs_engine.errors import RgsInputError
-from rgs_engine.geometry import Geometry
-from rgs_engine.projector import project
-from rgs_engine.simulate import load_ct_volume, sphere_covering_pixel
-from rgs_engine.xray_data import XRaySet, decode_png, encode_png_gray, load_xrays, read_tiff, save_xrays
+from rgs_engine.core import rigid
+
+from rgs_engine.io import xrays as xray_data
+from rgs_engine.core.errors import RgsInputError
+from rgs_engine.core.geometry import Geometry
+from rgs_engine.core.projector import project
+from rgs_engine.sim.scan import load_ct_volume, sphere_covering_pixel
+from rgs_engine.io.xrays import XRaySet, decode_png, encode_png_gray, load_xrays, read_tiff, save_xrays
 from cli_helpers import error_line as _error_line, invoke as _invoke
 
 

@@ -40,13 +40,15 @@ from rich.progress import Progress
 from rich.table import Table
 
 import rgs_engine
-from rgs_engine import ct, runtime, volume_io
+from rgs_engine.sim import ct
+from rgs_engine.core import runtime
+from rgs_engine.io import files as volume_io
 from rgs_engine._torch_impl import fdk as ref_fdk
 from rgs_engine._torch_impl import projector as ref_projector
 from rgs_engine._torch_impl import splat as ref_splat
 from rgs_engine._torch_impl import voxelize as ref_voxelize
-from rgs_engine.errors import RgsDeviceError, RgsInputError
-from rgs_engine.geometry import VolumeGrid
+from rgs_engine.core.errors import RgsDeviceError, RgsInputError
+from rgs_engine.core.geometry import VolumeGrid
 
 BOX_MM = 256.0
 DSO, DSD = 1000.0, 1500.0

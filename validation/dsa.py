@@ -11,12 +11,12 @@
      recipe, run as a user runs it (a subprocess). ``seconds`` is the command's own time
      (loading, initialisation, training, evaluation, outputs), ``wall_seconds`` the process's
      (Python start-up and kernel compilation included);
-   * ``static``: ``rgs recon``'s Gaussians (:class:`~rgs_engine.gs_recon.GaussianReconstruction`
-     with the default :class:`~rgs_engine.gs_recon.GSConfig`, R2-Gaussian's model), ignoring time;
+   * ``static``: ``rgs recon``'s Gaussians (:class:`~rgs_engine.recon.gaussian.GaussianReconstruction`
+     with the default :class:`~rgs_engine.recon.gaussian.GSConfig`, R2-Gaussian's model), ignoring time;
    * ``fdk``: FDK of the same frames;
 
    Every method is scored by the same code: the surface by
-   :func:`rgs_engine.dsa_recon.vessel_surface` (half the robust maximum; rgs dsa meshes its
+   :func:`rgs_engine.motion.dsa.vessel_surface` (half the robust maximum; rgs dsa meshes its
    time-averaged volume, the static methods their only volume), Chamfer (mean of both
    directions, and their sum as 4DRGS reports it) and HD95 against the lumen surface
    (:func:`cli.track4d_dsa.surface_metrics`), 2D PSNR / SSIM on the held-out frames (rgs dsa
@@ -58,10 +58,11 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from cli.track4d_dsa import coronal_mip, load_case, split_views, surface_metrics  # noqa: E402
-from rgs_engine import fdk, metrics, project, runtime  # noqa: E402
-from rgs_engine.dsa_recon import vessel_surface  # noqa: E402
-from rgs_engine.gs_recon import GaussianReconstruction, GSConfig  # noqa: E402
-from rgs_engine.volume_io import load_json, load_nifti, save_json, write_bytes  # noqa: E402
+from rgs_engine import fdk, project  # noqa: E402
+from rgs_engine.core import metrics, runtime
+from rgs_engine.motion.dsa import vessel_surface  # noqa: E402
+from rgs_engine.recon.gaussian import GaussianReconstruction, GSConfig  # noqa: E402
+from rgs_engine.io.files import load_json, load_nifti, save_json, write_bytes  # noqa: E402
 
 GRID, DET, NOISE = 160, 256, "1e5,10"
 QUICK = {"grid": 40, "det": 48, "views": [30], "iterations": 100}

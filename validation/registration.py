@@ -6,7 +6,7 @@ bin with >= 95 % success), with rgs's training-free registration:
 
 1. The chest CT of ``datasets/fetch_ct.py`` (``.cache/ct/cxr.nii.gz``, 0.70 x 0.70 x 2.5 mm)
    and its TotalSegmentator label map (``mask.nii.gz``). Each vertebra in ``--labels`` is a
-   case: its Gaussians (``rgs_engine.ct_gaussians.gaussians_for_ct`` with the mask and the
+   case: its Gaussians (``rgs_engine.registration.ct_gaussians.gaussians_for_ct`` with the mask and the
    label, the same call as ``rgs register --mask --label``; the conversion time is reported
    for a fresh fit and for a cached load) and its target points (the label's voxel centres).
 2. Biplanar views (AP + lateral, :meth:`Geometry.biplanar`, DSO / DSD 1000 / 1500 mm,
@@ -55,11 +55,17 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-from rgs_engine import ct, ct_gaussians, imaging, registration as reg, rigid, runtime  # noqa: E402
-from rgs_engine import simulate as sim  # noqa: E402
-from rgs_engine.geometry import Geometry  # noqa: E402
-from rgs_engine.volume_io import load_nifti, save_json, write_bytes  # noqa: E402
-from rgs_engine.xray_data import XRaySet  # noqa: E402
+from rgs_engine.sim import ct  # noqa: E402
+
+from rgs_engine.registration import ct_gaussians, register as reg
+
+from rgs_engine.io import images as imaging
+
+from rgs_engine.core import rigid, runtime
+from rgs_engine.sim import scan as sim  # noqa: E402
+from rgs_engine.core.geometry import Geometry  # noqa: E402
+from rgs_engine.io.files import load_nifti, save_json, write_bytes  # noqa: E402
+from rgs_engine.io.xrays import XRaySet  # noqa: E402
 
 CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
 MASK = ROOT / ".cache" / "ct" / "mask.nii.gz"

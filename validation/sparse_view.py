@@ -212,7 +212,7 @@ def log_invocation(folder: Path, command: str, wall: float, rc: int | None) -> N
         log = []
     log.append({"command": command, "wall_s": round(wall, 3), "exit": rc,
                 "finished": _dt.datetime.now().astimezone().isoformat(timespec="seconds")})
-    from rgs_engine.volume_io import save_json
+    from rgs_engine.io.files import save_json
 
     save_json(path, log, force=True)
 
@@ -241,7 +241,7 @@ def read_h5_info(path: Path) -> dict[str, Any]:
     """Provenance and shape of a simulated file (attributes only; no projections read)."""
     import h5py
 
-    from rgs_engine.projection_data import _decode_attr
+    from rgs_engine.io.projections import _decode_attr
 
     with h5py.File(path, "r") as f:
         attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}
@@ -302,7 +302,7 @@ def check_run(run: Run, folder: Path, data: Path, seed: int, size: Size,
     want = {"data": str(data.resolve()), "views": run.views, "method": run.method, "seed": seed}
     have = {k: cfg.get(k) for k in want}
     if run.method == "gs":
-        from rgs_engine.gs_recon import GSConfig
+        from rgs_engine.recon.gaussian import GSConfig
 
         want["iterations"] = GSConfig().iterations if gs_iterations is None else gs_iterations
         want["init"] = run.init
@@ -526,7 +526,7 @@ def markdown(res: dict) -> str:
 
 
 def write_results(res: dict, out_dir: Path) -> None:
-    from rgs_engine.volume_io import save_json, write_bytes
+    from rgs_engine.io.files import save_json, write_bytes
 
     save_json(out_dir / RESULTS_JSON, res, force=True)
     write_bytes(out_dir / TABLE_MD, markdown(res).encode(), force=True)
@@ -540,8 +540,8 @@ def save_slices(res: dict, folders: dict[str, Path], data_file: Path, out_dir: P
     import h5py
     import torch
 
-    from rgs_engine.imaging import central_slices
-    from rgs_engine.volume_io import load_nifti, write_bytes
+    from rgs_engine.io.images import central_slices
+    from rgs_engine.io.files import load_nifti, write_bytes
 
     keys = [f"circular_25_{m}" for m in METHODS]
     if not data_file.is_file() or not all((folders[k] / "volume.nii.gz").is_file() for k in keys):
@@ -557,7 +557,7 @@ def save_slices(res: dict, folders: dict[str, Path], data_file: Path, out_dir: P
                              f"the ground truth {tuple(truth.shape)}: pass --force")
         vols[k] = vol
     scale = float(truth.max()) or 1.0
-    # display as rgs_engine.imaging: radiological view, anterior / superior up
+    # display as rgs_engine.io.images: radiological view, anterior / superior up
     slices = [central_slices(v) for v in vols.values()]
     axial = np.stack([(a / scale).numpy() for a, _, _ in slices])
     coronal = np.stack([(c / scale).numpy() for _, c, _ in slices])
@@ -583,7 +583,7 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rgs_engine.volume_io import write_bytes
+    from rgs_engine.io.files import write_bytes
 
     def save(fig, name: str) -> Path:
         buf = io.BytesIO()

@@ -60,13 +60,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from rgs_engine import data4d, fdk, metrics, runtime  # noqa: E402
-from rgs_engine import simulate4d as sim4d  # noqa: E402
-from rgs_engine.breathing import breathing_cycles  # noqa: E402
-from rgs_engine.simulate import parse_noise  # noqa: E402
-from rgs_engine.gs_recon import GaussianReconstruction, GSConfig  # noqa: E402
-from rgs_engine.track4d import REGULAR_WANDER_CYCLES, Track4DConfig  # noqa: E402
-from rgs_engine.volume_io import load_json, save_json, write_bytes  # noqa: E402
+from rgs_engine.io import naf4d as data4d  # noqa: E402
+
+from rgs_engine import fdk
+
+from rgs_engine.core import metrics, runtime
+from rgs_engine.sim import breathing_scan as sim4d  # noqa: E402
+from rgs_engine.sim.breathing import breathing_cycles  # noqa: E402
+from rgs_engine.sim.scan import parse_noise  # noqa: E402
+from rgs_engine.recon.gaussian import GaussianReconstruction, GSConfig  # noqa: E402
+from rgs_engine.motion.track4d import REGULAR_WANDER_CYCLES, Track4DConfig  # noqa: E402
+from rgs_engine.io.files import load_json, save_json, write_bytes  # noqa: E402
 
 CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
 CASES = ("regular", "irregular")

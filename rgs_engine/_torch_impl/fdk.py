@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..analytic import circular_orbit, filter_projections, view_scales
-from ..geometry import Geometry, VolumeGrid
+from ..recon.fdk import circular_orbit, filter_projections, view_scales
+from ..core.geometry import Geometry, VolumeGrid
 from .projector import interp2
 
 

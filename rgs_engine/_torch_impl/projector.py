@@ -1,4 +1,4 @@
-"""Dense float64 PyTorch reference of :func:`rgs_engine.projector.project` (tests, benchmarks).
+"""Dense float64 PyTorch reference of :func:`rgs_engine.core.projector.project` (tests, benchmarks).
 
 The same Joseph sampling as the Taichi kernel, written from :meth:`Geometry.rays` (world
 start points and unit directions): for every ray and every slice of its dominant index axis,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..geometry import Geometry, VolumeGrid
+from ..core.geometry import Geometry, VolumeGrid
 
 
 def interp2(planes: torch.Tensor, k: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from ..gaussians import inverse_covariance, quat_to_rotmat
-from ..geometry import Geometry
+from ..core.gaussians import inverse_covariance, quat_to_rotmat
+from ..core.geometry import Geometry
 
 
 def _detector_params(means, scales, quats, densities, geometry: Geometry):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..gaussians import inverse_covariance
-from ..geometry import VolumeGrid
+from ..core.gaussians import inverse_covariance
+from ..core.geometry import VolumeGrid
 
 _BATCH_ELEMENTS = 1 << 22  # voxel x Gaussian pairs evaluated at once
 

@@ -3,7 +3,7 @@
 One thread per voxel (z fastest, so a warp's voxels project to neighbouring pixels), all
 views in one loop inside the thread. Voxel centre ``x = origin + (i, j, k) * spacing`` (mm)
 is mapped to continuous pixel coordinates with the view's ``projection_rows`` (columns
-``[12:23]`` of :meth:`~rgs_engine.geometry.Geometry.kernel_table`), the filtered projection
+``[12:23]`` of :meth:`~rgs_engine.core.geometry.Geometry.kernel_table`), the filtered projection
 ``q`` (V, H, W) is interpolated bilinearly there (zero outside the detector) and accumulated
 with the per-view ``factor``:
 

@@ -2,7 +2,7 @@
 
 Units and shapes: volume ``(nx, ny, nz)`` in 1/mm, passed flattened (z fastest); projections
 ``(V, H, W)`` unitless line integrals; the per-view table is
-:meth:`~rgs_engine.geometry.Geometry.kernel_table` ``(V, 24)`` in world mm; the grid enters
+:meth:`~rgs_engine.core.geometry.Geometry.kernel_table` ``(V, 24)`` in world mm; the grid enters
 as its origin (centre of voxel 0, mm) and spacing (mm).
 
 Sampling (Joseph): work in voxel-index coordinates ``p = (x - origin) / spacing``. A ray

@@ -1,0 +1,263 @@
+"""4x4 rigid transforms (rotation + translation, mm) that define poses.
+
+A transform ``T`` maps a point ``x`` to ``R x + t`` with ``T = [[R, t], [0, 0, 0, 1]]``
+(float64 numpy). :func:`compose` ``(A, B)`` is ``A @ B``: apply ``B`` first.
+
+* :func:`from_axis_angle` — from a rotation vector (axis x angle, radians; Rodrigues) and a
+  translation, optionally rotating about a ``centre`` instead of the origin;
+* :func:`random_offset` — a rotation of exactly ``deg`` about a random axis and a
+  translation of exactly ``mm`` in a random direction, from a seeded generator;
+* :func:`apply` / :func:`apply_directions` — to points / to direction vectors;
+* :func:`invert`, :func:`rotation_angle_deg`, :func:`check_rigid`;
+* :func:`transform_geometry` — move every view of a :class:`~rgs_engine.core.geometry.Geometry`
+  (sources and detector centres as points, ``u``, ``v`` and parallel ray directions as
+  directions).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import RgsInputError, check_tensor
+from .geometry import Geometry
+
+RIGID_TOL = 1e-6
+
+
+def check_rigid(matrix, name: str = "transform") -> np.ndarray:
+    """``matrix`` as a float64 (4, 4) array; raises unless it is a proper rigid transform."""
+    try:
+        m = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RgsInputError(f"{name} must be a 4x4 matrix of numbers") from None
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise RgsInputError(f"{name} must be a finite 4x4 matrix, got shape {m.shape}")
+    r = m[:3, :3]
+    if (np.abs(m[3] - [0, 0, 0, 1]).max() > RIGID_TOL
+            or np.abs(r @ r.T - np.eye(3)).max() > RIGID_TOL or np.linalg.det(r) <= 0):
+        raise RgsInputError(f"{name} is not rigid (rotation + translation, last row 0 0 0 1): "
+                            "pass a proper rigid 4x4 matrix without scaling, shear or mirroring")
+    return m
+
+
+def rotation_matrix(rotvec: Sequence[float]) -> np.ndarray:
+    """3x3 rotation about ``rotvec`` by its length (radians), Rodrigues' formula."""
+    w = np.asarray(rotvec, dtype=np.float64).reshape(-1)
+    if w.shape != (3,) or not np.all(np.isfinite(w)):
+        raise RgsInputError(f"rotation vector must be 3 finite numbers, got {rotvec!r}")
+    return so3_exp(torch.from_numpy(w)).numpy()
+
+
+def from_axis_angle(rotvec: Sequence[float] = (0.0, 0.0, 0.0),
+                    translation: Sequence[float] = (0.0, 0.0, 0.0),
+                    centre: Sequence[float] | None = None) -> np.ndarray:
+    """``x -> R (x - c) + c + t``: rotate by ``rotvec`` (radians) about ``centre`` (default
+    the origin), then translate by ``translation`` (mm)."""
+    t = np.asarray(translation, dtype=np.float64).reshape(-1)
+    if t.shape != (3,) or not np.all(np.isfinite(t)):
+        raise RgsInputError(f"translation must be 3 finite numbers (mm), got {translation!r}")
+    c = np.zeros(3) if centre is None else np.asarray(centre, dtype=np.float64).reshape(3)
+    out = np.eye(4)
+    out[:3, :3] = rotation_matrix(rotvec)
+    out[:3, 3] = c + t - out[:3, :3] @ c
+    return out
+
+
+def _unit(rng: np.random.Generator) -> np.ndarray:
+    v = rng.normal(size=3)
+    while np.linalg.norm(v) < 1e-9:
+        v = rng.normal(size=3)
+    return v / np.linalg.norm(v)
+
+
+def random_offset(mm: float, deg: float, rng: np.random.Generator | int,
+                  centre: Sequence[float] | None = None) -> np.ndarray:
+    """A rigid offset: rotation of exactly ``deg`` degrees about a uniformly random axis
+    through ``centre`` (default the origin), then a translation of exactly ``mm`` in a
+    uniformly random direction. ``rng`` is a numpy Generator or a seed. The centre moves by
+    exactly ``mm``."""
+    if not (math.isfinite(mm) and mm >= 0 and math.isfinite(deg) and 0 <= deg <= 180):
+        raise RgsInputError(f"offset {mm:g} mm, {deg:g} deg: need mm >= 0 and 0 <= deg <= 180")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(int(rng))
+    axis, direction = _unit(gen), _unit(gen)
+    return from_axis_angle(axis * math.radians(deg), direction * mm, centre)
+
+
+def invert(matrix) -> np.ndarray:
+    """Inverse of a rigid transform: ``[[R^T, -R^T t], [0, 1]]``."""
+    m = check_rigid(matrix)
+    out = np.eye(4)
+    out[:3, :3] = m[:3, :3].T
+    out[:3, 3] = -m[:3, :3].T @ m[:3, 3]
+    return out
+
+
+def compose(*matrices) -> np.ndarray:
+    """Product ``M1 @ M2 @ ...``: the last one is applied first."""
+    out = np.eye(4)
+    for m in matrices:
+        out = out @ check_rigid(m)
+    return out
+
+
+def apply(matrix, points) -> np.ndarray:
+    """Points (..., 3) mm mapped by the transform: ``R x + t``."""
+    m = check_rigid(matrix)
+    p = np.asarray(points, dtype=np.float64)
+    if p.shape[-1:] != (3,):
+        raise RgsInputError(f"points must have shape (..., 3), got {p.shape}")
+    return p @ m[:3, :3].T + m[:3, 3]
+
+
+def apply_directions(matrix, vectors) -> np.ndarray:
+    """Direction vectors (..., 3) rotated by the transform (no translation)."""
+    m = check_rigid(matrix)
+    v = np.asarray(vectors, dtype=np.float64)
+    if v.shape[-1:] != (3,):
+        raise RgsInputError(f"vectors must have shape (..., 3), got {v.shape}")
+    return v @ m[:3, :3].T
+
+
+def rotation_angle_deg(matrix) -> float:
+    """Angle of the transform's rotation, degrees in [0, 180]."""
+    r = check_rigid(matrix)[:3, :3]
+    return math.degrees(math.acos(float(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
+
+
+def transform_geometry(geometry: Geometry, matrix) -> Geometry:
+    """The same views moved by ``matrix``: cone sources and detector centres as points,
+    ``u``, ``v`` (and parallel ray directions) as directions. Projecting a volume in the
+    moved geometry equals projecting the volume moved by ``invert(matrix)`` in the original."""
+    m = check_rigid(matrix)
+    vec = geometry.vectors.numpy().copy()
+    first = vec[:, 0:3]
+    vec[:, 0:3] = apply(m, first) if geometry.mode == "cone" else apply_directions(m, first)
+    vec[:, 3:6] = apply(m, vec[:, 3:6])
+    vec[:, 6:9] = apply_directions(m, vec[:, 6:9])
+    vec[:, 9:12] = apply_directions(m, vec[:, 9:12])
+    return Geometry(torch.from_numpy(vec), geometry.det_shape, geometry.mode)
+
+
+# --------------------------------------------------------------------------------------
+# Differentiable (torch) rotations and the rigid motion of Gaussians
+# --------------------------------------------------------------------------------------
+def so3_exp(omega: torch.Tensor) -> torch.Tensor:
+    """Rotation vector (3,) (axis x angle, radians) -> (3, 3) rotation matrix (Rodrigues).
+
+    Differentiable everywhere, including at 0 (Taylor series of sin(t)/t and
+    (1 - cos t)/t^2 below t^2 = 1e-4)."""
+    check_tensor("rotation vector", omega, (3,), finite=False)
+    t2 = (omega * omega).sum()
+    small = t2 < 1e-4
+    t2s = torch.where(small, torch.ones_like(t2), t2)
+    ts = t2s.sqrt()
+    a = torch.where(small, 1 - t2 / 6 + t2 * t2 / 120, torch.sin(ts) / ts)
+    b = torch.where(small, 0.5 - t2 / 24 + t2 * t2 / 720, (1 - torch.cos(ts)) / t2s)
+    x, y, z = omega.unbind()
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero]).reshape(3, 3)
+    eye = torch.eye(3, dtype=omega.dtype, device=omega.device)
+    return eye + a * k + b * (k @ k)
+
+
+def axis_angle_quat(omega: torch.Tensor) -> torch.Tensor:
+    """Rotation vector (3,) (axis x angle, radians) -> unit quaternion (4,) (w, x, y, z) of
+    :func:`so3_exp` ``(omega)``: ``(cos(t/2), omega sin(t/2) / t)``. Differentiable
+    everywhere, including at 0 (Taylor series below t^2 = 1e-4)."""
+    check_tensor("rotation vector", omega, (3,), finite=False)
+    t2 = (omega * omega).sum()
+    small = t2 < 1e-4
+    ts = torch.where(small, torch.ones_like(t2), t2).sqrt()
+    c = torch.where(small, 1 - t2 / 8 + t2 * t2 / 384, torch.cos(ts / 2))
+    s = torch.where(small, 0.5 - t2 / 48 + t2 * t2 / 3840, torch.sin(ts / 2) / ts)
+    return torch.cat([c.reshape(1), s * omega])
+
+
+_LEFT_INDEX = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]])
+_LEFT_SIGN = torch.tensor([[1, -1, -1, -1], [1, 1, -1, 1], [1, 1, 1, -1], [1, -1, 1, 1]])
+
+
+def quat_left_matrix(q: torch.Tensor) -> torch.Tensor:
+    """(4, 4) matrix ``L(q)`` with ``L(q) p = q * p`` (Hamilton product, (w, x, y, z)): one
+    gather and one product, so a batch of products is one matrix multiply."""
+    check_tensor("quaternion", q, (4,), finite=False)
+    return q[_LEFT_INDEX.to(q.device)] * _LEFT_SIGN.to(q.device, q.dtype)
+
+
+def se3_exp(xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pose vector ``xi`` (6,) = (rotation vector (rad), translation (mm)) -> ``(R, t)``.
+
+    ``R = so3_exp(xi[:3])`` (3, 3) and ``t = xi[3:]`` (3,), so ``x -> R x + t`` rotates about
+    the world origin, then translates (the rotation vector and the translation are decoupled,
+    which keeps the translation in mm). Differentiable, stable near 0."""
+    check_tensor("xi", xi, (6,), finite=False)
+    return so3_exp(xi[:3]), xi[3:]
+
+
+def rotmat_to_quat(r: torch.Tensor) -> torch.Tensor:
+    """(3, 3) rotation matrix -> unit quaternion (4,) (w, x, y, z), differentiable.
+
+    Shepperd's method: the branch with the largest pivot is chosen on the device (no host
+    read), the other branches' square roots are clamped so their (discarded) gradients stay
+    finite."""
+    check_tensor("R", r, (3, 3), finite=False)
+    r00, r01, r02, r10, r11, r12, r20, r21, r22 = r.reshape(9).unbind()
+    tr = r00 + r11 + r22
+    piv = torch.stack([1 + tr, 1 + r00 - r11 - r22, 1 - r00 + r11 - r22, 1 - r00 - r11 + r22])
+    s = 2 * piv.clamp_min(1e-12).sqrt()  # 4 |component| for each branch
+    cands = torch.stack([
+        torch.stack([s[0] / 4, (r21 - r12) / s[0], (r02 - r20) / s[0], (r10 - r01) / s[0]]),
+        torch.stack([(r21 - r12) / s[1], s[1] / 4, (r01 + r10) / s[1], (r02 + r20) / s[1]]),
+        torch.stack([(r02 - r20) / s[2], (r01 + r10) / s[2], s[2] / 4, (r12 + r21) / s[2]]),
+        torch.stack([(r10 - r01) / s[3], (r02 + r20) / s[3], (r12 + r21) / s[3], s[3] / 4]),
+    ])
+    best = torch.argmax(piv.detach())
+    q = cands.index_select(0, best.reshape(1))[0]
+    q = q * torch.where(q[0] < 0, -1.0, 1.0).to(q.dtype)  # w >= 0
+    return q / q.norm()
+
+
+def quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product ``a * b`` of quaternions (w, x, y, z), broadcasting over leading dims."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz,
+                        aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx,
+                        aw * bz + ax * by - ay * bx + az * bw], dim=-1)
+
+
+def _pose(transform) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(transform, torch.Tensor):
+        check_tensor("ct_to_xray", transform, (4, 4), finite=False)
+        return transform[:3, :3], transform[:3, 3]
+    if isinstance(transform, (tuple, list)) and len(transform) == 2:
+        r, t = transform
+        check_tensor("R", r, (3, 3), finite=False)
+        check_tensor("t", t, (3,), finite=False)
+        return r, t
+    raise RgsInputError("ct_to_xray must be a (4, 4) torch tensor or a pair (R (3, 3), t (3,))")
+
+
+def rigid_transform_gaussians(means: torch.Tensor, quats: torch.Tensor, ct_to_xray,
+                              quat: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move Gaussians by the rigid map ``x -> R x + t``: ``(means', quats')``.
+
+    ``means`` (N, 3) mm, ``quats`` (N, 4) (w, x, y, z); ``ct_to_xray`` a (4, 4) tensor or
+    ``(R, t)``; ``quat`` the unit quaternion of ``R`` when the caller has it (else it is
+    computed from ``R``). ``means' = R p + t`` and ``quats' = q(R) * q`` (Hamilton product),
+    so the covariances become ``R S R^T``; scales and densities are unchanged.
+    Differentiable w.r.t. ``R``/``t``/``quat`` (and the inputs); the pose is cast to
+    ``means``' dtype and device. ``R`` must be a rotation (not checked, to keep the call free
+    of host reads).
+    """
+    check_tensor("means", means, (None, 3), finite=False)
+    check_tensor("quats", quats, (means.shape[0], 4), finite=False)
+    r, t = _pose(ct_to_xray)
+    r = r.to(device=means.device, dtype=means.dtype)
+    t = t.to(device=means.device, dtype=means.dtype)
+    q_r = (rotmat_to_quat(r) if quat is None else quat).to(device=quats.device, dtype=quats.dtype)
+    return torch.addmm(t, means, r.T), quats @ quat_left_matrix(q_r).T

@@ -1,0 +1,129 @@
+"""X-ray splatting of radiative Gaussians onto every view of a geometry, differentiable.
+
+``splat(means, scales, quats, densities, geometry)`` returns the line integrals
+``(V, H, W)`` of the attenuation field ``sum_i rho_i exp(-1/2 (x - p_i)^T S_i^-1 (x - p_i))``
+through each pixel centre, computed by local-affine splatting with the integration-bias
+rectification (exact for parallel beams; see :mod:`rgs_engine.kernels.splat_projection`).
+Units: means and scales in mm, densities in 1/mm, projections unitless. All views are
+rendered by one launch of each kernel; gradients flow to all four parameter tensors.
+
+The views may also each see their own Gaussians: per-view geometry ``(V, N, k)`` (a
+deformation evaluated at each view's time) and/or per-view densities ``(V, N)`` (contrast
+that changes with time); the launch count and the single host sync stay the same.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import runtime
+from .bridge import as_float32, kernel_input, kernel_output
+from .errors import RgsInputError
+from .gaussians import check_params
+from .geometry import Geometry
+from ..kernels import splat_backward, splat_forward, tiling
+from ..kernels.splat_projection import NUM_GRADS, NUM_PARAMS
+
+MAX_PAIRS = 2**31 - 1
+
+
+class _Binning(NamedTuple):
+    """Splat parameters and the tile lists of one forward pass (kept for the backward)."""
+
+    params: torch.Tensor
+    keys: torch.Tensor
+    ids: torch.Tensor
+    ranges: torch.Tensor
+
+
+def _bin(means, scales, quats, densities, n: int, per_view: tuple[bool, bool], table,
+         geometry: Geometry, cutoff: float) -> _Binning:
+    """Project and tile-bin ``n`` Gaussians per view. ``means``, ``scales``, ``quats`` have
+    ``n`` rows, or ``V * n`` when ``per_view[0]``; ``densities`` ``n``, or ``V * n`` when
+    ``per_view[1]`` (view ``v``'s set starts at row ``v * n``)."""
+    num_v, (height, width) = geometry.num_views, geometry.det_shape
+    params = kernel_output(num_v, n, NUM_PARAMS)
+    counts = kernel_output(num_v, n, dtype=torch.int32)
+    cone = geometry.mode == "cone"
+    if n:
+        splat_forward.project_gaussians(means, scales, quats, densities, table, params, counts,
+                                        cone, cutoff, width, height, n * per_view[0], n * per_view[1])
+    ends = torch.cumsum(counts.reshape(-1), 0, dtype=torch.int64)
+    total = int(ends[-1]) if ends.numel() else 0  # the one host sync of a forward pass
+    if total > MAX_PAIRS:
+        raise RgsInputError(f"{total} tile pairs exceed the int32 index range: splat fewer "
+                            "views per call or prune oversized Gaussians")
+    keys = kernel_output(max(total, 1), dtype=torch.int32)[:total]
+    ids = kernel_output(max(total, 1), dtype=torch.int32)[:total]
+    if total:
+        tiling.emit_pairs(params, counts, ends, keys, ids, width, height)
+        keys, order = torch.sort(keys, stable=True)
+        ids = ids[order].contiguous()
+    tiles = num_v * (-(-height // tiling.TILE)) * (-(-width // tiling.TILE))
+    bounds = torch.arange(tiles + 1, dtype=torch.int32, device=keys.device)
+    ranges = torch.searchsorted(keys, bounds).to(torch.int32)
+    return _Binning(params, keys.contiguous(), ids, ranges)
+
+
+class SplatFunction(torch.autograd.Function):
+    """Autograd bridge: forward/backward are the Taichi kernels, not Taichi autodiff."""
+
+    @staticmethod
+    def forward(ctx, means, scales, quats, densities, geometry: Geometry, cutoff: float):
+        dev = runtime.ensure()
+        n, per_view = means.shape[-2], (means.dim() == 3, densities.dim() == 2)
+        m, s, q = (kernel_input(name, t).reshape(-1, t.shape[-1])  # per-view sets: V * N rows
+                   for name, t in (("means", means), ("scales", scales), ("quats", quats)))
+        d = kernel_input("densities", densities).reshape(-1)
+        table = geometry.kernel_table(dev)
+        binning = _bin(m, s, q, d, n, per_view, table, geometry, cutoff)
+        height, width = geometry.det_shape
+        image = kernel_output(geometry.num_views, height, width)
+        if binning.keys.numel():
+            render = splat_forward.render if dev.type == "cuda" else splat_forward.render_tiles
+            render(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
+        ctx.save_for_backward(m, s, q, d)
+        ctx.binning, ctx.table, ctx.cone, ctx.cutoff = binning, table, geometry.mode == "cone", cutoff
+        ctx.per_view = per_view
+        ctx.dtypes = (means.dtype, scales.dtype, quats.dtype, densities.dtype)
+        ctx.shapes = (means.shape, scales.shape, quats.shape, densities.shape)
+        return image.to(means.dtype) if means.dtype != torch.float32 else image
+
+    @staticmethod
+    def backward(ctx, grad_image):
+        m, s, q, d = ctx.saved_tensors
+        b = ctx.binning
+        num_v, n = b.params.shape[:2]
+        grads = [torch.zeros_like(t) for t in (m, s, q, d)]
+        if b.keys.numel():
+            g2d = kernel_output(num_v, n, NUM_GRADS)
+            splat_backward.pair_grads(b.params, b.keys, b.ids, as_float32(grad_image),
+                                      g2d, ctx.cutoff * ctx.cutoff)
+            splat_backward.gaussian_grads(m, s, q, d, ctx.table, g2d, *grads, ctx.cone, *ctx.per_view)
+        out = [g.reshape(shape).to(dt) for g, shape, dt in zip(grads, ctx.shapes, ctx.dtypes)]
+        return (*out, None, None)
+
+
+def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
+          densities: torch.Tensor, geometry: Geometry, cutoff: float = 3.0) -> torch.Tensor:
+    """Line integrals of N Gaussians onto all V views of ``geometry``.
+
+    Args:
+        means: (N, 3) centres, mm.  scales: (N, 3) standard deviations, mm, > 0.
+        quats: (N, 4) rotations (w, x, y, z), any non-zero norm.  densities: (N,) 1/mm.
+            Per view instead: ``means``, ``scales``, ``quats`` together (V, N, 3 / 3 / 4),
+            and/or ``densities`` (V, N); view ``v`` then renders entry ``v``.
+        geometry: the views (cone or parallel); detector ``(H, W)``.
+        cutoff: footprint radius in standard deviations of the detector-plane Gaussian.
+
+    Returns:
+        (V, H, W) projections (unitless line integrals), on the runtime device, in the
+        dtype of ``means`` (kernels compute in float32).
+    """
+    if not isinstance(geometry, Geometry):
+        raise RgsInputError(f"geometry must be an rgs_engine.Geometry, got {type(geometry).__name__}")
+    if not cutoff > 0:
+        raise RgsInputError(f"cutoff must be positive (standard deviations), got {cutoff}")
+    check_params(means, scales, quats, densities, views=geometry.num_views)
+    return SplatFunction.apply(means, scales, quats, densities, geometry, float(cutoff))

@@ -1,0 +1,531 @@
+"""Continuous-time 4D reconstruction (breathing): canonical Gaussians + a learned deformation.
+
+X2-Gaussian's scenario: every projection has its own acquisition time (seconds); the
+anatomy at any time ``t`` is the canonical radiative Gaussians moved by a deformation model
+(:mod:`rgs_engine.motion.deformation`) evaluated at ``t``, and the breathing period is learned.
+
+Two stages, one iteration counter:
+
+1. **static** (``recipe.iterations`` steps): a :class:`~rgs_engine.recon.gaussian.GaussianReconstruction`
+   of all projections as if the anatomy were still (FDK or random init, densification): a
+   motion-blurred but well-placed set of canonical Gaussians.
+2. **deformation** (``iterations`` steps): each step takes a batch of ``recipe.views_per_step``
+   views, deforms the canonical Gaussians to each view's time (one deformation call for the
+   batch), splats each view with its own deformed set (one splat call for the batch) and
+   minimises
+
+       L = L1 + w_ssim (1 - SSIM)                        (normalised projections, gs_recon's)
+           + w_tv TV3D(canonical field)                   (gs_recon's)
+           + consistency_weight * periodic_consistency    (time input only)
+           + plane_tv_weight * plane TV + time_smoothness_weight * temporal smoothness (K-planes)
+
+   with Adam on the canonical Gaussians (gs_recon's schedule over stage 2, times
+   ``canonical_lr_factor``), the deformation network (``lr_network``, K-planes' feature planes
+   ``lr_planes``) and the log period (``lr_period``); all rates decay log-linearly. The
+   Gaussians are not densified in stage 2 (the anchor skinning is fixed per Gaussian).
+
+All randomness comes from the static stage's generator and the models' own seeded state;
+checkpoints hold all of it, so a resumed run continues the uninterrupted one (to the
+rounding of float atomics in the kernels).
+
+Measured on a CPU toy (``tests/test_track4d.py``: a blob moving 12 mm along z with a 3.5 s
+period, 24^3 grid, 60 views of 32^2 over 20 s, 100 static + 200 deformation steps, three
+seeds): with time input the period comes out at 3.49-3.52 s from 2.8 s and the mean 3D PSNR
+over one cycle beats the static fit by 3.2-5.9 dB (kplanes) and 8.3-8.5 dB (anchors); over
+repeated runs of one seed the kplanes gain spread over 1.0-4.7 dB (float atomics; 6 instead
+of 12 time cells per initial period: 2.8-4.5 dB in 11 runs, 1.05 dB in a twelfth), and +5.0 dB
+in five of five runs when stage 2 starts from the projections' period (below). With
+phase input the period stays near 2.8 s (17-20 % off: the data term's basin around the true
+period is about 1 / (cycles in the scan) wide) and nothing is gained, so phase input is for
+periods known to that precision, e.g. the projections' estimate (below). With an earlier
+(octave) time encoding of the anchors the period drifted to 2.44 s when it learned from the
+first step, hence ``period_start``.
+On an NVIDIA H200, on breathing cases made from the real chest CT by ``rgs simulate4d``
+(256^3-class grid, 300 projections of 256^2 over 60 s, 15 mm SI / 5 mm AP, TIGRE noise
+1e4 / 10; ``validation/track4d.md``), the earlier default (time input from 2.8 s, 3000
+deformation steps; the default now is below) took 2-3 minutes (kplanes 125-163 s,
+anchors 105-117 s; rendering each step's batch in one splat call instead of one per view
+took kplanes from 180 s): the period comes out within 0.2 % (regular) and 1.3 %
+(irregular); the mean per-phase 3D PSNR is 35.9 dB (regular; three runs of the same
+recipe gave 34.98, 35.72 and 35.93 dB: float atomics change which Gaussians densify)
+against 34.4 dB for the static recipe on the same projections and 36.9 dB for the static
+recipe on the CT held still (its ceiling, not the 4D runs': phase input passes it, below).
+3000 static + 4000 deformation steps gave 35.58 dB in 187 s. The ceiling itself moves little
+with capacity: the static recipe on the still CT gave 37.43 dB with 6000 steps, 37.48 dB
+from 150k initial Gaussians and 37.72 dB with both (74 s). Single 4D runs on the regular
+case (H200): the default again 34.77 dB; 150k initial Gaussians 36.30 dB (203 s; with 2000
+static steps 36.21 dB, 221 s); 6 time cells per initial period 36.23 and 36.16 dB (seed 0,
+116 s) but 34.67 dB with seed 1, whose period stayed at 2.83 s; 8 time cells 35.79 dB. None
+reaches static + 3 dB (37.4 dB; phase input with 5000 deformation steps does, below) and one
+run per setting does not separate them from the default's spread, so none became the default.
+
+**The period from the projections** (:attr:`Track4DReconstruction.period_estimate`, made
+when stage 2 starts, reported always and compared with the learned period
+(:attr:`~Track4DReconstruction.period_mismatch_pct`); with ``period_from_projections`` also
+the period stage 2 starts from): the periodogram of each view's row shift against the static
+fit (:meth:`~Track4DReconstruction.row_shifts`, :mod:`rgs_engine.motion.period_estimate`). On the CPU toy (200 deformation steps) the 2.8 s
+start only finds periods near it: with a 5 s period kplanes stayed at 2.81 s and anchors
+ended at 3.37 s, while from the estimate (5.012 s) they learned 4.997 s (+5.9 dB over the
+static fit) and 5.001 s (+8.1 dB); at 3.5 s the estimate (3.505 s) gave +5.0 dB in five of
+five kplanes runs, 2.8 s +0.95 to +4.73 dB. On the real CT, though, both starts learn the
+period and 2.8 s gave the higher PSNR in each pair. CPU, 48^3 case of a 5 s period (300
+projections of 48^2, 300 + 1500 steps): 2.8 s learned 4.996 s (32.26 dB), the estimate
+(4.994 s) 5.004 s (32.18 dB). H200, the ``validation/track4d.py`` cases (3.5 s; estimates
+3.500 s regular, 3.599 s irregular, whose cycles average 3.576 s): kplanes regular 35.50 vs
+35.01 dB (seed 1: 35.24 vs 35.20), irregular 35.18 vs 34.76 dB (period 1.27 vs 0.78 % off),
+noiseless 35.68 vs 35.57 dB, from 2.8 s vs the estimate; anchors 35.87 / 35.83 dB from
+2.8 s (previous session), 35.82 / 35.89 dB from the estimate. So 2.8 s stays the default, and
+a learned period more than :data:`PERIOD_MISMATCH_PCT` % from the estimate is flagged
+(``rgs track4d`` prints a warning naming ``--period-init auto``).
+
+**When K-planes starts to move** (H200, the regular case; motion: the largest displacement of
+any Gaussian between two times half a cycle apart): its time planes start constant (K-planes'
+init) and its heads at zero, so its features carry no time until the planes drift apart, and
+the motion starts after a random delay: 9-11 mm of motion after 300-600 stage-2 steps in three
+runs, none (0.00 mm) after 900 steps in two others (seed 1, and seed 0 repeated: float atomics
+decide; the same seed moved by step 300 in another run), and a run equal to the default up to
+step 1200 never moved in 3000 steps (34.37 dB, period 2.8000 s). The anchors' time encoding
+enters their tokens additively, so they move from the first step (CPU toy,
+:meth:`~Track4DReconstruction.motion_mm`: 1.9 mm after one step; K-planes 0.01 mm after 50). A
+late start costs PSNR (the default's spread) and may not end within the recipe, hence
+``motion_mm`` in ``rgs track4d``'s metrics and its warning below
+:attr:`~Track4DReconstruction.motion_floor_mm`. Time planes started at 1 +- 0.1 did not move
+sooner (seed 2: none after 600 steps).
+
+**Phase input started from the projections' estimate** (``time_input="phase"`` with
+``period_from_projections``): on the CPU toy it moves within 50 steps (9-12 mm) and gave 36.1
+/ 37.3 dB against the default's 31.7 / 34.8 dB (seeds 0, 1; the default with 4 or 2 time cells
+per period instead of 12 moved later or never); on the real CT at 48^3 (CPU, 300 projections
+of 48^2, 300 + 1000 steps, one run each) it gave 33.34 dB (period 3.5003 s) against 32.37 dB
+(3.4962 s) on the regular case, +0.9 to +1.0 dB at every phase, and 32.87 dB (3.5912 s, 2.6 %
+from the 3.5 s mean) against 32.40 dB (3.5657 s) on the irregular one, 0.3 dB lower at two
+inhale phases, whose cycle-to-cycle changes phase input cannot represent. On the H200 cases
+(exp runs of the engine, then ``validation/track4d.py``, one run per line): regular, phase
+input from the estimate 37.22 / 37.13 dB (seeds 0, 1; 101 / 99 s of training; 8.2-8.4 mm of
+motion) and 37.14 dB in the validation run (131 s whole command), against time input's 35.18
+/ 35.36 dB (121 / 127 s) in the same session: +1.9 dB, flat over the phases (37.0-37.5 dB); 24
+instead of 12 time cells 37.05 dB; 5000 deformation steps 37.65 dB (207 s of training), static
++3.2 dB. Irregular: 35.54 / 35.49 dB against 35.11 dB, but 1.0-1.3 dB lower at the three
+inhale phases and the period 3.602 / 3.606 s, 3.0 % from the 3.5 s mean of the cycle draw (0.8
+% from the 3.576 s the scan's cycles average; time input 3.547 s). So phase input suits
+breathing that keeps its period, and time input follows free breathing cycle by cycle
+(below: the default chooses between them). A stronger periodic consistency does
+not pool the cycles in time mode instead: on the real CT at 48^3 (CPU, as above, one run each)
+``consistency_weight`` 1 and 10 learned no motion (0.01 / 0.00 mm; periods 3.222 / 2.816 s)
+and 32.52 / 32.54 dB, against 8.43 mm, 3.4981 s and 32.49 dB with the default 0.1.
+
+**The default, time input ``auto``, 5000 deformation steps**: phase input (from the
+estimate) where the projections' cycles keep their period, time input (from 2.8 s) where
+they do not. The measure is the phase wander (:func:`~rgs_engine.motion.period_estimate.phase_wander`,
+the standard deviation of the cycles' phase offsets from the projections' mean cycle, in
+cycles), made with the period estimate when stage 2 starts: 0.004 / 0.092 on the regular /
+irregular real-CT cases at 48^3 (CPU, after 300 static steps), 0.008 / 0.092 on the H200
+cases, 0.001 / 0.050 / 0.079 on the CPU toy with a phase drifting by 0 / 0.10 / 0.15 cycles;
+hence the :data:`REGULAR_WANDER_CYCLES` of 0.03: cycle lengths jittered by 10 % (the
+irregular case's) wander three times as far, and get time input. 5000 instead of 3000
+deformation steps: phase input still gained 0.4-0.5 dB there (above); time input did not
+gain (4000 steps above; irregular, 5000 steps below against 3000: 34.86 against 35.18 dB,
+single runs within its run-to-run spread of about 1 dB). H200, ``validation/track4d.py``
+(whole commands): regular
+(phase chosen) kplanes 37.58 dB, static + 3.17 dB, period 0.02 % off, 224 s, and in two more
+runs (``--seed 1`` / ``2``, same case) 37.60 / 37.62 dB in 203 / 188 s; anchors 36.61 dB
+(+2.20), 174 s. Irregular (time chosen): kplanes 34.86 dB (+0.24; period 0.84 % off), 243 s;
+anchors 36.31 dB (+1.69; 0.51 %), 217 s.
+
+**Densifying in stage 2** by the deformed renderings' position gradients (gs_recon's clone /
+split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of
+stage 2) and 35.60 dB (3 rounds over 40-70 %) against 35.87 dB without, and each round cut
+K-planes' PSNR at the inhale phase by 4 dB (35.36 to 31.19), 150 steps recovering 3.75 dB of
+it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core import losses, runtime
+from .deformation import TIME_INPUTS, AnchorDeformation, Deformation, KPlanesField, periodic_consistency
+from ..core.errors import RgsInputError
+from ..core.geometry import Geometry, VolumeGrid
+from ..recon.gaussian import GaussianReconstruction, GSConfig, Recipe, load_state, save_state, to_cpu
+from .period_estimate import PeriodEstimate, estimate_period, phase_wander, row_shifts
+from ..io.projections import ProjectionData
+from ..core.splatting import splat
+from ..core.voxelization import voxelize
+
+DEFORMATIONS = ("kplanes", "anchors")
+TIME_INPUT_CHOICES = (*TIME_INPUTS, "auto")
+REGULAR_WANDER_CYCLES = 0.03  # auto: phase input when the cycles keep the period this closely
+CHECKPOINT_FORMAT = "rgs-track4d"
+ESTIMATE_VIEWS_PER_CALL = 32  # views per splat call when rendering all of them for the estimate
+PERIOD_MISMATCH_PCT = 5.0  # a learned period further from the projections' estimate is suspect
+MOTION_FLOOR_VOXELS = 0.5  # learned motion under this many voxels is no motion (a static fit)
+
+
+def _static_recipe() -> GSConfig:
+    return GSConfig(iterations=1000)
+
+
+@dataclass
+class Track4DConfig(Recipe):
+    """The 4D recipe. Learning rates are ``(start, end)`` per step, decaying log-linearly.
+
+    * ``deformation``: ``kplanes`` or ``anchors``; ``time_input``: ``time`` (normalised scan
+      time + periodic consistency, X2-Gaussian's way), ``phase`` (``frac(t / T)``, periodic
+      by construction; see :mod:`rgs_engine.motion.deformation`) or ``auto``: chosen when stage 2
+      starts, phase where the projections show breathing that keeps its period (a phase
+      wander of at most :data:`REGULAR_WANDER_CYCLES`, :attr:`Track4DReconstruction.phase_wander`),
+      else time.
+    * ``iterations``: deformation-stage steps (the static stage runs ``recipe.iterations``).
+    * ``period_from_projections``: stage 2 starts the period at the projections' own estimate
+      (:attr:`Track4DReconstruction.period_estimate`, made when stage 2 starts), or at
+      ``period_init_s`` (X2-Gaussian's 2.8 s) when off or when the scan allows no estimate;
+      None: on with phase input (whose period stays near its start), off with time input.
+      The models' time resolution counts cells per ``period_init_s`` either way. ``lr_period``
+      acts on its logarithm from ``period_start`` (fraction of stage 2) on: before, the motion
+      is not yet learned and the period's gradient is noise (1: the period stays fixed).
+    * ``lr_network`` (MLP / transformer), ``lr_planes`` (K-planes' feature planes);
+      ``canonical_lr_factor`` scales gs_recon's schedule for the canonical Gaussians in stage 2.
+    * loss weights: ``consistency_weight``, ``plane_tv_weight``, ``time_smoothness_weight``
+      (the SSIM and 3D TV weights and the batch size are the recipe's); the consistency
+      is evaluated on ``consistency_points`` random canonical Gaussians per step (0: all).
+    * K-planes: ``kplanes_resolution`` spatial cells per axis at level 1, ``kplanes_multires``
+      level multipliers, ``kplanes_time_cells`` time cells per initial period (over the scan
+      window in time mode: ``ceil(cells x window / period_init_s)``), ``kplanes_features``
+      channels per plane, ``kplanes_hidden`` MLP width.
+    * anchors: ``anchors`` count, ``anchor_k`` nearest anchors per Gaussian, transformer
+      ``anchor_width`` / ``anchor_heads`` / ``anchor_layers``, ``anchor_mask_ratio`` of
+      anchor tokens hidden per training step, ``anchor_time_harmonics`` time-encoding
+      harmonics per initial period (over the scan window in time mode: ``ceil(harmonics x
+      window / period_init_s)``).
+    * ``recipe``: the static stage's :class:`~rgs_engine.recon.gaussian.GSConfig` (its seed seeds
+      everything).
+    """
+
+    NAME = "4D"
+
+    deformation: str = "kplanes"
+    time_input: str = "auto"
+    iterations: int = 5000
+    period_init_s: float = 2.8
+    period_from_projections: bool | None = None
+    lr_period: tuple[float, float] = (1e-2, 1e-3)
+    period_start: float = 0.2
+    lr_network: tuple[float, float] = (2e-3, 2e-4)
+    lr_planes: tuple[float, float] = (2e-2, 2e-3)
+    canonical_lr_factor: float = 1.0
+    consistency_weight: float = 0.1
+    consistency_points: int = 4096
+    plane_tv_weight: float = 1e-3
+    time_smoothness_weight: float = 1e-2
+    kplanes_resolution: int = 32
+    kplanes_multires: tuple[int, ...] = (1, 2)
+    kplanes_time_cells: int = 12
+    kplanes_features: int = 32
+    kplanes_hidden: int = 64
+    anchors: int = 256
+    anchor_k: int = 8
+    anchor_width: int = 64
+    anchor_heads: int = 4
+    anchor_layers: int = 2
+    anchor_mask_ratio: float = 0.25
+    anchor_time_harmonics: int = 4
+    recipe: GSConfig = field(default_factory=_static_recipe)
+
+    def __post_init__(self) -> None:
+        if self.deformation not in DEFORMATIONS:
+            raise RgsInputError(f"deformation must be kplanes or anchors, got {self.deformation!r}")
+        if self.time_input not in TIME_INPUT_CHOICES:
+            raise RgsInputError(f"time input must be time, phase or auto, got {self.time_input!r}")
+        if isinstance(self.recipe, dict):
+            self.recipe = GSConfig.from_dict(self.recipe)
+        if self.iterations < 0 or not (math.isfinite(self.period_init_s) and self.period_init_s > 0):
+            raise RgsInputError("need iterations >= 0 and a positive initial period (s)")
+        if min(self.consistency_weight, self.plane_tv_weight, self.time_smoothness_weight,
+               self.canonical_lr_factor, self.consistency_points) < 0 or not 0 <= self.period_start <= 1:
+            raise RgsInputError("loss weights, consistency_points and the canonical learning-rate "
+                                "factor must be >= 0, period_start in [0, 1]")
+        self.kplanes_multires = tuple(int(m) for m in self.kplanes_multires)
+        self._rates_as_floats()
+
+    @property
+    def total_iterations(self) -> int:
+        """Both stages' steps."""
+        return self.recipe.iterations + self.iterations
+
+
+class Track4DReconstruction:
+    """A 4D reconstruction of ``projections`` (N, H, W) line integrals taken by the N views of
+    ``geometry`` at ``times_s`` (N,) seconds, on ``grid`` (mm).
+
+    :meth:`step` runs one step of the current stage; :meth:`volume_at` / :meth:`phases` give
+    volumes (1/mm) at any time; :attr:`period_s` is the learned period (the initial one during
+    the static stage). ``static`` is the stage-1 :class:`GaussianReconstruction`, whose
+    Gaussians are the canonical set; ``model`` the deformation (None during stage 1);
+    :attr:`time_input` what the model sees (None while ``auto`` is undecided).
+    """
+
+    def __init__(self, projections: torch.Tensor, geometry: Geometry, grid: VolumeGrid,
+                 times_s: torch.Tensor, config: Track4DConfig | None = None,
+                 _initialise: bool = True):
+        self.config = config or Track4DConfig()
+        self.data = ProjectionData(projections, geometry, grid, time=torch.as_tensor(times_s).cpu(),
+                                   source="track4d")
+        times = self.data.time
+        self.time_range = (float(times.min()), float(times.max()))
+        if not self.time_range[1] > self.time_range[0]:
+            raise RgsInputError("all projections have the same time: a 4D reconstruction needs "
+                                "projections taken at different times")
+        self.grid = grid
+        self.iteration = 0
+        self.device = runtime.ensure()
+        self.times = times.to(self.device)
+        self.static = GaussianReconstruction(self.data, self.config.recipe) if _initialise else None
+        self.model: Deformation | None = None
+        self.optimizer: torch.optim.Adam | None = None
+        self.period_estimate: PeriodEstimate | None = None
+        self.phase_wander: float | None = None
+        self.time_input: str | None = None if self.config.time_input == "auto" else self.config.time_input
+
+    # ---- the deformation model -----------------------------------------------------------
+    def row_shifts(self) -> torch.Tensor:
+        """(N,) float64: each view's row shift (pixels) against the current static Gaussians'
+        rendering, the breathing surrogate of :mod:`rgs_engine.motion.period_estimate`."""
+        shifts = []
+        for chunk in torch.arange(self.data.num_views).split(ESTIMATE_VIEWS_PER_CALL):
+            reference = self.static.render(self.data.geometry.subset(chunk))
+            shifts.append(row_shifts(self.data.projections[chunk].to(self.device), reference))
+        return torch.cat(shifts)
+
+    def _read_breathing(self) -> None:
+        """Set :attr:`period_estimate` and :attr:`phase_wander` (the standard deviation,
+        cycles, of the scan's cycles' phase offsets at the estimated period,
+        :func:`~rgs_engine.motion.period_estimate.phase_wander`), each None where the data allow
+        none (a scan shorter than two of the shortest periods or two estimated ones, no
+        motion seen); stage 2 then starts from ``period_init_s``."""
+        shifts = self.row_shifts()
+        with contextlib.suppress(RgsInputError):
+            self.period_estimate = estimate_period(self.data.time, shifts)
+            self.phase_wander = phase_wander(self.data.time, shifts, self.period_estimate.period_s)
+
+    def _choose_time_input(self) -> str:
+        """``config.time_input``, or for ``auto`` phase where :attr:`phase_wander` is at most
+        :data:`REGULAR_WANDER_CYCLES`, else time."""
+        if self.config.time_input != "auto":
+            return self.config.time_input
+        regular = self.phase_wander is not None and self.phase_wander <= REGULAR_WANDER_CYCLES
+        return "phase" if regular else "time"
+
+    @property
+    def period_from_projections(self) -> bool:
+        """Whether stage 2 starts the period at the estimate (when there is one): the config's
+        choice, by default with phase input."""
+        chosen = self.config.period_from_projections
+        return self.time_input == "phase" if chosen is None else chosen
+
+    @property
+    def initial_period_s(self) -> float:
+        """The period stage 2 starts from (s): the estimate's or ``config.period_init_s``."""
+        if self.period_from_projections and self.period_estimate is not None:
+            return self.period_estimate.period_s
+        return self.config.period_init_s
+
+    def _build_model(self) -> None:
+        """Create the deformation model (seeded by the recipe's seed) and its optimiser."""
+        cfg = self.config
+        lo, hi = self.static.box_lo.cpu(), self.static.box_hi.cpu()
+        common = dict(box_lo=lo, box_hi=hi, time_range=self.time_range,
+                      period_s=self.initial_period_s, time_input=self.time_input)
+        # initial periods per time unit of the models: the scan window (time) or one cycle (phase)
+        cycles = 1.0 if self.time_input == "phase" else \
+            (self.time_range[1] - self.time_range[0]) / cfg.period_init_s
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.recipe.seed)
+            if cfg.deformation == "kplanes":
+                model = KPlanesField(**common, resolution=cfg.kplanes_resolution,
+                                     time_resolution=max(4, math.ceil(cfg.kplanes_time_cells * cycles)),
+                                     multires=cfg.kplanes_multires, features=cfg.kplanes_features,
+                                     hidden=cfg.kplanes_hidden)
+            else:
+                model = AnchorDeformation(self.static.gaussians.means.detach().cpu(), **common,
+                                          num_anchors=cfg.anchors, k=cfg.anchor_k,
+                                          width=cfg.anchor_width, heads=cfg.anchor_heads,
+                                          layers=cfg.anchor_layers, mask_ratio=cfg.anchor_mask_ratio,
+                                          time_harmonics=math.ceil(cfg.anchor_time_harmonics * cycles),
+                                          seed=cfg.recipe.seed)
+        self.model = model.to(self.device)
+        groups = [{"params": params, "name": name} for name, params in model.param_groups().items()]
+        self.optimizer = torch.optim.Adam(groups, lr=0.0)
+
+    def _set_lrs(self, frac: float) -> None:
+        cfg = self.config
+        rates = {"network": cfg.lr_network, "planes": cfg.lr_planes}
+        for group in self.optimizer.param_groups:
+            if group["name"] == "period":
+                started = cfg.period_start < 1 and frac >= cfg.period_start
+                group["lr"] = losses.log_linear(
+                    cfg.lr_period, (frac - cfg.period_start) / (1 - cfg.period_start)) if started else 0.0
+            else:
+                group["lr"] = losses.log_linear(rates[group["name"]], frac)
+        self.static.set_learning_rates(frac, cfg.canonical_lr_factor)
+
+    @property
+    def stage(self) -> str:
+        """``"static"`` or ``"deformation"``: the stage the next step belongs to."""
+        return "static" if self.iteration < self.config.recipe.iterations else "deformation"
+
+    @property
+    def period_s(self) -> float:
+        """The current breathing period estimate, seconds."""
+        return float(self.model.period.period_s.detach()) if self.model is not None else self.initial_period_s
+
+    @property
+    def period_mismatch_pct(self) -> float | None:
+        """How far (%) :attr:`period_s` is from the projections' estimate, None without one;
+        above :data:`PERIOD_MISMATCH_PCT` the learned period is suspect."""
+        if self.period_estimate is None:
+            return None
+        return 100 * abs(self.period_s - self.period_estimate.period_s) / self.period_estimate.period_s
+
+    # ---- rendering ---------------------------------------------------------------------
+    def _splat(self, params: tuple[torch.Tensor, ...], times: torch.Tensor,
+               views: Geometry) -> torch.Tensor:
+        """(B, H, W) line integrals: view ``b`` of ``views`` sees the canonical Gaussians
+        ``params`` (physical) deformed to ``times[b]`` seconds (one deformation call and one
+        splat call for the batch)."""
+        deformed = self.model(*params[:3], times)
+        return splat(deformed.means, deformed.scales, deformed.quats, params[3], views)
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """No gradients, model in eval mode (no anchor masking), restored afterwards."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(training)
+
+    def render(self, geometry: Geometry, times_s) -> torch.Tensor:
+        """(V, H, W) line integrals of the V views of ``geometry``, view ``v`` at
+        ``times_s[v]`` seconds (the static Gaussians during stage 1)."""
+        times = torch.as_tensor(times_s, dtype=torch.float64).reshape(-1).to(self.device)
+        if times.numel() != geometry.num_views:
+            raise RgsInputError(f"{geometry.num_views} views but {times.numel()} times: give one time per view")
+        if self.model is None:
+            return self.static.render(geometry)
+        with self._evaluating():
+            return self._splat(self.static.gaussians.physical(), times, geometry)
+
+    def volume_at(self, t_seconds: float, grid: VolumeGrid | None = None) -> torch.Tensor:
+        """(nx, ny, nz) attenuation (1/mm) at time ``t_seconds`` on ``grid`` (default the
+        reconstruction grid)."""
+        grid = grid if grid is not None else self.grid
+        if self.model is None:
+            return voxelize(*self.static.physical(), grid)
+        with self._evaluating():
+            means, scales, quats, densities = self.static.gaussians.physical()
+            t = torch.tensor(float(t_seconds), dtype=torch.float64, device=self.device)
+            return voxelize(*self.model(means, scales, quats, t), densities, grid)
+
+    def motion_mm(self, times_s) -> float:
+        """The size of the learned motion, mm: the 99th percentile over the canonical Gaussians
+        of each centre's largest distance from its mean position over the times ``times_s``
+        (seconds, e.g. one cycle's phases); 0 before stage 2. Under :attr:`motion_floor_mm`
+        the deformation has learned no visible motion: the volumes are a static fit."""
+        if self.model is None:
+            return 0.0
+        times = torch.as_tensor(times_s, dtype=torch.float64).reshape(-1).to(self.device)
+        with self._evaluating():
+            means, scales, quats, _ = self.static.gaussians.physical()
+            moved = self.model(means, scales, quats, times).means          # (T, N, 3)
+            distance = (moved - moved.mean(0)).norm(dim=-1).amax(0)
+        return float(torch.quantile(distance.float(), 0.99))
+
+    @property
+    def motion_floor_mm(self) -> float:
+        """:data:`MOTION_FLOOR_VOXELS` of the grid's finest spacing, mm: a :meth:`motion_mm`
+        below it is no visible motion."""
+        return MOTION_FLOOR_VOXELS * min(self.grid.spacing)
+
+    def phases(self, times_s, grid: VolumeGrid | None = None) -> torch.Tensor:
+        """(P, nx, ny, nz) volumes (1/mm) at the P times ``times_s`` (seconds)."""
+        return torch.stack([self.volume_at(float(t), grid) for t in torch.as_tensor(times_s).reshape(-1)])
+
+    # ---- one step ------------------------------------------------------------------------
+    def _consistency(self, params: tuple[torch.Tensor, ...], times: torch.Tensor) -> torch.Tensor:
+        """Periodic consistency at the batch's times on ``consistency_points`` random
+        canonical Gaussians (all when 0 or more than there are)."""
+        n, k = params[0].shape[0], self.config.consistency_points
+        if 0 < k < n:
+            index = torch.randperm(n, generator=self.static.generator)[:k].to(self.device)
+            return periodic_consistency(self.model, *(p[index] for p in params[:3]), times, index=index)
+        return periodic_consistency(self.model, *params[:3], times)
+
+    def step(self) -> dict[str, float]:
+        """One step of the current stage: ``{"loss", "period_s", "gaussians"}`` afterwards."""
+        if self.stage == "static":
+            out = self.static.step()
+            self.iteration += 1
+            return {**out, "period_s": self.period_s}
+        if self.model is None:
+            self._read_breathing()
+            self.time_input = self._choose_time_input()
+            self._build_model()
+        cfg, static = self.config, self.static
+        self._set_lrs(min((self.iteration - cfg.recipe.iterations) / max(cfg.iterations - 1, 1), 1.0))
+        idx = static.view_batch()
+        times = self.times[idx.to(self.device)]
+        params = static.gaussians.physical()
+        pred = self._splat(params, times, self.data.geometry.subset(idx))
+        loss = static.image_loss(pred / static.proj_scale, static.target[idx.to(self.device)])
+        loss = loss + static.tv_loss(params)
+        if self.time_input == "time" and cfg.consistency_weight > 0:
+            loss = loss + cfg.consistency_weight * self._consistency(params, times)
+        weights = {"plane_tv": cfg.plane_tv_weight, "time_smoothness": cfg.time_smoothness_weight}
+        for name, value in self.model.regularisers().items():
+            loss = loss + weights[name] * value
+        static.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        static.optimizer.step()
+        self.optimizer.step()
+        self.iteration += 1
+        return {"loss": float(loss.detach()), "gaussians": len(static.gaussians), "period_s": self.period_s}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs (CPU tensors)."""
+        return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(),
+                "iteration": self.iteration, "static": self.static.state_dict(),
+                "model": None if self.model is None else to_cpu(self.model.state_dict()),
+                "period_estimate": None if self.period_estimate is None else tuple(self.period_estimate),
+                "phase_wander": self.phase_wander, "time_input": self.time_input,
+                "optimizer": None if self.optimizer is None else to_cpu(self.optimizer.state_dict())}
+
+    def save_checkpoint(self, path, force: bool = True) -> None:
+        save_state(path, self.state_dict(), force)
+
+    @classmethod
+    def load_checkpoint(cls, path, projections: torch.Tensor, geometry: Geometry,
+                        grid: VolumeGrid, times_s: torch.Tensor) -> "Track4DReconstruction":
+        """The run saved at ``path``, on the same data it was started with."""
+        state = load_state(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise RgsInputError(f"{path}: not an rgs track4d checkpoint: start again without --resume")
+        rec = cls(projections, geometry, grid, times_s, Track4DConfig.from_dict(state["config"]),
+                  _initialise=False)
+        rec.static = GaussianReconstruction.from_state_dict(state["static"], rec.data)
+        rec.iteration = int(state["iteration"])
+        if state.get("period_estimate") is not None:
+            rec.period_estimate = PeriodEstimate(*state["period_estimate"])
+        rec.phase_wander, rec.time_input = state.get("phase_wander"), state.get("time_input", rec.time_input)
+        if state["model"] is not None:
+            rec._build_model()
+            rec.model.load_state_dict(state["model"])
+            rec.optimizer.load_state_dict(state["optimizer"])
+        return rec
