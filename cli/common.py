@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from enum import Enum
-from typing import Annotated, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import torch
 import typer
@@ -296,3 +296,59 @@ def write_metrics(path, report: dict, dev: torch.device, t_start: float, seconds
     report.update({"device": runtime.describe(dev), "seconds": round(time.perf_counter() - t_start, 3),
                    "seconds_by_stage": seconds, "data": settings["data"]})
     volume_io.save_json(path, report, force=True)
+
+
+class RichProgress:
+    """The command line's view of a pipeline's :class:`~rgs_engine.pipelines.common.ProgressEvent`
+    stream (stderr): a spinner with the current stage, a bar under each iteration loop,
+    warnings in yellow. Use as a context manager; the display is erased if the run fails."""
+
+    def __init__(self, stages: Optional[int] = None):
+        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"),
+                                  BarColumn(bar_width=14), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                  console=err_console)
+        self._stages = self._progress.add_task("", total=stages, info="")
+        self._loops: dict[str, Any] = {}
+        self._started = 0
+
+    def __enter__(self) -> "RichProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # leave the error line alone on stderr
+            self._progress.live.transient = True
+        self._progress.stop()
+
+    def __call__(self, event) -> None:
+        if event.kind == "stage":
+            if self._started:
+                self._progress.advance(self._stages)
+            self._started += 1
+            self._progress.update(self._stages, description=event.label)
+        elif event.kind == "step":
+            task = self._loops.get(event.label)
+            if task is None:
+                task = self._loops[event.label] = self._progress.add_task(
+                    event.label, total=event.total, completed=0, info="")
+            self._progress.update(task, completed=event.done, info=event.info)
+        elif event.kind == "warning":
+            self._progress.console.print(f"[yellow]warning: {event.label}[/yellow]", highlight=False)
+
+
+def run_pipeline(job: Callable[..., Any], stages: Optional[int] = None, **kwargs) -> Any:
+    """Run a pipeline function ``job(**kwargs, progress=..., should_stop=...)`` under a
+    :class:`RichProgress` display; the first Ctrl-C asks it to stop after the current
+    iteration (a second one interrupts at once). An
+    :class:`~rgs_engine.pipelines.common.Interrupted` run is reported (what was saved, how
+    to resume) and exits with status 130."""
+    from rgs_engine.pipelines.common import Interrupted
+    try:
+        with Interrupt() as interrupt, RichProgress(stages) as progress:
+            return job(**kwargs, progress=progress, should_stop=lambda: interrupt.requested)
+    except Interrupted as stop:
+        err_console.print(stop.message(), highlight=False)
+        if stop.resumable:
+            err_console.print("resume with: " + stop.resume_command, highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)

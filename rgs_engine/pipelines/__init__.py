@@ -1,0 +1,5 @@
+"""Scenario pipelines: one function per job (load -> initialise -> iterate -> evaluate ->
+write outputs, with resume, checkpoints and ``force``), the Python API behind every ``rgs``
+command. Each takes its inputs and options, reports progress through a callback
+(:class:`~.common.ProgressEvent`) and returns a :class:`~.common.RunResult`."""
+from .common import Interrupted, ProgressEvent, Reporter, RunResult  # noqa: F401

@@ -1,0 +1,217 @@
+"""What every scenario pipeline shares: progress reporting, stop requests, the iteration loop
+with checkpoints, and the run-folder rules (a new run, ``--resume``, ``--force``, metrics).
+
+Progress goes through one callback, ``progress(event: ProgressEvent)``, so the same pipeline
+drives the command line's rich display, a notebook's print, or a batch runner's log:
+
+* ``ProgressEvent("stage", key, label)`` when a named stage starts;
+* ``ProgressEvent("step", key, label, done, total, info)`` after each iteration of a loop;
+* ``ProgressEvent("warning", key, text)`` for something the user must know about the result.
+
+A pipeline asked to stop (``should_stop()`` returns True, e.g. after Ctrl-C) finishes the
+current iteration, saves its checkpoint and raises :class:`Interrupted`; a
+``KeyboardInterrupt`` inside the loop is treated the same way (the checkpoint is only saved
+when it arrived between two iterations).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+
+from ..core import runtime
+from ..core.errors import RgsInputError
+from ..io import files
+
+ProgressCallback = Callable[["ProgressEvent"], None]
+StopCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One progress report. ``kind``: ``stage`` (a stage starts), ``step`` (an iteration of
+    ``total`` finished, ``done`` so far, ``info`` the loop's latest figures) or ``warning``
+    (``label`` is the message)."""
+    kind: str
+    key: str
+    label: str
+    done: Optional[int] = None
+    total: Optional[int] = None
+    info: str = ""
+
+
+class Interrupted(Exception):
+    """A run stopped on request. ``checkpoint``: its path; ``iteration``: the iteration it
+    holds (None: stopped inside an iteration); ``saved``: whether this stop wrote it;
+    ``resume_command``: the command line that continues the run."""
+
+    def __init__(self, checkpoint: Path, iteration: Optional[int], saved: bool, resume_command: str):
+        self.checkpoint, self.iteration, self.saved = Path(checkpoint), iteration, saved
+        self.resume_command = resume_command
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        if self.saved:
+            return f"interrupted: checkpoint at iteration {self.iteration} saved to {self.checkpoint}"
+        if self.checkpoint.exists():
+            return f"interrupted inside an iteration: the last periodic checkpoint {self.checkpoint} is kept"
+        return "interrupted before the first checkpoint: nothing to resume"
+
+    @property
+    def resumable(self) -> bool:
+        return self.saved or self.checkpoint.exists()
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise :class:`RgsInputError` with ``message`` unless ``ok``."""
+    if not ok:
+        raise RgsInputError(message)
+
+
+class Reporter:
+    """A pipeline's link to its caller: forwards progress events, answers stop requests and
+    records each stage's seconds (``seconds[key]``, after :func:`runtime.sync`, so GPU work
+    counts in the stage that queued it). Collects warnings in ``warnings``."""
+
+    def __init__(self, progress: Optional[ProgressCallback] = None,
+                 should_stop: Optional[StopCheck] = None):
+        self._progress = progress
+        self._should_stop = should_stop
+        self.seconds: dict[str, float] = {}
+        self.warnings: list[str] = []
+
+    def emit(self, event: ProgressEvent) -> None:
+        if self._progress is not None:
+            self._progress(event)
+
+    def stop_requested(self) -> bool:
+        return bool(self._should_stop is not None and self._should_stop())
+
+    def warn(self, message: str, key: str = "warning") -> None:
+        self.warnings.append(message)
+        self.emit(ProgressEvent("warning", key, message))
+
+    @contextlib.contextmanager
+    def stage(self, key: str, label: str) -> Iterator[None]:
+        """Time the block as stage ``key`` (shown as ``label``)."""
+        self.emit(ProgressEvent("stage", key, label))
+        t0 = time.perf_counter()
+        yield
+        runtime.sync()
+        self.seconds[key] = round(time.perf_counter() - t0, 3)
+
+    def step(self, key: str, label: str, done: int, total: int, info: str = "") -> None:
+        self.emit(ProgressEvent("step", key, label, done, total, info))
+
+
+def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Reporter, label: str,
+                   info: Callable[[dict], str], resume_command: str,
+                   psnr: Optional[Callable[[], float]] = None, psnr_every: int = 100) -> dict:
+    """Run ``rec.step()`` until ``rec.iteration == total``, reporting ``info(stats)`` (and
+    the latest ``psnr()`` in dB, evaluated every ``min(psnr_every, total / 10)`` steps and at
+    the end) after each step, saving ``rec.save_checkpoint(checkpoint)`` every ``every``
+    iterations and at the end; returns the last step's stats. A stop request or a
+    ``KeyboardInterrupt`` raises :class:`Interrupted` (see the module docstring)."""
+    stats: dict = {"loss": math.nan}
+    in_step = False
+    psnr_every = max(1, min(psnr_every, total // 10))
+    latest: Optional[float] = None
+    try:
+        while rec.iteration < total:
+            if reporter.stop_requested():
+                raise KeyboardInterrupt
+            in_step = True
+            stats = rec.step()
+            in_step = False
+            if psnr is not None and (rec.iteration % psnr_every == 0 or rec.iteration == total):
+                latest = psnr()
+            reporter.step("iterations", label, rec.iteration, total,
+                          info(stats) + (f"  PSNR {latest:.2f} dB" if latest is not None else ""))
+            if rec.iteration % every == 0:
+                rec.save_checkpoint(checkpoint)
+    except KeyboardInterrupt:
+        saved = not in_step  # a second Ctrl-C inside a step may leave it half done
+        if saved:
+            rec.save_checkpoint(checkpoint)
+        raise Interrupted(checkpoint, rec.iteration if saved else None, saved, resume_command) from None
+    rec.save_checkpoint(checkpoint)
+    return stats
+
+
+# --------------------------------------------------------------------------------------
+# The run folder: new run, resume, force, metrics
+# --------------------------------------------------------------------------------------
+def check_new_run(out: Path, outputs: Iterable[str], force: bool) -> None:
+    """A new run in ``out``: refuse to replace another run's config.json or any of
+    ``outputs`` (file names) without ``force``."""
+    if not force and (out / "config.json").exists():
+        raise RgsInputError(f"{out / 'config.json'} exists: a run is already in {out}; pass --resume "
+                            "to continue it or --force to start over")
+    files.check_writable([out / f for f in outputs], force)
+
+
+def write_run_config(out: Path, outputs: Iterable[str], settings: dict, force: bool) -> None:
+    """Start a new run in ``out``: with ``force``, first remove the old run's ``outputs``
+    (file names: no stale checkpoint survives); then write ``settings`` to config.json."""
+    if force:
+        for f in outputs:
+            (out / f).unlink(missing_ok=True)
+    files.save_json(out / "config.json", settings, force=True)
+
+
+def resume_settings(out: Path, case: Path, mode: str, known: Callable[[dict], dict], given: dict) -> dict:
+    """``out/config.json`` of the ``rgs track4d --mode MODE`` run in ``out``, for --resume.
+
+    ``known(settings)`` maps each option to the run's value (a damaged file raises KeyError
+    or TypeError there); the options in ``given`` that are not None must match them, and
+    ``case`` must be the run's data."""
+    path = out / "config.json"
+    require(path.is_file(), f"{path} not found: there is no run to resume in {out}; "
+                            "start one without --resume")
+    s = files.load_json(path)
+    run_mode = s.get("mode", "breathing") if isinstance(s, dict) else None
+    require(run_mode == mode, f"the run in {out} is not a --mode {mode} run ({run_mode}): resume it "
+                              "with its own mode, or start a new run with --force")
+    try:
+        values = known(s)
+        same_data = s["data"] == str(case.resolve())
+    except (KeyError, TypeError, RgsInputError) as exc:
+        raise RgsInputError(f"{path}: not an rgs track4d {mode} config ({type(exc).__name__}: {exc}): "
+                            "start again with --force instead of --resume") from exc
+    require(same_data, f"CASE {case} differs from the run in {out} ({s['data']}): pass the same "
+                       "case to resume, or start a new run without --resume")
+    for option, value in given.items():
+        require(value is None or value == values[option],
+                f"{option} {value} differs from the run in {out} ({option} {values[option]}): "
+                "drop it to resume, or start a new run without --resume")
+    return s
+
+
+def write_metrics(path: Path, report: dict, dev: torch.device, t_start: float, seconds: dict,
+                  settings: dict) -> dict:
+    """Finish ``report`` with what every run reports (``device``, total ``seconds`` since
+    ``t_start`` (perf_counter), ``seconds_by_stage``, the input's ``data`` record from
+    ``settings``), write it to ``path`` (metrics.json) and return it."""
+    report.update({"device": runtime.describe(dev), "seconds": round(time.perf_counter() - t_start, 3),
+                   "seconds_by_stage": seconds, "data": settings["data"]})
+    files.save_json(path, report, force=True)
+    return report
+
+
+@dataclass
+class RunResult:
+    """What a pipeline returns. ``out``: the run folder; ``metrics``: what metrics.json (or
+    pose.json) holds; ``files``: the paths written; ``volumes``: the main results as tensors
+    (name -> tensor, e.g. ``volume`` (nx, ny, nz) in 1/mm); ``warnings``: what the run
+    flagged; ``extra``: scenario-specific objects (the trained model, the pose, ...)."""
+    out: Path
+    metrics: dict[str, Any]
+    files: list[Path]
+    volumes: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
