@@ -241,7 +241,7 @@ def read_h5_info(path: Path) -> dict[str, Any]:
     """Provenance and shape of a simulated file (attributes only; no projections read)."""
     import h5py
 
-    from rgs_engine.io.projections import _decode_attr
+    from rgs_engine.io.rgs_h5 import _decode_attr
 
     with h5py.File(path, "r") as f:
         attrs = {k: _decode_attr(v) for k, v in f.attrs.items()}

@@ -38,8 +38,9 @@ import torch
 
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
-from .projections import (NAF_METRES_TO_MM, PICKLE_SUFFIXES, ProjectionData, _as_cpu,
-                              _float_array, _naf_split, _number, _open_naf_pickle)
+from .naf import _naf_split, _open_naf_pickle
+from .projection_data import NAF_METRES_TO_MM, PICKLE_SUFFIXES, ProjectionData, _as_cpu
+from .scanner import _float_array, _number
 from .files import atomic_write
 
 X2_SCAN_SECONDS = 60.0  # X2-Gaussian's evaluation: a 60 s scan ...
