@@ -88,16 +88,35 @@ def test_without_rgs_keys_x2_convention_applies_and_is_stated(tmp_path):
     for key in ("scan_seconds", "period_s", "phase_times_s", "rgs_attributes"):
         del raw[key]
     back = load_4d_pickle(_dump(path, raw))
-    assert back.scan_seconds == 60.0 and back.period_s == 3.0 and back.attributes == {}
+    assert back.scan_seconds == 60.0 and back.attributes == {}
+    assert back.period_s is None and back.period_source is None  # no truth from the 3 s convention
     np.testing.assert_allclose(back.phase_times_s.numpy(), 0.15 + 0.3 * np.arange(10), atol=1e-12)
     np.testing.assert_allclose(x2_phase_times(10), 0.15 + 0.3 * np.arange(10), atol=1e-12)
     assert back.conventions.startswith("X2-Gaussian's convention applied")
-    for part in ("60 s scan", "3 s breathing period", "t = 0.15 + 0.3 k s"):
+    for part in ("60 s scan", "no breathing period stated", "t = 0.15 + 0.3 k s"):
         assert part in back.conventions
     torch.testing.assert_close(back.times_s, back.time * 60.0)
     # and a phase is optional
     del raw["train"]["phase"]
     assert load_4d_pickle(_dump(path, raw)).phase is None
+
+
+def test_period_without_period_s_comes_from_phase_times_or_is_unknown(tmp_path):
+    path = save_4d_pickle(tmp_path / "held_out.pkl", _case(phases=10))
+    raw = _raw(path)
+    del raw["period_s"]
+    raw["phase_times_s"] = 11.0 + (np.arange(10) + 0.5) * 3.7 / 10  # one 3.7 s cycle from 11 s
+    back = load_4d_pickle(_dump(path, raw))
+    assert back.period_s == pytest.approx(3.7, rel=1e-12) and back.period_source == "phase_times_s"
+    assert "breathing period 3.7 s derived from phase_times_s" in back.conventions
+    # written back, the derived period is not stated as the file's own
+    again = _raw(save_4d_pickle(tmp_path / "again.pkl", back))
+    assert "period_s" not in again and load_4d_pickle(tmp_path / "again.pkl").period_source == "phase_times_s"
+    # times that are not one cycle's evenly spaced bins give no truth
+    raw["phase_times_s"] = np.array([1.0, 1.5, 3.0, 3.2, 5.0, 6.0, 6.5, 7.0, 8.0, 9.5])
+    back = load_4d_pickle(_dump(path, raw))
+    assert back.period_s is None and back.period_source is None
+    assert "no breathing period stated in the file" in back.conventions
 
 
 def _edit(key, value):

@@ -17,10 +17,13 @@ The pickle (same keys and units as the static NAF pickle of
   ``time`` (N,) fraction of the scan in [0, 1], optionally ``phase`` (N,) bin index;
 * optional rgs keys: ``scan_seconds`` (scan length, s), ``period_s`` (true mean breathing
   period, s), ``phase_times_s`` (P,) (the time each ``image`` volume depicts, s) and
-  ``rgs_attributes`` (provenance dict). Where one is missing, X2-Gaussian's evaluation
-  convention applies: a 60 s scan, a 3 s breathing cycle and phase k of P at
-  ``t = (k + 0.5) 3 / P`` s (``0.15 + 0.3 k`` for P = 10); :attr:`Projection4D.conventions`
-  says which values came from the convention.
+  ``rgs_attributes`` (provenance dict). Where ``scan_seconds`` or ``phase_times_s`` is
+  missing, X2-Gaussian's evaluation convention applies: a 60 s scan and phase k of P at
+  ``t = (k + 0.5) 3 / P`` s (``0.15 + 0.3 k`` for P = 10, bins of a 3 s cycle). The true
+  period is never taken from that convention: without ``period_s`` it is derived from the
+  file's ``phase_times_s`` when those are P >= 2 evenly spaced times, the bin centres of one
+  cycle (period = P times their spacing, :func:`period_from_phase_times`), else it is
+  unknown. :attr:`Projection4D.conventions` says which values came from where.
 
 Every problem raises :class:`~rgs_engine.core.errors.RgsInputError` with one line naming the
 problem and the fix. Pickles can run code when loaded: only open files you trust.
@@ -53,6 +56,16 @@ def x2_phase_times(phases: int, period_s: float = X2_PERIOD_SECONDS) -> np.ndarr
     """(P,) seconds: X2-Gaussian's phase times ``(k + 0.5) period / P`` (``0.15 + 0.3 k`` for
     P = 10 and a 3 s cycle), the bin centres of one cycle."""
     return (np.arange(phases) + 0.5) * period_s / phases
+
+
+def period_from_phase_times(phase_times_s: np.ndarray) -> float | None:
+    """The period (s) that P phase times (s) imply when they are the bin centres of one
+    cycle: P >= 2 evenly spaced increasing times, period = P times their spacing; None
+    when they are not evenly spaced (they span no single cycle that can be read off)."""
+    steps = np.diff(np.asarray(phase_times_s, dtype=np.float64))
+    if steps.size == 0 or steps.min() <= 0 or not np.allclose(steps, steps.mean(), rtol=1e-6, atol=0):
+        return None
+    return float(steps.mean() * len(phase_times_s))
 
 
 # --------------------------------------------------------------------------------------
@@ -93,7 +106,8 @@ class Projection4D:
     * ``phases`` (P, nx, ny, nz) float32 ground-truth attenuation (1/mm) with
       ``phase_times_s`` (P,) float64, the time in [0, scan_seconds] each depicts, or both
       None; ``period_s`` the true (mean) breathing period in s, or None if unknown, and
-      ``period_source`` where it came from (``"file"`` or X2-Gaussian's convention);
+      ``period_source`` where it came from (``"file"``, ``"phase_times_s"`` (derived from
+      the file's phase times, see the module) or None when unknown);
     * ``test_projections`` (T, H, W) with ``test_geometry`` and ``test_time`` (the NAF ``val``
       split; ``test_phase`` optional), or all None;
     * ``conventions`` says which values came from X2-Gaussian's defaults (see the module);
@@ -116,7 +130,7 @@ class Projection4D:
     test_time: torch.Tensor | None = None
     test_phase: torch.Tensor | None = None
     conventions: str = ""
-    period_source: str = "file"
+    period_source: str | None = "file"
     source: str = ""
     attributes: dict = field(default_factory=dict)
 
@@ -217,16 +231,11 @@ def load_4d_pickle(path: str | os.PathLike) -> Projection4D:
     where, data, sc, grid, phases = _open_naf_pickle(path, 4)
     count = phases.shape[0]
     fallback = []
-    scan_seconds, period_s, period_source = X2_SCAN_SECONDS, X2_PERIOD_SECONDS, "file"
+    scan_seconds, period_s, period_source = X2_SCAN_SECONDS, None, None
     if "scan_seconds" in data:
         scan_seconds = _number(where, data, "scan_seconds")
     else:
         fallback.append(f"{X2_SCAN_SECONDS:g} s scan")
-    if "period_s" in data:
-        period_s = _number(where, data, "period_s")
-    else:
-        fallback.append(f"{X2_PERIOD_SECONDS:g} s breathing period")
-        period_source = f"X2-Gaussian convention ({X2_PERIOD_SECONDS:g} s)"
     if "phase_times_s" in data:
         phase_times = _float_array(f"{where} 'phase_times_s'", data["phase_times_s"], ndim=1,
                                    dtype=np.float64)
@@ -234,8 +243,18 @@ def load_4d_pickle(path: str | os.PathLike) -> Projection4D:
         phase_times = x2_phase_times(count)
         step = X2_PERIOD_SECONDS / count
         fallback.append(f"phase k of {count} at t = {step / 2:g} + {step:g} k s")
-    conventions = ("scan_seconds, period_s and phase_times_s read from the file" if not fallback else
-                   "X2-Gaussian's convention applied (no rgs key in the file): " + ", ".join(fallback))
+    if "period_s" in data:
+        period_s, period_source = _number(where, data, "period_s"), "file"
+    elif "phase_times_s" in data:
+        period_s = period_from_phase_times(phase_times)
+        period_source = None if period_s is None else "phase_times_s"
+    notes = ["X2-Gaussian's convention applied (no rgs key in the file): " + ", ".join(fallback)] if fallback else []
+    if period_source == "phase_times_s":
+        notes.append(f"breathing period {period_s:g} s derived from phase_times_s ({count} evenly "
+                     "spaced times over one cycle)")
+    elif period_source is None:
+        notes.append("no breathing period stated in the file: no period truth")
+    conventions = "; ".join(notes) or "scan_seconds, period_s and phase_times_s read from the file"
 
     proj, geometry, split = _naf_split(where, data, "train", sc)
     time, phase = _split_extras(where, "train", split)
@@ -309,7 +328,8 @@ def save_4d_pickle(path: str | os.PathLike, data: Projection4D, force: bool = Fa
     The geometry must be a NAF circular cone-beam orbit about the world origin (what
     :func:`rgs_engine.sim.breathing_scan.simulate_breathing` makes) and ``data.phases`` must be
     present (NAF's ``image``). Projections are stored divided by 1000 (NAF's metres);
-    ``scan_seconds``, ``phase_times_s``, ``period_s`` (when known) and ``attributes``
+    ``scan_seconds``, ``phase_times_s``, ``period_s`` (when the source stated it:
+    ``period_source == "file"``, not derived from the phase times) and ``attributes``
     (``rgs_attributes``) are stored too. An existing ``path`` raises unless ``force``.
     """
     target = Path(path)
@@ -336,7 +356,7 @@ def save_4d_pickle(path: str | os.PathLike, data: Projection4D, force: bool = Fa
            "scan_seconds": data.scan_seconds,
            "phase_times_s": data.phase_times_s.numpy().astype(np.float64),
            "rgs_attributes": dict(data.attributes)}
-    if data.period_s is not None:
+    if data.period_s is not None and data.period_source == "file":
         out["period_s"] = data.period_s
     if data.test_projections is not None:
         val_angles = _naf_angles("test", data.test_geometry, dso, dsd, pitch)
@@ -348,5 +368,5 @@ def save_4d_pickle(path: str | os.PathLike, data: Projection4D, force: bool = Fa
     return target
 
 
-__all__ = ["Projection4D", "load_4d_pickle", "save_4d_pickle", "x2_phase_times",
+__all__ = ["Projection4D", "load_4d_pickle", "period_from_phase_times", "save_4d_pickle", "x2_phase_times",
            "X2_SCAN_SECONDS", "X2_PERIOD_SECONDS"]
