@@ -14,6 +14,7 @@ from rgs_engine.sim import phantoms, scan as sim
 from rgs_engine.io import projections as projection_data, files as volume_io
 
 from rgs_engine.core import runtime
+from rgs_engine.core.errors import RgsInputError
 
 from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
 
@@ -37,6 +38,15 @@ def noise_text(noise: tuple[float, float] | None, model: str | None = None) -> s
     if noise is None:
         return "none"
     return f"{noise[0]:g} photons, sigma {noise[1]:g}" + (f" ({model})" if model else "")
+
+
+def has_noise(text: str) -> bool:
+    """Whether ``--noise`` asks for noise (the progress display's stage count; a malformed
+    value counts as noise and is refused by the pipeline)."""
+    try:
+        return sim.parse_noise(text) is not None
+    except RgsInputError:
+        return True
 
 
 def add_scan_rows(table: Table, data, noise, noise_model: str, dev, seconds: dict, out: Path) -> None:
