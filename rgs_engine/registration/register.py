@@ -49,13 +49,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..core import rigid, runtime
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry
 from ..core.splatting import splat
 from ..io.xrays import XRaySet
+from .masking import exposure_mask
+from .similarity import (gradient_ncc, match_contrast, ncc, pool, pool_weights,  # noqa: F401 (API)
+                         similarity, view_similarity)
 
 SUCCESS_THRESHOLD = 0.69  # measured: see the module docstring
 DEFAULT_SCALES = (4, 2, 1)
@@ -66,38 +68,8 @@ EPS = 1e-8
 
 
 # --------------------------------------------------------------------------------------
-# Similarity
+# Detector windows
 # --------------------------------------------------------------------------------------
-def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Normalised cross-correlation over the last two dims: (..., H, W) -> (...)."""
-    a = a - a.mean(dim=(-2, -1), keepdim=True)
-    b = b - b.mean(dim=(-2, -1), keepdim=True)
-    num = (a * b).sum(dim=(-2, -1))
-    den = (a.square().sum(dim=(-2, -1)) * b.square().sum(dim=(-2, -1)) + EPS).sqrt()
-    return num / den
-
-
-def gradient_ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean of the NCC of the row and the column finite differences: (..., H, W) -> (...)."""
-    def d(x, dim):
-        return x.diff(dim=dim)
-    return 0.5 * (ncc(d(a, -1), d(b, -1)) + ncc(d(a, -2), d(b, -2)))
-
-
-def view_similarity(drr: torch.Tensor, xray: torch.Tensor) -> torch.Tensor:
-    """(NCC + gradient NCC) / 2 per view: (..., H, W) -> (...)."""
-    return 0.5 * (ncc(drr, xray) + gradient_ncc(drr, xray))
-
-
-def pool(images: torch.Tensor, factor: int) -> torch.Tensor:
-    """Average-pool (..., H, W) by ``factor`` (the top-left ``H // f * f`` x ``W // f * f``)."""
-    if factor == 1:
-        return images
-    shape = images.shape
-    x = images.reshape(-1, 1, *shape[-2:])
-    return F.avg_pool2d(x, factor).reshape(*shape[:-2], shape[-2] // factor, shape[-1] // factor)
-
-
 def coarse_geometry(geometry: Geometry, factor: int) -> Geometry:
     """The detector of ``geometry`` with ``factor`` x ``factor`` pixels merged: each new pixel
     centre is the centre of the block that :func:`pool` averages."""
@@ -179,12 +151,6 @@ class Crop:
         return torch.stack([images[k, r:r + hc, c:c + wc] for k, (r, c) in enumerate(self.starts)])
 
 
-def similarity(drr: torch.Tensor, xrays: torch.Tensor, scales: Sequence[int] = (1,)) -> torch.Tensor:
-    """Mean over views and ``scales`` of :func:`view_similarity` of the pooled images."""
-    vals = [view_similarity(pool(drr, f), pool(xrays, f)).mean() for f in scales]
-    return torch.stack(vals).mean()
-
-
 # --------------------------------------------------------------------------------------
 # Poses
 # --------------------------------------------------------------------------------------
@@ -251,14 +217,18 @@ def _object_pitch(geometry: Geometry, centre_xray: np.ndarray) -> float:
 
 
 class _Level:
-    """One scale on one window: its geometry, the pooled X-rays, and the Gaussians (``means``
-    and ``quats`` as given, scales widened by ``blur`` coarse pixels at the object)."""
+    """One scale on one window: its geometry, the pooled X-rays and their pixel weights, and
+    the Gaussians (``means`` and ``quats`` as given, scales widened by ``blur`` coarse pixels
+    at the object). ``xrays`` starts as the pooled input; :meth:`match` puts it in the DRR's
+    contrast."""
 
-    def __init__(self, factor: int, geometry: Geometry, xrays: torch.Tensor, crop: "Crop",
-                 params: dict[str, torch.Tensor], centre_xray: np.ndarray, blur: float):
+    def __init__(self, factor: int, geometry: Geometry, xrays: torch.Tensor, weights: torch.Tensor,
+                 crop: "Crop", params: dict[str, torch.Tensor], centre_xray: np.ndarray, blur: float):
         self.factor = factor
         self.geometry = coarse_geometry(crop.geometry(geometry), factor)
-        self.xrays = pool(crop.images(xrays), factor)
+        self.raw = pool(crop.images(xrays), factor)
+        self.xrays = self.raw
+        self.weights = pool_weights(crop.images(weights), factor)
         self.means, self.quats = params["means"], params["quats"]
         blur_mm = blur * _object_pitch(self.geometry, centre_xray) if factor > 1 else 0.0
         self.scales, self.densities = _widened(params, blur_mm)
@@ -266,6 +236,15 @@ class _Level:
     def drr(self, means: torch.Tensor, quats: torch.Tensor, geometry: Geometry | None = None) -> torch.Tensor:
         """Splat of this level's Gaussians moved to ``means`` / ``quats``."""
         return splat(means, self.scales, quats, self.densities, geometry or self.geometry)
+
+    def match(self, drr: torch.Tensor) -> None:
+        """Map the X-rays through the monotone contrast curve that matches them to ``drr``
+        (this level's DRR at a reference pose): :func:`match_contrast`."""
+        self.xrays = match_contrast(self.raw, drr.detach(), self.weights)
+
+    def similarity(self, drr: torch.Tensor) -> torch.Tensor:
+        """Per-view :func:`view_similarity` of ``drr`` (..., V, h, w) and the X-rays (...,  V)."""
+        return view_similarity(drr, self.xrays.expand_as(drr), self.weights.expand_as(drr))
 
 
 # --------------------------------------------------------------------------------------
@@ -322,9 +301,9 @@ def render(params: dict[str, torch.Tensor], pose, geometry: Geometry) -> torch.T
         return splat(means, p["scales"], quats, p["densities"], geometry)
 
 
-def _score_candidates(level: _Level, poses: list[np.ndarray]) -> np.ndarray:
-    """Similarity at ``level`` of each pose, splatting the untouched Gaussians into the views
-    moved by each pose's inverse (several poses per launch)."""
+def score_poses(level: _Level, poses: list[np.ndarray]) -> np.ndarray:
+    """(P, V) per-view similarity at ``level`` of each pose (4x4 CT -> X-ray), splatting the
+    untouched Gaussians into the views moved by each pose's inverse (several poses per launch)."""
     geo = level.geometry
     h, w = geo.det_shape
     per = max(1, CANDIDATE_BATCH_PIXELS // (h * w * geo.num_views))
@@ -335,7 +314,7 @@ def _score_candidates(level: _Level, poses: list[np.ndarray]) -> np.ndarray:
             vec = torch.cat([rigid.transform_geometry(geo, rigid.invert(p)).vectors for p in chunk])
             drr = level.drr(level.means, level.quats, Geometry(vec, geo.det_shape, geo.mode))
             drr = drr.reshape(len(chunk), geo.num_views, h, w)
-            sim = view_similarity(drr, level.xrays[None].expand_as(drr)).mean(dim=1)
+            sim = level.similarity(drr)
             scores.append(sim.cpu())
     return torch.cat(scores).double().numpy()
 
@@ -346,8 +325,8 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
              capture_deg: float = 10.0, keep: int = 1, steps: Sequence[int] = (30, 20, 15),
              lr_mm: float = 2.0, lr_deg: float = 1.0, blur: float = 0.5, margin_mm: float = 10.0,
              context_margin_mm: float = 30.0, threshold: float = SUCCESS_THRESHOLD,
-             ground_truth=None, target_points=None, seed: int = 0,
-             progress: Callable[[str, int, int], None] | None = None) -> RegistrationResult:
+             ground_truth=None, target_points=None, seed: int = 0, mask: bool = True,
+             match: bool = True, progress: Callable[[str, int, int], None] | None = None) -> RegistrationResult:
     """Register the Gaussians ``params`` (CT world mm) to ``xrays``: a :class:`RegistrationResult`.
 
     ``init`` (4x4, default identity) is the starting ``ct_to_xray``. ``scales`` are the detector
@@ -405,6 +384,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     centre = np.asarray(centre, dtype=np.float64).reshape(3)
     c_x = rigid.apply(init_m, centre)
     images = xrays.images.to(device=dev, dtype=torch.float32)
+    weights = exposure_mask(images) if mask else torch.ones_like(images)
     geo = xrays.geometry
     if geo.mode == "cone":
         src = rigid.apply(rigid.invert(init_m), geo.sources.numpy())
@@ -431,7 +411,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
 
     def level(factor: int, pose: np.ndarray, margin: float) -> _Level:
         """All Gaussians at ``factor`` on the window around the structure at ``pose``."""
-        return _Level(factor, geo, images, Crop.around(geo, rigid.apply(pose, means_np), margin / pitch),
+        return _Level(factor, geo, images, weights, Crop.around(geo, rigid.apply(pose, means_np), margin / pitch),
                       gauss, c_x, blur)
 
     def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
@@ -444,10 +424,18 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         mc, qc = rigid.rigid_transform_gaussians(lvl.means[n_struct:], lvl.quats[n_struct:], pc, qc)
         return lvl.drr(torch.cat([means, mc]), torch.cat([quats, qc]))
 
+    def matched_level(factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float) -> _Level:
+        """:func:`level` at the pose ``z`` with its X-rays matched to the DRR there."""
+        lvl = level(factor, pose_of(z), margin)
+        if match:
+            with torch.no_grad():
+                lvl.match(moved_drr(lvl, z, zc))
+        return lvl
+
     def final_score(z: torch.Tensor, zc: torch.Tensor | None) -> float:
         with torch.no_grad():
-            lvl = level(1, pose_of(z), margin_mm)
-            return float(similarity(moved_drr(lvl, z, zc), lvl.xrays, FINAL_SCALES))
+            lvl = matched_level(1, z, zc, margin_mm)
+            return float(similarity(moved_drr(lvl, z, zc), lvl.xrays, FINAL_SCALES, lvl.weights))
 
     zero = torch.zeros(6, dtype=torch.float32, device=dev)
     initial = final_score(zero, None)
@@ -459,11 +447,14 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     if candidates > 1:
         coarse = level(scales[0], init_m, rigid_margin + capture_mm + extent * math.radians(capture_deg))
         offs = sobol_offsets(candidates, capture_mm, capture_deg, seed)
-        sims = _score_candidates(coarse, [delta_matrix(x, c_x) @ init_m for x in offs])
+        if match:
+            with torch.no_grad():
+                coarse.match(moved_drr(coarse, zero, None))
+        sims = score_poses(coarse, [delta_matrix(x, c_x) @ init_m for x in offs]).mean(axis=1)
         # second pass: a Sobol set a quarter the size of the range around each of the best few
         local = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), capture_mm / 4, capture_deg / 4, seed + 1)
         near = np.concatenate([offs[i] + local for i in np.argsort(-sims)[:LOCAL_SEEDS]])
-        sims = np.concatenate([sims, _score_candidates(coarse, [delta_matrix(x, c_x) @ init_m for x in near])])
+        sims = np.concatenate([sims, score_poses(coarse, [delta_matrix(x, c_x) @ init_m for x in near]).mean(axis=1)])
         offs = np.concatenate([offs, near])
         order = np.argsort(-sims)[:max(1, keep)]
         starts = [offs[i] for i in order]
@@ -486,13 +477,13 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         for si, f in enumerate(scales):
             if ctx is not None and context_scales is not None and si >= context_scales and zc is None:
                 zc = z.detach().clone().requires_grad_()
-            lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
+            lvl = matched_level(f, z, zc, rigid_margin if zc is None else margin_mm)
             opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=0.5 ** si, fused=dev.type == "cuda")
             n = int(steps[si])
             for it in range(n):
                 for g in opt.param_groups:  # cosine-ish decay within the scale
                     g["lr"] = 0.5 ** si * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
-                sim = view_similarity(moved_drr(lvl, z, zc), lvl.xrays).mean()
+                sim = lvl.similarity(moved_drr(lvl, z, zc)).mean()
                 opt.zero_grad(set_to_none=True)
                 (-sim).backward()
                 opt.step()

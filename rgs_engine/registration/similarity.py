@@ -1,0 +1,113 @@
+"""Image similarity of DRRs and X-rays for registration, with pixel weights and a monotone
+contrast match.
+
+All functions take images ``(..., H, W)`` and optional weights ``w`` of the same shape (1 =
+compare the pixel, 0 = ignore it, e.g. from :func:`rgs_engine.registration.masking.exposure_mask`).
+
+* :func:`ncc` / :func:`gradient_ncc` / :func:`view_similarity`: normalised cross-correlation
+  of the images and of their finite differences, over the weighted pixels. NCC is invariant
+  to an affine change of contrast only.
+* :func:`match_contrast`: the X-ray's values mapped through the monotone curve that gives
+  them the value distribution of the DRR (quantile matching over the weighted pixels, per
+  view, the curve's direction chosen by the sign of the rank correlation). A detector's or a
+  post-processing LUT's contrast curve (a gamma, a window, an inverted polarity) is a
+  monotone function of the line integral: matching undoes it, as far as the DRR at the
+  reference pose shows the same anatomy as the X-ray.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+QUANTILE_KNOTS = 65  # knots of the piecewise-linear contrast curve of match_contrast
+
+
+def _mean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    if w is None:
+        return x.mean(dim=(-2, -1), keepdim=True)
+    return (x * w).sum(dim=(-2, -1), keepdim=True) / w.sum(dim=(-2, -1), keepdim=True).clamp_min(EPS)
+
+
+def ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised cross-correlation over the last two dims, over the pixels weighted by ``w``
+    (all when None): (..., H, W) -> (...)."""
+    a = a - _mean(a, w)
+    b = b - _mean(b, w)
+    if w is not None:
+        a, b = a * w, b * w
+    num = (a * b).sum(dim=(-2, -1))
+    den = (a.square().sum(dim=(-2, -1)) * b.square().sum(dim=(-2, -1)) + EPS).sqrt()
+    return num / den
+
+
+def gradient_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the NCC of the row and the column finite differences: (..., H, W) -> (...).
+    A difference counts where both of its pixels have weight (the product of their weights)."""
+    out = 0.0
+    for dim in (-1, -2):
+        wd = None if w is None else w.narrow(dim, 1, w.shape[dim] - 1) * w.narrow(dim, 0, w.shape[dim] - 1)
+        out = out + 0.5 * ncc(a.diff(dim=dim), b.diff(dim=dim), wd)
+    return out
+
+
+def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """(NCC + gradient NCC) / 2 per view: (..., H, W) -> (...)."""
+    return 0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))
+
+
+def pool(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool (..., H, W) by ``factor`` (the top-left ``H // f * f`` x ``W // f * f``)."""
+    if factor == 1:
+        return images
+    shape = images.shape
+    x = images.reshape(-1, 1, *shape[-2:])
+    return F.avg_pool2d(x, factor).reshape(*shape[:-2], shape[-2] // factor, shape[-1] // factor)
+
+
+def pool_weights(w: torch.Tensor, factor: int) -> torch.Tensor:
+    """Weights of the pooled pixels: 1 where every pixel of the block had weight 1, else 0
+    (a block with a masked pixel holds its value)."""
+    return (pool(w.float(), factor) > 1 - 1e-6).float()
+
+
+def similarity(drr: torch.Tensor, xrays: torch.Tensor, scales: Sequence[int] = (1,),
+               w: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over views and ``scales`` of :func:`view_similarity` of the pooled images."""
+    vals = [view_similarity(pool(drr, f), pool(xrays, f), None if w is None else pool_weights(w, f)).mean()
+            for f in scales]
+    return torch.stack(vals).mean()
+
+
+def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation of two 1-D samples."""
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / ((ra.square().sum() * rb.square().sum()).sqrt() + EPS))
+
+
+def match_contrast(xray: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None = None,
+                   knots: int = QUANTILE_KNOTS) -> torch.Tensor:
+    """``xray`` (V, H, W) mapped, per view, through the monotone piecewise-linear curve that
+    sends its weighted pixels' quantiles to those of ``drr`` (same shape): the X-ray in the
+    DRR's contrast. The curve decreases where the two rank-correlate negatively (inverted
+    polarity). Views with fewer than ``knots`` weighted pixels are returned as they are."""
+    out = xray.clone()
+    q = torch.linspace(0, 1, knots, dtype=torch.float32, device=xray.device)
+    for k in range(xray.shape[0]):
+        sel = torch.ones_like(xray[k], dtype=torch.bool) if w is None else w[k] > 0
+        x, d = xray[k][sel].float(), drr[k][sel].float()
+        if x.numel() < knots:
+            continue
+        sign = -1.0 if _rank_correlation(x, d) < 0 else 1.0
+        xq = torch.quantile(sign * x, q) if x.numel() <= 1 << 24 else torch.quantile(sign * x[: 1 << 24], q)
+        dq = torch.quantile(d, q) if d.numel() <= 1 << 24 else torch.quantile(d[: 1 << 24], q)
+        xq = xq + torch.arange(knots, device=xq.device) * 1e-7 * (xq[-1] - xq[0]).abs().clamp_min(EPS)
+        v = (sign * xray[k].float()).clamp(xq[0], xq[-1])
+        i = torch.bucketize(v, xq[1:-1])
+        t = (v - xq[i]) / (xq[i + 1] - xq[i]).clamp_min(EPS)
+        out[k] = (dq[i] + t * (dq[i + 1] - dq[i])).to(out.dtype)
+    return out
