@@ -1,4 +1,5 @@
-"""GIF89a writer (rgs_engine.io.images.write_gif), checked by a minimal decoder written here."""
+"""GIF89a writer (rgs_engine.io.images.write_gif, encoded by Pillow), checked by a minimal
+decoder written here."""
 import io
 import struct
 
@@ -48,13 +49,15 @@ def _sub_blocks(data: bytes, pos: int) -> tuple[bytes, int]:
 
 def _decode_gif(data: bytes) -> tuple[np.ndarray, list[int], int | None]:
     """(frames (T, H, W, 3) uint8, delays in 1/100 s, loop count) of a GIF with a global
-    palette and full-size frames."""
+    palette; a frame may carry its own palette and cover a sub-rectangle drawn over the
+    previous frame (how Pillow stores frames that change only there)."""
     assert data[:6] == b"GIF89a" and data[-1:] == b"\x3b"
     w, h, packed, _, _ = struct.unpack("<HHBBB", data[6:13])
     assert packed & 0x80
     n = 2 ** ((packed & 7) + 1)
     palette = np.frombuffer(data, np.uint8, 3 * n, 13).reshape(n, 3)
     pos, frames, delays, loop = 13 + 3 * n, [], [], None
+    canvas = np.zeros((h, w, 3), np.uint8)
     while data[pos] != 0x3B:
         if data[pos] == 0x21:
             label = data[pos + 1]
@@ -71,11 +74,19 @@ def _decode_gif(data: bytes) -> tuple[np.ndarray, list[int], int | None]:
         else:
             assert data[pos] == 0x2C
             x, y, fw, fh, flags = struct.unpack("<HHHHB", data[pos + 1:pos + 10])
-            assert (x, y, fw, fh) == (0, 0, w, h) and not flags & 0x80
-            min_size = data[pos + 10]
-            lzw, pos = _sub_blocks(data, pos + 11)
+            assert x + fw <= w and y + fh <= h and not flags & 0x40  # not interlaced
+            pos += 10
+            colours = palette
+            if flags & 0x80:  # local palette
+                m = 2 ** ((flags & 7) + 1)
+                colours = np.frombuffer(data, np.uint8, 3 * m, pos).reshape(m, 3)
+                pos += 3 * m
+            min_size = data[pos]
+            lzw, pos = _sub_blocks(data, pos + 1)
             idx = np.frombuffer(_lzw_decode(lzw, min_size), np.uint8)
-            frames.append(palette[idx.reshape(h, w)])
+            canvas = canvas.copy()
+            canvas[y:y + fh, x:x + fw] = colours[idx.reshape(fh, fw)]
+            frames.append(canvas)
     return np.stack(frames), delays, loop
 
 

@@ -1,4 +1,5 @@
 """NIfTI in/out (orientation, affine, no-clobber atomic writes), PNG output, CT preparation."""
+import io
 import struct
 import zlib
 
@@ -6,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rgs_engine.sim import ct
 
@@ -120,7 +122,8 @@ def test_atomic_write_keeps_target_when_the_writer_fails(tmp_path):
 
 # ---- PNG -------------------------------------------------------------------------------
 def decode_png(data: bytes):
-    """Minimal PNG reader for 8-bit, unfiltered images: (header dict, pixels, text chunks)."""
+    """PNG chunk checker for 8-bit non-interlaced images (chunk CRCs, header, filter bytes):
+    (header dict, pixels decoded by Pillow, text chunks)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, []
     while pos < len(data):
@@ -137,8 +140,9 @@ def decode_png(data: bytes):
     assert (depth, comp, filt, interlace) == (8, 0, 0, 0)
     assert len(raw) == h * (1 + w * channels)
     rows = np.frombuffer(raw, np.uint8).reshape(h, 1 + w * channels)
-    assert not rows[:, 0].any()  # filter type 0 on every row
-    pixels = rows[:, 1:].reshape((h, w) if channels == 1 else (h, w, 3))
+    assert rows[:, 0].max() <= 4  # a PNG filter type (0-4) on every row
+    pixels = np.asarray(Image.open(io.BytesIO(data)))
+    assert pixels.shape == ((h, w) if channels == 1 else (h, w, 3))
     text = dict(body.split(b"\0", 1) for kind, body in chunks if kind == b"tEXt")
     return {"width": w, "height": h, "colour": colour}, pixels, text
 

@@ -1,10 +1,11 @@
-"""PNG and GIF output without image libraries: 8-bit encoders and a slice montage of volumes.
+"""PNG and GIF output: 8-bit images and animations (encoded by Pillow), and slice montages
+of volumes.
 
-:func:`encode_png` writes 8-bit grayscale (H, W) or RGB (H, W, 3) images (zlib + struct, no
-filtering). :func:`slices_png` lays out the central axial, coronal and sagittal slices of
-several volumes on one grid, one volume per row, at their physical aspect ratio.
-:func:`encode_gif` / :func:`write_gif` write looping GIF89a animations (LZW written here):
-grey frames exactly, colour frames exactly when they hold at most 256 colours.
+:func:`encode_png` writes 8-bit grayscale (H, W) or RGB (H, W, 3) images with optional
+``tEXt`` chunks. :func:`slices_png` lays out the central axial, coronal and sagittal slices
+of several volumes on one grid, one volume per row, at their physical aspect ratio.
+:func:`encode_gif` / :func:`write_gif` write looping GIF89a animations: grey frames
+exactly, colour frames exactly when they hold at most 256 colours.
 
 Display orientation assumes the NIfTI RAS+ world frame that
 :func:`~rgs_engine.io.files.load_nifti` returns (+x the patient's right, +y anterior, +z
@@ -14,14 +15,14 @@ left in sagittal slices.
 """
 from __future__ import annotations
 
+import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, PngImagePlugin
 
 from ..core.errors import RgsInputError
 from ..core.geometry import VolumeGrid
@@ -31,12 +32,7 @@ PANEL = 256  # pixels along the longest physical edge of a slice panel
 GAP = 4  # pixels between panels
 BACKGROUND = 96  # grey level between and around panels
 WINDOW_QUANTILES = (0.001, 0.999)
-GIF_CODE_LIMIT = 4096  # LZW codes are at most 12 bits
 GIF_CUBE_LEVELS = 6  # colour frames with over 256 colours: a 6 x 6 x 6 colour cube
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def encode_png(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
@@ -47,14 +43,12 @@ def encode_png(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     h, w = img.shape[:2]
     if h < 1 or w < 1:
         raise RgsInputError(f"PNG image is empty: shape {img.shape}")
-    colour_type = 0 if img.ndim == 2 else 2
-    rows = np.ascontiguousarray(img).reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1)  # filter type 0 per row
-    out = [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0))]
+    info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
-        out.append(_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1", "replace")))
-    out += [_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)), _chunk(b"IEND", b"")]
-    return b"".join(out)
+        info.add_text(key, value.encode("latin-1", "replace").decode("latin-1"))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, force: bool = False,
@@ -171,44 +165,6 @@ def slices_gif(path: str | os.PathLike, series: dict[str, torch.Tensor], grid: V
 # --------------------------------------------------------------------------------------
 # GIF
 # --------------------------------------------------------------------------------------
-def _lzw(indices: bytes) -> bytes:
-    """GIF LZW data of 8-bit palette indices (minimum code size 8), packed LSB first.
-
-    Codes start 9 bits wide and widen when the table's next free code passes ``2^width``
-    (the decoder widens one code later, when its table reaches ``2^width``); a full table
-    (4096 codes) is emptied with a clear code.
-    """
-    clear, end = 256, 257
-    codes, widths = [clear], [9]
-    table: dict[int, int] = {}
-    next_code, width = end + 1, 9
-    prefix = indices[0]
-    for px in indices[1:]:
-        key = (prefix << 8) | px
-        code = table.get(key)
-        if code is not None:
-            prefix = code
-            continue
-        codes.append(prefix)
-        widths.append(width)
-        if next_code < GIF_CODE_LIMIT:
-            table[key] = next_code
-            next_code += 1
-            if next_code > (1 << width) and width < 12:
-                width += 1
-        else:
-            codes.append(clear)
-            widths.append(width)
-            table.clear()
-            next_code, width = end + 1, 9
-        prefix = px
-    codes += [prefix, end]
-    widths += [width, width]
-    bits = (np.asarray(codes, np.uint32)[:, None] >> np.arange(12, dtype=np.uint32)) & 1
-    used = np.arange(12)[None, :] < np.asarray(widths)[:, None]
-    return np.packbits(bits[used].astype(np.uint8), bitorder="little").tobytes()
-
-
 def _gif_palette(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(indices (T, H, W) uint8, palette (256, 3) uint8) of grey or RGB frames."""
     if frames.ndim == 3:
@@ -244,15 +200,15 @@ def encode_gif(frames: np.ndarray, fps: float = 10.0) -> bytes:
         raise RgsInputError(f"GIF frame rate must be positive (frames per second), got {fps}")
     delay = max(2, round(100 / fps))
     indices, palette = _gif_palette(arr)
-    out = [b"GIF89a", struct.pack("<HHBBB", w, h, 0xF7, 0, 0), palette.tobytes(),
-           b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"]
+    images = []
     for frame in indices:
-        data = _lzw(np.ascontiguousarray(frame).tobytes())
-        blocks = b"".join(bytes([len(data[i:i + 255])]) + data[i:i + 255] for i in range(0, len(data), 255))
-        out += [b"\x21\xf9\x04\x04" + struct.pack("<H", delay) + b"\x00\x00",
-                b"\x2c" + struct.pack("<HHHHB", 0, 0, w, h, 0), b"\x08", blocks, b"\x00"]
-    out.append(b"\x3b")
-    return b"".join(out)
+        image = Image.fromarray(np.ascontiguousarray(frame), "P")
+        image.putpalette(palette.tobytes())
+        images.append(image)
+    buf = io.BytesIO()
+    images[0].save(buf, "GIF", save_all=True, append_images=images[1:], duration=10 * delay, loop=0,
+                   optimize=False, interlace=False)
+    return buf.getvalue()
 
 
 def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, force: bool = False) -> Path:
