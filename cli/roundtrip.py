@@ -1,4 +1,5 @@
-"""``rgs roundtrip``: the engine's end-to-end check on a real CT (DRR scan, then FDK)."""
+"""``rgs roundtrip``: the engine's end-to-end check on a real CT (DRR scan, then FDK); the
+work is :func:`rgs_engine.pipelines.roundtrip`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-import rgs_engine
-from rgs_engine.sim import ct
-from rgs_engine.io import images as imaging, files as volume_io
-from rgs_engine.core import metrics, runtime
+from rgs_engine import pipelines
 
-from .common import (DeviceOption, FilterChoice, Stages, app, handle_errors, out_console, require,
-                     start)
+from .common import DeviceOption, FilterChoice, app, handle_errors, out_console, run_pipeline
 
 
 @app.command()
@@ -39,56 +36,19 @@ def roundtrip(
     ground truth. Writes OUT/fdk.nii.gz (in the CT's world frame), OUT/slices.png (ground
     truth row, FDK row) and OUT/metrics.json.
     """
-    require(grid >= 8, f"--grid {grid} is too small: use at least 8 voxels")
-    require(views >= 2, f"--views {views} is too few: use at least 2 projections")
-    require(det >= 8, f"--det {det} is too small: use at least 8 detector pixels")
-    require(not out.exists() or out.is_dir(), f"--out {out} is a file: pass a directory")
-    outputs = {name: out / name for name in ("fdk.nii.gz", "slices.png", "metrics.json")}
-    volume_io.check_writable(list(outputs.values()), force)
-    dev = start(device)
-
-    with Stages(total=6) as stage:
-        with stage("load", f"load {ct_path.name}"):
-            hu, ct_grid = volume_io.load_nifti(ct_path)
-        with stage("resample", "HU -> attenuation, resample"):
-            truth, vol_grid = ct.attenuation_volume(hu.to(dev), ct_grid, grid, str(ct_path))
-            scan = ct.covering_scan(vol_grid, views, dso, dsd, det)
-        with stage("project", f"project {views} views of {det}x{det}"):
-            sinogram = rgs_engine.project(truth, vol_grid, scan)
-        with stage("fdk", f"FDK ({filter.value}) onto {'x'.join(map(str, vol_grid.shape))}"):
-            recon = rgs_engine.fdk(sinogram, scan, vol_grid, filter=filter.value)
-        with stage("metrics", "PSNR / SSIM"):
-            psnr, ssim = metrics.psnr_3d(recon, truth), metrics.ssim_3d(recon, truth)
-        with stage("write", "write outputs"):
-            volume_io.save_nifti(outputs["fdk.nii.gz"], recon, vol_grid, force)
-            imaging.slices_png(outputs["slices.png"], {"ground truth": truth, "FDK": recon},
-                               vol_grid, force)
-
-    report = {
-        "ct": str(ct_path),
-        "psnr_3d": psnr,
-        "ssim_3d": ssim,
-        "seconds": stage.seconds,
-        "device": runtime.describe(dev),
-        "grid": vol_grid.to_dict(),
-        "views": views,
-        "scan": {"dso_mm": dso, "dsd_mm": dsd, "detector": [det, det],
-                 "pixel_mm": float(scan.vectors[0, 6:9].norm()), "filter": filter.value,
-                 "orbit": "full circle about z through the grid centre"},
-        "mu_water_per_mm": ct.MU_WATER,
-        "versions": runtime.versions(),
-    }
-    volume_io.save_json(outputs["metrics.json"], report, force)
-
+    r = run_pipeline(pipelines.roundtrip, stages=6, ct_path=ct_path, out=out, grid=grid, views=views,
+                     dso=dso, dsd=dsd, det=det, filter=filter.value, force=force,
+                     device=device and device.value)
+    report, vol_grid = r.metrics, r.extra["grid"]
     out_console.print(f"roundtrip of {ct_path}: {'x'.join(map(str, vol_grid.shape))} voxels of "
                       f"{vol_grid.spacing[0]:.3g} mm, {views} views, {report['device']}")
     table = Table()
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    table.add_row("PSNR 3D (dB)", f"{psnr:.2f}")
-    table.add_row("SSIM 3D", f"{ssim:.4f}")
-    for key, seconds in stage.seconds.items():
+    table.add_row("PSNR 3D (dB)", f"{report['psnr_3d']:.2f}")
+    table.add_row("SSIM 3D", f"{report['ssim_3d']:.4f}")
+    for key, seconds in report["seconds"].items():
         table.add_row(f"{key} (s)", f"{seconds:.2f}")
     out_console.print(table)
-    for path in outputs.values():
+    for path in r.files:
         out_console.print(f"wrote {path}")

@@ -111,12 +111,15 @@ class Reporter:
 
 def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Reporter, label: str,
                    info: Callable[[dict], str], resume_command: str,
-                   psnr: Optional[Callable[[], float]] = None, psnr_every: int = 100) -> dict:
+                   psnr: Optional[Callable[[], float]] = None, psnr_every: int = 100,
+                   atomic_steps: bool = False) -> dict:
     """Run ``rec.step()`` until ``rec.iteration == total``, reporting ``info(stats)`` (and
     the latest ``psnr()`` in dB, evaluated every ``min(psnr_every, total / 10)`` steps and at
     the end) after each step, saving ``rec.save_checkpoint(checkpoint)`` every ``every``
     iterations and at the end; returns the last step's stats. A stop request or a
-    ``KeyboardInterrupt`` raises :class:`Interrupted` (see the module docstring)."""
+    ``KeyboardInterrupt`` raises :class:`Interrupted` (see the module docstring);
+    ``atomic_steps``: a step interrupted half way leaves ``rec`` as it was before it (SART
+    replaces its volume only after a full pass), so the checkpoint is saved then too."""
     stats: dict = {"loss": math.nan}
     in_step = False
     psnr_every = max(1, min(psnr_every, total // 10))
@@ -135,7 +138,7 @@ def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Repo
             if rec.iteration % every == 0:
                 rec.save_checkpoint(checkpoint)
     except KeyboardInterrupt:
-        saved = not in_step  # a second Ctrl-C inside a step may leave it half done
+        saved = atomic_steps or not in_step  # a second Ctrl-C inside a step may leave it half done
         if saved:
             rec.save_checkpoint(checkpoint)
         raise Interrupted(checkpoint, rec.iteration if saved else None, saved, resume_command) from None
