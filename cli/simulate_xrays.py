@@ -47,6 +47,10 @@ def simulate_xrays(
     noise_model: Annotated[NoiseModelChoice, typer.Option(
         "--noise-model", help="As rgs simulate: tigre (scaled by the largest line integral) or "
                               "physical.")] = NoiseModelChoice.tigre,
+    detector: Annotated[Optional[str], typer.Option(
+        help="Detector-like images instead of line integrals, e.g. gamma=0.6,scatter=0.2,blur=1.2,"
+             "collimation=14,label=AP (contrast-curve exponent, scatter fraction, blur sigma px, "
+             "unexposed border px, text burned into view label_view=0; see rgs_engine.sim.radiograph).")] = None,
     image_format: Annotated[ImageFormatChoice, typer.Option(
         "--format", help="npy: float32 line integrals; png: 16-bit, scaled per view.")] = ImageFormatChoice.npy,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files in OUT_DIR.")] = False,
@@ -61,10 +65,10 @@ def simulate_xrays(
     into CT world with the inverse pose and projecting the CT there (no resampling of the CT).
     Written with ground_truth_ct_to_xray (format: datasets/FORMAT.md, "X-ray folders").
     """
-    r = run_pipeline(pipelines.simulate_xrays, stages=4 + has_noise(noise), ct=ct, out_dir=out_dir,
-                     grid=grid, views=views, offset_mm=offset_mm, offset_deg=offset_deg, seed=seed,
-                     dso=dso, dsd=dsd, det=det, pixel=pixel, noise=noise, noise_model=noise_model.value,
-                     image_format=image_format.value, force=force,
+    r = run_pipeline(pipelines.simulate_xrays, stages=4 + has_noise(noise) + bool(detector), ct=ct,
+                     out_dir=out_dir, grid=grid, views=views, offset_mm=offset_mm, offset_deg=offset_deg,
+                     seed=seed, dso=dso, dsd=dsd, det=det, pixel=pixel, noise=noise, noise_model=noise_model.value,
+                     detector=detector, image_format=image_format.value, force=force,
                      device=device and device.value)
     x, pose, centre, angles = r.extra, r.extra["pose"], r.extra["centre"], r.extra["angles"]
     moved = float(np.linalg.norm(rigid.apply(pose, centre) - centre))
@@ -76,6 +80,7 @@ def simulate_xrays(
     table.add_row("true pose", f"{moved:.3g} mm, {rigid.rotation_angle_deg(pose):.3g} deg (seed {seed})")
     table.add_row("noise", noise_text(x["noise"], noise_model.value))
     table.add_row("line integrals", f"max {r.metrics['max_line_integral']:.3g}")
+    table.add_row("images", f"detector-like, {detector}" if detector else "line integrals")
     table.add_row("device", r.metrics["device"])
     table.add_row("seconds", json.dumps(r.metrics["seconds_by_stage"]))
     table.add_row("folder", f"{out_dir} ({len(r.files) - 1} {image_format.value} images + {r.files[0].name})")

@@ -123,3 +123,22 @@ def test_moved_patient_views_render_each_view_at_its_pose(phantom):
     torch.testing.assert_close(pair[0], at_pose[0])
     torch.testing.assert_close(pair[1], at_move[1])
     assert float((pair[1] - at_pose[1]).abs().max()) > 0.1  # the move shows
+
+
+def test_simulate_xrays_detector_option(tmp_path, phantom):
+    from cli_helpers import assert_one_line_error, invoke
+    from rgs_engine.io import xrays as xray_data
+    from rgs_engine.io.files import save_nifti
+
+    ct = save_nifti(tmp_path / "ct.nii.gz", phantom / 0.02 * 1000 - 1000, GRID)
+    res = invoke("simulate-xrays", ct, tmp_path / "x", "--grid", 32, "--det", 48,
+                 "--detector", "gamma=0.6,scatter=0.2,blur=1.2,collimation=4,label=AP")
+    assert res.exit_code == 0, res.output
+    xs = xray_data.load_xrays(tmp_path / "x")
+    assert float(xs.images.min()) >= 0 and float(xs.images.max()) == 1.0
+    assert bool((xs.images[:, :4] == 1).all()) and bool((xs.images[:, :, -4:] == 1).all())
+    plain = invoke("simulate-xrays", ct, tmp_path / "p", "--grid", 32, "--det", 48)
+    assert plain.exit_code == 0, plain.output
+    assert float(xray_data.load_xrays(tmp_path / "p").images.max()) > 1.0  # line integrals
+    assert_one_line_error(invoke("simulate-xrays", ct, tmp_path / "y", "--detector", "contrast=2"),
+                          "detector item")

@@ -18,7 +18,7 @@ from ..core.errors import RgsInputError
 from ..core.geometry import Geometry
 from ..io import files, images, xrays as xray_io
 from ..registration import ct_gaussians, register as reg
-from ..sim import scan
+from ..sim import radiograph, scan
 from .common import ProgressCallback, Reporter, RunResult, StopCheck, require
 
 POSE_FILE = "pose.json"
@@ -51,17 +51,23 @@ def simulate_xrays(ct: str | Path, out_dir: str | Path, grid: int = 256, views: 
                    offset_mm: float = 0.0, offset_deg: float = 0.0, seed: int = 0,
                    dso: float = 1000.0, dsd: float = 1500.0, det: int = 256,
                    pixel: Optional[float] = None, noise: str = "none", noise_model: str = "tigre",
+                   detector: Optional[str] = None,
                    image_format: str = "npy", force: bool = False, device: str | None = None,
                    progress: ProgressCallback | None = None,
                    should_stop: StopCheck | None = None) -> RunResult:
     """Simulate calibrated X-rays (DRRs) of the CT ``ct`` (HU, axis-aligned NIfTI) at a known
     rigid pose into the X-ray folder ``out_dir`` (options as ``rgs simulate-xrays``).
 
+    ``detector`` (``"gamma=0.6,scatter=0.2,blur=1.2,collimation=14,label=AP"``, keys of
+    :class:`rgs_engine.sim.radiograph.DetectorSpec`) turns the noisy line integrals into
+    detector-like display images in [0, 1] (:func:`rgs_engine.sim.radiograph.detector_images`).
+
     The views (``views``: comma-separated angles in degrees; None: AP + lateral) sit about
     the isocentre = the CT box's centre; the true pose rotates the CT by ``offset_deg`` about
     its centre and shifts it by ``offset_mm`` (random axis and direction from ``seed``).
     Returns the folder as ``out``, ``files`` (geometry.json first), ``volumes["images"]``
-    (V, H, W) line integrals, and in ``extra``: ``pose`` (4x4), ``geometry`` (X-ray frame),
+    (V, H, W) as written (line integrals, or display images with ``detector``), and in
+    ``extra``: ``pose`` (4x4), ``geometry`` (X-ray frame),
     ``grid`` (the CT's VolumeGrid), ``angles``, ``pixel`` (mm), ``noise`` (photons, sigma) or
     None, ``centre`` (mm), ``device``."""
     ct, out_dir = Path(ct), Path(out_dir)
@@ -80,6 +86,7 @@ def simulate_xrays(ct: str | Path, out_dir: str | Path, grid: int = 256, views: 
     check_noise_model(noise_model)
     angles = parse_angles(views)
     noise_spec = scan.parse_noise(noise)
+    detector_spec = radiograph.DetectorSpec.parse(detector or "")
     names = (["ap", "lateral"] if angles is None
              else [f"view{k:02d}" for k in range(len(angles))])
     ext = image_format
@@ -109,11 +116,16 @@ def simulate_xrays(ct: str | Path, out_dir: str | Path, grid: int = 256, views: 
         with reporter.stage("noise", f"noise: {noise_spec[0]:g} photons, sigma {noise_spec[1]:g}"):
             gen = torch.Generator().manual_seed(int(seed))
             projections, _ = scan.add_noise(projections, *noise_spec, model=noise_model, generator=gen)
+    written = projections
+    if detector:
+        with reporter.stage("detector", f"detector: {detector}"):
+            written = radiograph.detector_images(projections, detector_spec)
     command = {"command": "rgs simulate-xrays", "ct": str(ct), "grid": grid, "views": angles,
                "offset_mm": offset_mm, "offset_deg": offset_deg, "seed": seed, "dso": dso,
                "dsd": dsd, "det": det, "pixel": pitch, "noise": noise,
-               "noise_model": noise_model, "format": ext}
-    xset = xray_io.XRaySet(projections, geo_xray, [p.name for p in image_paths], pose)
+               "noise_model": noise_model, "detector": detector_spec.to_dict() if detector else None,
+               "format": ext}
+    xset = xray_io.XRaySet(written, geo_xray, [p.name for p in image_paths], pose)
     with reporter.stage("write", f"write {out_dir.name}/"):
         gpath = xray_io.save_xrays(out_dir, xset, force, ext,
                                    attributes={"command": command, "versions": runtime.versions(),
@@ -121,7 +133,7 @@ def simulate_xrays(ct: str | Path, out_dir: str | Path, grid: int = 256, views: 
     metrics = {"seconds_by_stage": reporter.seconds, "device": runtime.describe(dev),
                "max_line_integral": float(projections.max())}
     return RunResult(out=out_dir, metrics=metrics, files=[gpath] + image_paths,
-                     volumes={"images": projections}, warnings=reporter.warnings,
+                     volumes={"images": written}, warnings=reporter.warnings,
                      extra={"pose": pose, "geometry": geo_xray, "grid": vol_grid, "angles": angles,
                             "pixel": pitch, "noise": noise_spec, "centre": centre, "device": dev})
 
