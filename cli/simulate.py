@@ -1,4 +1,5 @@
-"""``rgs simulate``: a simulated X-ray scan of a CT (or a phantom) into an rgs ``.h5`` file."""
+"""``rgs simulate``: a simulated X-ray scan of a CT (or a phantom) into an rgs ``.h5`` file
+(the work is :func:`rgs_engine.pipelines.simulate`)."""
 from __future__ import annotations
 
 import json
@@ -9,14 +10,12 @@ from typing import Annotated, List, Optional
 import typer
 from rich.table import Table
 
-from rgs_engine.sim import phantoms, scan as sim
-
-from rgs_engine.io import projections as projection_data, files as volume_io
-
+from rgs_engine import pipelines
 from rgs_engine.core import runtime
 from rgs_engine.core.errors import RgsInputError
+from rgs_engine.sim import scan
 
-from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
+from .common import DeviceOption, app, handle_errors, out_console, run_pipeline
 
 
 class OrbitChoice(str, Enum):
@@ -44,7 +43,7 @@ def has_noise(text: str) -> bool:
     """Whether ``--noise`` asks for noise (the progress display's stage count; a malformed
     value counts as noise and is refused by the pipeline)."""
     try:
-        return sim.parse_noise(text) is not None
+        return scan.parse_noise(text) is not None
     except RgsInputError:
         return True
 
@@ -52,10 +51,10 @@ def has_noise(text: str) -> bool:
 def add_scan_rows(table: Table, data, noise, noise_model: str, dev, seconds: dict, out: Path) -> None:
     """The rows every simulated scan file's summary ends with: detector, distances, noise,
     largest line integral, device, stage seconds and the written file."""
-    scan = data.attributes["scan"]
+    setup = data.attributes["scan"]
     h, w = data.geometry.det_shape
-    table.add_row("detector", f"{h}x{w} pixels of {scan['pixel_mm']:.3g} mm")
-    table.add_row("DSO / DSD", f"{scan['dso_mm']:.4g} / {scan['dsd_mm']:.4g} mm")
+    table.add_row("detector", f"{h}x{w} pixels of {setup['pixel_mm']:.3g} mm")
+    table.add_row("DSO / DSD", f"{setup['dso_mm']:.4g} / {setup['dsd_mm']:.4g} mm")
     table.add_row("noise", noise_text(noise, noise_model))
     table.add_row("line integrals", f"max {float(data.projections.max()):.3g}")
     table.add_row("device", runtime.describe(dev))
@@ -119,50 +118,18 @@ def simulate(
     Joseph DRR projections of the training and test views; optional noise; written with the
     ground truth and the parameters to OUT.h5 (format: datasets/FORMAT.md).
     """
-    if phantom is None:
-        require(len(paths) == 2, "give CT.nii.gz and OUT.h5 (or --phantom shepp-logan and only OUT.h5)")
-        ct_path, out = paths
-    else:
-        require(len(paths) == 1, "with --phantom give only OUT.h5 (no CT)")
-        ct_path, out = None, paths[0]
-    require(out.suffix.lower() in projection_data.H5_SUFFIXES,
-            f"{out}: the output must end in .h5 or .hdf5: rename it")
-    require(grid >= 8, f"--grid {grid} is too small: use at least 8 voxels")
-    require(box > 0, f"--box {box:g}: the phantom box side must be positive (mm)")
-    spec = sim.ScanSpec(views=views, test_views=test_views, orbit=orbit.value, arc=arc, dso=dso,
-                        dsd=dsd, det=det, pixel=pixel, noise=sim.parse_noise(noise),
-                        noise_model=noise_model.value, seed=seed, normalise=normalise)
-    spec.check()
-    volume_io.check_writable([out], force)
-    dev = start(device)
-
-    command = {"command": "rgs simulate", "ct": None if ct_path is None else str(ct_path),
-               "phantom": None if phantom is None else phantom.value, "grid": grid,
-               "box_mm": box if phantom is not None else None, "views": views,
-               "test_views": test_views, "orbit": orbit.value, "arc_deg": arc, "dso": dso,
-               "dsd": dsd, "det": det, "pixel": pixel, "noise": noise,
-               "noise_model": noise_model.value, "normalise": normalise, "seed": seed}
-    total = 4 + (test_views > 0) + (spec.noise is not None)
-    with Stages(total=total) as stage:
-        if ct_path is None:
-            with stage("volume", f"Shepp-Logan phantom {grid}^3"):
-                vol_grid = phantoms.shepp_logan_grid(grid, box)
-                volume = phantoms.shepp_logan(vol_grid).to(dev)
-        else:
-            with stage("volume", f"load {ct_path.name}, HU -> attenuation"):
-                volume, vol_grid = sim.load_ct_volume(ct_path, grid, dev)
-        data = sim.simulate(volume, vol_grid, spec, source=str(ct_path or phantom.value), stage=stage,
-                            extra_attributes={"command": command, "versions": runtime.versions(),
-                                              "units": "lengths mm, attenuation 1/mm, "
-                                                       "projections unitless line integrals"})
-        with stage("write", f"write {out.name}"):
-            projection_data.save_projections(out, data, force)
-
+    r = run_pipeline(pipelines.simulate, stages=4 + (test_views > 0) + has_noise(noise), paths=paths,
+                     phantom=phantom and phantom.value, grid=grid, box=box, views=views,
+                     test_views=test_views, orbit=orbit.value, arc=arc, dso=dso, dsd=dsd, det=det,
+                     pixel=pixel, noise=noise, noise_model=noise_model.value, normalise=normalise,
+                     seed=seed, force=force, device=device and device.value)
+    data, vol_grid = r.extra["data"], r.extra["grid"]
     table = Table(show_header=False)
     table.add_row("volume", f"{'x'.join(map(str, vol_grid.shape))} voxels of {vol_grid.spacing[0]:.3g} mm"
                   + (" (normalised, R2-Gaussian units)" if normalise else ""))
     table.add_row("views", f"{data.num_views} training + {test_views} test, {orbit.value} orbit"
                   + (f" over {arc:g} deg" if orbit is OrbitChoice.circular else ""))
-    add_scan_rows(table, data, spec.noise, noise_model.value, dev, stage.seconds, out)
+    add_scan_rows(table, data, r.extra["spec"].noise, noise_model.value, r.extra["device"],
+                  r.metrics["seconds_by_stage"], r.out)
     out_console.print(table)
-    out_console.print(f"wrote {out}")
+    out_console.print(f"wrote {r.out}")

@@ -5,3 +5,4 @@ command. Each takes its inputs and options, reports progress through a callback
 from .common import Interrupted, ProgressEvent, Reporter, RunResult  # noqa: F401
 from .reconstruct import recon, roundtrip  # noqa: F401
 from .registration import register, simulate_xrays  # noqa: F401
+from .simulation import simulate  # noqa: F401
