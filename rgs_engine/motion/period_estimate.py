@@ -31,7 +31,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from scipy.signal import lombscargle
 
 from ..core.errors import RgsInputError
 
@@ -67,18 +69,15 @@ def row_shifts(measured: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def periodogram(times_s: torch.Tensor, signal: torch.Tensor, periods_s: torch.Tensor) -> torch.Tensor:
     """(F,) explained-variance fractions of ``signal`` (N,) at ``times_s`` (N,) by a sinusoid
-    (plus offset) of each period in ``periods_s`` (F,), float64 on the signal's device."""
-    t = times_s.to(signal.device, torch.float64).reshape(-1)
-    y = signal.to(torch.float64).reshape(-1)
-    y = y - y.mean()
-    total = (y * y).sum()
-    if t.numel() != y.numel() or t.numel() < 4 or not total > 0:
+    (plus offset) of each period in ``periods_s`` (F,), float64 on the signal's device
+    (scipy's floating-mean Lomb-Scargle, computed on the CPU)."""
+    t = times_s.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    y = signal.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    if t.size != y.size or t.size < 4 or not np.ptp(y) > 0:
         raise RgsInputError("a periodogram needs at least 4 samples, one time each, and a signal that varies")
-    phase = 2 * torch.pi * t[None] / periods_s.to(t)[:, None]             # (F, N)
-    basis = torch.stack([torch.ones_like(phase), phase.cos(), phase.sin()], -1)  # (F, N, 3)
-    coef = torch.linalg.lstsq(basis, y[None, :, None].expand(len(basis), -1, -1)).solution
-    fit = (basis @ coef)[..., 0]
-    return (1 - ((y[None] - fit) ** 2).sum(1) / total).clamp(0.0, 1.0)
+    omega = 2 * np.pi / periods_s.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    power = lombscargle(t, y, omega, floating_mean=True, normalize="normalize")
+    return torch.from_numpy(np.clip(power, 0.0, 1.0)).to(signal.device)
 
 
 def estimate_period(times_s: torch.Tensor, signal: torch.Tensor, min_s: float = MIN_PERIOD_S,
