@@ -1,4 +1,4 @@
-"""Marching tetrahedra, mesh files, surface sampling and surface distances (rgs_engine.io.mesh)."""
+"""Isosurfaces (marching cubes), mesh files, surface sampling and surface distances (rgs_engine.io.mesh)."""
 import math
 
 import numpy as np
@@ -38,7 +38,7 @@ def _edges(faces: np.ndarray) -> np.ndarray:
 
 def test_sphere_isosurface_is_accurate_watertight_and_outward():
     grid = _sphere_grid()
-    v, f = mesh.marching_tetrahedra(_sphere_sdf(grid), grid, 0.0)
+    v, f = mesh.isosurface(_sphere_sdf(grid), grid, 0.0)
     assert v.dtype == np.float64 and f.dtype == np.int64 and f.shape[1] == 3
     dist = np.linalg.norm(v - CENTRE, axis=1)
     assert np.abs(dist - RADIUS).max() < 0.5 * min(grid.spacing)  # world mm, half a voxel
@@ -55,7 +55,7 @@ def test_sphere_isosurface_is_accurate_watertight_and_outward():
 def test_partial_volume_ball_surface_within_half_a_voxel():
     grid = _sphere_grid()
     fraction = (0.5 + _sphere_sdf(grid)).clamp(0, 1)  # one-mm ramp across the surface
-    v, f = mesh.marching_tetrahedra(fraction.numpy(), grid, 0.5)
+    v, f = mesh.isosurface(fraction.numpy(), grid, 0.5)
     assert np.abs(np.linalg.norm(v - CENTRE, axis=1) - RADIUS).max() < 0.5 * max(grid.spacing)
     assert abs(mesh.enclosed_volume(v, f) / (4 / 3 * math.pi * RADIUS ** 3) - 1) < 0.02
 
@@ -63,7 +63,7 @@ def test_partial_volume_ball_surface_within_half_a_voxel():
 def test_border_is_capped_half_a_voxel_out_and_empty_cases():
     grid = VolumeGrid((4, 5, 6), (1.0, 2.0, 0.5), (-3.0, 7.0, 1.0))
     full = torch.ones(grid.shape)
-    v, f = mesh.marching_tetrahedra(full, grid, 0.0)
+    v, f = mesh.isosurface(full, grid, 0.0)
     lo, hi = grid.bounds()
     np.testing.assert_allclose(v.min(0), lo, atol=1e-12)
     np.testing.assert_allclose(v.max(0), hi, atol=1e-12)
@@ -73,17 +73,17 @@ def test_border_is_capped_half_a_voxel_out_and_empty_cases():
     directed = {tuple(e) for e in _edges(f).tolist()}
     assert all((b, a) in directed for a, b in directed)
     for vol, closed in ((full, False), (torch.zeros(grid.shape), True)):
-        v, f = mesh.marching_tetrahedra(vol, grid, 0.5, closed=closed)
+        v, f = mesh.isosurface(vol, grid, 0.5, closed=closed)
         assert v.shape == (0, 3) and f.shape == (0, 3)
     with pytest.raises(RgsInputError, match="shape"):
-        mesh.marching_tetrahedra(torch.zeros(3, 3, 3), grid, 0.5)
+        mesh.isosurface(torch.zeros(3, 3, 3), grid, 0.5)
     with pytest.raises(RgsInputError, match="NaN"):
-        mesh.marching_tetrahedra(torch.full(grid.shape, float("nan")), grid, 0.5)
+        mesh.isosurface(torch.full(grid.shape, float("nan")), grid, 0.5)
 
 
 def test_obj_and_ply_round_trip_atomic_no_clobber(tmp_path):
     grid = _sphere_grid()
-    v, f = mesh.marching_tetrahedra(_sphere_sdf(grid), grid, 0.0)
+    v, f = mesh.isosurface(_sphere_sdf(grid), grid, 0.0)
     ply = mesh.write_ply(tmp_path / "s.ply", v, f)
     v2, f2 = mesh.read_ply(ply)
     np.testing.assert_array_equal(f2, f)
@@ -108,7 +108,7 @@ def test_obj_and_ply_round_trip_atomic_no_clobber(tmp_path):
 
 def test_sample_surface_is_on_the_mesh_and_uniform():
     grid = _sphere_grid()
-    v, f = mesh.marching_tetrahedra(_sphere_sdf(grid), grid, 0.0)
+    v, f = mesh.isosurface(_sphere_sdf(grid), grid, 0.0)
     pts = mesh.sample_surface(v, f, 20000, seed=3)
     assert pts.shape == (20000, 3)
     assert np.abs(np.linalg.norm(pts - CENTRE, axis=1) - RADIUS).max() < 0.5

@@ -1,17 +1,12 @@
-"""Surface meshes of volumes, mesh files and surface distances, without mesh libraries.
+"""Surface meshes of volumes, mesh files and surface distances.
 
-* :func:`marching_tetrahedra` — the ``level`` isosurface of a volume on a
-  :class:`~rgs_engine.core.geometry.VolumeGrid` as an indexed triangle mesh in world mm.
-  Every cube of 8 voxel centres is split into the 6 tetrahedra of the Freudenthal (Kuhn)
-  triangulation that share the cube's main diagonal; that triangulation is the same on both
-  sides of every cube face, so a surface vertex is shared by all triangles that cross its
-  grid edge and the mesh is closed wherever the surface does not leave the grid
-  (``closed=True`` pads the volume so it never does). Vertices sit on grid edges at the
-  linear-interpolation crossing of ``level``; triangles are oriented with their normals
-  (right-hand rule) pointing from values above ``level`` to values below.
-* :func:`write_obj` / :func:`write_ply` (atomic, no-clobber) and :func:`read_obj` /
-  :func:`read_ply` for the files they write (OBJ: ``v``, ``f``, ``l`` records; PLY:
-  binary little endian, float32 vertices, int32 triangles).
+* :func:`isosurface` — the ``level`` isosurface of a volume on a
+  :class:`~rgs_engine.core.geometry.VolumeGrid` as an indexed, outward-oriented triangle
+  mesh in world mm (scikit-image's marching cubes; watertight with ``closed=True``).
+* :func:`write_ply` / :func:`read_ply` (trimesh: binary little endian, float32 vertices,
+  int32 triangles) and :func:`write_obj` / :func:`read_obj` (``v``, ``f``, ``l`` records,
+  hand-written: trimesh 4-5 and meshio 5 drop or refuse the ``l`` polylines that the
+  centrelines need). Writers are atomic and no-clobber.
 * :func:`surface_area`, :func:`enclosed_volume`, :func:`sample_surface` (area-weighted
   random points).
 * :func:`surface_distances` (Chamfer in two conventions, HD95), :func:`chamfer_distance` and
@@ -23,23 +18,19 @@ Meshes are ``(vertices (N, 3) float64 mm, faces (M, 3) int64 vertex indices)``.
 from __future__ import annotations
 
 import io
-import itertools
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import trimesh
+from skimage.measure import marching_cubes
 
 from ..core.errors import RgsInputError
 from ..core.geometry import VolumeGrid
 from .files import write_bytes
 
-# Corner c of a unit cube sits at (c & 1, c >> 1 & 1, c >> 2 & 1). The 6 Freudenthal
-# tetrahedra walk from corner 0 to corner 7 adding one axis at a time, in every axis order.
-_TETRAHEDRA = np.array([[0, 1 << p[0], (1 << p[0]) | (1 << p[1]), 7]
-                        for p in itertools.permutations(range(3))])
-_CORNERS = np.array([[c & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)])
 _PAIR_BUDGET = 1 << 24  # point pairs per torch.cdist call in nearest_distances
 
 
@@ -61,14 +52,17 @@ def _mesh_arrays(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------
 # Isosurface
 # --------------------------------------------------------------------------------------
-def marching_tetrahedra(volume: torch.Tensor | np.ndarray, grid: VolumeGrid, level: float,
-                        closed: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The ``level`` isosurface of ``volume`` (shape ``grid.shape``, indexed ``[i, j, k]``).
+def isosurface(volume: torch.Tensor | np.ndarray, grid: VolumeGrid, level: float,
+               closed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The ``level`` isosurface of ``volume`` (shape ``grid.shape``, indexed ``[i, j, k]``)
+    by scikit-image's marching cubes (Lewiner).
 
     Returns ``(vertices (N, 3) float64 world mm, faces (M, 3) int64)`` (numpy; the volume
-    is meshed on the CPU). "Inside" is ``value > level``. ``closed`` pads the volume with
-    one voxel of outside values on every side, so surfaces cut by the grid's border are
-    capped there (half a voxel beyond the outer voxel centres) and the mesh is watertight.
+    is meshed on the CPU), oriented with normals (right-hand rule) pointing from values
+    above ``level`` ("inside") to values below. ``closed`` pads the volume with one voxel
+    of outside values on every side, so surfaces cut by the grid's border are capped there
+    (half a voxel beyond the outer voxel centres) and the mesh is watertight. A volume
+    with no value above ``level`` (or, unpadded, none below) gives an empty mesh.
     """
     vol = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
     if vol.shape != grid.shape:
@@ -82,56 +76,11 @@ def marching_tetrahedra(volume: torch.Tensor | np.ndarray, grid: VolumeGrid, lev
     if closed:
         vol = np.pad(vol, 1, constant_values=min(float(vol.min()), float(level)) - 1.0)
         origin = origin - spacing
-    inside = vol > level
-    nx, ny, nz = vol.shape
-    # cubes whose 8 corners are not all on one side of the level
-    any_in = np.zeros((nx - 1, ny - 1, nz - 1), dtype=bool)
-    all_in = np.ones_like(any_in)
-    for dx, dy, dz in _CORNERS:
-        corner = inside[dx:dx + nx - 1, dy:dy + ny - 1, dz:dz + nz - 1]
-        any_in |= corner
-        all_in &= corner
-    cubes = np.argwhere(any_in & ~all_in)  # (A, 3)
-    # lattice points of every tetrahedron of every active cube: (T, 4, 3), T = 6 A
-    lattice = (cubes[:, None, None, :] + _CORNERS[_TETRAHEDRA][None]).reshape(-1, 4, 3)
-    flat = vol.reshape(-1)
-    ins = flat[np.ravel_multi_index(tuple(np.moveaxis(lattice, -1, 0)), vol.shape)] > level
-    count = ins.sum(1)
-    keep = (count > 0) & (count < 4)
-    # order each tetrahedron's corners: inside ones first (stable, so the order is reproducible)
-    order = np.argsort(~ins[keep], axis=1, kind="stable")
-    lattice = np.take_along_axis(lattice[keep], order[..., None], axis=1)
-    count = count[keep]
-    # corner pairs (inside, outside) of each triangle, by how many corners are inside
-    pattern = {1: [[(0, 1), (0, 2), (0, 3)]],
-               2: [[(0, 2), (0, 3), (1, 3)], [(0, 2), (1, 3), (1, 2)]],
-               3: [[(0, 3), (1, 3), (2, 3)]]}
-    ends_in, ends_out, outward = [], [], []
-    for k, triangles in pattern.items():
-        lat_k = lattice[count == k]
-        direction = lat_k[:, k:].mean(1) - lat_k[:, :k].mean(1)  # inside corners -> outside ones
-        for tri in np.asarray(triangles):
-            ends_in.append(lat_k[:, tri[:, 0]])
-            ends_out.append(lat_k[:, tri[:, 1]])
-            outward.append(direction)
-    a = np.concatenate(ends_in).reshape(-1, 3)  # lattice point of each edge's inside end
-    b = np.concatenate(ends_out).reshape(-1, 3)
-    # one vertex per grid edge: its lower end and its step (the ends are {0, 1}^3 apart)
-    lo = np.minimum(a, b)
-    step = np.abs(b - a) @ np.array([1, 2, 4])
-    key = np.ravel_multi_index(tuple(lo.T), vol.shape) * 8 + step
-    _, first, faces = np.unique(key, return_index=True, return_inverse=True)
-    faces = faces.reshape(-1, 3)
-    fa = flat[np.ravel_multi_index(tuple(a[first].T), vol.shape)]
-    fb = flat[np.ravel_multi_index(tuple(b[first].T), vol.shape)]
-    t = ((level - fa) / (fb - fa))[:, None]
-    vertices = origin + (a[first] + t * (b[first] - a[first])) * spacing
-    # orient: normal along the direction from the inside corners to the outside corners
-    tri = vertices[faces]
-    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    flip = np.einsum("ij,ij->i", normal, np.concatenate(outward) * spacing) < 0
-    faces[flip] = faces[flip][:, [0, 2, 1]]
-    return vertices, faces.astype(np.int64)
+    if not (vol.min() <= level < vol.max()) or min(vol.shape) < 2:
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+    verts, faces, _, _ = marching_cubes(vol, level, spacing=tuple(spacing), gradient_direction="descent")
+    faces = faces[:, ::-1].astype(np.int64)  # scikit-image winds them inwards
+    return origin + verts.astype(np.float64), faces
 
 
 # --------------------------------------------------------------------------------------
@@ -291,47 +240,29 @@ def read_obj(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[np.n
     return v, f, polylines
 
 
-_PLY_FACE = np.dtype([("n", "u1"), ("i", "<i4", (3,))])
-
-
 def write_ply(path: str | os.PathLike, vertices, faces, force: bool = False) -> Path:
-    """Binary little-endian PLY of a triangle mesh (float32 x y z in mm, int32 indices).
-    Atomic, no-clobber unless ``force``."""
+    """Binary little-endian PLY of a triangle mesh (float32 x y z in mm, int32 indices),
+    written by trimesh. Atomic, no-clobber unless ``force``."""
     v, f = _mesh_arrays(vertices, faces)
-    header = ("ply\nformat binary_little_endian 1.0\ncomment units mm\n"
-              f"element vertex {len(v)}\nproperty float x\nproperty float y\nproperty float z\n"
-              f"element face {len(f)}\nproperty list uchar int vertex_indices\nend_header\n")
-    tri = np.zeros(len(f), _PLY_FACE)
-    tri["n"], tri["i"] = 3, f
-    return write_bytes(path, header.encode() + v.astype("<f4").tobytes() + tri.tobytes(), force)
+    data = trimesh.exchange.ply.export_ply(trimesh.Trimesh(v, f, process=False), encoding="binary",
+                                           include_attributes=False)
+    return write_bytes(path, data, force)
 
 
 def read_ply(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """``(vertices (N, 3) float64, faces (M, 3) int64)`` of a PLY file as :func:`write_ply`
-    writes it (binary little endian, float x y z, triangles as ``list uchar int``)."""
+    """``(vertices (N, 3) float64, faces (M, 3) int64)`` of a triangle-mesh PLY file (any
+    PLY encoding trimesh reads), vertices and faces in the file's order."""
     p = Path(path)
     if not p.is_file():
         raise RgsInputError(f"{p}: no such file: check the path")
-    data = p.read_bytes()
-    end = data.find(b"end_header\n")
-    if not data.startswith(b"ply\n") or end < 0:
+    if not p.read_bytes()[:4] == b"ply\n":
         raise RgsInputError(f"{p}: not a PLY file (no 'ply' / 'end_header' lines)")
-    header = [line.split() for line in data[:end].decode("ascii", "replace").splitlines()]
-    expected = [["format", "binary_little_endian", "1.0"], ["property", "float", "x"],
-                ["property", "float", "y"], ["property", "float", "z"],
-                ["property", "list", "uchar", "int", "vertex_indices"]]
-    counts = {h[1]: int(h[2]) for h in header if len(h) == 3 and h[0] == "element"}
-    if any(e not in header for e in expected) or set(counts) != {"vertex", "face"}:
-        raise RgsInputError(f"{p}: unsupported PLY layout: rgs reads the binary little-endian "
-                            "float x y z / list uchar int triangle files it writes")
-    body = data[end + len(b"end_header\n"):]
-    nv, nf = counts["vertex"], counts["face"]
-    if len(body) != nv * 12 + nf * _PLY_FACE.itemsize:
-        raise RgsInputError(f"{p}: truncated or not a triangle mesh ({len(body)} data bytes for "
-                            f"{nv} vertices and {nf} triangles): write it again")
-    v = np.frombuffer(body, "<f4", nv * 3).reshape(nv, 3).astype(np.float64)
-    tri = np.frombuffer(body, _PLY_FACE, nf, offset=nv * 12)
-    f = tri["i"].astype(np.int64)
-    if np.any(tri["n"] != 3) or (f.size and (f.min() < 0 or f.max() >= nv)):
+    try:
+        m = trimesh.load(str(p), file_type="ply", process=False, force="mesh")
+        v, f = np.asarray(m.vertices, np.float64).reshape(-1, 3), np.asarray(m.faces, np.int64).reshape(-1, 3)
+    except Exception as exc:
+        raise RgsInputError(f"{p}: unreadable PLY, truncated or not a triangle mesh "
+                            f"({type(exc).__name__}: {exc}): write it again") from exc
+    if f.size and (f.min() < 0 or f.max() >= len(v)):
         raise RgsInputError(f"{p}: faces must be triangles indexing existing vertices")
     return v, f

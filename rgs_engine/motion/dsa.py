@@ -103,7 +103,7 @@ from ..core import losses, runtime
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
 from ..recon.gaussian import GaussianReconstruction, GSConfig, Recipe, load_state, save_state, to_cpu
-from ..io.mesh import marching_tetrahedra
+from ..io.mesh import isosurface
 from ..io.projections import ProjectionData
 from ..core.splatting import splat
 from ..core.voxelization import voxelize
@@ -204,13 +204,13 @@ def robust_max(volume: torch.Tensor) -> float:
 
 
 def vessel_surface(volume: torch.Tensor, grid: VolumeGrid) -> tuple[np.ndarray, np.ndarray, float]:
-    """The vessel surface of a contrast volume (nx, ny, nz) 1/mm: :func:`marching_tetrahedra`
+    """The vessel surface of a contrast volume (nx, ny, nz) 1/mm: :func:`~rgs_engine.io.mesh.isosurface`
     at ``SURFACE_FRACTION`` x :func:`robust_max` (half maximum, no ground truth needed).
     Returns ``(vertices (V, 3) mm, faces (F, 3), level 1/mm)``; empty for an all-zero volume."""
     level = SURFACE_FRACTION * robust_max(volume)
     if not level > 0:
         return np.zeros((0, 3)), np.zeros((0, 3), np.int64), level
-    return (*marching_tetrahedra(volume, grid, level), level)
+    return (*isosurface(volume, grid, level), level)
 
 
 class DsaReconstruction:

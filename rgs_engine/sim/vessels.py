@@ -40,7 +40,7 @@ from ..core import runtime
 from ..io.dsa_case import DsaCase, DsaTruth, dsa_geometry
 from ..core.errors import RgsInputError
 from ..core.geometry import VolumeGrid
-from ..io.mesh import marching_tetrahedra
+from ..io.mesh import isosurface
 from ..core.projector import project
 from .scan import add_noise, project_views
 
@@ -390,7 +390,7 @@ def simulate_dsa_run(phantom: VesselPhantom, grid: VolumeGrid, frames: int = FRA
     truth = DsaTruth(
         mean_volume=voxels.mean_volume(times.tolist()).cpu(), mask=voxels.mask().cpu(),
         frame_volumes={k: voxels.volume(float(times[k])).cpu() for k in picks},
-        surface=marching_tetrahedra(voxels.occupancy(), grid, 0.5),
+        surface=isosurface(voxels.occupancy(), grid, 0.5),
         centrelines=phantom.centrelines(),
         parameters={"phantom": phantom.to_dict(),
                     "run": {"frames": frames, "det": det, "pixel_mm": pixel, "sad_mm": sad, "sid_mm": sid,
