@@ -2,10 +2,11 @@
 
 Commands: ``info`` (versions and compute device), ``roundtrip`` (the engine's end-to-end
 check on a real CT), ``simulate`` / ``recon`` (sparse-view CT), ``simulate-xrays`` /
-``register`` (CT-to-X-ray registration), ``simulate4d`` / ``simulate-dsa`` / ``track4d`` (4D).
-Each lives in its own module. Every command takes ``--device auto|cuda|cpu`` (default:
-``$RGS_DEVICE``, else ``auto``). Bad input ends with one line ``error: ...`` on stderr and
-exit status 2; outputs are written atomically and existing ones are kept unless ``--force``.
+``register`` (CT-to-X-ray registration), ``simulate4d`` / ``simulate-dsa`` / ``track4d`` (4D),
+``batch`` (a manifest of such jobs on Ray). Each lives in its own module. Every job command
+takes ``--device auto|cuda|cpu`` (default: ``$RGS_DEVICE``, else ``auto``). Bad input ends
+with one line ``error: ...`` on stderr and exit status 2; outputs are written atomically and
+existing ones are kept unless ``--force``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from . import register  # noqa: F401
 from . import simulate_dsa  # noqa: F401
 from . import simulate4d  # noqa: F401
 from . import track4d  # noqa: F401
+from . import batch  # noqa: F401
 from .common import DeviceOption, app, handle_errors, out_console, start
 
 __all__ = ["app"]
