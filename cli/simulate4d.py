@@ -1,4 +1,5 @@
-"""``rgs simulate4d``: a simulated free-breathing scan of a CT into a NAF-style 4D pickle."""
+"""``rgs simulate4d``: a simulated free-breathing scan of a CT into a NAF-style 4D pickle
+(:func:`rgs_engine.pipelines.simulate4d` does the work; this module parses and prints)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from rgs_engine.io import naf4d as data4d, projections as projection_data, files as volume_io
+from rgs_engine import pipelines
 
-from rgs_engine.core import runtime
-
-from rgs_engine.sim import scan as sim, breathing_scan as sim4d
-
-from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
-from .simulate import NoiseModelChoice, add_scan_rows
+from .common import DeviceOption, app, handle_errors, out_console, run_pipeline
+from .simulate import NoiseModelChoice, add_scan_rows, has_noise
 
 
 @app.command()
@@ -65,32 +62,12 @@ def simulate4d(
     volumes at --phases times of one cycle. The pickle holds X2-Gaussian's keys plus
     scan_seconds, period_s and phase_times_s.
     """
-    require(out.suffix.lower() in projection_data.PICKLE_SUFFIXES,
-            f"{out}: the output must end in .pickle or .pkl: rename it")
-    require(grid >= 8, f"--grid {grid} is too small: use at least 8 voxels")
-    spec = sim4d.BreathingSpec(
-        projections=projections, val_projections=val_projections, scan_seconds=scan_seconds,
-        period_s=period, irregular=irregular, amplitude_mm=sim4d.parse_amplitude(amplitude_mm),
-        phases=phases, det=det, noise=sim.parse_noise(noise), noise_model=noise_model.value,
-        seed=seed)
-    spec.check()
-    volume_io.check_writable([out], force)
-    dev = start(device)
-
-    command = {"command": "rgs simulate4d", "ct": str(ct), "grid": grid, "projections": projections,
-               "val_projections": val_projections, "scan_seconds": scan_seconds, "period": period,
-               "irregular": irregular, "amplitude_mm": amplitude_mm, "phases": phases, "det": det,
-               "noise": noise, "noise_model": noise_model.value, "seed": seed}
-    total = 5 + (val_projections > 0) + (spec.noise is not None)
-    with Stages(total=total) as stage:
-        data = sim4d.simulate_breathing_case(
-            ct, grid, spec, stage=stage,
-            extra_attributes={"command": command, "versions": runtime.versions(),
-                              "units": "lengths mm, attenuation 1/mm, projections unitless "
-                                       "line integrals, times s"})
-        with stage("write", f"write {out.name}"):
-            data4d.save_4d_pickle(out, data, force)
-
+    r = run_pipeline(pipelines.simulate4d, stages=5 + (val_projections > 0) + has_noise(noise), ct=ct,
+                     out=out, grid=grid, projections=projections, val_projections=val_projections,
+                     scan_seconds=scan_seconds, period=period, irregular=irregular,
+                     amplitude_mm=amplitude_mm, phases=phases, det=det, noise=noise,
+                     noise_model=noise_model.value, seed=seed, force=force, device=device and device.value)
+    data, spec = r.extra["data"], r.extra["spec"]
     si_mm, ap_mm = spec.amplitude_mm
     times = ", ".join(f"{t:.3g}" for t in data.phase_times_s.tolist())
     table = Table(show_header=False)
@@ -101,6 +78,6 @@ def simulate4d(
     table.add_row("breathing", f"{'irregular' if irregular else 'regular'}, period {period:g} s, "
                                f"peak SI {si_mm:g} mm, AP {ap_mm:g} mm")
     table.add_row("phases", f"{phases} ground-truth volumes at t = {times} s")
-    add_scan_rows(table, data, spec.noise, noise_model.value, dev, stage.seconds, out)
+    add_scan_rows(table, data, spec.noise, noise_model.value, r.extra["device"], r.metrics["seconds"], out)
     out_console.print(table)
     out_console.print(f"wrote {out}")

@@ -1,22 +1,18 @@
-"""``rgs simulate-dsa``: a synthetic rotational DSA run of a vessel tree, in 4DRGS's layout."""
+"""``rgs simulate-dsa``: a synthetic rotational DSA run of a vessel tree, in 4DRGS's layout
+(:func:`rgs_engine.pipelines.simulate_dsa` does the work; this module parses and prints)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from rgs_engine.io import dsa_case as dsa_data, files as volume_io
+from rgs_engine import pipelines
+from rgs_engine.sim import vessels
 
-from rgs_engine.core import runtime
-
-from rgs_engine.sim import scan as sim, vessels
-from rgs_engine.core.geometry import VolumeGrid
-
-from .common import DeviceOption, Stages, app, handle_errors, out_console, require, start
+from .common import DeviceOption, app, handle_errors, out_console, run_pipeline
 from .simulate import noise_text
 
 
@@ -46,41 +42,21 @@ def simulate_dsa(
     Writes the 4DRGS case layout with the ground truth (time-averaged and per-frame contrast
     volumes, lumen mask and surface, centre lines).
     """
-    require(frames >= 2, f"--frames {frames}: a run needs at least 2 frames")
-    require(grid >= 8, f"--grid {grid} is too small: use at least 8 voxels")
-    require(det >= 8, f"--det {det} is too small: use at least 8 detector pixels")
-    require(not out.exists() or out.is_dir(), f"{out}: exists and is not a folder: choose another OUT_DIR")
-    noise_spec = sim.parse_noise(noise)
-    volume_io.check_writable([out / dsa_data.MASK_RUN, out / dsa_data.FILL_RUN, out / dsa_data.TRANSFORMS,
-                              out / dsa_data.TRUTH_DIR], force)
-    dev = start(device)
-    vol_grid = VolumeGrid.centred((grid,) * 3, vessels.BOX_MM / grid)
-    with Stages(total=3) as stage:
-        with stage("phantom", f"vessel tree (seed {seed})"):
-            phantom = vessels.make_phantom(seed)
-        with stage("simulate", f"{frames} frames of {det}x{det} on a {grid}^3 grid"):
-            case = vessels.simulate_dsa_run(phantom, vol_grid, frames=frames, det=det, noise=noise_spec,
-                                            seed=seed)
-        with stage("write", f"write {out}"):
-            dsa_data.save_dsa_case(out, case, force)
-
-    radii = [b.radius for b in phantom.branches]
-    lumen_ml = float(case.truth.mask.sum()) * float(np.prod(vol_grid.spacing)) / 1000
-    run = case.truth.parameters["run"]
-    dsa = dsa_data.dsa_line_integrals(case.mask_run, case.fill_run)
-    bolus = phantom.bolus
+    m = run_pipeline(pipelines.simulate_dsa, stages=3, out=out, frames=frames, grid=grid, det=det,
+                     seed=seed, noise=noise, force=force, device=device and device.value).metrics
+    run, bolus = m["run"], m["bolus"]
     table = Table(show_header=False)
-    table.add_row("volume", f"{grid}^3 voxels of {vol_grid.spacing[0]:.3g} mm ({vessels.BOX_MM:g} mm box)")
-    table.add_row("vessel tree", f"{len(radii)} branches, radius {min(radii):.2f}..{max(radii):.2f} mm, "
-                                 f"lumen {lumen_ml:.2f} mL")
-    table.add_row("bolus", f"arrives {bolus.arrival_s:g} s, {bolus.velocity_mm_s:g} mm/s along the tree, "
-                           f"peak {bolus.rise_s:g} s after arrival")
+    table.add_row("volume", f"{grid}^3 voxels of {m['voxel_mm']:.3g} mm ({vessels.BOX_MM:g} mm box)")
+    table.add_row("vessel tree", f"{m['branches']} branches, radius {m['radius_mm'][0]:.2f}.."
+                                 f"{m['radius_mm'][1]:.2f} mm, lumen {m['lumen_ml']:.2f} mL")
+    table.add_row("bolus", f"arrives {bolus['arrival_s']:g} s, {bolus['velocity_mm_s']:g} mm/s along the "
+                           f"tree, peak {bolus['rise_s']:g} s after arrival")
     table.add_row("run", f"{frames} frames over {run['arc_deg']:g} deg in {run['duration_s']:g} s")
     table.add_row("detector", f"{det}x{det} pixels of {run['pixel_mm']:.3g} mm")
     table.add_row("SAD / SID", f"{run['sad_mm']:g} / {run['sid_mm']:g} mm")
-    table.add_row("noise", noise_text(noise_spec))
-    table.add_row("DSA line integrals", f"max {float(dsa.max()):.3g}")
-    table.add_row("device", runtime.describe(dev))
-    table.add_row("seconds", json.dumps(stage.seconds))
+    table.add_row("noise", noise_text(m["noise"]))
+    table.add_row("DSA line integrals", f"max {m['dsa_max']:.3g}")
+    table.add_row("device", m["device"])
+    table.add_row("seconds", json.dumps(m["seconds"]))
     out_console.print(table)
     out_console.print(f"wrote {out}")

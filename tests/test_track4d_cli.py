@@ -9,11 +9,7 @@ import pytest
 from chest_phantom import write_chest_nifti
 from cli_helpers import assert_one_line_error, interrupt_at, invoke
 from rgs_engine.motion.track4d import REGULAR_WANDER_CYCLES, Track4DReconstruction
-
-try:
-    from cli import track4d as track4d_cli
-except ImportError:  # an installed rgs
-    from rgs_cli import track4d as track4d_cli
+from rgs_engine.pipelines.breathing import suspect_warnings
 
 SHORT = ("--static-iterations", "20", "--iterations", "20", "--period-init", "3.5", "--time-input", "time")
 
@@ -107,25 +103,19 @@ def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
     assert_one_line_error(invoke("track4d", no_time, "--out", tmp_path / "o"), "no 'time'")
 
 
-def test_period_and_motion_warnings(capsys):
+def test_period_and_motion_warnings():
     auto, fixed = True, False  # the period started from the projections' estimate, or not
     report = {"period_s": 3.1, "period_estimate_s": 3.5, "period_initial_s": 2.8, "motion_mm": 9.0,
               "motion_floor_mm": 0.7}
-    track4d_cli._warn_if_suspect({**report, "period_mismatch_pct": 4.9}, fixed)
-    assert capsys.readouterr().err == ""
-    track4d_cli._warn_if_suspect({**report, "period_mismatch_pct": 11.4}, fixed)
-    assert "3.100 s is 11 % from the 3.500 s" in capsys.readouterr().err.replace("\n", " ")
-    track4d_cli._warn_if_suspect({**report, "period_mismatch_pct": 11.4}, auto)
-    assert "--period-init SECONDS" in capsys.readouterr().err.replace("\n", " ")
-    track4d_cli._warn_if_suspect({**report, "period_estimate_s": None, "period_mismatch_pct": None}, auto)
-    err = capsys.readouterr().err.replace("\n", " ")
+    assert suspect_warnings({**report, "period_mismatch_pct": 4.9}, fixed) == []
+    assert "3.100 s is 11 % from the 3.500 s" in " ".join(suspect_warnings({**report, "period_mismatch_pct": 11.4}, fixed))
+    assert "--period-init SECONDS" in " ".join(suspect_warnings({**report, "period_mismatch_pct": 11.4}, auto))
+    err = " ".join(suspect_warnings({**report, "period_estimate_s": None, "period_mismatch_pct": None}, auto))
     assert "no breathing period" in err and "learned from 2.8 s" in err, err
     # a model that did not move: its period means nothing, the advice is another seed
-    track4d_cli._warn_if_suspect({**report, "motion_mm": 0.02, "period_mismatch_pct": 20.0}, fixed)
-    err = capsys.readouterr().err.replace("\n", " ")
+    err = " ".join(suspect_warnings({**report, "motion_mm": 0.02, "period_mismatch_pct": 20.0}, fixed))
     assert "no visible motion (0.02 mm" in err and "3.500 s period" in err and "another --seed" in err, err
     assert "learned period" not in err
     # no motion in the model and none in the projections: nothing to say
-    track4d_cli._warn_if_suspect({**report, "motion_mm": 0.02, "period_estimate_s": None,
-                                  "period_mismatch_pct": None}, fixed)
-    assert capsys.readouterr().err == ""
+    assert suspect_warnings({**report, "motion_mm": 0.02, "period_estimate_s": None,
+                             "period_mismatch_pct": None}, fixed) == []

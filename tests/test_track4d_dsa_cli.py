@@ -1,4 +1,5 @@
 """``rgs track4d --mode dsa`` end to end on a tiny simulated DSA run: outputs, resume, errors."""
+import importlib
 import json
 from pathlib import Path
 
@@ -11,10 +12,7 @@ from rgs_engine.motion.dsa import DsaConfig, DsaReconstruction
 from rgs_engine.io.mesh import read_ply
 from rgs_engine.io.projections import ProjectionData, save_projections
 
-try:
-    from cli import track4d_dsa
-except ImportError:  # an installed rgs
-    from rgs_cli import track4d_dsa
+track4d_dsa = importlib.import_module("rgs_engine.pipelines.dsa")  # the module (pipelines.dsa is its function)
 
 SHORT = ("--mode", "dsa", "--views", "12", "--iterations", "30")
 
