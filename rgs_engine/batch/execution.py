@@ -26,7 +26,7 @@ from .manifest import Job
 
 EXTRA = "batch"  # pip install "rgs[batch]"
 FAULT_ENV = "RGS_BATCH_FAULT"  # fault injection (tests): a marker file path, see run_job
-STOP_POLL_S = 0.5  # seconds between a job's looks at the stop flag
+STOP_POLL_S = 0.2  # seconds between a job's looks at the stop flag
 WAIT_S = 0.25  # seconds the driver waits for a job to end before it looks at its stop check
 
 
