@@ -21,7 +21,8 @@ from .common import (EXIT_INTERRUPTED, Interrupt, app, err_console, fail, handle
 
 class _JobsBar:
     """A rich progress bar over the jobs (done / running / failed, elapsed, ETA) on stderr,
-    fed with the batch's progress events; warnings in yellow."""
+    fed with the batch's progress events, shown from the first one (a bad manifest prints
+    only its errors); warnings in yellow."""
 
     def __init__(self) -> None:
         self._progress = Progress(TextColumn("jobs"), BarColumn(), MofNCompleteColumn(),
@@ -30,13 +31,13 @@ class _JobsBar:
         self._task = self._progress.add_task("jobs", total=None, info="")
 
     def __enter__(self) -> "_JobsBar":
-        self._progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._progress.stop()
 
     def __call__(self, event) -> None:
+        self._progress.start()  # a no-op once started
         if event.kind == "step":
             self._progress.update(self._task, completed=event.done, total=event.total, info=event.info)
         elif event.kind == "warning":

@@ -141,3 +141,11 @@ def test_a_bad_manifest_exits_2_before_any_job_starts(tmp_path):
     header = tmp_path / "bad.csv"
     header.write_text("task,input,output,args\n")
     assert invoke("batch", header, "--out", out).exit_code == 2 and not out.exists()
+
+
+def test_without_ray_the_error_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # import ray raises ImportError
+    manifest = write_csv(tmp_path / "m.csv", GOOD_ROWS[:1])
+    r = invoke("batch", manifest, "--out", tmp_path / "b")
+    assert r.exit_code == 2 and "pip install 'rgs[batch]'" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
