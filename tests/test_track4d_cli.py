@@ -11,6 +11,11 @@ from cli_helpers import assert_one_line_error, interrupt_at, invoke
 from rgs_engine.motion.track4d import REGULAR_WANDER_CYCLES, Track4DReconstruction
 from rgs_engine.pipelines.breathing import suspect_warnings
 
+try:
+    from cli import track4d as track4d_cli
+except ImportError:  # an installed rgs
+    from rgs_cli import track4d as track4d_cli
+
 SHORT = ("--static-iterations", "20", "--iterations", "20", "--period-init", "3.5", "--time-input", "time")
 
 
@@ -119,3 +124,12 @@ def test_period_and_motion_warnings():
     # no motion in the model and none in the projections: nothing to say
     assert suspect_warnings({**report, "motion_mm": 0.02, "period_estimate_s": None,
                              "period_mismatch_pct": None}, fixed) == []
+
+
+def test_summary_says_where_the_period_truth_came_from():
+    from_file = {"period_s": 3.98, "period_truth_s": 4.0, "period_truth_source": "file", "period_error_pct": 0.5}
+    assert track4d_cli._period_cell(from_file) == "3.980  (truth 4 from the file's period_s, 0.50 % off)"
+    derived = {**from_file, "period_truth_s": 3.7, "period_truth_source": "phase_times_s", "period_error_pct": 7.57}
+    assert "(truth 3.7 from the file's phase_times_s, 7.57 % off)" in track4d_cli._period_cell(derived)
+    unknown = {"period_s": 3.98, "period_truth_s": None, "period_truth_source": None, "period_error_pct": None}
+    assert track4d_cli._period_cell(unknown) == "3.980  (no truth: the file states no period)"
