@@ -55,11 +55,13 @@ from ..core.errors import RgsInputError
 from ..core.geometry import Geometry
 from ..core.splatting import splat
 from ..io.xrays import XRaySet
+from . import confidence
 from .masking import exposure_mask
 from .similarity import (gradient_ncc, match_contrast, ncc, pool, pool_weights,  # noqa: F401 (API)
                          similarity, view_similarity)
 
-SUCCESS_THRESHOLD = 0.69  # measured: see the module docstring
+SUCCESS_THRESHOLD = confidence.SIMILARITY_FLOOR  # the decision's similarity floor
+CONFIDENCE_PITCH_MM = 0.8  # the confidence probes pool the detector up to this pitch at the object
 DEFAULT_SCALES = (4, 2, 1)
 LOCAL_SEEDS = 4  # the global stage searches again around this many of its best candidates
 FINAL_SCALES = (1, 2, 4)  # the reported similarity averages these poolings (less noise-bound)
@@ -253,9 +255,11 @@ class _Level:
 @dataclass
 class RegistrationResult:
     """``pose`` (4x4 float64, CT world mm -> X-ray frame), its full-resolution ``similarity``,
-    ``success`` (similarity >= ``threshold``), ``seconds``, ``initial_similarity`` (at
-    ``init``), ``history`` (per stage), ``mtre_mm`` / ``initial_mtre_mm`` when a ground
-    truth and target points were given."""
+    ``success`` (the decision of :func:`rgs_engine.registration.confidence.assess`: the pose
+    may be used), ``estimated_error_mm`` (its estimate of the pose's mTRE over the structure),
+    ``evidence`` (what the decision rests on), ``seconds``, ``initial_similarity`` (at
+    ``init``), ``threshold`` (the similarity floor of the decision), ``history`` (per stage),
+    ``mtre_mm`` / ``initial_mtre_mm`` when a ground truth and target points were given."""
 
     pose: np.ndarray
     similarity: float
@@ -265,12 +269,15 @@ class RegistrationResult:
     threshold: float
     init: np.ndarray
     history: list[dict] = field(default_factory=list)
+    estimated_error_mm: float | None = None
+    evidence: dict = field(default_factory=dict)
     mtre_mm: float | None = None
     initial_mtre_mm: float | None = None
 
     def to_dict(self) -> dict:
         out = {"ct_to_xray": self.pose.tolist(), "similarity": self.similarity,
-               "success": self.success, "threshold": self.threshold,
+               "success": self.success, "estimated_error_mm": self.estimated_error_mm,
+               "evidence": self.evidence, "threshold": self.threshold,
                "initial_similarity": self.initial_similarity, "seconds": self.seconds,
                "init": self.init.tolist()}
         if self.mtre_mm is not None:
@@ -466,7 +473,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             progress("global", 1, 1)
 
     # ---- refinement: rigid, then (with a context) the structure on its own pose ----------
-    best = (-math.inf, init_m)
+    best = (-math.inf, init_m, None, None)
     total = len(starts) * sum(steps[:len(scales)])
     done = 0
     for k, x0 in enumerate(starts):
@@ -502,11 +509,18 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                                        "deg": rigid.rotation_angle_deg(rel)}
         history.append(entry)
         if final > best[0]:
-            best = (final, pose)
+            best = (final, pose, z, zc)
 
-    sim_final, pose = best
+    sim_final, pose, z, zc = best
+    with torch.no_grad():
+        probe = matched_level(max(1, int(CONFIDENCE_PITCH_MM // pitch)), z, zc, margin_mm)
+        conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
+                                 similarity_floor=threshold, seed=seed)
+    if progress:
+        progress("confidence", 1, 1)
     runtime.sync()
-    result = RegistrationResult(pose=pose, similarity=sim_final, success=bool(sim_final >= threshold),
+    result = RegistrationResult(pose=pose, similarity=sim_final, success=conf.success,
+                                estimated_error_mm=conf.estimated_error_mm, evidence=conf.evidence,
                                 seconds=time.perf_counter() - t0, initial_similarity=initial,
                                 threshold=threshold, init=init_m, history=history)
     if ground_truth is not None and target_points is not None:

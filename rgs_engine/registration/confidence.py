@@ -1,0 +1,147 @@
+"""How far a registered pose can be trusted: an error estimate in mm and a success decision
+built from several pieces of evidence, not from one similarity threshold.
+
+A right pose is a sharp, isolated maximum of the similarity that both views agree on; a wrong
+one is a compromise (a patient who moved between the views: each view alone wants another
+pose), a shallow or slanted spot (not converged, a near miss) or an isolated maximum of the
+wrong anatomy. :func:`assess` probes the similarity around the pose with poses scored in
+batched splats (the views move, the Gaussians stay: a handful of launches) and measures
+
+* ``restart_spread_mm``: ``restarts`` starts perturbed by ``restart_mm`` / ``restart_deg``
+  from the pose (and the pose itself) each climb ``polish_steps`` coordinate steps (a
+  parabola through the probes at ``+-step`` along each of the 6 axes, the step halving each
+  time); the median over the perturbed starts of the mean displacement of the structure's
+  points between where that start ends and where the pose itself ends (the median: one
+  restart caught on a ridge does not condemn a right pose). Right poses come back together,
+  wrong ones scatter.
+* ``peak_offset_mm``: how far the joint similarity's parabola peak lies from the pose (the
+  first probe around the pose; the 6 axes' offsets as a displacement of the structure's
+  points), and ``not_maximum``: the axes along which the similarity curves up.
+* ``view_disagreement_mm``: the same peak per view; along each axis both views constrain
+  (curvature at least :data:`VIEW_AXIS_FRACTION` of the other's), the distance between the two
+  views' peaks, as a displacement of the structure's points. A pose no single rigid motion
+  explains in both views (moved patient, wrong patient) pulls them apart.
+
+``estimated_error_mm`` is the root sum of squares of the spread, the peak offset and half the
+view disagreement (each view's own peak lies about that far from the compromise). The
+decision (``success``) needs all of: estimated error <= ``max_error_mm``, a maximum along every
+axis, and ``similarity`` >= ``similarity_floor`` (:data:`SIMILARITY_FLOOR`) (below it the images do not show the
+anatomy at all).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..core import rigid
+
+RESTARTS = 4
+RESTART_MM = 3.0
+RESTART_DEG = 3.0
+POLISH_STEPS = 4
+STEP_MM = 2.0  # first probe step: translation mm, rotation STEP_MM / lever arm
+VIEW_AXIS_FRACTION = 0.25
+MAX_ERROR_MM = 1.0
+SIMILARITY_FLOOR = 0.3
+MAX_POINTS = 2000
+
+
+@dataclass
+class Confidence:
+    """The decision, the error estimate (mm) and the evidence behind them (JSON-able dict)."""
+
+    success: bool
+    estimated_error_mm: float
+    evidence: dict
+
+
+def _moved(matrix: np.ndarray, points: np.ndarray) -> float:
+    """Mean distance (mm) ``points`` (N, 3) move under ``matrix`` (4x4)."""
+    return float(np.linalg.norm(rigid.apply(matrix, points) - points, axis=1).mean())
+
+
+def _displacement(xi: np.ndarray, points: np.ndarray, centre: np.ndarray) -> float:
+    """Mean distance (mm) ``points`` (N, 3) move under ``D(xi)`` about ``centre``."""
+    return _moved(rigid.from_axis_angle(xi[:3], xi[3:], centre), points)
+
+
+def _pattern(step: np.ndarray) -> np.ndarray:
+    """(13, 6) pose vectors: zero, then ``+step_i`` and ``-step_i`` along each axis."""
+    out = np.zeros((13, 6))
+    for i in range(6):
+        out[1 + 2 * i, i] = step[i]
+        out[2 + 2 * i, i] = -step[i]
+    return out
+
+
+def _parabola(s: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slopes and curvatures (..., 6) along each axis from scores (..., 13) at :func:`_pattern`."""
+    plus, minus, mid = s[..., 1::2], s[..., 2::2], s[..., :1]
+    return (plus - minus) / (2 * step), (plus + minus - 2 * mid) / step ** 2
+
+
+def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, points: np.ndarray,
+           similarity: float, restarts: int = RESTARTS, restart_mm: float = RESTART_MM,
+           restart_deg: float = RESTART_DEG, polish_steps: int = POLISH_STEPS,
+           max_error_mm: float = MAX_ERROR_MM, similarity_floor: float = SIMILARITY_FLOOR,
+           seed: int = 0) -> Confidence:
+    """Assess ``pose`` (4x4 CT -> X-ray): a :class:`Confidence` (module docstring).
+
+    ``score(poses)`` gives the (P, V) per-view similarity of a list of 4x4 poses;
+    ``points`` (N, 3, CT world mm) stand for the structure (error in mm is their mean
+    displacement); ``similarity`` is the pose's reported similarity."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if pts.shape[0] > MAX_POINTS:
+        pts = pts[np.random.default_rng(seed).choice(pts.shape[0], MAX_POINTS, replace=False)]
+    centre_ct = pts.mean(axis=0)
+    lever = max(float(np.sqrt(np.square(pts - centre_ct).sum(axis=1).mean())), 1.0)  # rms radius, mm
+    rng = np.random.default_rng(seed)
+    kicks = [np.zeros(6)]
+    for _ in range(restarts):
+        d = rng.normal(size=(2, 3))
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        kicks.append(np.concatenate([d[0] * math.radians(restart_deg), d[1] * restart_mm]))
+    poses = [rigid.from_axis_angle(k[:3], k[3:], rigid.apply(pose, centre_ct)) @ pose for k in kicks]
+    step = np.array([STEP_MM / lever] * 3 + [STEP_MM] * 3)
+    first = None
+    for _ in range(max(1, polish_steps)):
+        pat = _pattern(step)
+        trial = [rigid.from_axis_angle(x[:3], x[3:], rigid.apply(p, centre_ct)) @ p for p in poses for x in pat]
+        s = np.asarray(score(trial), dtype=np.float64).reshape(len(poses), 13, -1)  # (K, 13, V)
+        if first is None:
+            first = s[0]
+        g, h = _parabola(s.mean(axis=2), step)  # (K, 6)
+        move = np.where(h < 0, -g / np.where(h < 0, h, -1.0), np.sign(g) * step)
+        move = np.clip(move, -step, step)
+        poses = [rigid.from_axis_angle(m[:3], m[3:], rigid.apply(p, centre_ct)) @ p for p, m in zip(poses, move)]
+        step = step / 2
+
+    pts_x, centre_x = rigid.apply(poses[0], pts), rigid.apply(poses[0], centre_ct)  # X-ray frame
+    spread = float(np.median([_moved(p @ rigid.invert(poses[0]), pts_x) for p in poses[1:]])) if restarts else 0.0
+    step0 = np.array([STEP_MM / lever] * 3 + [STEP_MM] * 3)
+    g, h = _parabola(first.mean(axis=1), step0)
+    not_max = [int(i) for i in np.nonzero(h >= 0)[0]]
+    offset = np.where(h < 0, -g / np.where(h < 0, h, -1.0), 0.0)
+    offset = np.clip(offset, -2 * step0, 2 * step0)
+    peak_mm = _displacement(offset, pts_x, centre_x)
+    gv, hv = _parabola(first.T, step0)  # (V, 6)
+    disagreement = np.zeros(6)
+    if hv.shape[0] >= 2:
+        curv = np.maximum(-hv, 0.0)
+        for i in range(6):
+            both = np.argsort(-curv[:, i])[:2]
+            a, b = curv[both, i]
+            if b > 0 and b >= VIEW_AXIS_FRACTION * a:
+                peaks = np.clip(-gv[both, i] / -curv[both, i], -4 * step0[i], 4 * step0[i])
+                disagreement[i] = abs(peaks[0] - peaks[1])
+    view_mm = _displacement(disagreement, pts_x, centre_x)
+    est = float(math.sqrt(spread ** 2 + peak_mm ** 2 + (view_mm / 2) ** 2))
+    success = bool(est <= max_error_mm and not not_max and similarity >= similarity_floor)
+    evidence = {"restart_spread_mm": spread, "peak_offset_mm": peak_mm, "view_disagreement_mm": view_mm,
+                "not_maximum_axes": not_max, "curvature": (-h).tolist(), "similarity": similarity,
+                "restarts": restarts, "max_error_mm": max_error_mm, "similarity_floor": similarity_floor}
+    return Confidence(success, est, evidence)
+
