@@ -57,8 +57,9 @@ def register(
     result = r.extra["result"]
     moved = rigid.compose(result.pose, rigid.invert(r.extra["init_pose"]))
     table = Table(show_header=False)
-    table.add_row("result", "[green]success[/green]" if result.success else
-                  f"[red]FAILED[/red] (similarity below {result.threshold:g}: do not use this pose)")
+    err = f"estimated error {result.estimated_error_mm:.2f} mm"
+    table.add_row("result", f"[green]success[/green] ({err})" if result.success else
+                  f"[red]FAILED[/red] ({err}: do not use this pose)")
     table.add_row("similarity", f"{result.initial_similarity:.4f} -> {result.similarity:.4f}")
     table.add_row("moved by", f"{np.linalg.norm(moved[:3, 3]):.3g} mm, {rigid.rotation_angle_deg(moved):.3g} deg")
     if result.mtre_mm is not None:
