@@ -1,4 +1,5 @@
 """X-ray folders (rgs_engine.io.xrays), rigid transforms and ``rgs simulate-xrays``."""
+import io
 import json
 import math
 import struct
@@ -6,8 +7,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
+import tifffile
 import torch
+from PIL import Image
 
 from rgs_engine.core import rigid
 
@@ -62,15 +66,14 @@ def test_rigid_transforms():
 # --------------------------------------------------------------------------------------
 # PNG and TIFF
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("filter_type", range(5))
-def test_png_round_trip_exact(filter_type):
-    rng = np.random.default_rng(filter_type)
+def test_png_round_trip_exact():
+    rng = np.random.default_rng(0)
     img16 = rng.integers(0, 65536, (9, 13)).astype(np.uint16)
     img16[0, 0], img16[-1, -1] = 0, 65535
-    out = decode_png(encode_png_gray(img16, filter_type))
+    out = decode_png(encode_png_gray(img16))
     assert out.dtype == np.uint16 and np.array_equal(out, img16)
     img8 = rng.integers(0, 256, (5, 4)).astype(np.uint8)
-    assert np.array_equal(decode_png(encode_png_gray(img8, filter_type)), img8)
+    assert np.array_equal(decode_png(encode_png_gray(img8)), img8)
 
 
 def test_png_rejects_bad_input():
@@ -78,6 +81,22 @@ def test_png_rejects_bad_input():
         decode_png(b"GIF89a........")
     with pytest.raises(RgsInputError, match="uint8 or uint16"):
         encode_png_gray(np.zeros((3, 3), np.float32))
+    rgb = io.BytesIO()
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(rgb, "PNG")
+    with pytest.raises(RgsInputError, match="only 8/16-bit grayscale"):
+        decode_png(rgb.getvalue())
+
+
+def test_interlaced_16bit_png_view(tmp_path):
+    """An Adam7-interlaced 16-bit grayscale PNG written by pypng loads with its exact values."""
+    png = pytest.importorskip("png")
+    counts = np.random.default_rng(4).integers(0, 65536, (6, 7)).astype(np.uint16)
+    with open(tmp_path / "a.png", "wb") as fh:
+        png.Writer(7, 6, greyscale=True, bitdepth=16, interlace=True).write(fh, counts.tolist())
+    assert (tmp_path / "a.png").read_bytes()[28] == 1  # IHDR interlace method: Adam7
+    _write_folder(tmp_path, [_view("a.png", scale=1e-4, offset=-0.5)], {})
+    out = load_xrays(tmp_path).images[0].double().numpy()
+    np.testing.assert_allclose(out, -0.5 + 1e-4 * counts, atol=1e-6)
 
 
 def _tiff(img: np.ndarray, bo: str = "<") -> bytes:
@@ -101,10 +120,23 @@ def test_tiff_reader_both_byte_orders():
     for bo in "<>":
         out = read_tiff(_tiff(img, bo))
         assert out.dtype == np.uint16 and np.array_equal(out, img)
-    bad = bytearray(_tiff(img))
-    bad[8 + img.nbytes + 2 + 3 * 12 + 8:8 + img.nbytes + 2 + 3 * 12 + 10] = struct.pack("<H", 5)  # LZW
-    with pytest.raises(RgsInputError, match="compression 5"):
-        read_tiff(bytes(bad))
+    with pytest.raises(RgsInputError, match="not a TIFF"):
+        read_tiff(b"P5 not a tiff")
+
+
+@pytest.mark.parametrize("compression", ["lzw", "zlib"])
+def test_compressed_tiff_view(tmp_path, compression):
+    """LZW- and deflate-compressed 16-bit TIFFs written by tifffile load as intensity views."""
+    p = np.linspace(0.1, 3, 42).reshape(6, 7)
+    i0 = 60000.0
+    counts = np.round(i0 * np.exp(-p)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", counts, compression=compression)
+    with tifffile.TiffFile(tmp_path / "a.tif") as tif:
+        assert tif.pages.first.compression == {"lzw": 5, "zlib": 8}[compression]
+    _write_folder(tmp_path, [_view("a.tif", values="intensity", i0=i0)], {})
+    out = load_xrays(tmp_path).images[0].double().numpy()
+    np.testing.assert_allclose(out, -np.log(counts / i0), atol=1e-6)
+    assert np.abs(out - p).max() <= 0.5 / counts.min() + 1e-6
 
 
 # --------------------------------------------------------------------------------------
@@ -281,3 +313,116 @@ def test_simulate_xrays_bad_input(tmp_path):
     assert "DSO" in _error_line(_invoke("simulate-xrays", ct, tmp_path / "o", "--dso", 900, "--dsd", 800))
     assert "--offset-deg" in _error_line(_invoke("simulate-xrays", ct, tmp_path / "o", "--offset-deg", 200))
     assert "no such file" in _error_line(_invoke("simulate-xrays", tmp_path / "nope.nii", tmp_path / "o"))
+
+
+# --------------------------------------------------------------------------------------
+# DICOM radiographs (geometry from the standard tags)
+# --------------------------------------------------------------------------------------
+def _dx(path: Path, stored: np.ndarray, drop: tuple[str, ...] = (), **tags) -> Path:
+    """A DX file written with pydicom alone: LOG pixels (sign -1) with a rescale, DSD 800,
+    DSO 500, 1.5 x 1.25 mm pixels, positioner angles 90 / 0 unless ``tags`` say otherwise."""
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = "0.001", "-0.25"
+    ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LOG", -1
+    ds.DistanceSourceToDetector, ds.DistanceSourceToPatient = "800", "500"
+    ds.ImagerPixelSpacing = ["1.5", "1.25"]
+    ds.PositionerPrimaryAngle, ds.PositionerSecondaryAngle = "90", "0"
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    for key in drop:
+        delattr(ds, key)
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_dx_views_take_their_geometry_from_the_tags(tmp_path):
+    stored = np.random.default_rng(5).integers(0, 4000, (6, 7)).astype(np.uint16)
+    _dx(tmp_path / "a_lao.dcm", stored)
+    _dx(tmp_path / "b_oriented.dcm", stored, PatientOrientation=["A", "F"])
+    _dx(tmp_path / "c_cranial.dcm", stored, PositionerPrimaryAngle="0", PositionerSecondaryAngle="30")
+    xs = load_xrays(tmp_path)  # no geometry.json
+    assert xs.files == ["a_lao.dcm", "b_oriented.dcm", "c_cranial.dcm"] and xs.ground_truth is None
+    assert xs.geometry.det_shape == (6, 7) and xs.geometry.mode == "cone"
+    for k in range(3):
+        np.testing.assert_allclose(xs.images[k].double().numpy(), -0.25 + 0.001 * stored, atol=1e-6)
+    # LAO 90: detector at the patient's left (world -x, RAS), source at +x: TIGRE's angle 0
+    # with 1.5 mm rows and 1.25 mm columns; columns run posterior unless Patient Orientation
+    # says anterior
+    tigre = Geometry.circular([0.0], 500.0, 800.0, (6, 7), (1.5, 1.25)).vectors[0]
+    lao, oriented = xs.geometry.vectors[0], xs.geometry.vectors[1]
+    torch.testing.assert_close(oriented, tigre)
+    torch.testing.assert_close(lao[:6], tigre[:6])
+    torch.testing.assert_close(lao[6:9], -tigre[6:9])
+    torch.testing.assert_close(lao[9:], tigre[9:])
+    # primary 0, 30 deg cranial: the detector anterior and up, the source behind and below
+    a = math.radians(30)
+    beam = torch.tensor([0.0, math.cos(a), math.sin(a)], dtype=torch.float64)  # RAS
+    cranial = xs.geometry.vectors[2]
+    torch.testing.assert_close(cranial[0:3], -500.0 * beam)
+    torch.testing.assert_close(cranial[3:6], 300.0 * beam)
+    torch.testing.assert_close(cranial[6:9], torch.tensor([-1.25, 0.0, 0.0], dtype=torch.float64))  # patient left
+    torch.testing.assert_close(cranial[9:12], 1.5 * torch.tensor([0.0, math.sin(a), -math.cos(a)], dtype=torch.float64))
+
+
+def test_dicom_view_position_and_geometry_json_values(tmp_path):
+    """View Position stands in for the primary angle; geometry.json may give only what the
+    tags lack (here: LIN intensities and their i0)."""
+    p = np.linspace(0.1, 2, 42).reshape(6, 7)
+    counts = np.round(50000 * np.exp(-p)).astype(np.uint16)
+    _dx(tmp_path / "pa.dcm", counts, drop=("PositionerPrimaryAngle", "PositionerSecondaryAngle"),
+        ViewPosition="PA", PixelIntensityRelationship="LIN", PixelIntensityRelationshipSign=1,
+        RescaleSlope="1", RescaleIntercept="0")
+    with pytest.raises(RgsInputError, match="'i0'") as info:
+        load_xrays(tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / "geometry.json").write_text(json.dumps(
+        {"format": "rgs-xrays", "version": 1, "views": [{"file": "pa.dcm", "values": "intensity", "i0": 50000}]}))
+    xs = load_xrays(tmp_path)
+    np.testing.assert_allclose(xs.images[0].double().numpy(), -np.log(counts / 50000), atol=1e-6)
+    pa = Geometry.circular([-math.pi / 2], 500.0, 800.0, (6, 7), (1.5, 1.25)).vectors[0]  # source posterior
+    torch.testing.assert_close(xs.geometry.vectors[0][:6], pa[:6])
+
+
+@pytest.mark.parametrize("drop, tag, key", [
+    (("DistanceSourceToDetector",), "(0018,1110)", "vectors"),
+    (("DistanceSourceToPatient",), "(0018,1111)", "vectors"),
+    (("ImagerPixelSpacing",), "(0018,1164)", "vectors"),
+    (("PositionerPrimaryAngle",), "(0018,1510)", "vectors"),
+    (("PixelIntensityRelationship",), "(0028,1040)", "values"),
+])
+def test_dicom_without_a_needed_tag_names_it(tmp_path, drop, tag, key):
+    _dx(tmp_path / "a.dcm", np.zeros((6, 7), np.uint16), drop=drop)
+    with pytest.raises(RgsInputError) as info:
+        load_xrays(tmp_path)
+    line = str(info.value)
+    assert "\n" not in line and tag in line and f"'{key}'" in line and "geometry.json" in line
+
+
+def test_simulate_xrays_dcm_round_trips_through_the_loader(tmp_path):
+    ct = _tiny_ct(tmp_path / "ct.nii.gz")
+    args = ("--grid", 24, "--det", 16, "--dso", 400, "--dsd", 600, "--offset-mm", 6, "--offset-deg", 4,
+            "--views", "90,0,30")
+    assert _invoke("simulate-xrays", ct, tmp_path / "npy", *args).exit_code == 0
+    res = _invoke("simulate-xrays", ct, tmp_path / "dcm", *args, "--format", "dcm")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "dcm").iterdir()) == ["view00.dcm", "view01.dcm", "view02.dcm"]
+    ref, back = load_xrays(tmp_path / "npy"), load_xrays(tmp_path / "dcm")
+    assert back.files == ["view00.dcm", "view01.dcm", "view02.dcm"]
+    torch.testing.assert_close(back.geometry.vectors, ref.geometry.vectors, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(back.ground_truth, ref.ground_truth)
+    for k in range(3):  # 16-bit steps of range / 65535
+        step = float(ref.images[k].max() - ref.images[k].min()) / 65535
+        assert float((back.images[k] - ref.images[k]).abs().max()) <= step / 2 + 1e-6
+    assert pydicom.dcmread(tmp_path / "dcm" / "view00.dcm").Modality == "DX"
+    line = _error_line(_invoke("simulate-xrays", ct, tmp_path / "dcm", *args, "--format", "dcm"))
+    assert "--force" in line

@@ -21,30 +21,33 @@ zlib decoder, filters 0-4), uncompressed baseline 8/16-bit (or 32-bit float) gra
 """
 from __future__ import annotations
 
+import io
 import math
 import os
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import torch
+from PIL import Image
 
 from ..core import rigid
 from ..core.errors import RgsInputError
 from ..core.geometry import MODES, Geometry
-from .images import _chunk
+from . import dicom
 from .files import check_writable, load_json, save_json, write_bytes
 
 FORMAT = "rgs-xrays"
 VERSION = 1
 GEOMETRY_FILE = "geometry.json"
 VALUE_KINDS = ("line_integral", "intensity")
-IMAGE_FORMATS = ("npy", "png")
+IMAGE_FORMATS = ("npy", "png", "dcm")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
 MIN_FRACTION = 1e-6  # intensities are clamped to at least MIN_FRACTION x i0 before the log
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_MAX = 65535
+PNG_GRAY_MODES = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16}  # Pillow mode -> dtype
 
 
 @dataclass
@@ -59,168 +62,57 @@ class XRaySet:
 
 
 # --------------------------------------------------------------------------------------
-# PNG (8/16-bit grayscale)
+# PNG (8/16-bit grayscale, Pillow) and TIFF (tifffile)
 # --------------------------------------------------------------------------------------
-def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    a, b, c = (x.astype(np.int32) for x in (a, b, c))
-    p = a + b - c
-    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
-    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-
-
-def encode_png_gray(image: np.ndarray, filter_type: int = 4) -> bytes:
-    """PNG bytes of a uint8 or uint16 (H, W) grayscale image; every row uses ``filter_type``
-    (0 none, 1 sub, 2 up, 3 average, 4 Paeth). Extends :func:`rgs_engine.io.images.encode_png`
-    (8-bit, filter 0) to 16 bits and the PNG filters."""
+def encode_png_gray(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 or uint16 (H, W) grayscale image (Pillow picks the row filters)."""
     img = np.asarray(image)
     if img.ndim != 2 or img.dtype not in (np.uint8, np.uint16) or min(img.shape) < 1:
         raise RgsInputError(f"PNG images must be non-empty uint8 or uint16 (H, W), got {img.dtype} {img.shape}")
-    if filter_type not in range(5):
-        raise RgsInputError(f"PNG filter type {filter_type} unknown: use 0..4")
-    h, w = img.shape
-    depth = 8 * img.dtype.itemsize
-    bpp = img.dtype.itemsize
-    raw = np.frombuffer(img.astype(img.dtype.newbyteorder(">")).tobytes(), np.uint8).reshape(h, w * bpp)
-    a = np.zeros_like(raw)
-    a[:, bpp:] = raw[:, :-bpp]
-    b = np.zeros_like(raw)
-    b[1:] = raw[:-1]
-    c = np.zeros_like(raw)
-    c[1:, bpp:] = raw[:-1, :-bpp]
-    pred = [np.zeros_like(raw, dtype=np.int32), a.astype(np.int32), b.astype(np.int32),
-            (a.astype(np.int32) + b) // 2, _paeth(a, b, c)][filter_type]
-    filtered = ((raw.astype(np.int32) - pred) % 256).astype(np.uint8)
-    rows = np.concatenate([np.full((h, 1), filter_type, np.uint8), filtered], axis=1)
-    return b"".join([PNG_SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0)),
-                     _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)), _chunk(b"IEND", b"")])
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def decode_png(data: bytes, name: str = "PNG") -> np.ndarray:
-    """(H, W) uint8 or uint16 array of an 8/16-bit grayscale non-interlaced PNG."""
+    """(H, W) uint8 or uint16 array of an 8/16-bit grayscale PNG, interlaced or not."""
     if data[:8] != PNG_SIGNATURE:
         raise RgsInputError(f"{name}: not a PNG file (bad signature): pass a PNG, .npy, .tif or .dcm image")
-    pos, idat, header = 8, [], None
-    while pos < len(data):
-        if pos + 12 > len(data):
-            raise RgsInputError(f"{name}: truncated PNG chunk: re-export the image")
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        if len(body) < length:
-            raise RgsInputError(f"{name}: truncated PNG chunk {kind!r}: re-export the image")
-        pos += 12 + length
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body[:13])
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-    if header is None or not idat:
-        raise RgsInputError(f"{name}: PNG lacks its IHDR or IDAT chunk: re-export the image")
-    w, h, depth, colour, comp, filt, interlace = header
-    if colour != 0 or depth not in (8, 16) or interlace != 0 or comp != 0 or filt != 0:
-        raise RgsInputError(f"{name}: PNG is colour type {colour}, {depth}-bit, interlace {interlace}: "
-                            "only 8/16-bit grayscale non-interlaced PNGs are read; convert it")
     try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise RgsInputError(f"{name}: damaged PNG data ({exc}): re-export the image") from exc
-    bpp = depth // 8
-    stride = w * bpp
-    if len(raw) < h * (stride + 1):
-        raise RgsInputError(f"{name}: PNG data too short for {w}x{h} pixels: re-export the image")
-    rows = np.frombuffer(raw, np.uint8)[: h * (stride + 1)].reshape(h, stride + 1)
-    out = np.zeros((h, stride), np.uint8)
-    prev = np.zeros(stride, np.uint8)
-    for r in range(h):
-        ft, line = int(rows[r, 0]), rows[r, 1:]
-        if ft == 0:
-            cur = line.copy()
-        elif ft == 1:
-            cur = (line.reshape(-1, bpp).astype(np.int64).cumsum(0) % 256).astype(np.uint8).reshape(-1)
-        elif ft == 2:
-            cur = line + prev  # uint8 wraps modulo 256
-        elif ft in (3, 4):
-            ln, up, cur_l = line.tolist(), prev.tolist(), [0] * stride
-            for i in range(stride):
-                a = cur_l[i - bpp] if i >= bpp else 0
-                b = up[i]
-                if ft == 3:
-                    pred = (a + b) >> 1
-                else:
-                    c = up[i - bpp] if i >= bpp else 0
-                    p = a + b - c
-                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                    pred = a if (pa <= pb and pa <= pc) else (b if pb <= pc else c)
-                cur_l[i] = (ln[i] + pred) & 255
-            cur = np.asarray(cur_l, np.uint8)
-        else:
-            raise RgsInputError(f"{name}: PNG row {r} has unknown filter type {ft}: the file is damaged")
-        out[r] = cur
-        prev = cur
-    if depth == 8:
-        return out
-    return np.frombuffer(out.tobytes(), ">u2").reshape(h, w).astype(np.uint16)
-
-
-# --------------------------------------------------------------------------------------
-# TIFF (uncompressed baseline grayscale)
-# --------------------------------------------------------------------------------------
-_TIFF_TYPES = {1: ("B", 1), 3: ("H", 2), 4: ("I", 4)}
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            mode = image.mode
+            if mode not in PNG_GRAY_MODES:
+                raise RgsInputError(f"{name}: PNG has mode {mode} ({image.info.get('interlace', 0) and 'interlaced, ' or ''}"
+                                    "colour or alpha): only 8/16-bit grayscale PNGs are read; convert it")
+            arr = np.asarray(image)
+    except RgsInputError:
+        raise
+    except Exception as exc:
+        raise RgsInputError(f"{name}: damaged PNG data ({type(exc).__name__}: {exc}): re-export the image") from exc
+    return arr.astype(PNG_GRAY_MODES[mode])
 
 
 def read_tiff(data: bytes, name: str = "TIFF") -> np.ndarray:
-    """(H, W) array of the first image of an uncompressed baseline grayscale TIFF:
-    8/16-bit unsigned (or 32-bit float) samples, one sample per pixel, strips."""
+    """(H, W) array of the first image of a grayscale TIFF (classic or BigTIFF, any byte
+    order, uncompressed or compressed: LZW, deflate, PackBits, ...), read by tifffile.
+    WhiteIsZero images are inverted so larger values mean more light, as BlackIsZero."""
     if data[:2] not in (b"II", b"MM") or len(data) < 8:
         raise RgsInputError(f"{name}: not a TIFF file (bad byte-order mark): pass a .tif, .png, .npy or .dcm image")
-    bo = "<" if data[:2] == b"II" else ">"
-    magic, ifd = struct.unpack(bo + "HI", data[2:8])
-    if magic != 42:
-        raise RgsInputError(f"{name}: not a classic TIFF (magic {magic}; BigTIFF is not read): convert it")
     try:
-        (count,) = struct.unpack(bo + "H", data[ifd:ifd + 2])
-        tags: dict[int, list[int]] = {}
-        for k in range(count):
-            off = ifd + 2 + 12 * k
-            tag, typ, n = struct.unpack(bo + "HHI", data[off:off + 8])
-            if typ not in _TIFF_TYPES:
-                continue
-            code, size = _TIFF_TYPES[typ]
-            where = off + 8 if n * size <= 4 else struct.unpack(bo + "I", data[off + 8:off + 12])[0]
-            tags[tag] = list(struct.unpack(bo + code * n, data[where:where + n * size]))
-    except struct.error:
-        raise RgsInputError(f"{name}: truncated TIFF directory: re-export the image") from None
-
-    def one(tag: int, default: int | None = None) -> int:
-        if tag not in tags:
-            if default is None:
-                raise RgsInputError(f"{name}: TIFF lacks tag {tag}: re-export as baseline TIFF")
-            return default
-        return int(tags[tag][0])
-
-    w, h, bits = one(256), one(257), one(258, 1)
-    compression, spp, fmt = one(259, 1), one(277, 1), one(339, 1)
-    photometric = one(262, 1)
-    if compression != 1:
-        raise RgsInputError(f"{name}: TIFF compression {compression}: only uncompressed TIFFs are read; "
-                            "re-export uncompressed or as .png/.npy")
-    if spp != 1 or photometric not in (0, 1):
-        raise RgsInputError(f"{name}: TIFF has {spp} samples per pixel (photometric {photometric}): "
-                            "only grayscale images are read; convert it")
-    kinds = {(8, 1): "u1", (16, 1): "u2", (32, 3): "f4"}
-    if (bits, fmt) not in kinds:
-        raise RgsInputError(f"{name}: TIFF with {bits}-bit samples of format {fmt}: "
-                            "only 8/16-bit unsigned or 32-bit float are read; convert it")
-    dtype = np.dtype(bo + kinds[(bits, fmt)])
-    offsets = tags.get(273)
-    counts = tags.get(279) or ([h * w * dtype.itemsize] if offsets and len(offsets) == 1 else None)
-    if not offsets or not counts or len(offsets) != len(counts):
-        raise RgsInputError(f"{name}: TIFF strip offsets/byte counts missing: re-export as baseline TIFF")
-    buf = b"".join(data[o:o + c] for o, c in zip(offsets, counts))
-    need = h * w * dtype.itemsize
-    if len(buf) < need:
-        raise RgsInputError(f"{name}: TIFF pixel data too short for {w}x{h}: the file is truncated")
-    img = np.frombuffer(buf[:need], dtype).reshape(h, w).astype(dtype.newbyteorder("="))
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages.first
+            photometric, spp = int(page.photometric), int(page.samplesperpixel)
+            if spp != 1 or photometric not in (0, 1):
+                raise RgsInputError(f"{name}: TIFF has {spp} samples per pixel (photometric {photometric}): "
+                                    "only grayscale images are read; convert it")
+            img = page.asarray()
+    except RgsInputError:
+        raise
+    except Exception as exc:
+        raise RgsInputError(f"{name}: unreadable TIFF ({type(exc).__name__}: {exc}): "
+                            "re-export it or convert to .png/.npy") from exc
+    if img.dtype.kind not in "uif":
+        raise RgsInputError(f"{name}: TIFF samples of type {img.dtype}: store real numbers; convert it")
     if photometric == 0:  # WhiteIsZero
         img = (np.iinfo(img.dtype).max - img) if img.dtype.kind == "u" else -img
     return img
@@ -246,19 +138,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         arr = decode_png(p.read_bytes(), str(p))
     elif ext in (".tif", ".tiff"):
         arr = read_tiff(p.read_bytes(), str(p))
-    elif ext in (".dcm", ".dicom"):
-        try:
-            import pydicom
-        except ImportError:
-            raise RgsInputError(f"{p}: reading DICOM needs pydicom: pip install pydicom, "
-                                "or convert the image to .npy, .png or .tif") from None
-        try:
-            ds = pydicom.dcmread(str(p))
-            arr = np.asarray(ds.pixel_array, dtype=np.float64)
-            arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
-        except Exception as exc:
-            raise RgsInputError(f"{p}: not a readable DICOM image ({type(exc).__name__}: {exc}): "
-                                "re-export it or convert to .npy") from exc
+    elif ext in DICOM_EXTENSIONS:
+        arr = dicom.pixel_values(p)
     else:
         raise RgsInputError(f"{p}: unknown image type {ext!r}: use .npy, .png, .tif or .dcm")
     arr = np.asarray(arr, dtype=np.float64)
@@ -293,27 +174,47 @@ def _number(view: dict, key: str, where: str, default: float | None = None) -> f
     return float(value)
 
 
+def _dicom_folder(root: Path) -> dict | None:
+    """The ``geometry.json`` content of a folder of DICOM radiographs without one: every
+    ``.dcm`` / ``.dicom`` file (by name) a view, its geometry and values from its tags, the
+    ground truth from the rgs private tag of the first file; None when there are none."""
+    names = sorted(p.name for p in root.iterdir() if p.suffix.lower() in DICOM_EXTENSIONS and p.is_file())
+    if not names:
+        return None
+    views = [{"file": n, **dicom.view_values(root / n)} for n in names]
+    truth = dicom.ground_truth(root / names[0])
+    return {"views": views, "ground_truth_ct_to_xray": None if truth is None else truth.tolist()}
+
+
 def load_xrays(folder: str | os.PathLike) -> XRaySet:
-    """Read an X-ray folder (``geometry.json`` + one image per view) into an :class:`XRaySet`."""
+    """Read an X-ray folder (``geometry.json`` + one image per view, or DICOM radiographs
+    whose tags give the geometry) into an :class:`XRaySet`."""
     root = Path(folder)
     if not root.is_dir():
         raise RgsInputError(f"{root}: no such X-ray folder: check the path")
     gpath = root / GEOMETRY_FILE
-    if not gpath.is_file():
-        raise RgsInputError(f"{gpath}: missing: an X-ray folder needs {GEOMETRY_FILE} (datasets/FORMAT.md)")
-    meta = load_json(gpath)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise RgsInputError(f"{gpath}: 'format' must be {FORMAT!r}: not an rgs X-ray folder")
-    if meta.get("version") != VERSION:
-        raise RgsInputError(f"{gpath}: version {meta.get('version')!r} not supported: this rgs reads version {VERSION}")
+    source = gpath  # named in the messages
+    if gpath.is_file():
+        meta = load_json(gpath)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise RgsInputError(f"{gpath}: 'format' must be {FORMAT!r}: not an rgs X-ray folder")
+        if meta.get("version") != VERSION:
+            raise RgsInputError(f"{gpath}: version {meta.get('version')!r} not supported: this rgs reads version {VERSION}")
+    else:
+        meta, source = _dicom_folder(root), root
+        if meta is None:
+            raise RgsInputError(f"{gpath}: missing: an X-ray folder needs {GEOMETRY_FILE} or DICOM files "
+                                "(datasets/FORMAT.md)")
     views = meta.get("views")
     if not isinstance(views, list) or not views:
-        raise RgsInputError(f"{gpath}: 'views' must be a non-empty list of views")
+        raise RgsInputError(f"{source}: 'views' must be a non-empty list of views")
     images, vectors, files, shapes, modes = [], [], [], set(), set()
     for k, view in enumerate(views):
-        where = f"{gpath} view {k}"
+        where = f"{source} view {k}"
         if not isinstance(view, dict) or not isinstance(view.get("file"), str):
             raise RgsInputError(f"{where}: each view needs a 'file' name")
+        if Path(view["file"]).suffix.lower() in DICOM_EXTENSIONS and not {"vectors", "det_shape"} <= set(view):
+            view = {**dicom.view_geometry(root / view["file"]), **view}
         vec = view.get("vectors")
         if (not isinstance(vec, list) or len(vec) != 12
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vec)):
@@ -346,13 +247,13 @@ def load_xrays(folder: str | os.PathLike) -> XRaySet:
         shapes.add(tuple(shape))
         modes.add(mode)
     if len(shapes) > 1:
-        raise RgsInputError(f"{gpath}: views have different det_shape {sorted(shapes)}: "
+        raise RgsInputError(f"{source}: views have different det_shape {sorted(shapes)}: "
                             "all views must share one detector size (crop or pad them)")
     if len(modes) > 1:
-        raise RgsInputError(f"{gpath}: views mix cone and parallel modes: use one mode for all views")
+        raise RgsInputError(f"{source}: views mix cone and parallel modes: use one mode for all views")
     truth = meta.get("ground_truth_ct_to_xray")
     if truth is not None:
-        truth = rigid.check_rigid(truth, f"{gpath}: ground_truth_ct_to_xray")
+        truth = rigid.check_rigid(truth, f"{source}: ground_truth_ct_to_xray")
     geometry = Geometry(torch.tensor(vectors, dtype=torch.float64), shapes.pop(), modes.pop())
     return XRaySet(torch.from_numpy(np.stack(images)).to(torch.float32), geometry, files, truth)
 
@@ -365,19 +266,47 @@ def _file_names(xset: XRaySet, ext: str) -> list[str]:
     return [f"{s}.{ext}" for s in stems] if ok else [f"view_{k:03d}.{ext}" for k in range(n)]
 
 
+def _quantise(img: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``(stored uint16, scale, offset)`` with ``stored = round((img - offset) / scale)``,
+    ``offset`` = the smallest value and ``scale`` = the range / 65535 (1 when flat)."""
+    lo, hi = float(img.min()), float(img.max())
+    scale = (hi - lo) / PNG_MAX if hi > lo else 1.0
+    return np.clip(np.round((img - lo) / scale), 0, PNG_MAX).astype(np.uint16), scale, lo
+
+
+def _isocentre(geo: Geometry, attributes: dict | None) -> np.ndarray:
+    """``attributes["isocentre_mm"]``, else the point nearest (least squares) to every
+    view's central ray (source -> detector centre)."""
+    given = (attributes or {}).get("isocentre_mm")
+    if given is not None:
+        return np.asarray(given, dtype=np.float64).reshape(3)
+    src, det = geo.vectors[:, 0:3].numpy(), geo.vectors[:, 3:6].numpy()
+    beam = (det - src) / np.linalg.norm(det - src, axis=1, keepdims=True)
+    proj = np.eye(3)[None] - beam[:, :, None] * beam[:, None, :]  # (V, 3, 3) off-ray parts
+    a, b = proj.sum(0), np.einsum("vij,vj->i", proj, src)
+    if geo.mode != "cone" or np.linalg.cond(a) > 1e8:
+        raise RgsInputError("DICOM views need an isocentre: give two or more cone views with crossing "
+                            "central rays, or attributes['isocentre_mm']")
+    return np.linalg.solve(a, b)
+
+
 def save_xrays(folder: str | os.PathLike, xset: XRaySet, force: bool = False,
                image_format: str = "npy", attributes: dict | None = None) -> Path:
-    """Write ``xset`` as an X-ray folder; returns the geometry.json path.
+    """Write ``xset`` as an X-ray folder; returns the geometry.json path (the folder for
+    ``dcm``, which has none).
 
     ``npy``: float32 line integrals. ``png``: 16-bit, stored ``s = round((p - offset) /
     scale)`` with ``offset`` = the view's smallest line integral and ``scale`` = its range /
-    65535, so values come back to within ``scale / 2``. File names follow ``xset.files``
-    (extension replaced), else ``view_000`` .... Images are written first and geometry.json
-    last, each atomically; existing files are kept unless ``force`` (checked before writing).
-    ``attributes`` (JSON-able) are stored under ``"attributes"``.
+    65535, so values come back to within ``scale / 2``. ``dcm``: DX files of the same
+    16-bit values (:func:`rgs_engine.io.dicom.write_view`) whose tags hold the geometry
+    about the isocentre (``attributes["isocentre_mm"]``, else where the central rays cross)
+    and the ground truth; no geometry.json. File names follow ``xset.files`` (extension
+    replaced), else ``view_000`` .... Images are written first and geometry.json last, each
+    atomically; existing files are kept unless ``force`` (checked before writing).
+    ``attributes`` (JSON-able) are stored under ``"attributes"`` (not in DICOM files).
     """
     if image_format not in IMAGE_FORMATS:
-        raise RgsInputError(f"image format {image_format!r} unknown: use npy or png")
+        raise RgsInputError(f"image format {image_format!r} unknown: use npy, png or dcm")
     geo = xset.geometry
     images = xset.images.detach().to("cpu", torch.float64)
     if tuple(images.shape) != (geo.num_views, *geo.det_shape):
@@ -390,6 +319,13 @@ def save_xrays(folder: str | os.PathLike, xset: XRaySet, force: bool = False,
     if root.exists() and not root.is_dir():
         raise RgsInputError(f"{root} exists and is not a folder: pick another output folder")
     names = _file_names(xset, image_format)
+    if image_format == "dcm":
+        iso = _isocentre(geo, attributes)
+        check_writable([root / n for n in names], force)
+        for k, name in enumerate(names):
+            dicom.write_view(root / name, *_quantise(images[k].numpy()), geo.vectors[k].numpy(), iso,
+                             truth, force)
+        return root
     check_writable([root / GEOMETRY_FILE] + [root / n for n in names], force)
     views = []
     for k, name in enumerate(names):
@@ -403,9 +339,7 @@ def save_xrays(folder: str | os.PathLike, xset: XRaySet, force: bool = False,
             np.save(buf, img.astype(np.float32))
             write_bytes(root / name, buf.getvalue(), force)
         else:
-            lo, hi = float(img.min()), float(img.max())
-            scale = (hi - lo) / PNG_MAX if hi > lo else 1.0
-            stored = np.clip(np.round((img - lo) / scale), 0, PNG_MAX).astype(np.uint16)
+            stored, scale, lo = _quantise(img)
             write_bytes(root / name, encode_png_gray(stored), force)
             entry.update(scale=scale, offset=lo)
         views.append(entry)
