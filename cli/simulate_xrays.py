@@ -21,6 +21,7 @@ from .simulate import NoiseModelChoice, has_noise, noise_text
 class ImageFormatChoice(str, Enum):
     npy = "npy"
     png = "png"
+    dcm = "dcm"
 
 
 @app.command("simulate-xrays")
@@ -52,7 +53,8 @@ def simulate_xrays(
              "collimation=14,label=AP (contrast-curve exponent, scatter fraction, blur sigma px, "
              "unexposed border px, text burned into view label_view=0; see rgs_engine.sim.radiograph).")] = None,
     image_format: Annotated[ImageFormatChoice, typer.Option(
-        "--format", help="npy: float32 line integrals; png: 16-bit, scaled per view.")] = ImageFormatChoice.npy,
+        "--format", help="npy: float32 line integrals; png: 16-bit, scaled per view; dcm: DICOM DX "
+                         "files whose tags hold the geometry (no geometry.json).")] = ImageFormatChoice.npy,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing files in OUT_DIR.")] = False,
     device: DeviceOption = None,
 ) -> None:
@@ -83,6 +85,8 @@ def simulate_xrays(
     table.add_row("images", f"detector-like, {detector}" if detector else "line integrals")
     table.add_row("device", r.metrics["device"])
     table.add_row("seconds", json.dumps(r.metrics["seconds_by_stage"]))
-    table.add_row("folder", f"{out_dir} ({len(r.files) - 1} {image_format.value} images + {r.files[0].name})")
+    images = [f for f in r.files if f.suffix == f".{image_format.value}"]
+    table.add_row("folder", f"{out_dir} ({len(images)} {image_format.value} images"
+                  + "".join(f" + {f.name}" for f in r.files if f not in images) + ")")
     out_console.print(table)
     out_console.print(f"wrote {out_dir}")

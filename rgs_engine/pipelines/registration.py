@@ -65,7 +65,7 @@ def simulate_xrays(ct: str | Path, out_dir: str | Path, grid: int = 256, views: 
     The views (``views``: comma-separated angles in degrees; None: AP + lateral) sit about
     the isocentre = the CT box's centre; the true pose rotates the CT by ``offset_deg`` about
     its centre and shifts it by ``offset_mm`` (random axis and direction from ``seed``).
-    Returns the folder as ``out``, ``files`` (geometry.json first), ``volumes["images"]``
+    Returns the folder as ``out``, ``files`` (geometry.json first; none for ``dcm``), ``volumes["images"]``
     (V, H, W) as written (line integrals, or display images with ``detector``), and in
     ``extra``: ``pose`` (4x4), ``geometry`` (X-ray frame),
     ``grid`` (the CT's VolumeGrid), ``angles``, ``pixel`` (mm), ``noise`` (photons, sigma) or
@@ -132,7 +132,7 @@ def simulate_xrays(ct: str | Path, out_dir: str | Path, grid: int = 256, views: 
                                                "isocentre_mm": centre.tolist()})
     metrics = {"seconds_by_stage": reporter.seconds, "device": runtime.describe(dev),
                "max_line_integral": float(projections.max())}
-    return RunResult(out=out_dir, metrics=metrics, files=[gpath] + image_paths,
+    return RunResult(out=out_dir, metrics=metrics, files=([] if ext == "dcm" else [gpath]) + image_paths,
                      volumes={"images": written}, warnings=reporter.warnings,
                      extra={"pose": pose, "geometry": geo_xray, "grid": vol_grid, "angles": angles,
                             "pixel": pitch, "noise": noise_spec, "centre": centre, "device": dev})
