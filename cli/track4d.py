@@ -1,7 +1,7 @@
 """``rgs track4d``: 4D reconstruction over time, breathing motion (default) or contrast inflow
 (``--mode dsa``). The options are those of :func:`rgs_engine.pipelines.track4d`, which does
 the work (outputs and ``metrics.json`` keys: :mod:`rgs_engine.pipelines.breathing` and
-:mod:`rgs_engine.pipelines.dsa`); this module parses them and prints the summary."""
+:mod:`rgs_engine.pipelines.angiography`); this module parses them and prints the summary."""
 from __future__ import annotations
 
 from enum import Enum
@@ -14,7 +14,7 @@ from rgs_engine import pipelines
 from rgs_engine.motion.dsa import DsaConfig
 from rgs_engine.motion.track4d import Track4DConfig
 from rgs_engine.pipelines.breathing import AUTO, DEFAULT_CHECKPOINT_EVERY
-from rgs_engine.pipelines.dsa import DEFAULT_VIEWS as DSA_DEFAULT_VIEWS
+from rgs_engine.pipelines.angiography import DEFAULT_VIEWS as DSA_DEFAULT_VIEWS
 
 from .common import DeviceOption, app, fmt, handle_errors, out_console, print_summary, run_pipeline
 

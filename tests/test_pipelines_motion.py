@@ -2,7 +2,6 @@
 ``track4d`` (breathing) with the period truth derived from the phase times (the loader's
 other cases: tests/test_data4d.py), ``simulate_dsa`` -> ``dsa`` with a
 stop request and a resume. Tiny sizes: these run on 2 CPU cores in CI."""
-import importlib
 import json
 import pickle
 
@@ -13,7 +12,7 @@ from rgs_engine import pipelines
 from rgs_engine.core.errors import RgsInputError
 from rgs_engine.pipelines import Interrupted, RunResult
 
-dsa_module = importlib.import_module("rgs_engine.pipelines.dsa")  # pipelines.dsa is the function
+from rgs_engine.pipelines import angiography as dsa_module
 
 
 class Events(list):

@@ -1,5 +1,4 @@
 """``rgs track4d --mode dsa`` end to end on a tiny simulated DSA run: outputs, resume, errors."""
-import importlib
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from rgs_engine.motion.dsa import DsaConfig, DsaReconstruction
 from rgs_engine.io.mesh import read_ply
 from rgs_engine.io.projections import ProjectionData, save_projections
 
-track4d_dsa = importlib.import_module("rgs_engine.pipelines.dsa")  # the module (pipelines.dsa is its function)
+from rgs_engine.pipelines import angiography as track4d_dsa
 
 SHORT = ("--mode", "dsa", "--views", "12", "--iterations", "30")
 

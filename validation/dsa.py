@@ -19,7 +19,7 @@
    :func:`rgs_engine.motion.dsa.vessel_surface` (half the robust maximum; rgs dsa meshes its
    time-averaged volume, the static methods their only volume), Chamfer (mean of both
    directions, and their sum as 4DRGS reports it) and HD95 against the lumen surface
-   (:func:`rgs_engine.pipelines.dsa.surface_metrics`), 2D PSNR / SSIM on the held-out frames (rgs dsa
+   (:func:`rgs_engine.pipelines.angiography.surface_metrics`), 2D PSNR / SSIM on the held-out frames (rgs dsa
    at their times, static rendered, FDK projected), 3D PSNR of the time-averaged volume and
    the mean 3D PSNR over the ground-truth frames with contrast (static methods: their one
    volume against each).
@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from rgs_engine.pipelines.dsa import coronal_mip, load_case, split_views, surface_metrics  # noqa: E402
+from rgs_engine.pipelines.angiography import coronal_mip, load_case, split_views, surface_metrics  # noqa: E402
 from rgs_engine import fdk, project  # noqa: E402
 from rgs_engine.core import metrics, runtime
 from rgs_engine.motion.dsa import vessel_surface  # noqa: E402

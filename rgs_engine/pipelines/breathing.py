@@ -32,7 +32,7 @@ period (:mod:`rgs_engine.motion.track4d`). Outputs in ``--out DIR``:
   ``seconds_by_stage``, ``iterations``, ``num_gaussians``, ``device``, ``conventions``;
 * ``config.json`` (everything to rerun, the equivalent command line), ``checkpoint.pt``.
 
-``--mode dsa`` (4DRGS's scenario) is :func:`rgs_engine.pipelines.dsa.dsa`. A stop request
+``--mode dsa`` (4DRGS's scenario) is :func:`rgs_engine.pipelines.angiography.dsa`. A stop request
 (Ctrl-C on the command line) ends the run after the current iteration with a checkpoint
 (:class:`~.common.Interrupted`); ``resume=True`` continues.
 
@@ -58,7 +58,7 @@ from ..recon.gaussian import GSConfig
 from ..sim import breathing_scan, scan
 from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, require,
                      resume_settings, run_iterations, write_metrics, write_run_config)
-from .dsa import check_run_options, dsa
+from .angiography import check_run_options, dsa
 
 PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
     "phases.nii.gz", "phases.gif", "metrics.json", "config.json", "checkpoint.pt")
@@ -207,7 +207,7 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
             progress: Optional[ProgressCallback] = None,
             should_stop: Optional[StopCheck] = None) -> RunResult:
     """``rgs track4d CASE --out OUT``: see the module; ``mode="dsa"`` runs
-    :func:`rgs_engine.pipelines.dsa.dsa` (``views``, ``times``, ``time_smoothness``).
+    :func:`rgs_engine.pipelines.angiography.dsa` (``views``, ``times``, ``time_smoothness``).
     ``None`` options take their defaults; on ``resume`` the options given must match the run's.
 
     Returns the metrics.json report, the written files, ``volumes["phases"]`` (P, nx, ny, nz)
