@@ -27,7 +27,8 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     help="X-ray radiative Gaussian splatting: sparse-view CT (simulate, recon), CT-to-X-ray "
          "registration (simulate-xrays, register), 4D reconstruction of breathing and of DSA "
-         "contrast inflow (simulate4d, simulate-dsa, track4d), and the engine check (roundtrip).")
+         "contrast inflow (simulate4d, simulate-dsa, track4d), the engine check (roundtrip), and "
+         "any of them over a cohort on Ray (batch).")
 EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C
 out_console = Console()
 err_console = Console(stderr=True)
