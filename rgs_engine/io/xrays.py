@@ -15,9 +15,10 @@ stored pixel value ``s`` of an image means ``value = offset + scale * s``; a
 ``line_integral`` view is that value, an ``intensity`` view becomes
 ``-ln(max(value, MIN_FRACTION * i0) / i0)``.
 
-Image files: ``.npy`` (any real dtype), 8/16-bit grayscale non-interlaced ``.png`` (own
-zlib decoder, filters 0-4), uncompressed baseline 8/16-bit (or 32-bit float) grayscale
-``.tif``/``.tiff`` (own reader), ``.dcm`` through pydicom when it is installed.
+Image files: ``.npy`` (any real dtype), 8/16-bit grayscale ``.png`` incl. interlaced
+(Pillow), grayscale ``.tif``/``.tiff`` incl. LZW / deflate compressed (tifffile), ``.dcm``
+(pydicom). A folder of DICOM radiographs needs no ``geometry.json``: their tags give the
+geometry (:mod:`rgs_engine.io.dicom`).
 """
 from __future__ import annotations
 
