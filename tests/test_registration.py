@@ -170,10 +170,15 @@ def test_cli_register_end_to_end(ct_path, tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "pose.json").read_text())
     assert doc["success"] is True and doc["mtre_mm"] < MTRE_OK_MM
+    assert doc["estimated_error_mm"] < 1.0 and doc["evidence"]["view_disagreement_mm"] >= 0
+    assert f"estimated error {doc['estimated_error_mm']:.2f} mm" in res.output
     assert doc["similarity"] > doc["initial_similarity"]
     rigid.check_rigid(doc["ct_to_xray"])
     png = (out / "overlay.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    from PIL import Image
+    top = np.asarray(Image.open(out / "overlay.png").convert("RGB"))[:12]
+    assert ((top[..., 1] > 200) & (top[..., 0] < 120)).any()  # the green decision caption
 
     again = _invoke(*args)
     assert again.exit_code == 2 and "exists" in again.stderr and "--force" in again.stderr

@@ -207,7 +207,8 @@ def register(xrays: str | Path, ct: str | Path, out: str | Path, mask: str | Pat
     with reporter.stage("overlay", "overlay of DRR edges"):
         before = reg.render(params, init_pose, xset.geometry)
         after = reg.render(params, result.pose, xset.geometry)  # edges of the structure
-        picture = reg.overlay_image(xset.images, before, after)
+        picture = reg.overlay_image(xset.images, before, after, caption=reg.decision_caption(result),
+                                    ok=result.success)
     with reporter.stage("write", f"write {out.name}/"):
         doc = {"format": "rgs-pose", "version": 1, **result.to_dict(),
                "inputs": {"ct": str(ct), "xrays": str(xrays), "mask": None if mask is None else str(mask),
@@ -218,7 +219,7 @@ def register(xrays: str | Path, ct: str | Path, out: str | Path, mask: str | Pat
                "versions": runtime.versions(), "device": runtime.describe(dev)}
         images.write_png(out / OVERLAY_FILE, picture, force,
                          text={"Description": "rows: views; left: DRR edges at the start (red), "
-                                              "right: registered (green)"})
+                                              "right: registered (green); top: the decision and its evidence"})
         files.save_json(out / POSE_FILE, doc, force)
     return RunResult(out=out, metrics=doc, files=[out / POSE_FILE, out / OVERLAY_FILE],
                      warnings=reporter.warnings,

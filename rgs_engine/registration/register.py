@@ -518,10 +518,13 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             best = (final, pose, z, zc)
 
     sim_final, pose, z, zc = best
+    t_conf = time.perf_counter()
     with torch.no_grad():
         probe = matched_level(max(1, int(CONFIDENCE_PITCH_MM // pitch)), z, zc, margin_mm)
         conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
                                  similarity_floor=threshold, seed=seed)
+    runtime.sync()
+    conf.evidence["seconds"] = time.perf_counter() - t_conf
     if progress:
         progress("confidence", 1, 1)
     runtime.sync()
@@ -587,11 +590,43 @@ def _edges(drr: torch.Tensor, quantile: float = 0.9, floor: float = 0.3) -> np.n
     return (mag > thr).numpy()
 
 
+def decision_caption(result: RegistrationResult) -> str:
+    """One line for the overlay: the decision, the estimated error and its evidence (mm)."""
+    ev = result.evidence
+    verdict = "success" if result.success else "NOT VERIFIED, do not use"
+    parts = [f"{verdict}: estimated error {result.estimated_error_mm:.2f} mm"]
+    if ev:
+        parts.append(f"restarts {ev['restart_spread_mm']:.2f}, views {ev['view_disagreement_mm']:.2f}, "
+                     f"peak {ev['peak_offset_mm']:.2f} mm, similarity {result.similarity:.3f}")
+        if ev["not_maximum_axes"]:
+            parts.append(f"no maximum along axes {ev['not_maximum_axes']}")
+    return "; ".join(parts)
+
+
+def _caption_band(text: str, width: int, ok: bool) -> np.ndarray:
+    """(h, width, 3) uint8 band with ``text`` in green (``ok``) or red, wrapped to the width."""
+    from PIL import Image, ImageDraw
+
+    font = ImageDraw.ImageDraw(Image.new("RGB", (1, 1))).getfont()
+    per_line = max(10, width // 6)
+    words, lines = text.split(" "), [""]
+    for word in words:
+        if len(lines[-1]) + len(word) + 1 > per_line and lines[-1]:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {word}".strip()
+    img = Image.new("RGB", (width, 12 * len(lines) + 6), (24, 24, 24))
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + 12 * i), line, fill=(80, 230, 80) if ok else (255, 80, 80), font=font)
+    return np.asarray(img)
+
+
 def overlay_image(xrays: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
-                  min_size: int = 256) -> np.ndarray:
+                  min_size: int = 256, caption: str | None = None, ok: bool = True) -> np.ndarray:
     """RGB uint8 picture, one row per view: the grey X-ray with the DRR's edges at the
     starting pose (red, left) and at the registered pose (green, right). Small images are
-    enlarged by an integer factor to at least ``min_size`` pixels."""
+    enlarged by an integer factor to at least ``min_size`` pixels. ``caption`` (e.g.
+    :func:`decision_caption`) is written above, green when ``ok``, else red."""
     rows = []
     gap = 4
     for k in range(xrays.shape[0]):
@@ -613,4 +648,6 @@ def overlay_image(xrays: torch.Tensor, before: torch.Tensor, after: torch.Tensor
     f = max(1, math.ceil(min_size / max(canvas.shape[0], canvas.shape[1] / 2)))
     if f > 1:
         canvas = canvas.repeat(f, axis=0).repeat(f, axis=1)
+    if caption:
+        canvas = np.concatenate([_caption_band(caption, canvas.shape[1], ok), canvas], axis=0)
     return canvas
