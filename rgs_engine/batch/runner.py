@@ -62,7 +62,6 @@ def batch(manifest: str | Path, out: str | Path, commands: Mapping[str, Any], ad
     elif state.exists() and not force:
         raise RgsInputError(f"{state} exists: a batch already ran in {out}; pass --resume to continue "
                             "it or --force to run it again")
-    out.mkdir(parents=True, exist_ok=True)
     kept = dict(earlier)
 
     def save(outcome: execution.Outcome) -> None:
@@ -71,6 +70,7 @@ def batch(manifest: str | Path, out: str | Path, commands: Mapping[str, Any], ad
 
     connected = execution.connect(address)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         outcomes = execution.run_batch(jobs, out, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
                                        max_retries=max_retries, resume=earlier, force=force,
                                        on_outcome=save, progress=progress, should_stop=should_stop)
