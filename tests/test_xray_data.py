@@ -426,3 +426,17 @@ def test_simulate_xrays_dcm_round_trips_through_the_loader(tmp_path):
     assert pydicom.dcmread(tmp_path / "dcm" / "view00.dcm").Modality == "DX"
     line = _error_line(_invoke("simulate-xrays", ct, tmp_path / "dcm", *args, "--format", "dcm"))
     assert "--force" in line
+
+
+def test_dcm_into_a_folder_with_a_geometry_json_refuses_then_replaces_it(tmp_path):
+    """A geometry.json left in the folder would be read instead of the DICOM tags: writing
+    dcm there needs --force, and then removes it."""
+    ct = _tiny_ct(tmp_path / "ct.nii.gz")
+    args = ("--grid", 24, "--det", 16, "--dso", 400, "--dsd", 600, "--views", "90,0")
+    out = tmp_path / "xr"
+    assert _invoke("simulate-xrays", ct, out, *args).exit_code == 0
+    assert "geometry.json" in _error_line(_invoke("simulate-xrays", ct, out, *args, "--format", "dcm"))
+    res = _invoke("simulate-xrays", ct, out, *args, "--format", "dcm", "--force")
+    assert res.exit_code == 0, res.output
+    assert not (out / "geometry.json").exists()
+    assert load_xrays(out).files == ["view00.dcm", "view01.dcm"]

@@ -322,7 +322,9 @@ def save_xrays(folder: str | os.PathLike, xset: XRaySet, force: bool = False,
     names = _file_names(xset, image_format)
     if image_format == "dcm":
         iso = _isocentre(geo, attributes)
-        check_writable([root / n for n in names], force)
+        # a geometry.json left from an earlier folder would be read instead of the tags
+        check_writable([root / GEOMETRY_FILE] + [root / n for n in names], force)
+        (root / GEOMETRY_FILE).unlink(missing_ok=True)
         for k, name in enumerate(names):
             dicom.write_view(root / name, *_quantise(images[k].numpy()), geo.vectors[k].numpy(), iso,
                              truth, force)
