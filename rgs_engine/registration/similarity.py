@@ -13,6 +13,15 @@ compare the pixel, 0 = ignore it, e.g. from :func:`rgs_engine.registration.maski
   post-processing LUT's contrast curve (a gamma, a window, an inverted polarity) is a
   monotone function of the line integral: matching undoes it, as far as the DRR at the
   reference pose shows the same anatomy as the X-ray.
+
+Measured with :func:`rgs_engine.registration.register.register` (CPU, real chest CT, T12,
+160^2 views of 1.2 mm; masks of :mod:`.masking`): contrast curves gamma 0.5-2 (also
+inverted), scatter fractions 0.1-0.3 and blur 1-2 px end 0.3-1.0 mm off from 8-15 mm starts,
+as clean images do (0.7 mm); without the mask and the match, the issue's detector-like T12
+case (gamma 0.6, 20 % scatter, 1.2 px blur, 14 px border, label) ended 4.05 mm off, with
+them 1.0 mm. Not handled: scatter that is not smooth over the window (a grid's lines), a
+non-monotone LUT (unsharp masking / edge enhancement of processed radiographs), a field of
+view so small that the DRR at the reference pose shows other anatomy than the X-ray.
 """
 from __future__ import annotations
 
