@@ -21,6 +21,9 @@ batched splats (the views move, the Gaussians stay: a handful of launches) and m
   (curvature at least :data:`VIEW_AXIS_FRACTION` of the other's), the distance between the two
   views' peaks, as a displacement of the structure's points. A pose no single rigid motion
   explains in both views (moved patient, wrong patient) pulls them apart.
+* ``curvature``: minus the joint similarity's second derivative along each axis at the pose
+  (rotations about the X-ray frame's axes through the structure, per rad^2; translations
+  along them, per mm^2): how sharply each axis is determined (evidence only).
 
 ``estimated_error_mm`` is the root sum of squares of the spread, the peak offset and half the
 view disagreement (each view's own peak lies about that far from the compromise). The
