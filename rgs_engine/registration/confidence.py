@@ -33,14 +33,16 @@ anatomy at all).
 
 Measured (CPU, real chest CT of ``datasets/fetch_ct.py``, T10 / T12, 160^2 views of 1.2 mm,
 vertebra 32^3 + context 64^3 Gaussians; detector-like images as
-:func:`rgs_engine.sim.radiograph.detector_images` makes them): right poses (mTRE 0.34-1.0
+:func:`rgs_engine.sim.radiograph.detector_images` makes them): right poses (mTRE 0.34-1.21
 mm; clean, gamma 0.6 + 20 % scatter + 1.2 px blur + 14 px border + label, gamma 2 + 30 %
-scatter + 2 px blur, inverted gamma 0.5) had estimates 0.48-0.76 mm and were flagged; wrong
-poses (a lateral view after an 8 mm move: 3.5 and 5.0 mm off; 50 mm starts without the
-global stage: 56-79 mm off) had estimates 2.4-6.4 mm and were not. On the toy of
+scatter + 2 px blur, inverted gamma 0.5; T8 / T10 / T12) had estimates 0.48-1.80 mm, all
+but the 1.80 one flagged; wrong poses (a lateral view after an 8 mm move: 3.5-5.2 mm off;
+45-50 mm starts without the global stage: 56-79 mm off) had estimates 2.4-6.4 mm and none
+was flagged. The bound :data:`MAX_ERROR_MM` = 1.5 mm sits between the two, nearer the right
+poses: the estimate under-reads wrong poses (a 5.2 mm moved-patient pose read 2.7 mm). On the toy of
 ``tests/test_registration.py`` (64^2 views of 3 mm voxels) right poses 0.2-0.9 mm off are
-estimated 0.3-2.3 mm: the 1 mm bound then refuses some right poses (conservative, never a
-wrong pose flagged in the tests). The GPU sweep of ``validation/registration.py`` is the
+estimated 0.3-2.3 mm: the bound then refuses some right poses (conservative; no
+wrong pose is flagged in the tests). The GPU sweep of ``validation/registration.py`` is the
 calibration over many cases; :data:`MAX_ERROR_MM` is set for no wrong pose flagged.
 
 Cost: ``polish_steps`` x (``restarts`` + 1) x 13 scored poses (260 by default) in batched
@@ -62,7 +64,7 @@ RESTART_DEG = 3.0
 POLISH_STEPS = 4
 STEP_MM = 2.0  # first probe step: translation mm, rotation STEP_MM / lever arm
 VIEW_AXIS_FRACTION = 0.25
-MAX_ERROR_MM = 1.0
+MAX_ERROR_MM = 1.5  # measured: right poses estimated 0.48-1.80 mm, wrong ones 2.4-6.4 mm
 SIMILARITY_FLOOR = 0.3
 MAX_POINTS = 2000
 

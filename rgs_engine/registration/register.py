@@ -37,14 +37,11 @@ a detector or display contrast curve, inverted polarity).
 
 ``success`` and ``estimated_error_mm`` come from :func:`.confidence.assess` (restart
 agreement, peak offset, per-view agreement; ``threshold`` is only its similarity floor).
-Measured on the real chest CT at CPU sizes (T12, 160^2 views of 1.2 mm, cases without the
-global stage): right poses on clean, gamma 2 + 30 % scatter + 2 px blur, and inverted gamma
-0.5 images ended 0.34-1.0 mm off, estimated 0.48-0.76 mm, all flagged; a lateral view after
-an 8 mm move (clean and detector-like: gamma 0.6, 20 % scatter, 1.2 px blur, 14 px border,
-label) ended 3.5 / 5.0 mm off, estimated 4.6 / 2.4 mm, not flagged; 50 mm starts 56-79 mm
-off, estimated 5.7-6.4 mm, not flagged. Before the mask and the contrast match, the
-detector-like 15 mm T12 case ended 4.05 mm off (flagged by the old similarity threshold);
-with them 1.0 mm. Not yet measured on the GPU sweep (speed, calibration over many cases).
+The confidence module's docstring holds its measurements (real chest CT, CPU sizes). Before
+the mask and the contrast match, issue 19's detector-like T12 case (15 mm / 5 deg start)
+ended 4.05 mm off and was flagged; a similar case here (15 mm / 3.75 deg, 160^2 views) ends
+1.0 mm off, estimated 0.76 mm. Not yet
+measured on the GPU sweep (speed, calibration over many cases).
 """
 from __future__ import annotations
 
