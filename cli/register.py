@@ -36,7 +36,8 @@ def register(
     capture_mm: Annotated[float, typer.Option("--capture-mm", help="Global stage: translation range, mm.")] = 40.0,
     capture_deg: Annotated[float, typer.Option("--capture-deg", help="Global stage: rotation range, deg.")] = 10.0,
     threshold: Annotated[float, typer.Option(
-        help="Similarity needed to call the registration a success.")] = reg.SUCCESS_THRESHOLD,
+        help="Similarity floor of the success decision: below it a pose is never called a "
+             "success, whatever its estimated error.")] = reg.SUCCESS_THRESHOLD,
     force: Annotated[bool, typer.Option("--force", help="Overwrite pose.json / overlay.png and refit the cache.")] = False,
     device: DeviceOption = None,
 ) -> None:
@@ -46,9 +47,12 @@ def register(
     structure (one vertebra) and, as its context, the rest of the CT: the pose is found for
     the structure, with the comparison restricted to a window of the views around it. A global search within --capture-mm / --capture-deg of --init is
     followed by a coarse-to-fine gradient refinement of the similarity (NCC + gradient NCC).
-    pose.json holds ct_to_xray (CT world mm -> X-ray frame), similarity, success, seconds
-    and mtre_mm when the X-ray folder has a ground truth. A similarity below --threshold is
-    reported as a failure (exit status 1, pose.json says success false).
+    pose.json holds ct_to_xray (CT world mm -> X-ray frame), similarity, success, the
+    estimated error (mm) and the evidence behind it (restarts from perturbed poses, the
+    similarity's peak per axis, AP and lateral each alone), seconds and mtre_mm when the
+    X-ray folder has a ground truth. Success needs an estimated error within the calibrated
+    bound, a maximum on every axis and a similarity of at least --threshold; otherwise the
+    pose is reported as a failure (exit status 1, pose.json says success false).
     """
     r = run_pipeline(pipelines.register, stages=4, xrays=xrays, ct=ct, out=out, mask=mask, label=label,
                      init=init, grid=grid, gaussians=gaussians, fit_iterations=fit_iterations,

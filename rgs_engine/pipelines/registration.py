@@ -166,8 +166,9 @@ def register(xrays: str | Path, ct: str | Path, out: str | Path, mask: str | Pat
     Returns ``metrics`` = pose.json's content, ``files`` [pose.json, overlay.png], and in
     ``extra``: ``result`` (the :class:`~rgs_engine.registration.register.RegistrationResult`),
     ``init_pose`` (4x4), ``gaussians`` (count), ``cached`` (whether the Gaussian fit came from
-    the cache), ``seconds_by_stage``, ``device``. A failed registration (similarity below
-    ``threshold``) is returned, not raised: check ``extra["result"].success``."""
+    the cache), ``seconds_by_stage``, ``device``. A registration not flagged as a success
+    (:func:`rgs_engine.registration.confidence.assess`: estimated error, per-axis peak,
+    similarity floor ``threshold``) is returned, not raised: check ``extra["result"].success``."""
     xrays, ct, out = Path(xrays), Path(ct), Path(out)
     mask = None if mask is None else Path(mask)
     init = None if init is None else Path(init)
