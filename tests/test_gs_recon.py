@@ -113,3 +113,27 @@ def test_bad_config_and_checkpoint(circular, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RgsInputError, match="checkpoint"):
         GaussianReconstruction.load_checkpoint(bad, circular)
+
+
+def test_recipe_resolves_by_grid_size():
+    base = GSConfig()
+    big = base.resolved(256 ** 3)
+    # at 256^3 and above: exactly the recipe measured there (50k Gaussians, cap 300k, rates x1)
+    assert (big.num_init, big.max_gaussians, big.rate_factor) == (50_000, 300_000, 1.0)
+    auto = {"num_init", "max_gaussians", "rate_factor"}
+    assert {k: v for k, v in big.to_dict().items() if k not in auto} == \
+        {k: v for k, v in base.to_dict().items() if k not in auto}
+    assert base.resolved(512 ** 3) == big
+    # 64^3-class grids: more Gaussians per voxel and rates x2
+    small = base.resolved(64 * 64 * 60)
+    assert small.rate_factor == 2.0 and 30_000 <= small.num_init <= 32_000
+    assert small.max_gaussians == 6 * small.num_init
+    mid = base.resolved(128 ** 3)
+    assert 1.0 < mid.rate_factor < 2.0 and mid.num_init == 50_000
+    # resolving is idempotent (a resumed run compares resolved recipes)
+    assert small.resolved(64 * 64 * 60) == small
+    # a recipe that fixes its count keeps its rates; explicit values win
+    assert base.__class__(num_init=4000).resolved(64 ** 3).rate_factor == 1.0
+    assert GSConfig(rate_factor=1.5).resolved(64 ** 3).rate_factor == 1.5
+    with pytest.raises(RgsInputError):
+        GSConfig(rate_factor=-1.0)
