@@ -16,7 +16,7 @@ from blob_phantom import blob_phantom
 from rgs_engine import VolumeGrid
 from rgs_engine.core import rigid
 from rgs_engine.io import xrays as xray_data
-from rgs_engine.registration import register as reg
+from rgs_engine.registration import register as reg, report, windows
 from rgs_engine.registration.ct_gaussians import gaussians_for_ct
 from rgs_engine.core.errors import RgsInputError
 from rgs_engine.core.geometry import Geometry
@@ -47,7 +47,7 @@ def params(ct_path, device):
 
 @pytest.fixture(scope="module")
 def points(ct_path):
-    return reg.target_points(ct_path)
+    return report.target_points(ct_path)
 
 
 def _simulate(ct, out, mm, deg, seed, *extra):
@@ -70,12 +70,12 @@ def test_similarity_pool_and_coarse_geometry():
     p = reg.pool(a, 4)
     assert p.shape == (2, 5, 5) and torch.isclose(p[1, 2, 3], a[1, 8:12, 12:16].mean())
     geo = Geometry.biplanar(1000.0, 1500.0, (21, 22), 1.3)
-    coarse = reg.coarse_geometry(geo, 4)
+    coarse = windows.coarse_geometry(geo, 4)
     assert coarse.det_shape == (5, 5)
     fine = geo.pixel_centres()[:, :20, :20].reshape(2, 5, 4, 5, 4, 3).mean(dim=(2, 4))
     assert torch.allclose(coarse.pixel_centres(), fine, atol=1e-9)
     with pytest.raises(RgsInputError, match="too small"):
-        reg.coarse_geometry(geo, 16)
+        windows.coarse_geometry(geo, 16)
 
 
 def test_mtre_and_target_points(ct_path, tmp_path, points):
@@ -90,10 +90,10 @@ def test_mtre_and_target_points(ct_path, tmp_path, points):
     labels = torch.zeros(GRID.shape)
     labels[:4, :4, :4] = 5
     seg = save_nifti(tmp_path / "seg.nii.gz", labels, GRID)
-    mp = reg.target_points(ct_path, seg, 5)
+    mp = report.target_points(ct_path, seg, 5)
     assert mp.shape == (64, 3) and np.all(mp <= np.asarray(GRID.origin) + 9.0 + 1e-9)
     with pytest.raises(RgsInputError, match="label 4"):
-        reg.target_points(ct_path, seg, 4)
+        report.target_points(ct_path, seg, 4)
 
 
 # --------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_project_points_hits_pixel_centres():
     geo = Geometry.biplanar(800.0, 1200.0, (20, 30), 1.3, isocentre=(5.0, -3.0, 2.0))
     centres = geo.pixel_centres()  # (V, H, W, 3)
     for k in range(geo.num_views):
-        rc = reg.project_points(geo.subset([k]), centres[k].reshape(-1, 3).numpy())[0]
+        rc = windows.project_points(geo.subset([k]), centres[k].reshape(-1, 3).numpy())[0]
         rows, cols = np.meshgrid(np.arange(20), np.arange(30), indexing="ij")
         assert np.allclose(rc[:, 0], rows.reshape(-1), atol=1e-6)
         assert np.allclose(rc[:, 1], cols.reshape(-1), atol=1e-6)
@@ -227,7 +227,7 @@ def test_project_points_hits_pixel_centres():
 def test_crop_is_the_window_of_the_full_render(params):
     geo = Geometry.biplanar(800.0, 1200.0, (48, 56), 2.0, isocentre=(0.0, 0.0, 0.0))
     pts = params["means"].double().cpu().numpy()[:50]
-    crop = reg.Crop.around(geo, pts, 3.0)
+    crop = windows.Crop.around(geo, pts, 3.0)
     assert crop.shape[0] <= 48 and crop.shape[1] <= 56 and (crop.starts >= 0).all()
     full = reg.render(params, np.eye(4), geo)
     part = reg.render(params, np.eye(4), crop.geometry(geo))

@@ -88,7 +88,7 @@ from rgs_engine.core.geometry import Geometry  # noqa: E402
 from rgs_engine.io import images as imaging  # noqa: E402
 from rgs_engine.io.files import load_nifti, save_json, write_bytes  # noqa: E402
 from rgs_engine.io.xrays import XRaySet  # noqa: E402
-from rgs_engine.registration import ct_gaussians, register as reg  # noqa: E402
+from rgs_engine.registration import ct_gaussians, register as reg, report  # noqa: E402
 from rgs_engine.sim import ct, radiograph  # noqa: E402
 from rgs_engine.sim import scan as sim  # noqa: E402
 
@@ -419,7 +419,7 @@ def write_overlay(path: Path, example) -> None:
     xs, res, case = example
     before = reg.render(case["params"], res.init, xs.geometry)
     after = reg.render(case["params"], res.pose, xs.geometry)
-    imaging.write_png(path, reg.overlay_image(xs.images, before, after), force=True,
+    imaging.write_png(path, report.overlay_image(xs.images, before, after), force=True,
                       text={"Description": f"{case['name']}: start mTRE {res.initial_mtre_mm:.2f} mm "
                                            f"(red), registered {res.mtre_mm:.2f} mm (green)"})
 
@@ -526,7 +526,7 @@ def main(argv=None) -> int:
             params, cached = ct_gaussians.gaussians_for_ct(CT, mask_path=MASK, label=label,
                                                            cache_dir=args.cache, **kw)
             fits[part] = (params, fresh, cached)
-        points = reg.target_points(CT, MASK, label)
+        points = report.target_points(CT, MASK, label)
         centre = points.mean(axis=0)
         (params, info, cached), (context, cinfo, ccached) = fits["vertebra"], fits["context"]
         conv.append({"label": label, "fit_seconds": info["seconds"] + cinfo["seconds"] if info else None,

@@ -17,7 +17,7 @@ from ..core import rigid, runtime
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry
 from ..io import files, images, xrays as xray_io
-from ..registration import ct_gaussians, register as reg
+from ..registration import ct_gaussians, register as reg, report
 from ..sim import radiograph, scan
 from .common import ProgressCallback, Reporter, RunResult, StopCheck, require
 
@@ -199,7 +199,7 @@ def register(xrays: str | Path, ct: str | Path, out: str | Path, mask: str | Pat
                 ct, grid_size=CT_GRID, num_gaussians=CONTEXT_GAUSSIANS, iterations=fit_iterations,
                 mask_path=mask, label=label, complement=True, force=force)
             info["cached"] = bool(info.get("cached")) and bool(cinfo.get("cached"))
-        points = reg.target_points(ct, mask, label) if xset.ground_truth is not None else None
+        points = report.target_points(ct, mask, label) if xset.ground_truth is not None else None
     with reporter.stage("register", f"register to {xset.geometry.num_views} views"):
         result = reg.register(xset, params, init_pose, context=context, candidates=candidates,
                               capture_mm=capture_mm, capture_deg=capture_deg,
@@ -208,7 +208,7 @@ def register(xrays: str | Path, ct: str | Path, out: str | Path, mask: str | Pat
     with reporter.stage("overlay", "overlay of DRR edges"):
         before = reg.render(params, init_pose, xset.geometry)
         after = reg.render(params, result.pose, xset.geometry)  # edges of the structure
-        picture = reg.overlay_image(xset.images, before, after, caption=reg.decision_caption(result),
+        picture = report.overlay_image(xset.images, before, after, caption=report.decision_caption(result),
                                     ok=result.success)
     with reporter.stage("write", f"write {out.name}/"):
         doc = {"format": "rgs-pose", "version": 1, **result.to_dict(),

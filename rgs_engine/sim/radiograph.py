@@ -43,7 +43,7 @@ from ..core import rigid
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
 from ..io.xrays import XRaySet
-from ..registration.register import Crop
+from ..registration.windows import Crop
 from . import scan
 
 WINDOW_PERCENTILES = (0.5, 99.5)  # display window of the log signal over the exposed pixels
