@@ -36,7 +36,8 @@ bin with >= 95 % success), with rgs's training-free registration, extended by is
      and the registered vertebra lies outside the field of view. No pose is right; every
      flagged success is a wrong pose flagged.
    * ``moved-patient`` (wrong input): the lateral view taken after the patient moved by
-     6-10 mm in the lateral detector's plane and 2 deg about the vertebra
+     6-10 mm along the line both detector planes share (superior-inferior) and 2 deg about
+     the vertebra
      (:func:`rgs_engine.sim.radiograph.moved_patient_views`): no single pose explains both
      views; the mTRE is measured against the AP view's pose; every flagged success is wrong.
    * ``far-start``: starts 45-70 mm away without the global stage (``candidates=0``), to
@@ -114,7 +115,7 @@ BLUR_PX = (1.0, 2.0)  # detector blur sigma, uniform
 COLLIMATION_PX = 14  # unexposed border at 512^2 (scaled with the detector)
 LABEL_TEXTS = ("AP", "LAT", "R", "L 12")
 OTHER_LEVELS = 4  # the other-patient X-rays are shifted by this many vertebra levels
-MOVE_MM = (6.0, 10.0)  # moved patient: translation in the lateral detector's plane
+MOVE_MM = (6.0, 10.0)  # moved patient: translation both views see (see patient_move)
 MOVE_DEG = 2.0
 GROUPS = ("clean", "distorted", "other-patient", "moved-patient", "far-start")
 WRONG_INPUT = ("other-patient", "moved-patient")
@@ -154,13 +155,15 @@ def random_detector(rng: np.random.Generator, det: int, views: int) -> radiograp
 
 def patient_move(rng: np.random.Generator, geometry: Geometry, centre_xray: np.ndarray) -> np.ndarray:
     """A rigid move of the patient (X-ray frame, mm) between the two exposures: MOVE_DEG about
-    a random axis through ``centre_xray``, then MOVE_MM in a random direction of the lateral
-    (second) detector's plane, where the lateral view sees it."""
-    u, v = (geometry.vectors[1, a:a + 3].numpy() for a in (6, 9))
-    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
-    phi = rng.uniform(0, 2 * math.pi)
+    a random axis through ``centre_xray``, then MOVE_MM (random sign) along the line common to
+    the two detector planes (superior-inferior for AP + lateral), which both views see. A
+    move along one view's depth axis would not do: that view barely sees it, so one pose
+    (the moved one) explains both images and no registration could tell."""
+    normals = [np.cross(geometry.vectors[k, 6:9].numpy(), geometry.vectors[k, 9:12].numpy()) for k in (0, 1)]
+    common = np.cross(normals[0], normals[1])
+    common = common / np.linalg.norm(common)
     move = rigid.random_offset(0.0, MOVE_DEG, rng, centre_xray)
-    move[:3, 3] += float(rng.uniform(*MOVE_MM)) * (math.cos(phi) * u + math.sin(phi) * v)
+    move[:3, 3] += float(rng.uniform(*MOVE_MM)) * float(rng.choice((-1.0, 1.0))) * common
     return move
 
 
@@ -366,7 +369,7 @@ def markdown(res: dict) -> str:
            "levels along the spine (another vertebra at the view centre, mirrored surroundings, the "
            "registered vertebra outside the field of view); no pose is right.",
            f"- moved-patient (wrong input): the lateral view after the patient moved {MOVE_MM[0]:g}-"
-           f"{MOVE_MM[1]:g} mm in the lateral detector's plane and {MOVE_DEG:g} deg; no pose explains both "
+           f"{MOVE_MM[1]:g} mm along the line both detector planes share and {MOVE_DEG:g} deg; no pose explains both "
            "views (mTRE against the AP view's pose).",
            f"- far-start: starts {FAR_MM[0]:g}-{FAR_MM[1]:g} mm without the global stage (candidates=0).",
            f"- Registration settings: {json.dumps(s['register'])}; the decision is the result's `success`"
