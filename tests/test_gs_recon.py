@@ -124,9 +124,9 @@ def test_recipe_resolves_by_grid_size():
     assert {k: v for k, v in big.to_dict().items() if k not in auto} == \
         {k: v for k, v in base.to_dict().items() if k not in auto}
     assert base.resolved(512 ** 3) == big
-    # 64^3-class grids: more Gaussians per voxel and rates x2
+    # 64^3-class grids: rates x2, one Gaussian per 20 voxels
     small = base.resolved(64 * 64 * 60)
-    assert small.rate_factor == 2.0 and 30_000 <= small.num_init <= 32_000
+    assert small.rate_factor == 2.0 and small.num_init == 64 * 64 * 60 // 20
     assert small.max_gaussians == 6 * small.num_init
     mid = base.resolved(128 ** 3)
     assert 1.0 < mid.rate_factor < 2.0 and mid.num_init == 50_000

@@ -28,14 +28,17 @@ spacing lost 1 dB; 150k instead of 50k Gaussians gained nothing; mass-preserving
 densities lost 0.7 dB (at 128^3). The full recipe takes about 45 s there
 (``validation/sparse_view.md``).
 
-Small grids (:meth:`GSConfig.resolved`): below 256^3 the automatic count grows to one
-Gaussian per ~8 voxels at 64^3 (instead of 20) and all learning rates are scaled by up to 2x;
-at 256^3 and above nothing changes. Measured on 2 loaded CPU cores at the README's 500
-iterations on ``validation/small_grid.py``'s held-out 64^3-class cases (projected from a 3x
-finer grid): ``crop-c64`` 29.31 dB with the old recipe (12.3k Gaussians), 30.02 dB with 30k
-Gaussians and rates x2 (SART 28.87 dB); ``full-c128`` 32.96 dB with the old recipe, 34.62 dB
-with this rule (SART 32.47 dB). Table, levers and what was not measured:
-``validation/small_grid.md``.
+Small grids (:meth:`GSConfig.resolved`): below 256^3 all learning rates are scaled by up to
+2x (x2 at 64^3); at 256^3 and above nothing changes. Measured on 2 loaded CPU cores at the
+README's 500 iterations on ``validation/small_grid.py``'s held-out 64^3-class cases (projected
+from a 3x finer grid): ``crop-c64`` 29.31 dB with the old recipe (12.3k Gaussians), 30.02 dB
+with 30k Gaussians and rates x2 (SART 28.87 dB); ``full-c128`` 32.96 dB with the old recipe,
+34.62 dB with 34.6k Gaussians and rates x2 (SART 32.47 dB). On the README's quick-start case
+(quiet 2 cores, 500 iterations): the old recipe 32.05 dB in 201 s; rates x2 alone 33.41 dB in
+219 s (13.7k Gaussians); rates x2 with one Gaussian per ~8 voxels 33.76 dB in 327 s (34.6k
+Gaussians). The larger count is therefore not the default (it would take the quick start
+past 5 minutes); ``--set num_init=N --set rate_factor=2`` asks for it. Table, levers and
+what was not measured: ``validation/small_grid.md``.
 """
 from __future__ import annotations
 
@@ -126,15 +129,15 @@ class GSConfig(Recipe):
         """A copy with the automatic sizes filled in for a grid of ``voxels`` voxels.
 
         ``edge_ratio = 256 / voxels^(1/3)`` clamped to [1, 4] (1 at 256^3 and above, 4 at
-        64^3 and below). Automatic count (``num_init=0``): one Gaussian per
-        ``20 / edge_ratio^(2/3)`` voxels (20 at 256^3, ~8 at 64^3), 10k..50k; automatic rates
-        (``rate_factor=0``): ``edge_ratio^(1/2)`` (1 at 256^3, 2 at 64^3) when the count is
-        automatic too, else 1 (a recipe that fixes its count keeps its rates as written).
+        64^3 and below). Automatic count (``num_init=0``): one Gaussian per 20 voxels,
+        10k..50k; automatic rates (``rate_factor=0``): ``edge_ratio^(1/2)`` (1 at 256^3, 2 at
+        64^3) when the count is automatic too, else 1 (a recipe that fixes its count keeps its
+        rates as written).
         At 256^3 and above this gives exactly the recipe measured there (50k Gaussians,
         cap 300k, rates x1). Measurements: ``validation/small_grid.md``.
         """
         ratio = round(min(max(256.0 / max(voxels, 1) ** (1 / 3), 1.0), 4.0), 6)
-        n = self.num_init or int(min(max(voxels * ratio ** (2 / 3) // 20, 10_000), 50_000))
+        n = self.num_init or int(min(max(voxels // 20, 10_000), 50_000))
         rate_factor = self.rate_factor or (ratio ** 0.5 if self.num_init == 0 else 1.0)
         return GSConfig(**{**asdict(self), "num_init": n, "max_gaussians": self.max_gaussians or 6 * n,
                            "rate_factor": float(rate_factor)})
