@@ -10,7 +10,12 @@ Public API (all lengths in mm, attenuation in 1/mm; tensors on the runtime devic
 * :func:`voxelize` — Gaussians -> volume (nx, ny, nz) on any grid, differentiable.
 * :func:`project` / :func:`backproject` — dense DRR of a volume and its exact adjoint.
 * :func:`fdk` — filtered backprojection for circular orbits.
+* :func:`register` — rigid CT-to-X-ray registration of Gaussians (engine level).
 * :func:`init` — choose the device (``auto`` / ``cuda`` / ``cpu``); otherwise lazy.
+
+Whole jobs (load, iterate, evaluate, write, resume) are in :mod:`rgs_engine.pipelines`, one
+function per ``rgs`` command; the sub-packages ``core``, ``io``, ``sim``, ``recon``,
+``registration``, ``motion`` and ``batch`` hold the rest (README, "Architecture").
 """
 import os
 
@@ -29,3 +34,7 @@ from .registration.register import register  # noqa: E402
 
 __version__ = "0.1.0"
 init = runtime.init
+
+__all__ = ["Geometry", "VolumeGrid", "Gaussians", "covariance", "inverse_covariance", "quat_to_rotmat",
+           "splat", "voxelize", "project", "backproject", "fdk", "register", "init", "runtime",
+           "RgsInputError", "RgsDeviceError", "__version__"]

@@ -5,7 +5,6 @@ Toy CT: the 32^3, 3 mm blob phantom of test_registration.py, 64x64 AP + lateral 
 Clean right poses end at mTRE 0.2-0.9 mm with an estimated error of 0.3-0.8 mm; a pose
 left 6 mm off is estimated several mm off; a moved patient is refused.
 """
-import numpy as np
 import pytest
 import torch
 
