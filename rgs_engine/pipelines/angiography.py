@@ -35,7 +35,6 @@ checkpoint (:class:`~.common.Interrupted`); ``resume=True`` continues with the s
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import shlex
 import time
@@ -54,8 +53,8 @@ from ..io import dsa_case, files, images, mesh
 from ..io.projections import ProjectionData, load_projections
 from ..motion.dsa import DsaConfig, DsaReconstruction, vessel_surface
 from ..sim import scan, vessels
-from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, require,
-                     resume_settings, run_iterations, write_metrics, write_run_config)
+from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, data_sha256,
+                     require, resume_settings, run_iterations, write_metrics, write_run_config)
 
 MEAN, SERIES, SURFACE, GIF, METRICS, CONFIG, CHECKPOINT = (
     "vessels.nii.gz", "vessels_4d.nii.gz", "vessels.ply", "mip.gif",
@@ -137,11 +136,7 @@ def output_times(data: ProjectionData, times: Optional[list[float]]) -> list[flo
 
 def _fingerprint(data: ProjectionData) -> str:
     """SHA-256 of the training frames, their geometry and times (detects changed data)."""
-    h = hashlib.sha256()
-    for t in (data.projections, data.geometry.vectors, data.time):
-        h.update(t.contiguous().numpy().tobytes())
-    h.update(repr(data.grid.to_dict()).encode())
-    return h.hexdigest()
+    return data_sha256((data.projections, data.geometry.vectors, data.time), repr(data.grid.to_dict()))
 
 
 # --------------------------------------------------------------------------------------

@@ -40,7 +40,6 @@ period (:mod:`rgs_engine.motion.track4d`). Outputs in ``--out DIR``:
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import shlex
 import time
@@ -56,8 +55,8 @@ from ..io.naf4d import Projection4D
 from ..motion.track4d import PERIOD_MISMATCH_PCT, Track4DConfig, Track4DReconstruction
 from ..recon.gaussian import GSConfig
 from ..sim import breathing_scan, scan
-from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, require,
-                     resume_settings, run_iterations, write_metrics, write_run_config)
+from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, data_sha256,
+                     require, resume_settings, run_iterations, write_metrics, write_run_config)
 from .angiography import check_run_options, dsa
 
 PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
@@ -74,10 +73,7 @@ TIME_INPUTS = ("time", "phase", "auto")
 
 def _fingerprint(data: Projection4D) -> str:
     """SHA-256 of the training projections, their geometry and times (detects changed data)."""
-    h = hashlib.sha256()
-    for t in (data.projections, data.geometry.vectors, data.times_s):
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return data_sha256((data.projections, data.geometry.vectors, data.times_s))
 
 
 def _output_times(data: Projection4D, period_s: float) -> tuple[torch.Tensor, str]:

@@ -16,6 +16,7 @@ when it arrived between two iterations).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -193,6 +194,16 @@ def resume_settings(out: Path, case: Path, mode: str, known: Callable[[dict], di
                 f"{option} {value} differs from the run in {out} ({option} {values[option]}): "
                 "drop it to resume, or start a new run without --resume")
     return s
+
+
+def data_sha256(tensors: Iterable[torch.Tensor], text: str = "") -> str:
+    """SHA-256 of the CPU ``tensors``' bytes in order, then ``text``: the fingerprint a run
+    keeps in config.json so that ``--resume`` refuses changed data."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    h.update(text.encode())
+    return h.hexdigest()
 
 
 def write_metrics(path: Path, report: dict, dev: torch.device, t_start: float, seconds: dict,

@@ -26,7 +26,6 @@ Lengths in mm, attenuation in 1/mm, volumes (nx, ny, nz) on the data's grid.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import time
@@ -44,8 +43,8 @@ from ..io.projections import ProjectionData, load_projections
 from ..recon import fdk as fdk_method, sart as iterative
 from ..recon.gaussian import GaussianReconstruction, GSConfig
 from ..sim import ct as ct_sim
-from .common import (ProgressCallback, Reporter, RunResult, StopCheck, require, run_iterations,
-                     write_metrics, write_run_config)
+from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, data_sha256, require,
+                     run_iterations, write_metrics, write_run_config)
 
 VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS = (
     "volume.nii.gz", "slices.png", "metrics.json", "config.json", "checkpoint.pt", "gaussians.npz")
@@ -167,11 +166,8 @@ def _resume_settings(out: Path, data_path: Path, given: dict[str, Any]) -> dict[
 
 def _fingerprint(data: ProjectionData) -> str:
     """SHA-256 of the selected projections and their geometry (detects changed data)."""
-    h = hashlib.sha256()
-    h.update(data.projections.numpy().tobytes())
-    h.update(data.geometry.vectors.numpy().tobytes())
-    h.update(repr((data.geometry.det_shape, data.geometry.mode, data.grid.to_dict())).encode())
-    return h.hexdigest()
+    return data_sha256((data.projections, data.geometry.vectors),
+                       repr((data.geometry.det_shape, data.geometry.mode, data.grid.to_dict())))
 
 
 def _select(data: ProjectionData, views: int) -> tuple[ProjectionData, list[int]]:
@@ -368,10 +364,7 @@ def recon(data_path: str | Path, out: str | Path, views: Optional[int] = None,
                               checkpoint_every, recipe)
         outputs = [VOLUME, SLICES, METRICS, CONFIG] + (
             [CHECKPOINT] if name != "fdk" else []) + ([GAUSSIANS] if name == "gs" else [])
-        if not force and (out / CONFIG).exists():
-            raise RgsInputError(f"{out / CONFIG} exists: a run is already in {out}; pass --resume "
-                                "to continue it or --force to start over")
-        files.check_writable([out / f for f in outputs], force)
+        check_new_run(out, outputs, force)
         settings = _new_settings(data_path, views, name, init, iterations, seed, filter,
                                  subsets, relaxation, checkpoint_every, recipe)
 
