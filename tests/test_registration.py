@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from blob_phantom import blob_phantom
 from rgs_engine import VolumeGrid
 from rgs_engine.core import rigid
 from rgs_engine.io import xrays as xray_data
@@ -22,39 +21,7 @@ from rgs_engine.core.errors import RgsInputError
 from rgs_engine.core.geometry import Geometry
 from rgs_engine.io.files import save_nifti
 from cli_helpers import invoke as _invoke
-
-
-GRID = VolumeGrid.centred((32, 32, 32), 3.0, (5.0, -3.0, 10.0))
-FIT = {"grid_size": 32, "num_gaussians": 2000, "iterations": 150}
-MTRE_OK_MM = 1.5
-
-
-def _hu(volume: torch.Tensor) -> torch.Tensor:
-    return volume / 0.02 * 1000 - 1000
-
-
-@pytest.fixture(scope="module")
-def ct_path(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ct")
-    vol = blob_phantom(VolumeGrid.centred((32, 32, 32), 3.0))
-    return save_nifti(folder / "ct.nii.gz", _hu(vol), GRID)
-
-
-@pytest.fixture(scope="module")
-def params(ct_path, device):
-    return gaussians_for_ct(ct_path, **FIT)[0]
-
-
-@pytest.fixture(scope="module")
-def points(ct_path):
-    return report.target_points(ct_path)
-
-
-def _simulate(ct, out, mm, deg, seed, *extra):
-    res = _invoke("simulate-xrays", ct, out, "--grid", 32, "--det", 64, "--offset-mm", mm,
-                  "--offset-deg", deg, "--seed", seed, *extra)
-    assert res.exit_code == 0, res.output
-    return xray_data.load_xrays(out)
+from registration_case import GRID, MTRE_OK_MM, hu as _hu, simulate as _simulate
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from rgs_engine.registration import register as reg
 from rgs_engine.registration.masking import exposure_mask
 from rgs_engine.registration.similarity import match_contrast, ncc
 from rgs_engine.sim.radiograph import DetectorSpec, detector_images
-from test_registration import MTRE_OK_MM, _simulate, ct_path, params, points  # noqa: F401 (fixtures)
+from registration_case import MTRE_OK_MM, simulate as _simulate
 
 DETECTOR = "gamma=0.6,scatter=0.2,blur=1.2,collimation=6,label=AP"
 
