@@ -11,7 +11,7 @@ import typer
 from rgs_engine import pipelines
 from rgs_engine.io.projections import describe
 from rgs_engine.pipelines.reconstruct import DEFAULT_CHECKPOINT_EVERY
-from rgs_engine.recon import sart as iterative
+from rgs_engine.recon import presets, sart as iterative
 from rgs_engine.recon.gaussian import GSConfig
 
 from .common import DeviceOption, FilterChoice, app, fmt, handle_errors, out_console, print_summary, run_pipeline
@@ -43,6 +43,11 @@ def recon(
     init: Annotated[Optional[InitChoice], typer.Option(
         help="gs initialisation: fdk (circular orbits), random, or auto (fdk when circular). "
              "[default: auto]")] = None,
+    preset: Annotated[str | None, typer.Option(
+        metavar="|".join(presets.PRESETS),
+        help=f"gs recipe preset, a point on the time / quality curve ({presets.describe()}). "
+             "--iterations and --set override its values; --resume keeps the run's. "
+             "[default: default]")] = None,
     iterations: Annotated[Optional[int], typer.Option(
         help=f"gs / sart iterations. [default: gs {GSConfig().iterations}, "
              f"sart {iterative.DEFAULT_ITERATIONS}]")] = None,
@@ -81,11 +86,12 @@ def recon(
     r = run_pipeline(pipelines.recon, stages=stages, data_path=data_path, out=out, views=views,
                      method=method and method.value, init=init and init.value, iterations=iterations,
                      seed=seed, filter=filter and filter.value, subsets=subsets, relaxation=relaxation,
-                     checkpoint_every=checkpoint_every, sets=sets, resume=resume, force=force,
+                     checkpoint_every=checkpoint_every, sets=sets, preset=preset, resume=resume, force=force,
                      device=device and device.value)
     report = r.metrics
-    out_console.print(f"recon of {data_path}: {describe(r.extra['data'])}; method {report['method']}, "
-                      f"{report['device']}", highlight=False)
+    preset_text = f" (preset {report['preset']})" if report.get("preset") else ""
+    out_console.print(f"recon of {data_path}: {describe(r.extra['data'])}; method {report['method']}"
+                      f"{preset_text}, {report['device']}", highlight=False)
     rows = [("PSNR 3D (dB)", fmt(report["psnr_3d"])), ("SSIM 3D", fmt(report["ssim_3d"], 4)),
             ("PSNR 2D test (dB)", fmt(report["psnr_2d_test"])),
             ("SSIM 2D test", fmt(report["ssim_2d_test"], 4)),

@@ -137,3 +137,23 @@ def test_recipe_resolves_by_grid_size():
     assert GSConfig(rate_factor=1.5).resolved(64 ** 3).rate_factor == 1.5
     with pytest.raises(RgsInputError):
         GSConfig(rate_factor=-1.0)
+
+
+def test_presets_are_recipe_overrides():
+    from rgs_engine.recon import presets
+
+    assert presets.check(None) == "default" and presets.overrides(None) == {}
+    assert presets.overrides("fast") == {"iterations": 1000}
+    for name in presets.PRESETS:  # every preset is a valid recipe, described in the help
+        GSConfig(**presets.overrides(name))
+        assert name in presets.describe()
+    best = GSConfig(**presets.overrides("best"))
+    # the larger count only below ~100^3; at 256^3 both reach the 50k cap
+    assert best.resolved(64 * 64 * 60).num_init == 64 * 64 * 60 // 8
+    assert best.resolved(256 ** 3).num_init == GSConfig().resolved(256 ** 3).num_init == 50_000
+    presets.overrides("fast")["iterations"] = 1  # a copy: the table is not changed
+    assert presets.overrides("fast") == {"iterations": 1000}
+    with pytest.raises(RgsInputError, match="--preset 'quick' is not a preset"):
+        presets.check("quick")
+    with pytest.raises(RgsInputError):
+        GSConfig(voxels_per_gaussian=0)

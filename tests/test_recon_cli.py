@@ -286,6 +286,54 @@ def test_gs_smoke(scans, tmp_path):
         assert g["means"].shape == (report["num_gaussians"], 3)
 
 
+@pytest.mark.skipif(not HAS_GS, reason="rgs_engine.recon.gaussian is not in this tree")
+def test_gs_preset(scans, tmp_path, monkeypatch):
+    from rgs_engine.recon.gaussian import GaussianReconstruction
+
+    # the preset's values, then explicit options: --iterations and --set win
+    out = tmp_path / "best"
+    result = _invoke(scans["circle"], "--out", out, "--preset", "best", "--iterations", 3,
+                     "--set", "voxels_per_gaussian=12", *GS_SETS)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "best" and "--preset best" in config["command"]
+    assert config["iterations"] == config["gs"]["iterations"] == 3  # best's 5000 overridden
+    assert config["gs"]["voxels_per_gaussian"] == 12
+    assert json.loads((out / "metrics.json").read_text())["preset"] == "best"
+    # no --preset: default; fdk / sart record none
+    out = tmp_path / "default"
+    assert _invoke(scans["circle"], "--out", out, "--iterations", 2, *GS_SETS).exit_code == 0
+    assert json.loads((out / "metrics.json").read_text())["preset"] == "default"
+    assert json.loads((out / "config.json").read_text())["gs"]["voxels_per_gaussian"] == 20
+    out = tmp_path / "fdk"
+    assert _invoke(scans["circle"], "--out", out, "--method", "fdk").exit_code == 0
+    assert json.loads((out / "metrics.json").read_text())["preset"] is None
+    # the preset's iterations when --iterations is not given; --resume keeps the preset
+    out = tmp_path / "fast"
+    with monkeypatch.context() as m:
+        interrupt_at(m, GaussianReconstruction, 2, "signal")
+        result = _invoke(scans["circle"], "--out", out, "--preset", "fast", *GS_SETS)
+    assert result.exit_code == 130, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "fast" and config["iterations"] == 1000
+    _assert_one_line_error(_invoke(scans["circle"], "--out", out, "--resume", "--preset", "best"),
+                           "--preset best differs from the run")
+    with monkeypatch.context() as m:  # the run's own preset is accepted (stopped again)
+        interrupt_at(m, GaussianReconstruction, 1, "signal")
+        result = _invoke(scans["circle"], "--out", out, "--resume", "--preset", "fast")
+    assert result.exit_code == 130 and "checkpoint at iteration 3" in result.stderr, result.output
+    assert json.loads((out / "config.json").read_text()) == config
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--preset", "quick"], "--preset 'quick' is not a preset: use one of fast, default, best"),
+    (["--method", "sart", "--preset", "fast"], "--preset does not apply to --method sart"),
+])
+def test_bad_preset(scans, tmp_path, args, text):
+    _assert_one_line_error(_invoke(scans["circle"], "--out", tmp_path / "r", *args), text)
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_GS, reason="rgs_engine.recon.gaussian is not in this tree")
 @pytest.mark.parametrize("scan, init", [("circle", "fdk"), ("posed", "random")])

@@ -11,16 +11,17 @@ end-to-end check: a DRR scan of a real CT, reconstructed with FDK).
   from the volume for fdk / sart), null where the data has none; ``seconds`` (wall time of
   this invocation, loading included; a resumed run counts from its resume, see
   ``resumed_from``), ``seconds_by_stage``, ``iterations``, ``num_gaussians`` (gs),
-  ``device``, ``views``, ``method``;
+  ``device``, ``views``, ``method``, ``preset`` (gs; null for fdk / sart);
 * ``config.json``: everything to rerun (data path and fingerprint, the selected view
-  indices, method, recipe, seed, device, rgs version, the equivalent command line);
+  indices, method, preset and the recipe it gave, seed, device, rgs version, the
+  equivalent command line);
 * gs / sart: ``checkpoint.pt`` (every ``checkpoint_every`` iterations and at the end);
   gs: ``gaussians.npz``.
 
 ``resume=True`` continues an interrupted gs / sart run from ``checkpoint.pt`` with the
-settings in ``config.json`` (options given again must match them). A stop request during the
-iterations stops after the current iteration, saves a checkpoint and raises
-:class:`~.common.Interrupted`.
+settings in ``config.json``, its preset included (options given again must match them). A
+stop request during the iterations stops after the current iteration, saves a checkpoint and
+raises :class:`~.common.Interrupted`.
 
 Lengths in mm, attenuation in 1/mm, volumes (nx, ny, nz) on the data's grid.
 """
@@ -40,7 +41,7 @@ from ..core import metrics, runtime
 from ..core.errors import RgsInputError
 from ..io import files, images
 from ..io.projections import ProjectionData, load_projections
-from ..recon import fdk as fdk_method, sart as iterative
+from ..recon import fdk as fdk_method, presets, sart as iterative
 from ..recon.gaussian import GaussianReconstruction, GSConfig
 from ..sim import ct as ct_sim
 from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, data_sha256, require,
@@ -82,8 +83,11 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 def _new_settings(data_path: Path, views: Optional[int], method: str, init: Optional[str],
                   iterations: Optional[int], seed: Optional[int], filter: Optional[str],
                   subsets: Optional[int], relaxation: Optional[float],
-                  checkpoint_every: Optional[int], sets: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a new run (before the data are loaded: views may still be None)."""
+                  checkpoint_every: Optional[int], sets: dict[str, Any],
+                  preset: str | None) -> dict[str, Any]:
+    """The settings of a new run (before the data are loaded: views may still be None). The
+    gs recipe is the defaults, then the ``preset``'s overrides, then ``iterations`` and
+    ``sets`` (explicit options win)."""
     s: dict[str, Any] = {"data": str(data_path.resolve()), "views": views, "method": method,
                          "seed": DEFAULT_SEED if seed is None else seed}
     if method == "fdk":
@@ -96,10 +100,11 @@ def _new_settings(data_path: Path, views: Optional[int], method: str, init: Opti
                      "relaxation": iterative.DEFAULT_RELAXATION if relaxation is None else relaxation,
                      "nonneg": True}
         return s
-    base = GSConfig()
+    s["preset"] = presets.check(preset)
+    base = {**GSConfig().to_dict(), **presets.overrides(preset)}
     try:
-        cfg = GSConfig(**{**base.to_dict(), **sets,
-                          "iterations": base.iterations if iterations is None else iterations,
+        cfg = GSConfig(**{**base, **sets,
+                          "iterations": base["iterations"] if iterations is None else iterations,
                           "init": init or "auto", "seed": s["seed"]})
     except RgsInputError:
         raise
@@ -113,8 +118,9 @@ def _new_settings(data_path: Path, views: Optional[int], method: str, init: Opti
 
 
 def _check_method_options(method: str, init, iterations, filter, subsets, relaxation,
-                          checkpoint_every, sets) -> None:
-    given = {"--init": (init, ("gs",)), "--iterations": (iterations, ("gs", "sart")),
+                          checkpoint_every, sets, preset) -> None:
+    given = {"--init": (init, ("gs",)), "--preset": (preset, ("gs",)),
+             "--iterations": (iterations, ("gs", "sart")),
              "--filter": (filter, ("fdk",)), "--subsets": (subsets, ("sart",)),
              "--relaxation": (relaxation, ("sart",)),
              "--checkpoint-every": (checkpoint_every, ("gs", "sart")),
@@ -146,6 +152,7 @@ def _resume_settings(out: Path, data_path: Path, given: dict[str, Any]) -> dict[
              "--iterations": s.get("iterations"), "--seed": s.get("seed"),
              "--checkpoint-every": s.get("checkpoint_every"),
              "--init": (s.get("gs") or {}).get("init"),
+             "--preset": s.get("preset", presets.DEFAULT) if s["method"] == "gs" else None,
              "--subsets": (s.get("sart") or {}).get("subsets"),
              "--relaxation": (s.get("sart") or {}).get("relaxation")}
     for option, value in given.items():
@@ -278,7 +285,8 @@ def _command_line(settings: dict, out: Path, name: str, n: int, recipe: dict[str
                  "--relaxation", str(settings.get("sart", {}).get("relaxation"))],
         "gs": ["--iterations", str(settings.get("iterations")),
                "--checkpoint-every", str(settings.get("checkpoint_every")),
-               "--init", str(settings.get("gs", {}).get("init"))]
+               "--init", str(settings.get("gs", {}).get("init")),
+               "--preset", str(settings.get("preset"))]
         + [a for k, v in recipe.items() for a in ("--set", f"{k}={json.dumps(v)}")]}
     return "rgs recon " + shlex.join([settings["data"], "--out", str(out.resolve()), "--views", str(n),
                                       "--method", name, "--seed", str(settings["seed"])]
@@ -319,12 +327,14 @@ def recon(data_path: str | Path, out: str | Path, views: Optional[int] = None,
           iterations: Optional[int] = None, seed: Optional[int] = None,
           filter: Optional[str] = None, subsets: Optional[int] = None,
           relaxation: Optional[float] = None, checkpoint_every: Optional[int] = None,
-          sets: Optional[list[str]] = None, resume: bool = False, force: bool = False,
-          device: str | None = None, progress: ProgressCallback | None = None,
+          sets: Optional[list[str]] = None, preset: str | None = None, resume: bool = False,
+          force: bool = False, device: str | None = None, progress: ProgressCallback | None = None,
           should_stop: StopCheck | None = None) -> RunResult:
     """Reconstruct a volume from the projections ``data_path`` (rgs .h5, R2-Gaussian folder or
-    NAF .pickle) into ``out`` (options as ``rgs recon``; ``sets``: ``KEY=VALUE`` overrides of
-    the Gaussian recipe, VALUE read as JSON when it parses). See the module docstring for the
+    NAF .pickle) into ``out`` (options as ``rgs recon``; ``preset``: a name of
+    :data:`~rgs_engine.recon.presets.PRESETS` (gs; None: default); ``sets``: ``KEY=VALUE``
+    overrides of the Gaussian recipe, VALUE read as JSON when it parses; both recorded in
+    config.json and ``preset`` in metrics.json). See the module docstring for the
     outputs. Returns ``metrics`` (metrics.json), ``files``, ``volumes["volume"]`` (nx, ny, nz)
     in 1/mm, and in ``extra``: ``data`` (the selected ProjectionData), ``method``,
     ``reconstruction`` (the GaussianReconstruction for gs, else None), ``device``.
@@ -344,12 +354,14 @@ def recon(data_path: str | Path, out: str | Path, views: Optional[int] = None,
     require(relaxation is None or 0 < relaxation < 2,
             f"--relaxation {relaxation}: use a value in (0, 2)")
     require(not out.exists() or out.is_dir(), f"--out {out} is a file: pass a directory")
+    if preset is not None:
+        presets.check(preset)
     recipe = _parse_sets(sets) if sets else {}
 
     if resume:
         given = {"--views": views, "--method": method, "--iterations": iterations, "--seed": seed,
                  "--checkpoint-every": checkpoint_every, "--init": init, "--subsets": subsets,
-                 "--relaxation": relaxation, "--set": recipe or None}
+                 "--relaxation": relaxation, "--set": recipe or None, "--preset": preset}
         require(filter is None, "--filter does not apply to a resumed gs / sart run: drop it")
         settings = _resume_settings(out, data_path, given)
         name = settings["method"]
@@ -361,12 +373,12 @@ def recon(data_path: str | Path, out: str | Path, views: Optional[int] = None,
     else:
         name = method or "gs"
         _check_method_options(name, init, iterations, filter, subsets, relaxation,
-                              checkpoint_every, recipe)
+                              checkpoint_every, recipe, preset)
         outputs = [VOLUME, SLICES, METRICS, CONFIG] + (
             [CHECKPOINT] if name != "fdk" else []) + ([GAUSSIANS] if name == "gs" else [])
         check_new_run(out, outputs, force)
         settings = _new_settings(data_path, views, name, init, iterations, seed, filter,
-                                 subsets, relaxation, checkpoint_every, recipe)
+                                 subsets, relaxation, checkpoint_every, recipe, preset)
 
     dev = runtime.init(device)
     with reporter.stage("load", f"load {data_path.name}"):
@@ -397,7 +409,9 @@ def recon(data_path: str | Path, out: str | Path, views: Optional[int] = None,
         volume, extra, rec = _run_gs(data, settings, out, data_path, resume, truth, reporter)
 
     with reporter.stage("metrics", "PSNR / SSIM"):
-        report: dict[str, Any] = {"method": name, "views": n, "psnr_3d": None, "ssim_3d": None,
+        report: dict[str, Any] = {"method": name, "views": n,
+                                  "preset": settings.get("preset", presets.DEFAULT) if name == "gs" else None,
+                                  "psnr_3d": None, "ssim_3d": None,
                                   "psnr_2d_test": None, "ssim_2d_test": None, "test_views": None}
         if truth is not None:
             report["psnr_3d"] = metrics.psnr_3d(volume, truth)

@@ -92,6 +92,7 @@ class GSConfig(Recipe):
     init: str = "auto"                 # auto | fdk | random
     seed: int = 0
     num_init: int = 0                  # initial Gaussians; 0: by grid size (resolved), 10k..50k
+    voxels_per_gaussian: float = 20.0  # the automatic count (num_init=0): one per this many voxels
     max_gaussians: int = 0             # cap; 0: 6 x num_init
     views_per_step: int = 8            # 0: all training views in every step
     init_threshold: float = 0.05       # fdk init: sample voxels above this fraction of the max
@@ -121,6 +122,8 @@ class GSConfig(Recipe):
             raise RgsInputError("need iterations, num_init and max_gaussians >= 0")
         if self.num_init and self.max_gaussians and self.max_gaussians < self.num_init:
             raise RgsInputError("need num_init <= max_gaussians")
+        if not self.voxels_per_gaussian > 0:
+            raise RgsInputError(f"voxels_per_gaussian must be > 0, got {self.voxels_per_gaussian}")
         if not self.rate_factor >= 0:
             raise RgsInputError(f"rate_factor must be >= 0 (0: by grid size), got {self.rate_factor}")
         self._rates_as_floats()
@@ -129,15 +132,15 @@ class GSConfig(Recipe):
         """A copy with the automatic sizes filled in for a grid of ``voxels`` voxels.
 
         ``edge_ratio = 256 / voxels^(1/3)`` clamped to [1, 4] (1 at 256^3 and above, 4 at
-        64^3 and below). Automatic count (``num_init=0``): one Gaussian per 20 voxels,
-        10k..50k; automatic rates (``rate_factor=0``): ``edge_ratio^(1/2)`` (1 at 256^3, 2 at
+        64^3 and below). Automatic count (``num_init=0``): one Gaussian per
+        ``voxels_per_gaussian`` (20) voxels, 10k..50k; automatic rates (``rate_factor=0``): ``edge_ratio^(1/2)`` (1 at 256^3, 2 at
         64^3) when the count is automatic too, else 1 (a recipe that fixes its count keeps its
         rates as written).
         At 256^3 and above this gives exactly the recipe measured there (50k Gaussians,
         cap 300k, rates x1). Measurements: ``validation/small_grid.md``.
         """
         ratio = round(min(max(256.0 / max(voxels, 1) ** (1 / 3), 1.0), 4.0), 6)
-        n = self.num_init or int(min(max(voxels // 20, 10_000), 50_000))
+        n = self.num_init or int(min(max(voxels // self.voxels_per_gaussian, 10_000), 50_000))
         rate_factor = self.rate_factor or (ratio ** 0.5 if self.num_init == 0 else 1.0)
         return GSConfig(**{**asdict(self), "num_init": n, "max_gaussians": self.max_gaussians or 6 * n,
                            "rate_factor": float(rate_factor)})
