@@ -5,12 +5,13 @@ Toy CT: the 32^3, 3 mm blob phantom of test_registration.py, 64x64 AP + lateral 
 Clean right poses end at mTRE 0.2-0.9 mm with an estimated error of 0.3-0.8 mm; a pose
 left 6 mm off is estimated several mm off; a moved patient is refused.
 """
+import numpy as np
 import pytest
 import torch
 
 from rgs_engine.core import rigid
 from rgs_engine.io import xrays as xray_data
-from rgs_engine.registration import register as reg
+from rgs_engine.registration import confidence, register as reg
 from rgs_engine.registration.masking import exposure_mask
 from rgs_engine.registration.similarity import match_contrast, ncc
 from rgs_engine.sim.radiograph import DetectorSpec, detector_images
@@ -46,6 +47,36 @@ def test_match_contrast_undoes_a_monotone_curve():
     bad = d.clone()
     bad[:, :20] = 5.0  # a masked band does not bend the curve
     assert float(ncc(match_contrast(bad, d, w)[:, 20:], d[:, 20:]).min()) > 0.995
+
+
+def _two_view_score(peak_b_mm: float, width_mm: float = 2.0):
+    """A biplanar similarity with bell-shaped peaks (as NCC's): view A peaks at the identity,
+    view B at a translation of ``peak_b_mm`` along z (the axis both views see); A ignores
+    depth y, B depth x; rotations cost both alike."""
+    def score(poses):
+        out = []
+        for m in poses:
+            t = m[:3, 3]
+            rot = np.degrees(np.arccos(np.clip((np.trace(m[:3, :3]) - 1) / 2, -1, 1)))
+            a = (t[0] ** 2 + 0.05 * t[1] ** 2 + t[2] ** 2 + rot ** 2) / width_mm ** 2
+            b = (0.05 * t[0] ** 2 + t[1] ** 2 + (t[2] - peak_b_mm) ** 2 + rot ** 2) / width_mm ** 2
+            out.append([np.exp(-a / 2), np.exp(-b / 2)])
+        return np.array(out)
+    return score
+
+
+@pytest.mark.parametrize("peak_b_mm", [0.0, 0.5, 4.0, 6.0, 8.0])
+def test_views_that_want_different_poses_are_caught(peak_b_mm):
+    # Beyond the bell's inflection (2 mm) view B curves up at the pose: its own climb must
+    # still find its peak, so the disagreement is seen however far apart the peaks lie.
+    pts = np.random.default_rng(0).normal(size=(400, 3)) * 15
+    conf = confidence.assess(_two_view_score(peak_b_mm), np.eye(4), pts, similarity=0.9)
+    ev = conf.evidence
+    if peak_b_mm <= 0.5:
+        assert conf.success and conf.estimated_error_mm < 0.5
+    else:
+        assert not conf.success and conf.estimated_error_mm > confidence.MAX_ERROR_MM
+        assert ev["view_disagreement_mm"] == pytest.approx(peak_b_mm, rel=0.25)
 
 
 def test_detector_like_images_register_and_are_judged(ct_path, params, points, tmp_path):

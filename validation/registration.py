@@ -57,11 +57,14 @@ Usage::
 
     python datasets/fetch_ct.py           # once
     python validation/registration.py [--device auto|cuda|cpu] [--trials 20] [--wrong-trials 20]
-        [--labels 32,34,36,38,40] [--out-dir validation] [--quick]
+        [--labels 32,34,36,38,40] [--groups clean,distorted,...] [--size full|cpu|quick]
+        [--out-dir validation] [--quick]
 
-``--quick`` (a CPU check of the script: 2 vertebrae, 2 trials per bin, 1 per wrong-input group,
-128^2 detector of 2 mm, a coarser DRR volume, coarse Gaussian fits of
-:data:`QUICK_FIT` taken from the cache when there) gives numbers that mean nothing.
+``--size cpu`` (160^2 views of 1.6 mm over the same field, vertebra / context fits of 32 / 64
+voxels along their boxes, taken from the cache when there) is the size a CPU calibration run
+can afford. ``--quick`` (a check of the script: 2 vertebrae, 2 trials per bin, 1 per
+wrong-input group, ``SIZES["quick"]``: 128^2 views of 2 mm and coarse Gaussian fits) gives
+numbers that mean nothing.
 """
 from __future__ import annotations
 
@@ -100,8 +103,16 @@ LABELS = (32, 34, 36, 38, 40)  # T12, T10, T8, T6, T4 of the TotalSegmentator ma
 FIT_GRID = 64  # voxels along the vertebra's box (about 1 mm)
 CONTEXT_GRID = 128  # voxels along the CT's box for the rest of the CT (about 2.8 mm)
 CONTEXT_GAUSSIANS = 20000
-QUICK_FIT = {"vertebra": {"grid_size": 32, "iterations": 60},  # --quick: coarse CPU fits
-             "context": {"grid_size": 48, "num_gaussians": 4000, "iterations": 60}}
+SIZES = {  # detector pixels and pitch (mm), DRR grid (None: the CT's), Gaussian fits
+    "full": {"det": 512, "pixel": 0.5, "drr": None,
+             "fit": {"vertebra": {"grid_size": FIT_GRID},
+                     "context": {"grid_size": CONTEXT_GRID, "num_gaussians": CONTEXT_GAUSSIANS}}},
+    "cpu": {"det": 160, "pixel": 1.6, "drr": 256,  # the same field of view, about 1.1 mm at the vertebra
+            "fit": {"vertebra": {"grid_size": 32}, "context": {"grid_size": 64, "num_gaussians": 8000}}},
+    "quick": {"det": 128, "pixel": 2.0, "drr": 192,  # coarse fits: a check of the script
+              "fit": {"vertebra": {"grid_size": 32, "iterations": 60},
+                      "context": {"grid_size": 48, "num_gaussians": 4000, "iterations": 60}}},
+}
 BINS = (0, 5, 10, 15, 20, 25, 30, 40)  # start offsets, mm
 DISTORTED_UPTO_MM = 30.0  # distorted cases: the bins up to here
 WRONG_BIN = (0.0, 20.0)  # start offsets of the wrong-input cases, mm
@@ -117,6 +128,8 @@ LABEL_TEXTS = ("AP", "LAT", "R", "L 12")
 OTHER_LEVELS = 4  # the other-patient X-rays are shifted by this many vertebra levels
 MOVE_MM = (6.0, 10.0)  # moved patient: translation both views see (see patient_move)
 MOVE_DEG = 2.0
+SIZE_NOTES = {"full": "", "cpu": " at the CPU size (160^2 views of 1.6 mm, vertebra 32 / context 64 voxel fits)",
+              "quick": " (--size quick: coarse fits, numbers mean nothing)"}
 GROUPS = ("clean", "distorted", "other-patient", "moved-patient", "far-start")
 WRONG_INPUT = ("other-patient", "moved-patient")
 BARS = {"success_upto_mm": 25, "success_rate": 0.95, "median_mtre_mm": 1.0,
@@ -235,11 +248,13 @@ def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry]) -> 
         return rec
 
     plan = []
-    for g in ("clean", "distorted"):
+    for g in [g for g in ("clean", "distorted") if g in args.groups]:
         edges = args.bins if g == "clean" else [e for e in args.bins if e <= DISTORTED_UPTO_MM]
         for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
             plan += [(g, b, j, lo, hi) for j in range(args.trials)]
     for g, (lo, hi) in (("other-patient", WRONG_BIN), ("moved-patient", WRONG_BIN), ("far-start", FAR_MM)):
+        if g not in args.groups:
+            continue
         plan += [(g, 0, j, lo, hi) for j in range(args.wrong_trials)]
     plan.sort(key=lambda t: t[2])  # trial by trial over every bin: a time budget trims all bins alike
     example = ("distorted", 1, 0)
@@ -347,7 +362,7 @@ def markdown(res: dict) -> str:
     num = (lambda v, f=".2f": "n/a" if v is None else format(v, f))
     out = ["# Vertebra-level CT-to-X-ray registration (`validation/registration.py`)", "",
            f"Measured {res['date']} on **{res['device']}** with rgs {res['versions'].get('rgs', '')}"
-           f"{' (--quick: numbers mean nothing)' if s['quick'] else ''}.", "",
+           f"{SIZE_NOTES[s.get('size', 'full')]}.", "",
            f"- CT: {s['ct']} (real chest CT, {s['ct_shape']} voxels of {s['ct_spacing']} mm); "
            f"X-rays rendered from it on a {s['drr_grid']} grid of {s['drr_spacing']:.3g} mm.",
            f"- Cases: the vertebrae {names}; each registration uses that vertebra's Gaussians "
@@ -485,11 +500,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="stop starting registrations after this many seconds (0: run all); the trials "
                          "run trial index by trial index, so every bin loses the same last trials")
-    ap.add_argument("--quick", action="store_true", help="CPU check of the script (a few minutes)")
+    ap.add_argument("--size", default="full", choices=tuple(SIZES),
+                    help="image and fit sizes: full (the GPU sweep), cpu (160^2 views, coarser fits: a "
+                         "CPU calibration run), quick (coarse fits: a check of the script)")
+    ap.add_argument("--groups", default=",".join(GROUPS), help="the groups of trials to run")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU check of the script (a few minutes): --size quick, 2 vertebrae, fewer trials")
     args = ap.parse_args(argv)
+    args.groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if unknown := sorted(set(args.groups) - set(GROUPS)):
+        ap.error(f"unknown group(s) {', '.join(unknown)}: choose from {', '.join(GROUPS)}")
     args.labels = [int(v) for v in args.labels.split(",") if v.strip()]
     args.bins = [float(v) for v in args.bins.split(",") if v.strip()]
     if args.quick:
+        args.size = "quick"
         args.trials, args.wrong_trials, args.bins = 2, 1, [0.0, 10.0, 30.0]
         args.labels = args.labels[:2]
     return args
@@ -501,29 +525,29 @@ def main(argv=None) -> int:
         console.print(f"[red]{CT} or {MASK} is missing: run python datasets/fetch_ct.py[/red]")
         return 2
     dev = runtime.init(args.device)
-    det = 128 if args.quick else 512
+    size = SIZES[args.size]
+    det = size["det"]
     setup = {"ct": str(CT.relative_to(ROOT)), "trials": args.trials, "wrong_trials": args.wrong_trials,
-             "seed": args.seed, "quick": args.quick, "budget_s": args.budget_s, "dso": 1000.0, "dsd": 1500.0, "det": det,
-             "pixel": 2.0 if args.quick else 0.5, "register": args.register,
+             "seed": args.seed, "size": args.size, "groups": args.groups, "budget_s": args.budget_s, "dso": 1000.0, "dsd": 1500.0, "det": det,
+             "pixel": size["pixel"], "register": args.register,
              "collimation_px": max(1, round(COLLIMATION_PX * det / 512))}
     hu, ct_grid = load_nifti(CT)
     setup["ct_shape"] = "x".join(map(str, ct_grid.shape))
     setup["ct_spacing"] = "x".join(f"{v:.3g}" for v in ct_grid.spacing)
-    n_drr = 192 if args.quick else max(ct_grid.shape)
+    n_drr = size["drr"] or max(ct_grid.shape)
     volume, vgrid = ct.attenuation_volume(hu.to(dev), ct_grid, n_drr, str(CT))
     setup["drr_grid"] = "x".join(map(str, vgrid.shape))
     setup["drr_spacing"] = float(vgrid.spacing[0])
     names = structure_names()
 
-    fit_kw = QUICK_FIT if args.quick else {"vertebra": {"grid_size": FIT_GRID},
-                                           "context": {"grid_size": CONTEXT_GRID, "num_gaussians": CONTEXT_GAUSSIANS}}
+    fit_kw = size["fit"]
     setup["fit_grid"], setup["context_grid"] = fit_kw["vertebra"]["grid_size"], fit_kw["context"]["grid_size"]
     cases, geos, conv = [], [], []
     for label in args.labels:
         fits = {}
         for part, kw in (("vertebra", fit_kw["vertebra"]), ("context", {**fit_kw["context"], "complement": True})):
             fresh = None
-            if not args.quick:  # time a fresh fit; --quick takes the cache when there
+            if args.size == "full":  # time a fresh fit; smaller sizes take the cache when there
                 _, fresh = ct_gaussians.gaussians_for_ct(CT, mask_path=MASK, label=label, cache_dir=args.cache,
                                                          force=True, **kw)
             params, cached = ct_gaussians.gaussians_for_ct(CT, mask_path=MASK, label=label,

@@ -17,10 +17,15 @@ batched splats (the views move, the Gaussians stay: a handful of launches) and m
 * ``peak_offset_mm``: how far the joint similarity's parabola peak lies from the pose (the
   first probe around the pose; the 6 axes' offsets as a displacement of the structure's
   points), and ``not_maximum``: the axes along which the similarity curves up.
-* ``view_disagreement_mm``: the same peak per view; along each axis both views constrain
-  (curvature at least :data:`VIEW_AXIS_FRACTION` of the other's), the distance between the two
-  views' peaks, as a displacement of the structure's points. A pose no single rigid motion
-  explains in both views (moved patient, wrong patient) pulls them apart.
+* ``view_disagreement_mm``: each view climbs its own similarity from the pose (the same
+  coordinate steps, a view still travelling along an axis keeping its step there, so it can
+  go up to ``polish_steps`` first steps per axis); along each axis both views constrain
+  (curvature at their own peaks at least :data:`VIEW_AXIS_FRACTION` of the other's), the
+  distance between the two views' peaks, as a displacement of the structure's points. A pose
+  no single rigid motion explains in both views (moved patient, wrong patient) pulls them
+  apart. (A single parabola per view at the pose missed a moved patient whose views' peaks
+  lay further apart than the probes reach: at the pose the view whose peak is far curves up
+  and the axis was dropped.)
 * ``curvature``: minus the joint similarity's second derivative along each axis at the pose
   (rotations about the X-ray frame's axes through the structure, per rad^2; translations
   along them, per mm^2): how sharply each axis is determined (evidence only).
@@ -45,8 +50,9 @@ estimated 0.3-2.3 mm: the bound then refuses some right poses (conservative; no
 wrong pose is flagged in the tests). The GPU sweep of ``validation/registration.py`` is the
 calibration over many cases; :data:`MAX_ERROR_MM` is set for no wrong pose flagged.
 
-Cost: ``polish_steps`` x (``restarts`` + 1) x 13 scored poses (260 by default) in batched
-splats, at a detector pooled to about 0.8 mm at the object.
+Cost: ``polish_steps`` x (``restarts`` + 1 + views) x 13 scored poses (364 by default with
+two views) in batched splats, at a detector pooled to about 0.8 mm at
+the object.
 """
 from __future__ import annotations
 
@@ -103,6 +109,36 @@ def _parabola(s: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (plus - minus) / (2 * step), (plus + minus - 2 * mid) / step ** 2
 
 
+def _climb_moves(s: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Coordinate moves (..., 6) towards each axis' parabola peak from scores (..., 13) at
+    :func:`_pattern` (a full ``step`` uphill where the similarity curves up), clipped to +-step."""
+    g, h = _parabola(s, step)
+    move = np.where(h < 0, -g / np.where(h < 0, h, -1.0), np.sign(g) * step)
+    return np.clip(move, -step, step)
+
+
+def _moved_about(poses: list[np.ndarray], moves: np.ndarray, centre_ct: np.ndarray) -> list[np.ndarray]:
+    """Each pose (4x4) moved by ``D(move)`` about its own image of ``centre_ct``."""
+    return [rigid.from_axis_angle(m[:3], m[3:], rigid.apply(p, centre_ct)) @ p for p, m in zip(poses, moves)]
+
+
+def _view_disagreement(xi: np.ndarray, curvature: np.ndarray) -> np.ndarray:
+    """(6,) per-axis distance between the two views' own peaks that constrain each axis best.
+
+    ``xi`` (V, 6): each view's climbed peak relative to the pose (rad, mm); ``curvature`` (V, 6):
+    minus each view's second derivative there. An axis counts where both views curve down and
+    the weaker at least :data:`VIEW_AXIS_FRACTION` of the stronger (a view's depth axis does not)."""
+    out = np.zeros(6)
+    if xi.shape[0] < 2:
+        return out
+    for i in range(6):
+        both = np.argsort(-curvature[:, i])[:2]
+        a, b = curvature[both, i]
+        if b > 0 and b >= VIEW_AXIS_FRACTION * a:
+            out[i] = abs(xi[both[0], i] - xi[both[1], i])
+    return out
+
+
 def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, points: np.ndarray,
            similarity: float, restarts: int = RESTARTS, restart_mm: float = RESTART_MM,
            restart_deg: float = RESTART_DEG, polish_steps: int = POLISH_STEPS,
@@ -124,44 +160,49 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
         d = rng.normal(size=(2, 3))
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         kicks.append(np.concatenate([d[0] * math.radians(restart_deg), d[1] * restart_mm]))
-    poses = [rigid.from_axis_angle(k[:3], k[3:], rigid.apply(pose, centre_ct)) @ pose for k in kicks]
-    step = np.array([STEP_MM / lever] * 3 + [STEP_MM] * 3)
-    first = None
+    joint = _moved_about([pose] * len(kicks), np.array(kicks), centre_ct)  # joint[0] is the pose
+    step0 = np.array([STEP_MM / lever] * 3 + [STEP_MM] * 3)
+    step = step0.copy()
+    first = None  # (13, V) scores around the pose
+    # Besides the joint chains (mean of the views), each view climbs its own similarity from
+    # the pose; a view still travelling (its move clipped) keeps its step, a settled one halves it.
+    view_poses, view_xi, view_step = [], None, None
     for _ in range(max(1, polish_steps)):
-        pat = _pattern(step)
-        trial = [rigid.from_axis_angle(x[:3], x[3:], rigid.apply(p, centre_ct)) @ p for p in poses for x in pat]
-        s = np.asarray(score(trial), dtype=np.float64).reshape(len(poses), 13, -1)  # (K, 13, V)
+        chains = joint + view_poses
+        steps = [step] * len(joint) + list(view_step if view_poses else [])
+        trial = [rigid.from_axis_angle(x[:3], x[3:], rigid.apply(p, centre_ct)) @ p
+                 for p, st in zip(chains, steps) for x in _pattern(st)]
+        s = np.asarray(score(trial), dtype=np.float64).reshape(len(chains), 13, -1)  # (chains, 13, V)
+        views = s.shape[2]
         if first is None:
             first = s[0]
-        g, h = _parabola(s.mean(axis=2), step)  # (K, 6)
-        move = np.where(h < 0, -g / np.where(h < 0, h, -1.0), np.sign(g) * step)
-        move = np.clip(move, -step, step)
-        poses = [rigid.from_axis_angle(m[:3], m[3:], rigid.apply(p, centre_ct)) @ p for p, m in zip(poses, move)]
+            own, view_step, view_xi = first.T, np.tile(step0, (views, 1)), np.zeros((views, 6))
+            view_poses = [pose] * views
+        else:
+            own = s[len(joint) + np.arange(views), :, np.arange(views)]  # (V, 13): each view's own
+        moves = _climb_moves(own, view_step)
+        view_poses = _moved_about(view_poses, moves, centre_ct)
+        view_xi = view_xi + moves
+        view_step = np.where(np.abs(moves) >= view_step * (1 - 1e-9), view_step, view_step / 2)
+        joint = _moved_about(joint, _climb_moves(s[:len(joint)].mean(axis=2), step), centre_ct)
         step = step / 2
+    own = np.asarray(score([rigid.from_axis_angle(x[:3], x[3:], rigid.apply(p, centre_ct)) @ p
+                            for p, st in zip(view_poses, view_step) for x in _pattern(st)]),
+                     dtype=np.float64).reshape(views, 13, views)[np.arange(views), :, np.arange(views)]
+    view_curv = -_parabola(own, view_step)[1]  # (V, 6) at each view's own peak
 
-    pts_x, centre_x = rigid.apply(poses[0], pts), rigid.apply(poses[0], centre_ct)  # X-ray frame
-    spread = float(np.median([_moved(p @ rigid.invert(poses[0]), pts_x) for p in poses[1:]])) if restarts else 0.0
-    step0 = np.array([STEP_MM / lever] * 3 + [STEP_MM] * 3)
+    pts_x, centre_x = rigid.apply(joint[0], pts), rigid.apply(joint[0], centre_ct)  # X-ray frame
+    spread = float(np.median([_moved(p @ rigid.invert(joint[0]), pts_x) for p in joint[1:]])) if restarts else 0.0
     g, h = _parabola(first.mean(axis=1), step0)
     not_max = [int(i) for i in np.nonzero(h >= 0)[0]]
     offset = np.where(h < 0, -g / np.where(h < 0, h, -1.0), 0.0)
     offset = np.clip(offset, -2 * step0, 2 * step0)
     peak_mm = _displacement(offset, pts_x, centre_x)
-    gv, hv = _parabola(first.T, step0)  # (V, 6)
-    disagreement = np.zeros(6)
-    if hv.shape[0] >= 2:
-        curv = np.maximum(-hv, 0.0)
-        for i in range(6):
-            both = np.argsort(-curv[:, i])[:2]
-            a, b = curv[both, i]
-            if b > 0 and b >= VIEW_AXIS_FRACTION * a:
-                peaks = np.clip(-gv[both, i] / -curv[both, i], -4 * step0[i], 4 * step0[i])
-                disagreement[i] = abs(peaks[0] - peaks[1])
-    view_mm = _displacement(disagreement, pts_x, centre_x)
+    view_mm = _displacement(_view_disagreement(view_xi, view_curv), pts_x, centre_x)
     est = float(math.sqrt(spread ** 2 + peak_mm ** 2 + (view_mm / 2) ** 2))
     success = bool(est <= max_error_mm and not not_max and similarity >= similarity_floor)
     evidence = {"restart_spread_mm": spread, "peak_offset_mm": peak_mm, "view_disagreement_mm": view_mm,
-                "not_maximum_axes": not_max, "curvature": (-h).tolist(), "similarity": similarity,
-                "restarts": restarts, "max_error_mm": max_error_mm, "similarity_floor": similarity_floor}
+                "view_peaks": view_xi.tolist(), "not_maximum_axes": not_max, "curvature": (-h).tolist(),
+                "similarity": similarity, "restarts": restarts, "max_error_mm": max_error_mm,
+                "similarity_floor": similarity_floor}
     return Confidence(success, est, evidence)
-
