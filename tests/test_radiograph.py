@@ -33,7 +33,8 @@ def test_parse_reads_every_key_and_rejects_bad_items():
     spec = rad.DetectorSpec.parse("gamma=0.6, scatter=0.2,blur=1.2,collimation=14,label=AP")
     assert spec == rad.DetectorSpec(gamma=0.6, scatter=0.2, blur=1.2, collimation=14, label="AP")
     assert rad.DetectorSpec.parse("") == rad.DetectorSpec()
-    for bad in ("gamma", "contrast=2", "collimation=1.5", "gamma=20", "scatter=0.95", "blur=-1"):
+    assert rad.DetectorSpec.parse("unsharp=1.5,unsharp_sigma=4") == rad.DetectorSpec(unsharp=1.5, unsharp_sigma=4.0)
+    for bad in ("gamma", "contrast=2", "collimation=1.5", "gamma=20", "scatter=0.95", "blur=-1", "unsharp=-1"):
         with pytest.raises(RgsInputError, match="detector"):
             rad.DetectorSpec.parse(bad)
 
@@ -75,6 +76,17 @@ def test_scatter_lowers_contrast_and_blur_softens_edges():
     soft = rad.detector_images(p, rad.DetectorSpec(blur=2.0))
     assert ((clean[0, 32] > 0.05) & (clean[0, 32] < 0.95)).sum() == 0
     assert ((soft[0, 32] > 0.05) & (soft[0, 32] < 0.95)).sum() >= 4
+
+
+def test_unsharp_masking_overshoots_edges_and_is_not_monotone():
+    p = torch.zeros(1, 64, 64)
+    p[:, :, 24:40] = 3.0  # a bar: open beam | attenuator | open beam
+    q = p[0, 32].double()
+    y = rad.detector_images(p, rad.DetectorSpec(unsharp=1.0, unsharp_sigma=3.0))[0, 32].double()
+    # edge enhancement: dark halos beside the bar and a brighter rim inside its edges, so
+    # equal line integrals no longer give equal display values
+    assert float(y[22]) < float(y[4]) - 0.05 and float(y[25]) > float(y[31]) + 0.05
+    assert bool((q[[4, 22]] == q[4]).all()) and bool((q[[25, 31]] == q[25]).all())
 
 
 def test_collimation_border_is_white_and_label_only_in_its_view():

@@ -30,6 +30,10 @@ bin with >= 95 % success), with rgs's training-free registration, extended by is
      uniform in [0.1, 0.3], a detector blur uniform in [1, 2] px, an unexposed collimation
      border of 14 px (at 512^2; scaled with the detector) and a text label burned into one
      view (bins up to 30 mm);
+   * ``processed``: as ``distorted`` plus edge enhancement (unsharp masking of the log signal,
+     amount uniform in [0.5, 2]), as processed clinical radiographs are displayed: not a
+     monotone function of the line integral, so the contrast match cannot undo it (beyond
+     issue 19's list: measures whether that processing is handled);
    * ``other-patient`` (wrong input): X-rays of a different anatomy given with this CT: the
      same CT mirrored left-right and shifted along the spine by :data:`OTHER_LEVELS`
      vertebra levels, so the view centre shows another vertebra with mirrored surroundings
@@ -130,7 +134,9 @@ MOVE_MM = (6.0, 10.0)  # moved patient: translation both views see (see patient_
 MOVE_DEG = 2.0
 SIZE_NOTES = {"full": "", "cpu": " at the CPU size (160^2 views of 1.6 mm, vertebra 32 / context 64 voxel fits)",
               "quick": " (--size quick: coarse fits, numbers mean nothing)"}
-GROUPS = ("clean", "distorted", "other-patient", "moved-patient", "far-start")
+UNSHARP = (0.5, 2.0)  # processed: edge-enhancement amount, uniform
+GROUPS = ("clean", "distorted", "processed", "other-patient", "moved-patient", "far-start")
+IMAGE_GROUPS = ("clean", "distorted", "processed")  # right input, swept over the start bins
 WRONG_INPUT = ("other-patient", "moved-patient")
 BARS = {"success_upto_mm": 25, "success_rate": 0.95, "median_mtre_mm": 1.0,
         "capture_mm": 30, "seconds": 0.8}
@@ -155,11 +161,13 @@ def true_pose(lo: float, hi: float, centre: np.ndarray, rng: np.random.Generator
     return rigid.random_offset(mm, min(DEG_PER_MM * mm, 180.0), rng, centre)
 
 
-def random_detector(rng: np.random.Generator, det: int, views: int) -> radiograph.DetectorSpec:
+def random_detector(rng: np.random.Generator, det: int, views: int, processed: bool = False
+                    ) -> radiograph.DetectorSpec:
     """One distorted case's detector: gamma log-uniform in GAMMA, scatter uniform in SCATTER,
     blur uniform in BLUR_PX, the collimation border scaled to ``det`` pixels, a label in a
-    random view."""
+    random view; ``processed`` adds edge enhancement of an amount uniform in UNSHARP."""
     return radiograph.DetectorSpec(
+        unsharp=float(rng.uniform(*UNSHARP)) if processed else 0.0,
         gamma=float(math.exp(rng.uniform(math.log(GAMMA[0]), math.log(GAMMA[1])))),
         scatter=float(rng.uniform(*SCATTER)), blur=float(rng.uniform(*BLUR_PX)),
         collimation=max(1, round(COLLIMATION_PX * det / 512)),
@@ -226,8 +234,8 @@ def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry]) -> 
             clean = sim.project_views(volume, vgrid, rigid.transform_geometry(geo, rigid.invert(truth)))
         gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
         images, _ = sim.add_noise(clean, *NOISE, model="tigre", generator=gen)
-        if group == "distorted":
-            spec = random_detector(rng, geo.det_shape[0], geo.num_views)
+        if group in ("distorted", "processed"):
+            spec = random_detector(rng, geo.det_shape[0], geo.num_views, processed=group == "processed")
             images = radiograph.detector_images(images, spec)
             extra["detector"] = spec.to_dict()
         xs = XRaySet(images, geo, ["ap", "lateral"], truth)
@@ -248,7 +256,7 @@ def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry]) -> 
         return rec
 
     plan = []
-    for g in [g for g in ("clean", "distorted") if g in args.groups]:
+    for g in [g for g in IMAGE_GROUPS if g in args.groups]:
         edges = args.bins if g == "clean" else [e for e in args.bins if e <= DISTORTED_UPTO_MM]
         for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
             plan += [(g, b, j, lo, hi) for j in range(args.trials)]
@@ -329,7 +337,7 @@ def evaluate(rows: list[dict], records: list[dict]) -> dict:
         capture = r["bin"][1]
     sec = [r["seconds_median"] for r in clean]
     dist = [r for r in rows if r["group"] == "distorted" and r["bin"][1] <= TARGETS["distorted_upto_mm"]]
-    within = [x for x in records if x["group"] in ("clean", "distorted")
+    within = [x for x in records if x["group"] in IMAGE_GROUPS
               and x["bin"][1] <= TARGETS["distorted_upto_mm"]]
     counts = decision_counts(records)
     flagged_right = counts["right_flagged"] / counts["right"] if counts["right"] else None
@@ -380,6 +388,9 @@ def markdown(res: dict) -> str:
            f"(log-uniform) on the windowed log signal, scatter fraction {SCATTER[0]:g}-{SCATTER[1]:g} "
            f"(low-pass of 1/8 detector), blur {BLUR_PX[0]:g}-{BLUR_PX[1]:g} px, an unexposed "
            f"{s['collimation_px']} px collimation border, a text label burned into one view.",
+           f"- processed: as distorted, plus edge enhancement (unsharp masking of the log signal, amount "
+           f"{UNSHARP[0]:g}-{UNSHARP[1]:g}, low-pass of 1/32 detector), as processed radiographs are shown: "
+           "not a monotone function of the line integral.",
            f"- other-patient (wrong input): the CT mirrored left-right and shifted {OTHER_LEVELS} vertebra "
            "levels along the spine (another vertebra at the view centre, mirrored surroundings, the "
            "registered vertebra outside the field of view); no pose is right.",
@@ -413,7 +424,7 @@ def markdown(res: dict) -> str:
             f"| success, distorted, starts up to {TARGETS['distorted_upto_mm']} mm (worst bin) "
             f"| {pct(bars['distorted_success']['value'])} | >= {100 * TARGETS['distorted_success']:.0f} % "
             f"| {mark[bars['distorted_success']['pass']]} |",
-            f"| median mTRE, clean + distorted up to {TARGETS['distorted_upto_mm']} mm "
+            f"| median mTRE, clean + distorted + processed up to {TARGETS['distorted_upto_mm']} mm "
             f"| {num(bars['median_mtre']['value'])} mm | <= {TARGETS['median_mtre_mm']:g} mm "
             f"| {mark[bars['median_mtre']['pass']]} |",
             f"| median seconds per registration, whole sweep | {num(bars['median_seconds']['value'])} s "
@@ -443,7 +454,7 @@ def write_overlay(path: Path, example) -> None:
 
 
 def plot(res: dict, out_dir: Path) -> list[Path]:
-    """Success and flagged rates per start bin (clean, distorted), and the estimated error
+    """Success and flagged rates per start bin (clean, distorted, processed), and the estimated error
     against the true mTRE per group (needs matplotlib)."""
     written = []
     if importlib.util.find_spec("matplotlib") is None:
@@ -454,7 +465,7 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for g, colour in (("clean", "tab:red"), ("distorted", "tab:purple")):
+    for g, colour in (("clean", "tab:red"), ("distorted", "tab:purple"), ("processed", "tab:green")):
         rows = [r for r in res["bins"] if r["group"] == g]
         x = [0.5 * (r["bin"][0] + r["bin"][1]) for r in rows]
         a1.plot(x, [100 * r["success_rate"] for r in rows], "o-", color=colour, label=f"{g}: success")
@@ -463,7 +474,7 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
     a1.axhline(95, color="grey", lw=0.8, ls=":")
     a1.set(xlabel="start offset (mm; rotation 0.25 deg/mm)", ylabel="%", ylim=(0, 102), title="capture range")
     a1.legend(loc="lower left", fontsize=8)
-    colours = dict(zip(GROUPS, ("tab:red", "tab:purple", "tab:brown", "tab:orange", "tab:grey")))
+    colours = dict(zip(GROUPS, ("tab:red", "tab:purple", "tab:green", "tab:brown", "tab:orange", "tab:grey")))
     for g in GROUPS:
         r = [x for x in res["trials"] if x["group"] == g and x.get("estimated_error_mm") is not None]
         if r:
@@ -486,7 +497,8 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    ap.add_argument("--trials", type=int, default=20, help="registrations per start bin (clean, distorted)")
+    ap.add_argument("--trials", type=int, default=20,
+                    help="registrations per start bin (clean, distorted, processed)")
     ap.add_argument("--wrong-trials", type=int, default=20,
                     help="registrations per wrong-input group (other-patient, moved-patient, far-start)")
     ap.add_argument("--labels", default=",".join(map(str, LABELS)), help="vertebra labels of the mask")

@@ -12,11 +12,15 @@ this order (:class:`DetectorSpec` holds the settings, all off by default):
    smooth;
 3. blur: the detector's point spread, a Gaussian of ``blur`` pixels (sigma) applied to ``D``;
 4. collimation: a border of ``collimation`` pixels on every side is unexposed (``D = 0``);
-5. display: the log signal ``q = -ln D`` windowed to [0, 1] between its 0.5th and 99.5th
+5. edge enhancement (unsharp masking, as processed radiographs are shown): ``q = -ln D``
+   becomes ``q + unsharp * (q - G_u(q))`` with ``G_u`` a Gaussian low-pass of
+   ``unsharp_sigma`` pixels (default: a thirty-second of the detector's shorter side): not a
+   monotone function of the line integral;
+6. display: the log signal ``q`` windowed to [0, 1] between its 0.5th and 99.5th
    percentiles over the exposed pixels (bone bright, as radiographs are shown), then the
    monotone contrast curve ``y = q_w ** gamma`` (``gamma`` 0.5-2: < 1 brightens, > 1 darkens
    the mid-tones). Unexposed pixels are 1 (white, no exposure, as on film and most displays);
-6. label: ``label`` text burned in white (1) into the view ``label_view``, ``label_height``
+7. label: ``label`` text burned in white (1) into the view ``label_view``, ``label_height``
    pixels tall (default: a twelfth of the detector's height), near its top-left corner
    inside the collimated border.
 
@@ -57,7 +61,9 @@ class DetectorSpec:
     ``gamma``: contrast-curve exponent (1: linear window); ``scatter``: scatter fraction of
     the detected signal in [0, 0.9); ``scatter_sigma``: width (sigma, pixels) of the scatter
     low-pass, 0 = an eighth of the detector's shorter side; ``blur``: detector blur (sigma,
-    pixels); ``collimation``: unexposed border width (pixels, every side); ``label``: text
+    pixels); ``unsharp``: edge-enhancement amount (0: none; 0.5-2 as processing does),
+    ``unsharp_sigma``: its low-pass width (pixels, 0 = a thirty-second of the detector's shorter
+    side); ``collimation``: unexposed border width (pixels, every side); ``label``: text
     burned into view ``label_view`` (empty: none), ``label_height`` pixels tall (0: a twelfth
     of the detector's height)."""
 
@@ -65,6 +71,8 @@ class DetectorSpec:
     scatter: float = 0.0
     scatter_sigma: float = 0.0
     blur: float = 0.0
+    unsharp: float = 0.0
+    unsharp_sigma: float = 0.0
     collimation: int = 0
     label: str = ""
     label_view: int = 0
@@ -78,6 +86,9 @@ class DetectorSpec:
             (math.isfinite(self.scatter_sigma) and self.scatter_sigma >= 0,
              f"scatter_sigma={self.scatter_sigma:g}: use a width >= 0 pixels"),
             (math.isfinite(self.blur) and self.blur >= 0, f"blur={self.blur:g}: use a sigma >= 0 pixels"),
+            (math.isfinite(self.unsharp) and self.unsharp >= 0, f"unsharp={self.unsharp:g}: use an amount >= 0"),
+            (math.isfinite(self.unsharp_sigma) and self.unsharp_sigma >= 0,
+             f"unsharp_sigma={self.unsharp_sigma:g}: use a width >= 0 pixels"),
             (self.collimation >= 0, f"collimation={self.collimation}: use a border >= 0 pixels"),
             (self.label_view >= 0, f"label_view={self.label_view}: use a view index >= 0"),
             (self.label_height >= 0, f"label_height={self.label_height}: use a height >= 0 pixels"),
@@ -186,6 +197,8 @@ def detector_images(line_integrals: torch.Tensor, spec: DetectorSpec) -> torch.T
     exposed = torch.zeros(h, w, dtype=torch.bool, device=p.device)
     exposed[b:h - b, b:w - b] = True
     q = -torch.log(detected.clamp_min(1e-30))
+    if spec.unsharp > 0:
+        q = q + spec.unsharp * (q - gaussian_filter(q, spec.unsharp_sigma or min(h, w) / 32))
     out = torch.ones_like(q)
     for k in range(v):
         inside = q[k][exposed]
