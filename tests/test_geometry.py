@@ -69,6 +69,20 @@ def test_projection_rows_map_pixels_to_indices(mode):
     assert geo.kernel_table("cpu") is table  # cached per device
 
 
+@pytest.mark.parametrize("mode", ["cone", "parallel"])
+def test_subset_carries_the_cached_kernel_tables(mode, device):
+    geo = _random_tilted(mode)
+    fresh = _random_tilted(mode).subset([3, 1])
+    assert not fresh._tables  # nothing cached, nothing carried
+    table = geo.kernel_table(device)
+    for index in ([3, 1], torch.tensor([2]), slice(1, 3)):
+        sub = geo.subset(index)
+        carried = sub._tables[str(torch.device(device))]
+        # the same values, bit for bit, as the subset's own table computed from its vectors
+        assert torch.equal(carried, Geometry(sub.vectors, sub.det_shape, mode).kernel_table(device))
+        assert carried.device == table.device and sub.kernel_table(device) is carried
+
+
 def test_from_poses_and_biplanar():
     pose = np.eye(4)
     pose[:3, 3] = [0, 0, -700]

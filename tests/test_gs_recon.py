@@ -63,6 +63,26 @@ def test_random_init_for_arbitrary_poses(arbitrary):
     assert psnr(rec, arbitrary) > start + 2.0
 
 
+def test_batch_is_the_drawn_views(circular):
+    import torch
+
+    from rgs_engine import Geometry
+
+    rec = GaussianReconstruction(circular, GSConfig(iterations=10, **SMALL))
+    for _ in range(3):
+        state = rec.generator.get_state()
+        geo, target = rec._batch()
+        rec.generator.set_state(state)
+        idx = rec.view_batch()
+        assert idx.numel() == SMALL["views_per_step"]
+        # the rows gathered on the device and the carried kernel table are, bit for bit, what
+        # indexing the target and building the subset's own table give
+        assert torch.equal(target, rec.target[idx.to(rec.device)])
+        assert torch.equal(geo.vectors, circular.geometry.vectors[idx])
+        own = Geometry(geo.vectors, geo.det_shape, geo.mode).kernel_table(rec.device)
+        assert torch.equal(geo.kernel_table(rec.device), own)
+
+
 def test_densify_respects_cap_and_keeps_optimizer_rows(circular):
     cfg = GSConfig(iterations=100, densify_fraction=0.5, **{**SMALL, "max_gaussians": 5000})
     rec = GaussianReconstruction(circular, cfg)

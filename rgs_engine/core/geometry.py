@@ -232,9 +232,16 @@ class Geometry:
         return self.vectors[:, 0:3]
 
     def subset(self, index) -> "Geometry":
-        """The views selected by ``index`` (slice, list or tensor of view indices)."""
+        """The views selected by ``index`` (slice, list or tensor of view indices). The
+        kernel tables already cached on this geometry come along (their rows, gathered on
+        their device without a host-to-device copy), so a training loop that draws a random
+        batch of views every step neither recomputes nor re-uploads them."""
         idx = torch.as_tensor(index, dtype=torch.long) if not isinstance(index, slice) else index
-        return Geometry(self.vectors[idx].reshape(-1, 12), self.det_shape, self.mode)
+        sub = Geometry(self.vectors[idx].reshape(-1, 12), self.det_shape, self.mode)
+        rows = range(self.num_views)[idx] if isinstance(idx, slice) else idx.reshape(-1).tolist()
+        for key, table in self._tables.items():
+            sub._tables[key] = torch.stack([table[i] for i in rows])
+        return sub
 
     def pixel_centres(self) -> torch.Tensor:
         """World positions of all pixel centres, shape (V, H, W, 3), mm, float64."""

@@ -264,14 +264,21 @@ def _run_gs(data: ProjectionData, settings: dict, out: Path, data_path: Path, re
             torch.manual_seed(config.seed)
             rec = GaussianReconstruction(data, config)
     resumed_from = rec.iteration if resume else None
+    last: dict[str, Any] = {}  # the volume of the latest PSNR evaluation and its iteration
+
+    def psnr() -> float:
+        last.update(iteration=rec.iteration, volume=rec.volume())
+        return metrics.psnr_3d(last["volume"], truth)
+
     with reporter.stage("iterations", f"{total} iterations"):
         stats = run_iterations(rec, total, out / CHECKPOINT, every, reporter, "gs",
                                lambda st: f"loss {st['loss']:.4f}  {int(st['gaussians']):,} Gaussians",
-                               _resume_command(out, data_path),
-                               psnr=None if truth is None else lambda: metrics.psnr_3d(rec.volume(), truth),
+                               _resume_command(out, data_path), psnr=None if truth is None else psnr,
                                psnr_every=PSNR_EVERY_GS)
         rec.save_gaussians(out / GAUSSIANS, force=True)
-    return rec.volume(), {"iterations": rec.iteration, "num_gaussians": len(rec.gaussians),
+    # the final PSNR evaluation already voxelised the last iteration's Gaussians
+    volume = last["volume"] if last.get("iteration") == rec.iteration else rec.volume()
+    return volume, {"iterations": rec.iteration, "num_gaussians": len(rec.gaussians),
                           "final_loss": stats["loss"], "resumed_from": resumed_from}, rec
 
 

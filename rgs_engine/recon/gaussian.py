@@ -160,6 +160,7 @@ class GaussianReconstruction:
         if not self.proj_scale > 0:
             raise RgsInputError("all projections are zero: nothing to reconstruct")
         self.target = self.projections / self.proj_scale
+        data.geometry.kernel_table(self.device)  # cached: every step's batch takes its rows
         lo, hi = (torch.tensor(b, dtype=torch.float32, device=self.device) for b in data.grid.bounds())
         self.box_lo, self.box_hi = lo, hi
         self.half_box = float((hi - lo).max()) / 2
@@ -258,10 +259,13 @@ class GaussianReconstruction:
         return torch.randperm(v, generator=self.generator)[:k].sort().values
 
     def _batch(self) -> tuple[Geometry, torch.Tensor]:
+        """The next step's views and their normalised targets; the rows are gathered on the
+        device (no host-to-device copy, so no stream sync on a GPU) and the geometry's
+        kernel table comes from the full geometry's cached one."""
         idx = self.view_batch()
         if idx.numel() == self.data.geometry.num_views:
             return self.data.geometry, self.target
-        return self.data.geometry.subset(idx), self.target[idx.to(self.device)]
+        return self.data.geometry.subset(idx), torch.stack([self.target[i] for i in idx.tolist()])
 
     def _tv_grid(self):
         size = [min(self.config.tv_size, n) for n in self.grid.shape]
