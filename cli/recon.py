@@ -26,6 +26,7 @@ class MethodChoice(str, Enum):
 class InitChoice(str, Enum):
     auto = "auto"
     fdk = "fdk"
+    sart = "sart"
     random = "random"
 
 
@@ -41,7 +42,8 @@ def recon(
     method: Annotated[Optional[MethodChoice], typer.Option(
         help="gs (radiative Gaussians), fdk (circular orbits) or sart (OS-SART). [default: gs]")] = None,
     init: Annotated[Optional[InitChoice], typer.Option(
-        help="gs initialisation: fdk (circular orbits), random, or auto (fdk when circular). "
+        help="gs initialisation: fdk (circular orbits), sart (any poses; 6 OS-SART iterations), "
+             "random, or auto (fdk when circular). "
              "[default: auto]")] = None,
     preset: Annotated[str | None, typer.Option(
         metavar="|".join(presets.PRESETS),

@@ -166,6 +166,17 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return label, [s for s in sets.split(";") if s]
 
 
+OPTIONS = ("init", "preset")  # variant items that are rgs recon options, not --set items
+
+
+def split_options(sets: list[str]) -> tuple[dict, list[str]]:
+    """``init=MODE`` / ``preset=NAME`` in a variant are ``rgs recon --init MODE`` /
+    ``--preset NAME``; the other items are ``--set`` overrides."""
+    is_option = [s.partition("=")[0] in OPTIONS for s in sets]
+    options = dict(s.split("=", 1) for s, o in zip(sets, is_option) if o)
+    return options, [s for s, o in zip(sets, is_option) if not o]
+
+
 def run(args) -> list[dict]:
     import torch
 
@@ -192,15 +203,15 @@ def run(args) -> list[dict]:
             if method == "fdk" and case.orbit != "circular":
                 continue
             for label, sets in (variants if method == "gs" else [("default", [])]):
-                sets = expand_sets(sets, path)
+                options, sets = split_options(expand_sets(sets, path))
                 out = work / f"{name}_{method}_{label}"
                 load0 = load_average()
-                res = pipelines.recon(path, out, views=VIEWS, method=method,
+                res = pipelines.recon(path, out, views=VIEWS, method=method, **options,
                                       iterations=args.iterations if method == "gs" else None,
                                       sets=sets or None, force=True, progress=_progress,
                                       device=None if args.device == "auto" else args.device)
                 m = res.metrics
-                row = {"case": name, "method": method, "variant": label, "sets": sets,
+                row = {"case": name, "method": method, "variant": label, "sets": sets, **options,
                        "psnr_3d": round(m["psnr_3d"], 3), "ssim_3d": round(m["ssim_3d"], 4),
                        "psnr_2d_test": round(m.get("psnr_2d_test") or math.nan, 3),
                        "seconds": round(m["seconds"], 1), "iterations": m.get("iterations"),
@@ -228,7 +239,9 @@ def main(argv=None) -> None:
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--methods", default="gs,sart,fdk")
     p.add_argument("--variant", action="append", default=[],
-                   help="LABEL:KEY=VALUE;KEY=VALUE (gs --set overrides); repeatable")
+                   help="LABEL:KEY=VALUE;KEY=VALUE (gs --set overrides; init=MODE, preset=NAME: those "
+                        "options); "
+                        "repeatable")
     p.add_argument("--iterations", type=int, default=GS_ITERATIONS)
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=str(ROOT / "runs" / "small_grid"))

@@ -54,7 +54,7 @@ DEFAULT_CHECKPOINT_EVERY = {"gs": 500, "sart": 2}
 DEFAULT_SEED = 0
 PSNR_EVERY_GS = 100  # iterations between PSNR evaluations (a voxelisation) while training
 METHODS = ("gs", "fdk", "sart")
-INITS = ("auto", "fdk", "random")
+INITS = ("auto", "fdk", "sart", "random")
 LABELS = {"gs": "Gaussians", "fdk": "FDK", "sart": "SART"}
 
 

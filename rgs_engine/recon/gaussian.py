@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from ..core import losses, runtime
 from .fdk import fdk
+from .sart import sart
 from ..core.errors import RgsInputError
 from ..core.gaussians import Gaussians, inv_softplus, quat_to_rotmat
 from ..core.geometry import Geometry
@@ -89,13 +90,13 @@ class GSConfig(Recipe):
     NAME = "Gaussian"
 
     iterations: int = 3000
-    init: str = "auto"                 # auto | fdk | random
+    init: str = "auto"                 # auto | fdk | sart | random
     seed: int = 0
     num_init: int = 0                  # initial Gaussians; 0: by grid size (resolved), 10k..50k
     voxels_per_gaussian: float = 20.0  # the automatic count (num_init=0): one per this many voxels
     max_gaussians: int = 0             # cap; 0: 6 x num_init
     views_per_step: int = 8            # 0: all training views in every step
-    init_threshold: float = 0.05       # fdk init: sample voxels above this fraction of the max
+    init_threshold: float = 0.05       # fdk / sart init: sample voxels above this fraction of the max
     init_scale: float = 1.0            # initial scale = this x mean spacing of the samples
     scale_min: float = 0.0005          # scale bounds, fractions of the box's longest edge
     scale_max: float = 0.5
@@ -116,8 +117,8 @@ class GSConfig(Recipe):
     prune_density: float = 1e-3        # fraction of the reference attenuation
 
     def __post_init__(self) -> None:
-        if self.init not in ("auto", "fdk", "random"):
-            raise RgsInputError(f"init must be auto, fdk or random, got {self.init!r}")
+        if self.init not in ("auto", "fdk", "sart", "random"):
+            raise RgsInputError(f"init must be auto, fdk, sart or random, got {self.init!r}")
         if self.iterations < 0 or self.num_init < 0 or self.max_gaussians < 0:
             raise RgsInputError("need iterations, num_init and max_gaussians >= 0")
         if self.num_init and self.max_gaussians and self.max_gaussians < self.num_init:
@@ -189,12 +190,14 @@ class GaussianReconstruction:
         cfg, grid = self.config, self.grid
         n = cfg.num_init
         spacing = torch.tensor(grid.spacing, dtype=torch.float32, device=self.device)
-        if self.init_mode() == "fdk":
-            vol = fdk(self.projections, self.data.geometry, grid).clamp_min(0)
+        mode = self.init_mode()
+        if mode in ("fdk", "sart"):
+            vol = (fdk(self.projections, self.data.geometry, grid) if mode == "fdk"
+                   else sart(self.projections, self.data.geometry, grid)).clamp_min(0)
             peak = float(vol.max())
             cand = torch.nonzero(vol.reshape(-1) > cfg.init_threshold * peak).squeeze(1)
             if cand.numel() == 0:
-                raise RgsInputError("the FDK initialisation is empty: use --init random")
+                raise RgsInputError(f"the {mode.upper()} initialisation is empty: use --init random")
             pick = cand[(self._rand(n) * cand.numel()).long().clamp_max(cand.numel() - 1)]
             idx = torch.stack(torch.unravel_index(pick, grid.shape), 1).float()
             origin = torch.tensor(grid.origin, dtype=torch.float32, device=self.device)
