@@ -193,8 +193,8 @@ def profile(args) -> dict:
     import torch
 
     from rgs_engine.core import metrics, runtime
-    from rgs_engine.core.voxelization import voxelize
     from rgs_engine.core.splatting import splat
+    from rgs_engine.core.voxelization import voxelize
     from rgs_engine.io import files, images
     from rgs_engine.io.projections import load_projections
     from rgs_engine.pipelines.reconstruct import PSNR_EVERY_GS
@@ -238,10 +238,9 @@ def profile(args) -> dict:
     report["plain_step_ms"] = round(1e3 * median_seconds(
         lambda: [rec.step() for _ in range(args.steps)], runtime.sync, 1) / args.steps, 3)
     phases.reset()
-    with instrumented(rec, phases):
-        with phases("step (synchronised phases)"):
-            for _ in range(args.steps):
-                rec.step()
+    with instrumented(rec, phases), phases("step (synchronised phases)"):
+        for _ in range(args.steps):
+            rec.step()
     n = args.steps
     step = {k: 1e3 * v / n for k, v in phases.seconds.items()}
     other = step.pop("step (synchronised phases)")
