@@ -14,12 +14,11 @@ CT of ``datasets/fetch_ct.py`` (``.cache/ct/cxr.nii.gz``) as follows:
    TIGRE-model noise (Poisson + Gaussian); 10 noiseless test views are kept for 2D metrics;
 4. ``rgs_engine.pipelines.recon`` (the code behind ``rgs recon``) runs ``gs`` at the README's
    CPU settings (``--views 25 --iterations 500``, default recipe unless ``--variant`` gives
-   ``--set`` overrides), ``sart`` and ``fdk`` (circular orbits only) at their defaults.
+   ``--set`` overrides, or ``init=MODE`` / ``preset=NAME`` for ``--init`` / ``--preset``), ``sart`` and ``fdk`` (circular orbits only) at their defaults.
 
-Results: ``validation/results/small_grid.json`` (every run: case, method, variant, 3D PSNR /
-SSIM, 2D test PSNR, seconds, Gaussians, device, CPU load) and ``validation/small_grid.md``
-(the table, written by :func:`write_markdown`; the notes and ablation log there are kept
-between the markers).
+Results: ``validation/results/small_grid.json`` (every run appended: case, method, variant,
+3D PSNR / SSIM, 2D test PSNR, seconds, Gaussians, device, CPU load, tag) and
+``validation/small_grid.md`` (the tables and notes, written by hand from the JSON).
 
 Usage::
 
