@@ -34,6 +34,7 @@ class DeformationChoice(str, Enum):
 class TimeInputChoice(str, Enum):
     time = "time"
     phase = "phase"
+    surrogate = "surrogate"
     auto = "auto"
 
 
@@ -97,8 +98,10 @@ def track4d(
         "--time-input", help="breathing: what the deformation sees: time (scan time, so cycles "
                              "may differ; periodic-consistency loss), phase (time modulo the "
                              "learned period, started from the projections' estimate: every "
-                             "cycle alike) or auto (phase where the projections show cycles that "
-                             "keep the period, else time). [default: auto]")] = None,
+                             "cycle alike), surrogate (each projection's breathing phase and "
+                             "depth read from the projections and refined: cycles of other "
+                             "length and depth) or auto (phase where the projections show cycles "
+                             "that keep the period, else time). [default: auto]")] = None,
     iterations: Annotated[Optional[int], typer.Option(
         help=f"Training iterations (breathing: of the deformation stage). [default: breathing "
              f"{Track4DConfig().iterations}, dsa {DsaConfig().iterations}]")] = None,
@@ -108,7 +111,7 @@ def track4d(
     period_init: Annotated[Optional[str], typer.Option(
         "--period-init", help=f"breathing: initial breathing period, s (learned from it), or "
                               f"{AUTO} (estimated from the projections' row shifts). [default: "
-                              f"{AUTO} with phase input, {Track4DConfig().period_init_s:g} with time "
+                              f"{AUTO} with phase or surrogate input, {Track4DConfig().period_init_s:g} with time "
                               f"input]")] = None,
     views: Annotated[Optional[int], typer.Option(
         help=f"dsa: training frames spread evenly over the run. [default: {DSA_DEFAULT_VIEWS}]")] = None,

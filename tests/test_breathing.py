@@ -70,6 +70,33 @@ def test_motion_amplitudes_lag_the_chest_wall():
     assert br.motion_amplitudes(torch.zeros(2, 5), 3.5, irregular=True).shape == (2, 5, 3)
 
 
+def test_depth_drift_and_baseline_shift():
+    t = torch.linspace(0.0, 56.0, 5601, dtype=torch.float64)
+    peaks = (torch.arange(16, dtype=torch.float64) + 0.5) * 3.5  # the cycles' peak times
+    # the depth drift: peaks fall linearly from 1 to 0.7 over the 56 s horizon, exhale stays 0
+    a = br.drifted(br.breathing_amplitude(t, 3.5), t, depth_drift=0.3, horizon_s=56.0)
+    torch.testing.assert_close(br.drifted(br.breathing_amplitude(peaks, 3.5), peaks, depth_drift=0.3,
+                                          horizon_s=56.0), 1 - 0.3 * peaks / 56.0)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    # the baseline shift: end-exhale rises to 0.3 and the peaks to 1, the breath's depth is 0.7
+    b = br.drifted(br.breathing_amplitude(t, 3.5), t, baseline_shift=0.3, horizon_s=56.0)
+    exhale = torch.arange(17, dtype=torch.float64) * 3.5
+    torch.testing.assert_close(br.drifted(br.breathing_amplitude(exhale, 3.5), exhale, baseline_shift=0.3,
+                                          horizon_s=56.0), 0.3 * exhale / 56.0)
+    torch.testing.assert_close(br.drifted(br.breathing_amplitude(peaks, 3.5), peaks, baseline_shift=0.3,
+                                          horizon_s=56.0), 0.7 + 0.3 * peaks / 56.0)
+    assert float(b.max()) <= 1.0 and float(b.min()) == 0.0
+    # both axes of motion_amplitudes drift; no drift leaves the curve as it was
+    amps = br.motion_amplitudes(t, 3.5, depth_drift=0.3, horizon_s=56.0)
+    torch.testing.assert_close(amps[:, 2], a)
+    assert float(amps[:, 1].max()) < 1.0 and float(amps[-1000:, 1].max()) < 0.8
+    torch.testing.assert_close(br.motion_amplitudes(t, 3.5, horizon_s=56.0), br.motion_amplitudes(t, 3.5))
+    with pytest.raises(RgsInputError, match="horizon"):
+        br.drifted(a, t, depth_drift=0.3)
+    with pytest.raises(RgsInputError, match="fractions"):
+        br.drifted(a, t, baseline_shift=1.2, horizon_s=56.0)
+
+
 # --------------------------------------------------------------------------------------
 # Displacement field
 # --------------------------------------------------------------------------------------

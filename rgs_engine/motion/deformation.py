@@ -11,7 +11,7 @@ box (``[-1, 1]`` per axis inside it); offsets come back in mm, ``scales' = scale
 and ``quats' = dq * quats`` (Hamilton product, ``dq`` a unit quaternion). Every model starts
 at the identity: its output layers are zero-initialised.
 
-Time enters in one of two ways (``time_input``):
+Time enters in one of three ways (``time_input``):
 
 * ``"time"`` (X2-Gaussian's way): the time normalised over the scan window ``time_range``
   (seconds) to ``[-1, 1]``; the model can represent any motion and :func:`periodic_consistency`
@@ -22,6 +22,12 @@ Time enters in one of two ways (``time_input``):
 * ``"phase"``: the breathing phase ``frac(t / T)``; the model is periodic by construction and
   ``T`` learns from the data term only, whose basin is far narrower (see
   :mod:`rgs_engine.motion.track4d` for measurements).
+* ``"surrogate"``: each time's phase and depth from the breathing the projections show
+  (a :class:`~rgs_engine.motion.surrogate.SurrogateDrive`, refined in training): the model
+  sees ``frac(phase)`` as in phase mode and its offsets are scaled by the relative amplitude
+  (positions and log scales times ``a``, rotations' vector parts times ``a``: the rotation
+  angle scaled to first order), so cycles of other depth and length are the same motion
+  met at another pace and depth. The period is the surrogate phase's mean period.
 
 Models:
 
@@ -42,7 +48,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +58,9 @@ from torch import nn
 from ..core.errors import RgsInputError, check_tensor
 from ..core.gaussians import quat_to_rotmat
 from ..core.rigid import quat_multiply
+from .surrogate import SurrogateDrive
 
-TIME_INPUTS = ("time", "phase")
+TIME_INPUTS = ("time", "phase", "surrogate")
 
 
 class Deformed(NamedTuple):
@@ -113,14 +121,18 @@ class Deformation(nn.Module, abc.ABC):
     the application of offsets. Subclasses implement :meth:`offsets`.
 
     ``box_lo``, ``box_hi`` (3,) mm: the volume box; ``time_range`` (t0, t1) seconds: the scan
-    window; ``period_s``: initial period (s); ``time_input``: ``"time"`` or ``"phase"``.
+    window; ``period_s``: initial period (s); ``time_input``: ``"time"``, ``"phase"`` or
+    ``"surrogate"`` (then ``surrogate`` is the drive; :attr:`periodic`: not time).
     """
 
     def __init__(self, box_lo: Sequence[float], box_hi: Sequence[float],
-                 time_range: tuple[float, float], period_s: float = 2.8, time_input: str = "time"):
+                 time_range: tuple[float, float], period_s: float = 2.8, time_input: str = "time",
+                 surrogate: SurrogateDrive | None = None):
         super().__init__()
         if time_input not in TIME_INPUTS:
-            raise RgsInputError(f"time input must be 'time' or 'phase', got {time_input!r}")
+            raise RgsInputError(f"time input must be time, phase or surrogate, got {time_input!r}")
+        if (surrogate is None) == (time_input == "surrogate"):
+            raise RgsInputError("surrogate input needs a surrogate drive, and only it takes one")
         lo = torch.as_tensor(box_lo, dtype=torch.float32).reshape(3)
         hi = torch.as_tensor(box_hi, dtype=torch.float32).reshape(3)
         if not bool((hi > lo).all()):
@@ -132,7 +144,14 @@ class Deformation(nn.Module, abc.ABC):
         self.register_buffer("half_extent", (hi - lo) / 2)
         self.time_range = (t0, t1)
         self.time_input = time_input
+        self.periodic = time_input != "time"
         self.period = LearnedPeriod(period_s)
+        self.surrogate = surrogate
+
+    @property
+    def period_s(self) -> torch.Tensor:
+        """0-d float64: the period (s), the learned one or the surrogate phase's mean period."""
+        return self.period.period_s if self.surrogate is None else self.surrogate.period_s
 
     def normalise(self, means: torch.Tensor) -> torch.Tensor:
         """(N, 3) mm -> box coordinates, ``[-1, 1]`` per axis inside the box."""
@@ -148,7 +167,10 @@ class Deformation(nn.Module, abc.ABC):
 
     def time_coordinate(self, t_seconds: torch.Tensor) -> torch.Tensor:
         """(B,) float32: the normalised time in ``[-1, 1]`` (time input) or the phase in
-        ``[0, 1)`` (phase input)."""
+        ``[0, 1)`` (phase and surrogate input)."""
+        if self.surrogate is not None:
+            phase = self.surrogate(t_seconds)[0]
+            return (phase - phase.detach().floor()).float()
         if self.time_input == "phase":
             return self.period.phase(t_seconds).float()
         t0, t1 = self.time_range
@@ -175,6 +197,8 @@ class Deformation(nn.Module, abc.ABC):
         t = torch.as_tensor(t_seconds, device=means.device)
         single = t.dim() == 0
         dpos, dlog, dq = self.offsets(self.normalise(means), self.time_coordinate(t.reshape(-1)), index)
+        if self.surrogate is not None:
+            dpos, dlog, dq = _scaled(self.surrogate(t.reshape(-1))[1].float()[:, None, None], dpos, dlog, dq)
         new_means = means + dpos * self.half_extent
         new_scales = scales * dlog.exp() if dlog is not None else scales.expand_as(new_means)
         new_quats = quat_multiply(F.normalize(dq, dim=-1), F.normalize(quats, dim=-1))
@@ -186,9 +210,23 @@ class Deformation(nn.Module, abc.ABC):
         return {}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimiser group: ``"network"``, ``"period"`` and model-specific ones."""
+        """Parameters by optimiser group: ``"network"``, ``"period"`` (the learned period) or
+        ``"surrogate"`` (the drive's per-view offsets), and model-specific ones."""
+        if self.surrogate is not None:
+            own = list(self.surrogate.parameters())
+            return {"network": [p for p in self.parameters()
+                                if all(p is not q for q in (*own, self.period.log_period))], "surrogate": own}
         period = [self.period.log_period]
         return {"network": [p for p in self.parameters() if p is not period[0]], "period": period}
+
+
+def _scaled(a: torch.Tensor, dpos: torch.Tensor, dlog: torch.Tensor | None, dq: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Offsets (B, N, .) scaled by amplitudes ``a`` (B, 1, 1): positions and log scales times
+    ``a``; the rotation quaternion made unit with ``w >= 0`` and its vector part times ``a``."""
+    q = F.normalize(dq, dim=-1)
+    q = torch.where(q[..., :1] < 0, -q, q)
+    return a * dpos, None if dlog is None else a * dlog, torch.cat([q[..., :1], a * q[..., 1:]], -1)
 
 
 # --------------------------------------------------------------------------------------
@@ -205,14 +243,15 @@ class KPlanesField(Deformation):
     time (``resolution * m`` along space). A point's feature at a level is the Hadamard
     product of its six bilinear samples; the levels' features are concatenated and fed to a
     two-layer ReLU trunk of width ``hidden`` and three zero-initialised linear heads. Spatial
-    planes start uniform in [0.1, 0.5], time planes at 1. In phase mode the time axis wraps
-    around (phase 1 = phase 0).
+    planes start uniform in [0.1, 0.5], time planes at 1. With phase or surrogate input the
+    time axis wraps around (phase 1 = phase 0).
     """
 
     def __init__(self, box_lo, box_hi, time_range, period_s: float = 2.8, time_input: str = "time",
-                 resolution: int = 32, time_resolution: int = 64, multires: Sequence[int] = (1, 2),
+                 surrogate: SurrogateDrive | None = None, resolution: int = 32,
+                 time_resolution: int = 64, multires: Sequence[int] = (1, 2),
                  features: int = 32, hidden: int = 64):
-        super().__init__(box_lo, box_hi, time_range, period_s, time_input)
+        super().__init__(box_lo, box_hi, time_range, period_s, time_input, surrogate)
         if min(resolution, time_resolution, features, hidden) < 2 or not multires:
             raise RgsInputError("K-planes need resolutions, features and hidden width >= 2 "
                                 "and at least one level")
@@ -232,14 +271,14 @@ class KPlanesField(Deformation):
         self.head_rotation = _zero_linear(hidden, 4)
 
     def _time_plane(self, plane: torch.Tensor) -> torch.Tensor:
-        """The plane as sampled: in phase mode its first time row repeated at the end."""
-        return torch.cat([plane, plane[:, :, :1]], 2) if self.time_input == "phase" else plane
+        """The plane as sampled: when periodic, its first time row repeated at the end."""
+        return torch.cat([plane, plane[:, :, :1]], 2) if self.periodic else plane
 
     def features(self, points: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """(B, N, features x levels) K-planes features of box coordinates (N, 3) at time
         coordinates (B,)."""
         n, nb = points.shape[0], time.shape[0]
-        tcoord = 2 * time - 1 if self.time_input == "phase" else time
+        tcoord = 2 * time - 1 if self.periodic else time
         out = []
         for level in range(self.levels):
             spatial, temporal = 1.0, 1.0
@@ -264,7 +303,7 @@ class KPlanesField(Deformation):
     def regularisers(self) -> dict[str, torch.Tensor]:
         """K-planes' regularisers, averaged over levels: ``plane_tv``, the mean squared first
         difference along the spatial axes of every plane; ``time_smoothness``, the mean
-        squared second difference along time of the time planes (circular in phase mode)."""
+        squared second difference along time of the time planes (circular when periodic)."""
         tv, smooth = 0.0, 0.0
         for (a, b), plane in zip(PLANES * self.levels, self.planes):
             tv = tv + plane.diff(dim=3).square().mean()
@@ -272,7 +311,7 @@ class KPlanesField(Deformation):
                 tv = tv + plane.diff(dim=2).square().mean()
             else:
                 p = self._time_plane(plane)
-                if self.time_input == "phase":
+                if self.periodic:
                     p = torch.cat([plane[:, :, -1:], p], 2)
                 smooth = smooth + (p[:, :, 2:] - 2 * p[:, :, 1:-1] + p[:, :, :-2]).square().mean()
         return {"plane_tv": tv / self.levels, "time_smoothness": smooth / self.levels}
@@ -365,10 +404,10 @@ class AnchorDeformation(Deformation):
     """
 
     def __init__(self, means: torch.Tensor, box_lo, box_hi, time_range, period_s: float = 2.8,
-                 time_input: str = "time", num_anchors: int = 256, k: int = 8, width: int = 64,
+                 time_input: str = "time", surrogate: SurrogateDrive | None = None, num_anchors: int = 256, k: int = 8, width: int = 64,
                  heads: int = 4, layers: int = 2, mask_ratio: float = 0.25, pos_freqs: int = 4,
                  time_harmonics: int = 8, seed: int = 0):
-        super().__init__(box_lo, box_hi, time_range, period_s, time_input)
+        super().__init__(box_lo, box_hi, time_range, period_s, time_input, surrogate)
         if not 0 <= mask_ratio < 1:
             raise RgsInputError(f"mask ratio must be in [0, 1), got {mask_ratio}")
         points = self.normalise(means.detach().float().to(self.centre.device))
@@ -395,7 +434,7 @@ class AnchorDeformation(Deformation):
         self.mask_generator.set_state(state["mask_generator"])
 
     def _time_encoding(self, time: torch.Tensor) -> torch.Tensor:
-        if self.time_input == "phase":
+        if self.periodic:
             return phase_harmonics(time, self.time_harmonics)
         return torch.cat([time[:, None], phase_harmonics((time + 1) / 4, self.time_harmonics)], 1)
 

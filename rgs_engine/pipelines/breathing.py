@@ -6,8 +6,10 @@ taken during free breathing -> canonical Gaussians + a learned deformation and b
 period (:mod:`rgs_engine.motion.track4d`). Outputs in ``--out DIR``:
 
 * ``phases.nii.gz``: a 4D NIfTI (nx, ny, nz, P) on the data's grid, the volume at each
-  ground-truth phase time, or without ground truth at P = 10 times evenly spread over one
-  learned cycle in the middle of the scan; ``phase_times_s`` in ``metrics.json`` says which;
+  ground-truth phase time, or without ground truth at P = 10 times over one learned cycle
+  in the middle of the scan (evenly spread, or with surrogate input where the surrogate's
+  phase passes the centres of 10 equal phase bins); ``phase_times_s`` in ``metrics.json``
+  says which;
 * ``phases.gif``: central coronal and sagittal slices over those times (truth above when known);
 * ``metrics.json``: ``period_s``, ``period_truth_s`` and ``period_error_pct`` with
   ``period_truth_source``: ``"file"`` (its ``period_s``), ``"phase_times_s"`` (derived from
@@ -18,14 +20,18 @@ period (:mod:`rgs_engine.motion.track4d`). Outputs in ``--out DIR``:
   ``period_mismatch_pct`` (the learned period's distance from it; above 5 % a warning
   suggests ``--period-init auto``), ``phase_wander_cycles`` (how far the scan's cycles
   stray from that period, :func:`rgs_engine.motion.period_estimate.phase_wander`), ``time_input``
-  (what the deformation saw: ``time`` or ``phase``; with ``--time-input auto``, the default,
-  phase where the phase wander is at most 0.03 cycles) and ``time_input_option``,
+  (what the deformation saw: ``time``, ``phase`` or ``surrogate``; with ``--time-input
+  auto``, the default, phase where the phase wander is at most 0.03 cycles) and
+  ``time_input_option``, with surrogate input ``surrogate_amplitude_range`` (the smallest and
+  largest relative breathing depth over the views, after training) and
+  ``surrogate_phase_offset_cycles`` (the RMS of the learned per-view phase corrections),
+  else null,
   ``motion_mm`` (the learned motion's size: 99th percentile over the Gaussians of the largest
   distance from their mean position over the output times; under ``motion_floor_mm``, half a
   voxel, a warning says the model learned no motion and the volumes are a static fit),
   ``period_initial_s`` (where the learning started:
   ``--period-init`` seconds, or with ``auto`` the estimate; by default the estimate with
-  phase input, 2.8 s with time input), ``psnr_3d`` /
+  phase or surrogate input, 2.8 s with time input), ``psnr_3d`` /
   ``ssim_3d`` per phase and their means ``psnr_3d_mean`` / ``ssim_3d_mean`` against the
   ground truth, ``psnr_2d_test`` / ``ssim_2d_test`` on the held-out views at their times,
   ``seconds`` (this invocation, loading included),
@@ -68,7 +74,7 @@ AUTO = "auto"  # --period-init: the period estimated from the projections
 PSNR_EVERY = 250  # iterations between PSNR evaluations (one voxelisation) while training
 MODES = ("breathing", "dsa")
 DEFORMATIONS = ("kplanes", "anchors")
-TIME_INPUTS = ("time", "phase", "auto")
+TIME_INPUTS = ("time", "phase", "surrogate", "auto")
 
 
 def _fingerprint(data: Projection4D) -> str:
@@ -76,13 +82,28 @@ def _fingerprint(data: Projection4D) -> str:
     return data_sha256((data.projections, data.geometry.vectors, data.times_s))
 
 
-def _output_times(data: Projection4D, period_s: float) -> tuple[torch.Tensor, str]:
+def _output_times(data: Projection4D, rec: Track4DReconstruction) -> tuple[torch.Tensor, str]:
     """(P,) seconds at which ``phases.nii.gz`` shows the anatomy, and where they came from."""
     if data.phase_times_s is not None:
         return data.phase_times_s, "ground-truth phase times"
     t0 = data.scan_seconds / 2
-    return (t0 + (torch.arange(DEFAULT_PHASES, dtype=torch.float64) + 0.5) * period_s / DEFAULT_PHASES,
+    drive = rec.model.surrogate if rec.model is not None else None
+    if drive is not None:
+        return (drive.bin_times(DEFAULT_PHASES, t0),
+                f"{DEFAULT_PHASES} phase bins of the surrogate's cycle containing mid-scan ({t0:g} s)")
+    return (t0 + (torch.arange(DEFAULT_PHASES, dtype=torch.float64) + 0.5) * rec.period_s / DEFAULT_PHASES,
             f"{DEFAULT_PHASES} times over one learned cycle from mid-scan ({t0:g} s)")
+
+
+def _surrogate_report(rec: Track4DReconstruction) -> dict[str, Any]:
+    """``surrogate_amplitude_range`` and ``surrogate_phase_offset_cycles`` (null without
+    surrogate input)."""
+    drive = rec.model.surrogate if rec.model is not None else None
+    if drive is None:
+        return {"surrogate_amplitude_range": None, "surrogate_phase_offset_cycles": None}
+    amplitude = drive.amplitude.detach()
+    return {"surrogate_amplitude_range": [float(amplitude.min()), float(amplitude.max())],
+            "surrogate_phase_offset_cycles": float(drive.phase_offset.detach().square().mean().sqrt())}
 
 
 def _new_settings(case: Path, deformation: Optional[str], time_input: Optional[str],
@@ -136,12 +157,12 @@ def _known(s: dict) -> dict[str, Any]:
 
 def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """Metrics against the truth the data carry, the output times and the volumes there."""
-    times, times_note = _output_times(data, rec.period_s)
+    times, times_note = _output_times(data, rec)
     volumes = rec.phases(times)
     estimate = rec.period_estimate
     report: dict[str, Any] = {
         "time_input": rec.time_input, "time_input_option": rec.config.time_input,
-        "phase_wander_cycles": rec.phase_wander,
+        "phase_wander_cycles": rec.phase_wander, **_surrogate_report(rec),
         "period_s": rec.period_s, "period_truth_s": data.period_s,
         "period_truth_source": data.period_source,
         "period_error_pct": None if data.period_s is None else 100 * abs(rec.period_s - data.period_s) / data.period_s,
@@ -213,7 +234,7 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
     case, out = Path(case), Path(out)
     require(mode in MODES, f"--mode {mode}: use breathing or dsa")
     require(deformation in (None, *DEFORMATIONS), f"--deformation {deformation}: use kplanes or anchors")
-    require(time_input in (None, *TIME_INPUTS), f"--time-input {time_input}: use time, phase or auto")
+    require(time_input in (None, *TIME_INPUTS), f"--time-input {time_input}: use time, phase, surrogate or auto")
     check_run_options(case, out, {"--iterations": iterations, "--static-iterations": static_iterations,
                                   "--views": views, "--checkpoint-every": checkpoint_every}, time_smoothness)
     period_init = _parse_period_init(period_init)

@@ -17,6 +17,9 @@ length ``T (1 + PERIOD_JITTER g)``, peak ``(1 + AMPLITUDE_JITTER g') / DEEP_BREA
 ``g'`` standard normal, factors clipped to :data:`JITTER_CLIP`), and one deep breath (cycle
 :data:`DEEP_CYCLES` drawn from the seed) with peak 1 and a cycle :data:`DEEP_BREATH_LONGER`
 times as long. The curve is smooth across cycle boundaries (``a`` and ``da/dt`` vanish there).
+Slow drifts over a horizon ``H`` (the scan), ``u = t / H`` clipped to [0, 1]: a depth drift
+``d`` makes the breaths shallower, ``a (1 - d u)``, and a baseline shift ``b`` raises the
+end-exhale level, ``b u + (1 - b) a``, so the curve stays in [0, 1] (:func:`drifted`).
 :func:`motion_amplitudes` gives the per-axis amplitudes the warp uses: the diaphragm's SI
 motion follows ``a(t)`` and the chest wall's AP motion lags it by :data:`AP_LAG` of the
 period, so inhalation and exhalation pass through different states (the hysteresis of real
@@ -53,9 +56,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ct import hu_to_mu
 from ..core.errors import RgsInputError, check_tensor
 from ..core.geometry import VolumeGrid
+from .ct import hu_to_mu
 
 # breathing curve
 LUJAN_N = 2  # a = sin^(2n): n = 1 is a plain sinusoid, larger n lingers longer at exhale
@@ -130,6 +133,23 @@ def breathing_phase(t_s, period_s: float, irregular: bool = False, seed: int = 0
     return torch.from_numpy(frac)
 
 
+def drifted(amplitude: torch.Tensor, t_s, depth_drift: float = 0.0, baseline_shift: float = 0.0,
+            horizon_s: float | None = None) -> torch.Tensor:
+    """``amplitude`` (any shape, in [0, 1]) at times ``t_s`` (s, same shape) with the slow
+    drifts of the module over ``horizon_s`` seconds: the breath's depth falls by the
+    fraction ``depth_drift`` and the end-exhale level rises to ``baseline_shift`` (both in
+    [0, 1)); float64 CPU tensor of the same shape."""
+    if not (0 <= depth_drift < 1 and 0 <= baseline_shift < 1):
+        raise RgsInputError(f"depth drift {depth_drift!r} and baseline shift {baseline_shift!r}: "
+                            "give fractions in [0, 1)")
+    if depth_drift == 0 and baseline_shift == 0:
+        return amplitude
+    if not (horizon_s is not None and math.isfinite(horizon_s) and horizon_s > 0):
+        raise RgsInputError(f"breathing drifts need a horizon (the scan's length, s > 0), got {horizon_s!r}")
+    u = (torch.as_tensor(t_s, dtype=torch.float64).cpu() / horizon_s).clamp(0.0, 1.0)
+    return baseline_shift * u + (1 - baseline_shift) * (1 - depth_drift * u) * amplitude
+
+
 def breathing_amplitude(t_s, period_s: float, irregular: bool = False, seed: int = 0) -> torch.Tensor:
     """Breathing amplitude in [0, 1] at each time ``t_s`` (seconds >= 0, any shape): float64
     CPU tensor of the same shape; 0 = end-exhale, 1 = the deepest breath (see the module).
@@ -141,14 +161,17 @@ def breathing_amplitude(t_s, period_s: float, irregular: bool = False, seed: int
     return torch.from_numpy(peak * np.sin(np.pi * frac) ** (2 * LUJAN_N))
 
 
-def motion_amplitudes(t_s, period_s: float, irregular: bool = False, seed: int = 0) -> torch.Tensor:
+def motion_amplitudes(t_s, period_s: float, irregular: bool = False, seed: int = 0,
+                      **drifts) -> torch.Tensor:
     """Per-axis amplitudes for :func:`warp` at times ``t_s`` (s >= 0, any shape): float64 CPU
     tensor of shape ``t_s.shape + (3,)``, along world (x, y, z) = (0, ``a(t - AP_LAG
     period_s)``, ``a(t)``) with ``a`` :func:`breathing_amplitude` (the lagged time clamped at
-    0, where the scan starts at end-exhale)."""
+    0, where the scan starts at end-exhale) and the ``drifts`` (``depth_drift``,
+    ``baseline_shift``, ``horizon_s``) of :func:`drifted`."""
     t = torch.as_tensor(t_s, dtype=torch.float64).cpu()
-    si = breathing_amplitude(t, period_s, irregular, seed)
-    ap = breathing_amplitude((t - AP_LAG * period_s).clamp_min(0.0), period_s, irregular, seed)
+    lagged = (t - AP_LAG * period_s).clamp_min(0.0)
+    si = drifted(breathing_amplitude(t, period_s, irregular, seed), t, **drifts)
+    ap = drifted(breathing_amplitude(lagged, period_s, irregular, seed), lagged, **drifts)
     return torch.stack([torch.zeros_like(si), ap, si], dim=-1)
 
 

@@ -27,20 +27,27 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..core import runtime
-from . import scan as sim
-from .breathing import breathing_cycles, breathing_phase, displacement_field, motion_amplitudes, warp
-from ..io.naf4d import Projection4D
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
 from ..core.projector import project
+from ..io.naf4d import Projection4D
+from . import scan as sim
+from .breathing import (
+    breathing_cycles,
+    breathing_phase,
+    displacement_field,
+    drifted,
+    motion_amplitudes,
+    warp,
+)
 
 MIN_CYCLES = 4  # the scan must hold at least this many nominal breathing periods
 _WARP_VOXELS = 1 << 25  # voxels warped per grid_sample call
@@ -52,8 +59,10 @@ class BreathingSpec:
 
     ``amplitude_mm`` = (peak inferior displacement of the diaphragm, peak anterior
     displacement of the chest wall); with ``irregular`` the peaks are reached in the deep
-    breath and normal breaths are smaller. ``seed`` draws the irregular cycles, the test
-    times and the noise.
+    breath and normal breaths are smaller. ``depth_drift`` / ``baseline_shift``: the
+    breaths grow shallower by that fraction / the end-exhale level rises by that fraction of
+    the peak over the scan (:func:`rgs_engine.sim.breathing.drifted`). ``seed`` draws the
+    irregular cycles, the test times and the noise.
     """
 
     projections: int = 300
@@ -62,11 +71,19 @@ class BreathingSpec:
     period_s: float = 3.5
     irregular: bool = False
     amplitude_mm: tuple[float, float] = (15.0, 5.0)
+    depth_drift: float = 0.0
+    baseline_shift: float = 0.0
     phases: int = 10
     det: int = 256
     noise: tuple[float, float] | None = None
     noise_model: str = "tigre"
     seed: int = 0
+
+    @property
+    def drifts(self) -> dict:
+        """The slow drifts' keywords of :func:`rgs_engine.sim.breathing.motion_amplitudes`."""
+        return {"depth_drift": self.depth_drift, "baseline_shift": self.baseline_shift,
+                "horizon_s": self.scan_seconds}
 
     def check(self) -> None:
         if self.projections < 1:
@@ -84,6 +101,7 @@ class BreathingSpec:
             raise RgsInputError(f"--amplitude-mm {si:g},{ap:g}: amplitudes must be mm >= 0")
         if self.phases < 1:
             raise RgsInputError(f"--phases {self.phases}: need at least 1 ground-truth phase")
+        drifted(torch.zeros(()), 0.0, **self.drifts)
         sim.ScanSpec(views=self.projections, test_views=self.val_projections, det=self.det,
                      noise=self.noise, noise_model=self.noise_model, seed=self.seed).check()
 
@@ -145,10 +163,10 @@ def simulate_breathing(volume: torch.Tensor, grid: VolumeGrid, spec: BreathingSp
     dso, dsd = sim.default_distances(centred)
     geometry = sim.circular_geometry(centred, 2 * math.pi * time.numpy(), dso, dsd, spec.det)
     pixel = float(geometry.vectors[0, 6:9].norm())
-    curve = dict(period_s=spec.period_s, irregular=spec.irregular, seed=spec.seed)
+    curve = {"period_s": spec.period_s, "irregular": spec.irregular, "seed": spec.seed}
     with step("project", f"project {n} views at their times"):
         clean = _project_at(volume, centred, field, geometry,
-                            motion_amplitudes(time * spec.scan_seconds, **curve))
+                            motion_amplitudes(time * spec.scan_seconds, **curve, **spec.drifts))
     test = {}
     if spec.val_projections:
         rng = np.random.default_rng(spec.seed)
@@ -158,7 +176,7 @@ def simulate_breathing(volume: torch.Tensor, grid: VolumeGrid, spec: BreathingSp
         with step("project_test", f"project {spec.val_projections} test views"):
             test = {"test_projections": _project_at(
                         volume, centred, field, test_geometry,
-                        motion_amplitudes(test_time * spec.scan_seconds, **curve)),
+                        motion_amplitudes(test_time * spec.scan_seconds, **curve, **spec.drifts)),
                     "test_geometry": test_geometry, "test_time": test_time,
                     "test_phase": _phase_bins(test_time * spec.scan_seconds, spec)}
     starts, _ = breathing_cycles(spec.scan_seconds, **curve)
@@ -167,7 +185,7 @@ def simulate_breathing(volume: torch.Tensor, grid: VolumeGrid, spec: BreathingSp
         starts[k] + (np.arange(spec.phases) + 0.5) / spec.phases * (starts[k + 1] - starts[k]))
     with step("phases", f"ground truth at {spec.phases} phase times"):
         phases = torch.cat([warp(volume, centred, field, a[None]).cpu()
-                            for a in motion_amplitudes(phase_times, **curve)])
+                            for a in motion_amplitudes(phase_times, **curve, **spec.drifts)])
     projections = clean
     info = {"dso_mm": dso, "dsd_mm": dsd, "pixel_mm": pixel, "detector": [spec.det, spec.det]}
     if spec.noise is not None:
