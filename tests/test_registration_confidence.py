@@ -67,8 +67,8 @@ def _two_view_score(peak_b_mm: float, width_mm: float = 2.0):
 
 @pytest.mark.parametrize("peak_b_mm", [0.0, 0.5, 4.0, 6.0, 8.0])
 def test_views_that_want_different_poses_are_caught(peak_b_mm):
-    # Beyond the bell's inflection (2 mm) view B curves up at the pose: its own climb must
-    # still find its peak, so the disagreement is seen however far apart the peaks lie.
+    # Beyond the bell's inflection (2 mm) view B curves up at the pose, so a parabola there
+    # misses its peak; its own 1-D scan finds it however far apart the peaks lie (to 12 mm).
     pts = np.random.default_rng(0).normal(size=(400, 3)) * 15
     conf = confidence.assess(_two_view_score(peak_b_mm), np.eye(4), pts, similarity=0.9)
     ev = conf.evidence
@@ -77,6 +77,7 @@ def test_views_that_want_different_poses_are_caught(peak_b_mm):
     else:
         assert not conf.success and conf.estimated_error_mm > confidence.MAX_ERROR_MM
         assert ev["view_disagreement_mm"] == pytest.approx(peak_b_mm, rel=0.25)
+        assert max(abs(o) for row in ev["view_peaks_mm"] for o in row) == pytest.approx(peak_b_mm)
 
 
 def test_detector_like_images_register_and_are_judged(ct_path, params, points, tmp_path):
