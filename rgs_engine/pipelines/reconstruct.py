@@ -321,9 +321,9 @@ def _complete_new_settings(settings: dict, full: ProjectionData, data: Projectio
     if name == "gs":
         if settings["gs"]["init"] == "fdk":
             require(data.is_circular, f"--init fdk needs a circular orbit; the views in {data_path} "
-                                      "have other poses: use --init random (or auto)")
+                                      "have other poses: use --init sart (or auto)")
         settings["init_resolved"] = (settings["gs"]["init"] if settings["gs"]["init"] != "auto"
-                                     else ("fdk" if data.is_circular else "random"))
+                                     else ("fdk" if data.is_circular else "sart"))
 
 
 # --------------------------------------------------------------------------------------

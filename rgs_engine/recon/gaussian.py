@@ -10,9 +10,16 @@ so the weights do not depend on units. Learning rates decay log-linearly; Gaussi
 large accumulated position gradients are cloned (small ones) or split (large ones) on a
 schedule up to a cap, and near-empty ones or ones that left the box are pruned.
 
-Initialisation: ``fdk`` samples Gaussians where the FDK reconstruction of the training views
-is bright (circular orbits); ``random`` places them uniformly in the box (any poses). In both
-cases the densities are calibrated once so the rendered projections match the data's mean.
+Initialisation (``auto``: ``fdk`` on circular orbits, else ``sart``): ``fdk`` samples
+Gaussians where the FDK reconstruction of the training views is bright (circular orbits);
+``sart`` the same from 6 OS-SART iterations (any poses); ``random`` places them uniformly in
+the box (any poses). In all cases the densities are
+calibrated once so the rendered projections match the data's mean. The reference attenuation
+(TV's and pruning's unit) is the 99th percentile of the bright voxels of the FDK / SART image,
+or of the calibrated field for ``random``, which is nearly uniform and so gives a value about
+3x lower (a 3x stronger TV; ``validation/small_grid.md``).
+
+Named recipes (``rgs recon --preset``) are in :mod:`.presets`.
 
 All randomness comes from one generator whose state is in the checkpoint, so a resumed run
 continues where it stopped (float atomics in the kernels reorder sums, so two runs agree to
@@ -177,10 +184,10 @@ class GaussianReconstruction:
     def init_mode(self) -> str:
         mode = self.config.init
         if mode == "auto":
-            return "fdk" if self.data.is_circular else "random"
+            return "fdk" if self.data.is_circular else "sart"
         if mode == "fdk" and not self.data.is_circular:
             raise RgsInputError("--init fdk needs a circular orbit; these views have arbitrary "
-                                "poses: use --init random (or auto)")
+                                "poses: use --init sart (or auto)")
         return mode
 
     def _rand(self, *shape: int) -> torch.Tensor:
