@@ -6,6 +6,9 @@ X2-Gaussian's task on cases made from the chest CT of ``datasets/fetch_ct.py``
 * ``regular``: period 3.5 s, peak SI 15 mm (diaphragm) and AP 5 mm (chest wall);
 * ``irregular``: mean period 3.5 s with cycle-to-cycle period and amplitude jitter and one
   deeper breath (the peaks are reached there);
+* ``amplitude-drift``: the regular case with breaths growing 30 % shallower over the scan;
+* ``baseline-shift``: the regular case with the end-exhale level rising by 30 % of the peak
+  over the scan (the breath itself 30 % shallower, so the peaks stay);
 
 each a 256^3-class grid (1.4 mm), 300 cone-beam projections of 256^2 over a 60 s turn,
 10 held-out views, TIGRE noise (1e4 photons, sigma 10), 10 ground-truth phases over the
@@ -15,6 +18,8 @@ cycle in mid-scan. Per case, every method reconstructs the same projections:
   recipe, run as a user runs it (a subprocess; ``seconds`` is its wall time, loading included);
   the default ``--time-input auto`` picks phase input (every cycle alike, the period started
   from the projections' estimate) for breathing that keeps its period, else time input;
+  ``kplanes-surrogate`` is ``--time-input surrogate`` (each view's breathing phase and depth
+  from the projections, :mod:`rgs_engine.motion.surrogate`, refined in training);
   ``M-time-3000`` is the earlier default (``--time-input time --iterations 3000``, the period
   started at X2-Gaussian's 2.8 s), ``M-time-3000-estimate`` the same with ``--period-init
   auto`` (started from the estimate), ``kplanes-phase-3000`` phase input for 3000 steps;
@@ -37,7 +42,15 @@ Usage::
     python validation/track4d.py --report            # anywhere: markdown + picture
 
 ``--quick`` (a CPU check of the script: 32^3 grid, 40 projections of 32^2, short recipes)
-gives numbers that mean nothing.
+gives numbers that mean nothing. ``--cpu`` is a size a shared, loaded 2-core CPU finishes
+in about half an hour per method: 32^3-class grid, 120 projections of 32^2 over the same 60 s
+(2 per second, 7 per breath), 100 static + 300 deformation steps for the 4D runs and 400
+steps for the static fit (``--static-iterations`` / ``--iterations`` change the 4D runs';
+the static fit runs their sum); its results are kept apart (``track4d_CASE-cpu32.json``;
+processes running other methods of the same case add to it) and
+``--report`` writes them in a CPU section, e.g.::
+
+    python validation/track4d.py --cpu --device cpu --case amplitude-drift --methods kplanes,kplanes-surrogate,static
 """
 from __future__ import annotations
 
@@ -66,27 +79,32 @@ from rgs_engine import fdk
 
 from rgs_engine.core import metrics, runtime
 from rgs_engine.sim import breathing_scan as sim4d  # noqa: E402
-from rgs_engine.sim.breathing import breathing_cycles  # noqa: E402
+from rgs_engine.sim.breathing import breathing_cycles, motion_amplitudes  # noqa: E402
 from rgs_engine.sim.scan import parse_noise  # noqa: E402
 from rgs_engine.recon.gaussian import GaussianReconstruction, GSConfig  # noqa: E402
 from rgs_engine.motion.track4d import REGULAR_WANDER_CYCLES, Track4DConfig  # noqa: E402
 from rgs_engine.io.files import load_json, save_json, write_bytes  # noqa: E402
 
 CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
-CASES = ("regular", "irregular")
+CASES = ("regular", "irregular", "amplitude-drift", "baseline-shift")
+DRIFTS = {"amplitude-drift": {"depth_drift": 0.3}, "baseline-shift": {"baseline_shift": 0.3}}
 EARLIER = ("--time-input", "time", "--iterations", "3000")  # the default before time input auto
 TRACK4D = {  # rgs track4d runs: method -> options
     **{m: ("--deformation", m) for m in ("kplanes", "anchors")},
     **{f"{m}-time-3000": ("--deformation", m, *EARLIER) for m in ("kplanes", "anchors")},
     **{f"{m}-time-3000-estimate": ("--deformation", m, *EARLIER, "--period-init", "auto")
        for m in ("kplanes", "anchors")},
-    "kplanes-phase-3000": ("--deformation", "kplanes", "--time-input", "phase", "--iterations", "3000")}
+    "kplanes-phase-3000": ("--deformation", "kplanes", "--time-input", "phase", "--iterations", "3000"),
+    "kplanes-surrogate": ("--deformation", "kplanes", "--time-input", "surrogate")}
 METHODS = (*TRACK4D, "static", "fdk", "ceiling")
 LABELS = {**{m: f"rgs track4d ({opts[1]}{', ' if opts[2:] else ''}{' '.join(opts[2:])})"
              for m, opts in TRACK4D.items()},
           "static": "static Gaussians (rgs recon)", "fdk": "FDK (static)",
           "ceiling": "ceiling: static Gaussians of the CT held still"}
 GRID, PROJECTIONS, DET = 256, 300, 256
+SIZES = {  # grid, projections, detector, 4D static / deformation steps (None: the defaults)
+    "gpu": (GRID, PROJECTIONS, DET, None, None), "cpu": (32, 120, 32, 100, 300),
+    "quick": (32, 40, 32, 20, 20)}
 NOISE = "1e4,10"
 DEFAULT_4D = Track4DConfig()
 BARS = {"period_error_pct": 2.0, "regular_gain_db": 3.0, "seconds": 300.0}
@@ -132,15 +150,16 @@ def scores(volumes, truth: torch.Tensor) -> dict:
             "ssim_3d_mean": float(np.mean(ssim))}
 
 
-def run_track4d(case_path: Path, method: str, work: Path, quick: bool, device: str) -> tuple[dict, torch.Tensor]:
+def run_track4d(case_path: Path, method: str, work: Path, args, device: str) -> tuple[dict, torch.Tensor]:
     """``rgs track4d`` in a subprocess: its metrics.json and its phases (P, nx, ny, nz)."""
     import nibabel as nib
 
     out = work / method
     cmd = [sys.executable, "-m", "cli", "track4d", str(case_path), "--out", str(out), "--force",
            "--device", device, *TRACK4D[method]]
-    if quick:
-        cmd += ["--static-iterations", "20", "--iterations", "20"]
+    for option, value in (("--static-iterations", args.static_iterations), ("--iterations", args.iterations)):
+        if value is not None:
+            cmd += [option, str(value)]
     console.print("$ " + " ".join(cmd))
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -155,7 +174,8 @@ def run_track4d(case_path: Path, method: str, work: Path, quick: bool, device: s
 
 def static_fit(data, args, dev) -> torch.Tensor:
     """``rgs recon``'s default Gaussian recipe on all projections of ``data``, ignoring time."""
-    config = GSConfig(iterations=40 if args.quick else GSConfig().iterations, seed=args.seed)
+    steps = GSConfig().iterations if args.static_iterations is None else args.static_iterations + args.iterations
+    config = GSConfig(iterations=steps, seed=args.seed)
     torch.manual_seed(config.seed)
     rec = GaussianReconstruction(data.as_static(), config)
     for _ in range(config.iterations):
@@ -180,16 +200,40 @@ def cycles_mean_s(setup: dict) -> float:
     return float(np.mean(np.diff(np.asarray(starts))))
 
 
-def case_key(case: str, noise) -> str:
-    """``regular`` / ``irregular`` with the default noise, ``+ "-noiseless"`` without."""
-    return case if noise is not None else f"{case}-noiseless"
+def case_key(case: str, noise, size: str = "gpu") -> str:
+    """``CASE`` with the default noise, ``+ "-noiseless"`` without; ``+ "-cpu48"`` at the
+    CPU size (``--cpu``, 32^3), ``+ "-quick"`` with ``--quick``."""
+    key = case if noise is not None else f"{case}-noiseless"
+    return key if size == "gpu" else f"{key}-{size}{SIZES[size][0] if size == 'cpu' else ''}"
+
+
+def inhale_phases(setup: dict) -> list[bool]:
+    """Per ground-truth phase of a case: is it an inhale phase (the diaphragm's breathing
+    amplitude at least half its largest over the phases), the phases where cycles of other
+    depth differ most; the others are exhale phases."""
+    drifts = {k: setup[k] for k in ("depth_drift", "baseline_shift") if k in setup}
+    si = motion_amplitudes(torch.tensor(setup["phase_times_s"]), setup["period_s"], setup["irregular"],
+                           setup["seed"], **drifts, horizon_s=setup["scan_seconds"])[:, 2]
+    lo, hi = float(si.min()), float(si.max())
+    return [float(a) >= (lo + hi) / 2 for a in si]
+
+
+def merge_saved(out_dir: Path, res: dict) -> None:
+    """Add to ``res`` the methods (and their slices) that the saved results of the same case
+    and setup hold and ``res`` lacks: another process running other methods of the case."""
+    if not results_path(out_dir, res["case"]).is_file():
+        return
+    saved = load_results(out_dir, res["case"])
+    if saved["setup"] | {"simulate_seconds": 0} == res["setup"] | {"simulate_seconds": 0}:
+        res["methods"] = saved["methods"] | res["methods"]
+        res["slices"] = saved["slices"] | res["slices"]
 
 
 def run_case(args, case: str) -> dict:
     dev = runtime.init(args.device)
     spec = sim4d.BreathingSpec(projections=args.projections, det=args.det, noise=args.noise,
-                               irregular=case == "irregular", seed=args.seed)
-    key = case_key(case, args.noise)
+                               irregular=case == "irregular", seed=args.seed, **DRIFTS.get(case, {}))
+    key = case_key(case, args.noise, args.size)
     t0 = time.perf_counter()
     data = sim4d.simulate_breathing_case(CT, args.grid, spec)
     simulate_s = time.perf_counter() - t0
@@ -204,7 +248,8 @@ def run_case(args, case: str) -> dict:
                      "noise": None if args.noise is None else list(args.noise),
                      "phases": int(data.phases.shape[0]),
                      "phase_times_s": data.phase_times_s.tolist(), "slice_phases": [i_a, i_b],
-                     "seed": spec.seed,
+                     "seed": spec.seed, **DRIFTS.get(case, {}),
+                     **({} if args.size == "gpu" else {"iterations_4d": [args.static_iterations, args.iterations]}),
                      "simulate_seconds": simulate_s},
            "slices": {"truth": [coronal(data.phases[i_a]), coronal(data.phases[i_b])]},
            "methods": {}}
@@ -218,7 +263,7 @@ def run_case(args, case: str) -> dict:
         data4d.save_4d_pickle(case_path, data)
         for method in args.methods:
             if method in TRACK4D:
-                report, phases = run_track4d(case_path, method, work, args.quick, dev.type)
+                report, phases = run_track4d(case_path, method, work, args, dev.type)
                 row = {k: report[k] for k in ("period_s", "period_error_pct", "period_initial_s",
                                               "period_estimate_s", "psnr_3d", "ssim_3d",
                                               "psnr_3d_mean", "ssim_3d_mean", "psnr_2d_test",
@@ -237,6 +282,7 @@ def run_case(args, case: str) -> dict:
                 row = {"seconds": time.perf_counter() - t0, **scores(volume, truth)}
                 res["slices"][method] = [coronal(volume)] * 2
             res["methods"][method] = row
+            merge_saved(args.out_dir, res)
             save_results(args.out_dir, res)
             console.print(f"{case} {method}: PSNR {row['psnr_3d_mean']:.2f} dB, SSIM "
                           f"{row['ssim_3d_mean']:.4f}" + (f", period {row['period_s']:.4f} s "
@@ -281,7 +327,7 @@ def bars(results: dict[str, dict]) -> list[tuple[str, str, str]]:
             rows.append((f"{case}: static recipe on the still CT minus static (ceiling - static, "
                          "not a bar)", "context", f"{room:+.2f} dB"))
     for case, r in results.items():
-        if "kplanes" in r["methods"]:
+        if "kplanes" in r["methods"] and "cuda" in r["device"]:  # the time bar is the GPU's
             s = r["methods"]["kplanes"]["seconds"]
             rows.append((f"{case}: default recipe <= {BARS['seconds']:g} s on the GPU ({r['device']})",
                          "PASS" if s <= BARS["seconds"] else "FAIL", f"{s:.0f} s"))
@@ -298,10 +344,18 @@ def time_input(method: str, row: dict) -> str:
     return options[options.index("--time-input") + 1] if "--time-input" in options else "-"
 
 
-def markdown(results: dict[str, dict]) -> str:
+def inhale_exhale(setup: dict, row: dict) -> str:
+    """``inhale / exhale`` mean PSNR (dB) of a row over the case's :func:`inhale_phases`."""
+    inhale = inhale_phases(setup)
+    means = [np.mean([p for p, i in zip(row["psnr_3d"], inhale) if i == side]) for side in (True, False)]
+    return f"{means[0]:.2f} / {means[1]:.2f}"
+
+
+def markdown(results: dict[str, dict], heading: str = "# 4D breathing reconstruction (rgs track4d) "
+             "on a real chest CT", picture: bool = True) -> str:
     first = next(iter(results.values()))
     s = first["setup"]
-    lines = ["# 4D breathing reconstruction (rgs track4d) on a real chest CT", "",
+    lines = [heading, "",
              f"Measured {first['date']} on **{first['device']}** by `validation/track4d.py`"
              + (" (--quick: numbers mean nothing)" if first["quick"] else "") + ".", "",
              f"Cases from `{s['ct']}` by `rgs simulate4d`: {'x'.join(map(str, s['grid']))} grid of "
@@ -312,8 +366,9 @@ def markdown(results: dict[str, dict]) -> str:
              f"{s['phases']} ground-truth phases over the cycle in mid-scan. Every method sees the "
              "same projections; static methods give one volume, scored against every phase.", "",
              "| case | method | input (phase wander) | period (s) | period error | period from the "
-             "projections (s) | motion (mm) | PSNR 3D mean (dB) | SSIM 3D mean | vs static (dB) | seconds |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "projections (s) | motion (mm) | PSNR 3D mean (dB) | inhale / exhale (dB) | SSIM 3D mean | "
+             "vs static (dB) | seconds |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case, r in results.items():
         static = r["methods"].get("static", {}).get("psnr_3d_mean")
         for method in sorted(r["methods"], key=METHODS.index):
@@ -325,7 +380,8 @@ def markdown(results: dict[str, dict]) -> str:
             gain = f"{row['psnr_3d_mean'] - static:+.2f}" if static is not None and method != "ceiling" else "-"
             lines.append(f"| {case} | {LABELS[method]} | {time_input(method, row)} | {period} | {error} | "
                          f"{estimate} | {motion} | "
-                         f"{row['psnr_3d_mean']:.2f} | {row['ssim_3d_mean']:.4f} | {gain} | {row['seconds']:.1f} |")
+                         f"{row['psnr_3d_mean']:.2f} | {inhale_exhale(r['setup'], row)} | "
+                         f"{row['ssim_3d_mean']:.4f} | {gain} | {row['seconds']:.1f} |")
     irregular = next((r["setup"] for r in results.values() if r["setup"]["irregular"]), None)
     drawn = "" if irregular is None else (
         f"; its cycles over the scan average {cycles_mean_s(irregular):.3f} s")
@@ -339,7 +395,10 @@ def markdown(results: dict[str, dict]) -> str:
               "the estimate `rgs track4d` reports (and starts the period from with phase input or "
               "`--period-init auto`; time input otherwise starts at X2-Gaussian's 2.8 s); `motion`: "
               "the learned motion's size (`motion_mm` of `metrics.json`, 99th percentile over the "
-              "Gaussians); `-` where the run predates the column.", "",
+              "Gaussians); `-` where the run predates the column. `inhale / exhale`: the mean PSNR "
+              "over the phases whose diaphragm amplitude is at least / below halfway between the "
+              "phases' smallest and largest (the inhale phases are where cycles of other depth "
+              "differ most).", "",
               "The `ceiling` rows fit the same scan of the CT held still (no motion) with the static "
               "recipe: the PSNR that the noise allows that recipe without motion blur. It is not a "
               f"bound on the 4D runs, which follow another schedule ({DEFAULT_4D.recipe.iterations} "
@@ -349,7 +408,7 @@ def markdown(results: dict[str, dict]) -> str:
               "## Bars", "",
               "| bar | result | measured |", "|---|---|---|"]
     lines += [f"| {b} | {v} | {m} |" for b, v, m in bars(results)]
-    lines += ["", "![per-phase PSNR and coronal slices](track4d.png)", ""]
+    lines += ["", "![per-phase PSNR and coronal slices](track4d.png)", ""] if picture else [""]
     return "\n".join(lines)
 
 
@@ -399,12 +458,20 @@ def plot(results: dict[str, dict], path: Path) -> Path | None:
 
 
 def report(out_dir: Path) -> int:
-    keys = [case_key(c, n) for c in CASES for n in ((1,), None)]
-    results = {key: load_results(out_dir, key) for key in keys if results_path(out_dir, key).is_file()}
+    found = {size: {key: load_results(out_dir, key) for key in (case_key(c, n, size) for c in CASES
+                                                                 for n in ((1,), None))
+                    if results_path(out_dir, key).is_file()} for size in ("gpu", "cpu")}
+    results, cpu = found["gpu"], found["cpu"]
     if not results:
         console.print(f"[red]no results under {out_dir / 'results'}: run a case first[/red]")
         return 2
     text = markdown(results)
+    if cpu:
+        first = next(iter(cpu.values()))["setup"]
+        text += "\n" + markdown(cpu, f"## CPU, a smaller size: {first['grid'][0]}^3-class grid, "
+                                     f"{first['projections']} projections of {first['det']}^2, "
+                                     f"{' + '.join(map(str, first['iterations_4d']))} 4D steps "
+                                     "(loaded shared 2-core machine: seconds are noisy)", picture=False)
     write_bytes(out_dir / "track4d.md", text.encode(), force=True)
     console.print(text)
     picture = plot(results, out_dir / "track4d.png")
@@ -426,6 +493,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="folder for the temporary case pickle (about 0.7 GB) and run folders")
     ap.add_argument("--noise", default=NOISE, help="PHOTONS,SIGMA (TIGRE's model) or none")
     ap.add_argument("--quick", action="store_true", help="tiny CPU check of the script")
+    ap.add_argument("--cpu", action="store_true", help="a size a CPU finishes (see the module)")
+    ap.add_argument("--static-iterations", type=int, help="4D runs' static steps (default: the size's)")
+    ap.add_argument("--iterations", type=int, help="4D runs' deformation steps (default: the size's)")
     args = ap.parse_args(argv)
     args.noise = parse_noise(args.noise)
     args.methods = [m for m in args.methods.split(",") if m.strip()]
@@ -433,8 +503,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}: use {', '.join(METHODS)}")
     if not args.report and args.case is None:
-        ap.error("pass --case regular|irregular (a GPU run) or --report")
-    args.grid, args.projections, args.det = (32, 40, 32) if args.quick else (GRID, PROJECTIONS, DET)
+        ap.error("pass --case CASE or --report")
+    args.size = "quick" if args.quick else "cpu" if args.cpu else "gpu"
+    grid, projections, det, static_iterations, iterations = SIZES[args.size]
+    args.grid, args.projections, args.det = grid, projections, det
+    args.static_iterations = static_iterations if args.static_iterations is None else args.static_iterations
+    args.iterations = iterations if args.iterations is None else args.iterations
+    if (args.static_iterations is None) != (args.iterations is None):
+        ap.error("give both --static-iterations and --iterations, or neither")
     return args
 
 
@@ -446,7 +522,7 @@ def main(argv=None) -> int:
         console.print(f"[red]{CT} is missing: run python datasets/fetch_ct.py[/red]")
         return 2
     run_case(args, args.case)
-    console.print(f"wrote {results_path(args.out_dir, case_key(args.case, args.noise))}")
+    console.print(f"wrote {results_path(args.out_dir, case_key(args.case, args.noise, args.size))}")
     return 0
 
 
