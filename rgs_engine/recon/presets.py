@@ -17,7 +17,10 @@ Where the values come from (issue 18's table, measured on an NVIDIA H200: the ch
   3000 iterations (33.63 dB); 5000 has not been run there. The count only changes grids
   below about 100^3 (above, both counts reach the 50k cap; 150k Gaussians gained nothing at
   256^3): on the README's quick-start case (64 grid, 500 iterations, quiet 2 CPU cores) it
-  gave 33.76 dB in 327 s against 33.41 dB in 219 s.
+  gave 33.76 dB in 327 s against 33.41 dB in 219 s; on ``validation/small_grid.py``'s
+  held-out ``crop-c64`` (``--preset best --iterations 500``, loaded 2 CPU cores) 30.12 dB /
+  SSIM .835 with 30.9k Gaussians against the default's 30.11 dB / .844 with 12.3k, in 1.46x
+  the time: no gain there.
 
 The GPU time / quality curve of the three presets (issue 18's plot of 3D PSNR against
 seconds) is still to be measured; the CPU figures at the README's settings are in
