@@ -51,7 +51,8 @@ bin with >= 95 % success), with rgs's training-free registration, extended by is
    inputs never succeed), the decision's flagged success among right poses, the wrong poses
    flagged, the Spearman correlation of the estimated error (``estimated_error_mm`` of the
    result, when the registration provides one) with the true mTRE, runtime median.
-   ``OUT/registration.md`` (tables, setup, bars PASS / FAIL against issue 19's targets),
+   ``OUT/registration.md`` (tables, setup, bars PASS / FAIL against issue 19's targets;
+   ``registration_cpu`` / ``registration_quick`` in every name below at the smaller sizes),
    ``OUT/results/registration.json`` (every trial), and with matplotlib
    ``OUT/registration.png`` (success and flagged rates against the start offset, estimated
    error against true mTRE) and ``OUT/registration_overlay.png`` (one distorted
@@ -142,7 +143,7 @@ BARS = {"success_upto_mm": 25, "success_rate": 0.95, "median_mtre_mm": 1.0,
         "capture_mm": 30, "seconds": 0.8}
 TARGETS = {"flagged_right": 0.95, "wrong_flagged": 0, "distorted_success": 0.95,
            "distorted_upto_mm": 30, "median_mtre_mm": 0.5, "seconds": 0.3}
-RESULTS_JSON = Path("results") / "registration.json"
+STEMS = {"full": "registration", "cpu": "registration_cpu", "quick": "registration_quick"}  # output names
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -487,7 +488,7 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
         a2.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"rgs register, vertebra level, {res['device']}")
     fig.tight_layout()
-    path = out_dir / "registration.png"
+    path = out_dir / f"{STEMS[res['setup']['size']]}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     written.append(path)
@@ -594,10 +595,11 @@ def main(argv=None) -> int:
            "bins": rows, "bars": evaluate(rows, records), "wall_seconds": time.perf_counter() - t0,
            "trials": records}
     out = args.out_dir
-    save_json(out / RESULTS_JSON, res, force=True)
-    write_bytes(out / "registration.md", markdown(res).encode(), force=True)
+    stem = STEMS[args.size]
+    save_json(out / "results" / f"{stem}.json", res, force=True)
+    write_bytes(out / f"{stem}.md", markdown(res).encode(), force=True)
     if example is not None:
-        write_overlay(out / "registration_overlay.png", example)
+        write_overlay(out / f"{stem}_overlay.png", example)
     for p in plot(res, out):
         console.print(f"wrote {p}")
     console.print(markdown(res))
