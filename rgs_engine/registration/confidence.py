@@ -45,7 +45,13 @@ T6). The scan rule was chosen on seed 0 (12 right poses of clean and detector-li
 the axes they constrain stayed under 0.09 of the range, moved patients' superior-inferior
 gains were 0.07-0.37; with :data:`SCAN_GAIN_FRACTION` 0.05 and :data:`MAX_ERROR_MM` 1.5, 11
 of 12 right poses and 0 of 8 moved patients would be flagged, against 10 of 12 and 3 of 8
-with the view climbs (the rule before). Held out (seed 1): see ``validation/registration.md``.
+with the view climbs (the rule before). Held out (seed 1, ``validation/registration_cpu.md``:
+clean, distorted and processed images, other patient, moved patient, far starts): 16 of 18
+right poses flagged (estimates 0.6-2.2 mm) and 2 of 18 wrong poses: two moved-patient T10
+pairs (6.5 / 7.2 mm from the AP view's pose, estimated 1.1 / 0.3 mm) whose AP view prefers no
+other pose along any single axis: its own pose lies 7 mm superior-inferior and 3.3 deg away,
+a combined offset that 1-D scans do not reach and its broad superior-inferior profile at this
+size does not show. Other-patient and far-start poses were estimated 5-18 mm.
 Before (T10 / T12, 160^2 views of 1.2 mm): right poses (mTRE 0.34-1.21 mm; clean and
 detector-like) had estimates 0.48-1.80 mm, wrong poses (45-50 mm starts without the global
 stage: 56-79 mm off) 2.4-6.4 mm. On the toy of ``tests/test_registration.py`` (64^2 views of
