@@ -143,7 +143,9 @@ per-view offsets (``lr_surrogate`` from ``period_start`` on, ``surrogate_weight`
 them back), drive the deformation: phase as the periodic time axis, depth scaling the
 offsets. CPU toy (kplanes, 100 + 200 steps, loaded machine, one run): period 3.508 s,
 +6.9 dB over the static fit against phase input's 3.501 s and +7.2 dB; corrections 0.005
-cycles RMS, depths 0.91-1.07.
+cycles RMS, depths 0.91-1.07. ``auto`` does not choose it: it has not yet been shown to beat
+the default on the real-CT cases (``validation/track4d.py``: regular, irregular,
+amplitude-drift, baseline-shift; ``--cpu`` for a 32^3 CPU size).
 
 **Densifying in stage 2** by the deformed renderings' position gradients (gs_recon's clone /
 split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of
