@@ -108,13 +108,16 @@ LABELS = (32, 34, 36, 38, 40)  # T12, T10, T8, T6, T4 of the TotalSegmentator ma
 FIT_GRID = 64  # voxels along the vertebra's box (about 1 mm)
 CONTEXT_GRID = 128  # voxels along the CT's box for the rest of the CT (about 2.8 mm)
 CONTEXT_GAUSSIANS = 20000
-SIZES = {  # detector pixels and pitch (mm), DRR grid (None: the CT's), Gaussian fits
-    "full": {"det": 512, "pixel": 0.5, "drr": None,
+SIZES = {  # detector pixels and pitch (mm), DRR grid (None: the CT's), Gaussian fits, output names, report note
+    "full": {"det": 512, "pixel": 0.5, "drr": None, "stem": "registration", "note": "",
              "fit": {"vertebra": {"grid_size": FIT_GRID},
                      "context": {"grid_size": CONTEXT_GRID, "num_gaussians": CONTEXT_GAUSSIANS}}},
     "cpu": {"det": 160, "pixel": 1.6, "drr": 256,  # the same field of view, about 1.1 mm at the vertebra
+            "stem": "registration_cpu",
+            "note": " at the CPU size (160^2 views of 1.6 mm, vertebra 32 / context 64 voxel fits)",
             "fit": {"vertebra": {"grid_size": 32}, "context": {"grid_size": 64, "num_gaussians": 8000}}},
     "quick": {"det": 128, "pixel": 2.0, "drr": 192,  # coarse fits: a check of the script
+              "stem": "registration_quick", "note": " (--size quick: coarse fits, numbers mean nothing)",
               "fit": {"vertebra": {"grid_size": 32, "iterations": 60},
                       "context": {"grid_size": 48, "num_gaussians": 4000, "iterations": 60}}},
 }
@@ -133,8 +136,6 @@ LABEL_TEXTS = ("AP", "LAT", "R", "L 12")
 OTHER_LEVELS = 4  # the other-patient X-rays are shifted by this many vertebra levels
 MOVE_MM = (6.0, 10.0)  # moved patient: translation both views see (see patient_move)
 MOVE_DEG = 2.0
-SIZE_NOTES = {"full": "", "cpu": " at the CPU size (160^2 views of 1.6 mm, vertebra 32 / context 64 voxel fits)",
-              "quick": " (--size quick: coarse fits, numbers mean nothing)"}
 UNSHARP = (0.5, 2.0)  # processed: edge-enhancement amount, uniform
 GROUPS = ("clean", "distorted", "processed", "other-patient", "moved-patient", "far-start")
 IMAGE_GROUPS = ("clean", "distorted", "processed")  # right input, swept over the start bins
@@ -143,7 +144,6 @@ BARS = {"success_upto_mm": 25, "success_rate": 0.95, "median_mtre_mm": 1.0,
         "capture_mm": 30, "seconds": 0.8}
 TARGETS = {"flagged_right": 0.95, "wrong_flagged": 0, "distorted_success": 0.95,
            "distorted_upto_mm": 30, "median_mtre_mm": 0.5, "seconds": 0.3}
-STEMS = {"full": "registration", "cpu": "registration_cpu", "quick": "registration_quick"}  # output names
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -371,7 +371,7 @@ def markdown(res: dict) -> str:
     num = (lambda v, f=".2f": "n/a" if v is None else format(v, f))
     out = ["# Vertebra-level CT-to-X-ray registration (`validation/registration.py`)", "",
            f"Measured {res['date']} on **{res['device']}** with rgs {res['versions'].get('rgs', '')}"
-           f"{SIZE_NOTES[s.get('size', 'full')]}.", "",
+           f"{SIZES[s.get('size', 'full')]['note']}.", "",
            f"- CT: {s['ct']} (real chest CT, {s['ct_shape']} voxels of {s['ct_spacing']} mm); "
            f"X-rays rendered from it on a {s['drr_grid']} grid of {s['drr_spacing']:.3g} mm.",
            f"- Cases: the vertebrae {names}; each registration uses that vertebra's Gaussians "
@@ -488,7 +488,7 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
         a2.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"rgs register, vertebra level, {res['device']}")
     fig.tight_layout()
-    path = out_dir / f"{STEMS[res['setup']['size']]}.png"
+    path = out_dir / f"{SIZES[res['setup']['size']]['stem']}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     written.append(path)
@@ -595,7 +595,7 @@ def main(argv=None) -> int:
            "bins": rows, "bars": evaluate(rows, records), "wall_seconds": time.perf_counter() - t0,
            "trials": records}
     out = args.out_dir
-    stem = STEMS[args.size]
+    stem = SIZES[args.size]["stem"]
     save_json(out / "results" / f"{stem}.json", res, force=True)
     write_bytes(out / f"{stem}.md", markdown(res).encode(), force=True)
     if example is not None:

@@ -181,8 +181,8 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     step0 = np.array([STEP_MM / lever] * 3 + [STEP_MM] * 3)
     step, first = step0.copy(), None
     for _ in range(max(1, polish_steps)):
-        trial = [rigid.from_axis_angle(x[:3], x[3:], rigid.apply(p, centre_ct)) @ p
-                 for p in joint for x in _pattern(step)]
+        trial = _moved_about([p for p in joint for _ in range(13)], np.tile(_pattern(step), (len(joint), 1)),
+                             centre_ct)
         s = np.asarray(score(trial), dtype=np.float64).reshape(len(joint), 13, -1)  # (K, 13, V)
         if first is None:
             first = s[0]  # (13, V) around the pose
@@ -191,9 +191,8 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     # each view's own preference: 1-D scans along the 6 axes through the pose
     offsets = np.arange(-SCAN_MM, SCAN_MM + 1e-9, SCAN_STEP_MM)
     scale = np.array([math.radians(SCAN_DEG_PER_MM)] * 3 + [1.0] * 3)
-    centre_pose = rigid.apply(pose, centre_ct)
-    scan = [rigid.from_axis_angle(xi[:3], xi[3:], centre_pose) @ pose
-            for i in range(6) for o in offsets for xi in [np.eye(6)[i] * o * scale[i]]]
+    xis = (np.eye(6) * scale)[:, None, :] * offsets[None, :, None]  # (6, S, 6): axis, offset
+    scan = _moved_about([pose] * xis.shape[0] * xis.shape[1], xis.reshape(-1, 6), centre_ct)
     profiles = np.asarray(score(scan), dtype=np.float64).reshape(6, len(offsets), -1)  # (6, S, V)
     view_peaks, view_counts = _view_peaks(profiles, offsets)
 
