@@ -11,7 +11,8 @@ project's own CLI):
    views and 25 arbitrary C-arm poses (``--orbit arbitrary``), each with 25 test views.
 2. ``rgs recon`` of the circular file at 75 / 50 / 25 views (evenly spread) with FDK, SART
    and Gaussians (``--init fdk``), and of the arbitrary file at 25 views with SART and
-   Gaussians (``--init random``; FDK needs a circular orbit). Same ``--seed`` everywhere.
+   Gaussians (``--init sart``, what ``--init auto`` picks there; FDK needs a circular orbit).
+   Same ``--seed`` everywhere.
    Each run has its own folder under the work dir; a run with a ``metrics.json`` is reused
    (``--force`` runs it again), an interrupted gs / sart run is continued with
    ``rgs recon --resume``: after a timeout, run the same command again.
@@ -138,7 +139,7 @@ class Run:
     def init(self) -> str | None:
         if self.method != "gs":
             return None
-        return "fdk" if self.orbit == "circular" else "random"
+        return "fdk" if self.orbit == "circular" else "sart"
 
 
 def plan(gs_iterations: int | None) -> list[Run]:
@@ -464,8 +465,8 @@ def markdown(res: dict) -> str:
     if res.get("gs_recipe_overrides"):
         gs_note += ", " + ", ".join(f"{k}={v}" for k, v in res["gs_recipe_overrides"].items())
     lines.append(f"* **Methods:** FDK (ramp filter), SART (OS-SART, defaults), rgs Gaussians "
-                 f"({gs_note}; FDK initialisation on the circular orbit, random initialisation for "
-                 f"arbitrary poses, where FDK does not apply). Seed {res['seed']} everywhere.")
+                 f"({gs_note}; FDK initialisation on the circular orbit, SART initialisation for "
+                 f"arbitrary poses, where FDK does not apply: both what `--init auto` picks). Seed {res['seed']} everywhere.")
     lines.append("")
 
     def table(psnr: str, ssim: str, with_time: bool) -> list[str]:
