@@ -68,6 +68,17 @@ def test_save_then_load_keeps_affine_and_orientation(tmp_path, affine):
     np.testing.assert_array_equal(_values_at(vol, grid, world), saved.reshape(-1).astype(np.float32))
 
 
+def test_gzip_and_plain_nifti_hold_the_same_image(tmp_path):
+    import gzip
+
+    grid = volume_io.VolumeGrid((9, 8, 7), (1.0, 1.5, 2.0), (-4.0, -5.0, -6.0))
+    vol = torch.rand(grid.shape) * (torch.rand(grid.shape) > 0.5)  # zeros and noise, as voxelised fields
+    packed = volume_io.save_nifti(tmp_path / "v.nii.gz", vol, grid)
+    plain = volume_io.save_nifti(tmp_path / "v.nii", vol, grid)
+    assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()  # a standard gzip stream
+    assert packed.stat().st_size < plain.stat().st_size
+
+
 def test_load_drops_trailing_singleton_dimension(tmp_path):
     data = np.ones((4, 5, 6, 1), np.float32)
     vol, grid = volume_io.load_nifti(_write_nifti(tmp_path / "in.nii", data, np.eye(4)))

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import uuid
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -147,5 +148,21 @@ def save_nifti(path: str | os.PathLike, volume: torch.Tensor | np.ndarray, grid:
     else:
         img.header.set_xyzt_units(xyz="mm")
     with atomic_write(path, force) as tmp:
-        nib.save(img, str(tmp))
+        if tmp.name.endswith(".gz"):
+            _write_gzip(tmp, img.to_bytes())
+        else:
+            nib.save(img, str(tmp))
     return Path(path)
+
+
+def _write_gzip(path: Path, data: bytes) -> None:
+    """``data`` as a gzip file: deflate level 1 with run-length matching only (zlib's
+    ``Z_RLE``). On float32 volumes it writes files of the size nibabel's own level 1 writes,
+    in about half the time (a 256^3-class chest CT volume, 62 MB, 2 CPU cores: 0.35 s against
+    0.58 s with the air zeroed, 0.71 s against 1.57 s with noise in every voxel); writing
+    was 3.3 of the 3.6 s that ``rgs recon`` spent after its iterations on an NVIDIA H100
+    (``validation/profile_recon.py --size full``)."""
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 9, zlib.Z_RLE)
+    with open(path, "wb") as f:
+        f.write(deflate.compress(data))
+        f.write(deflate.flush())
