@@ -291,15 +291,15 @@ def test_gs_preset(scans, tmp_path, monkeypatch):
     from rgs_engine.recon.gaussian import GaussianReconstruction
 
     # the preset's values, then explicit options: --iterations and --set win
-    out = tmp_path / "best"
-    result = _invoke(scans["circle"], "--out", out, "--preset", "best", "--iterations", 3,
+    out = tmp_path / "draft"
+    result = _invoke(scans["circle"], "--out", out, "--preset", "draft", "--iterations", 3,
                      "--set", "voxels_per_gaussian=12", *GS_SETS)
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
-    assert config["preset"] == "best" and "--preset best" in config["command"]
-    assert config["iterations"] == config["gs"]["iterations"] == 3  # best's 5000 overridden
+    assert config["preset"] == "draft" and "--preset draft" in config["command"]
+    assert config["iterations"] == config["gs"]["iterations"] == 3  # draft's 500 overridden
     assert config["gs"]["voxels_per_gaussian"] == 12
-    assert json.loads((out / "metrics.json").read_text())["preset"] == "best"
+    assert json.loads((out / "metrics.json").read_text())["preset"] == "draft"
     # no --preset: default; fdk / sart record none
     out = tmp_path / "default"
     assert _invoke(scans["circle"], "--out", out, "--iterations", 2, *GS_SETS).exit_code == 0
@@ -316,8 +316,8 @@ def test_gs_preset(scans, tmp_path, monkeypatch):
     assert result.exit_code == 130, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "fast" and config["iterations"] == 1000
-    _assert_one_line_error(_invoke(scans["circle"], "--out", out, "--resume", "--preset", "best"),
-                           "--preset best differs from the run")
+    _assert_one_line_error(_invoke(scans["circle"], "--out", out, "--resume", "--preset", "draft"),
+                           "--preset draft differs from the run")
     with monkeypatch.context() as m:  # the run's own preset is accepted (stopped again)
         interrupt_at(m, GaussianReconstruction, 1, "signal")
         result = _invoke(scans["circle"], "--out", out, "--resume", "--preset", "fast")
@@ -326,7 +326,7 @@ def test_gs_preset(scans, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, text", [
-    (["--preset", "quick"], "--preset 'quick' is not a preset: use one of fast, default, best"),
+    (["--preset", "quick"], "--preset 'quick' is not a preset: use one of draft, fast, default"),
     (["--method", "sart", "--preset", "fast"], "--preset does not apply to --method sart"),
 ])
 def test_bad_preset(scans, tmp_path, args, text):

@@ -4,27 +4,21 @@ A preset is a set of :class:`~.gaussian.GSConfig` field overrides; the run's rec
 defaults, then the preset's overrides, then what the user gave explicitly (``--iterations``,
 ``--set KEY=VALUE``), so an explicit option always wins over the preset.
 
-Where the values come from (issue 18's table, measured on an NVIDIA H200: the chest CT of
-``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise; and
-``validation/small_grid.md`` on 2 CPU cores):
+Where the values come from: ``validation/presets.md`` (``python validation/presets.py``: the
+chest CT of ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise;
+measured on an NVIDIA H100, 2026-12-05). 3D PSNR / SSIM and ``seconds``:
 
-* ``fast``: 1000 iterations. H200, 256^3: 32.19 dB / SSIM .854 in 29.7 s against the
-  default's 33.63 dB / .899 in 72.7 s (about 1.4 dB for 2.4x less time).
+* ``draft``: 500 iterations, 30.74 dB / .836 in 20.4 s;
+* ``fast``: 1000 iterations, 32.70 dB / .882 in 28.7 s;
 * ``default``: the recipe as it is (3000 iterations; the automatic count, one Gaussian per
-  20 voxels, 10k..50k).
-* ``best``: 5000 iterations and one Gaussian per 8 voxels. The iterations are an
-  extrapolation, **not a measurement**: at 256^3 the curve still rose from 1500 (32.99 dB) to
-  3000 iterations (33.63 dB); 5000 has not been run there. The count only changes grids
-  below about 100^3 (above, both counts reach the 50k cap; 150k Gaussians gained nothing at
-  256^3): on the README's quick-start case (64 grid, 500 iterations, quiet 2 CPU cores) it
-  gave 33.76 dB in 327 s against 33.41 dB in 219 s; on ``validation/small_grid.py``'s
-  held-out ``crop-c64`` (``--preset best --iterations 500``, loaded 2 CPU cores) 30.12 dB /
-  SSIM .835 with 30.9k Gaussians against the default's 30.11 dB / .844 with 12.3k, in 1.46x
-  the time: no gain there.
+  20 voxels, 10k..50k), 33.80 dB / .902 in 56.2 s.
 
-The GPU time / quality curve of the three presets (issue 18's plot of 3D PSNR against
-seconds) is still to be measured; the CPU figures at the README's settings are in
-``validation/small_grid.md``.
+Longer is not better: 5000 iterations gave 33.70 dB / .897 in 95.1 s (2000: 33.53 / .898 in
+42.7 s), so no preset trains longer than the default. A larger count (one Gaussian per 8
+voxels) was dropped too: it changes only grids below about 100^3 (above, both reach the 50k
+cap; 150k Gaussians gained nothing at 256^3), and there it gained 0.35 dB on the README's
+quick-start case (2 CPU cores, 1.5x the time) and 0.01 dB on ``validation/small_grid.py``'s
+``crop-c64``.
 """
 from __future__ import annotations
 
@@ -34,16 +28,15 @@ from ..core.errors import RgsInputError
 
 DEFAULT = "default"
 PRESETS: dict[str, dict[str, Any]] = {
+    "draft": {"iterations": 500},
     "fast": {"iterations": 1000},
     DEFAULT: {},
-    "best": {"iterations": 5000, "voxels_per_gaussian": 8.0},
 }
 # one line per preset for the command line's help: what it trades
 TRADES = {
-    "fast": "1000 iterations: about 2.4x faster than default for about 1.4 dB less (H200, 256^3)",
+    "draft": "500 iterations: 30.7 dB in 20 s against the default's 33.8 dB in 56 s (H100, 256^3, 25 views)",
+    "fast": "1000 iterations: 32.7 dB in 29 s",
     DEFAULT: "3000 iterations, one Gaussian per 20 voxels",
-    "best": "5000 iterations and one Gaussian per 8 voxels on small grids: slower, for a "
-            "higher PSNR (the 5000 iterations not yet measured)",
 }
 
 
