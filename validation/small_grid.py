@@ -1,7 +1,8 @@
 """Small-grid (CPU-size) held-out cases: Gaussians against SART and FDK without the inverse crime.
 
 Issue 18's "CPU-size cases" bar and issue 20's item 2. Each case is made from the real chest
-CT of ``datasets/fetch_ct.py`` (``.cache/ct/cxr.nii.gz``) as follows:
+CT of ``datasets/fetch_ct.py`` (``.cache/ct/cxr.nii.gz``; ``head-c96``: the head CT of
+``fetch_ct.py --ct head``, another anatomy) as follows:
 
 1. a region of the CT's box (fractions of its extent per axis) fixes a 64-voxel grid along
    the region's longest edge (:func:`rgs_engine.sim.ct.fit_grid`; 5-6 mm voxels);
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if (ROOT / "rgs_engine").is_dir() and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
+CT_DIR = ROOT / ".cache" / "ct"
 GRID = 64  # voxels along the region's longest edge
 FINE = 3  # projection grid = GRID x FINE
 VIEWS, TEST_VIEWS = 25, 10
@@ -58,6 +59,7 @@ class Case:
     noise: tuple  # (photons, sigma), TIGRE model
     seed: int
     note: str
+    ct: str = "cxr.nii.gz"  # file in .cache/ct/ (datasets/fetch_ct.py)
 
 
 FULL = (0.0, 1.0)
@@ -71,6 +73,9 @@ CASES = {
              "lower 65 % of z (64x64x39, 5.6 mm), 25 random C-arm poses (random init)"),
         Case("crop-c64", ((0.06, 0.94), (0.06, 0.94), (0.1, 0.9)), 64, "circular", (5e3, 10.0), 3,
              "central 317 mm x 317 mm x 266 mm crop (64x64x54, 5.0 mm), 64 px detector, 5e3 photons"),
+        Case("head-c96", (FULL, FULL, FULL), 96, "circular", (1e4, 10.0), 4,
+             "another anatomy: the CT brain atlas of `fetch_ct.py --ct head` (skull-stripped head "
+             "in air, 202 mm box, 64x64x57 of 3.2 mm), 96 px detector", ct="head.nii.gz"),
     )
 }
 
@@ -99,7 +104,7 @@ def build_case(case: Case, path: Path) -> dict:
     from rgs_engine.io.rgs_h5 import save_projections
     from rgs_engine.sim import ct, scan
 
-    hu, ct_grid = load_nifti(CT)
+    hu, ct_grid = load_nifti(CT_DIR / case.ct)
     grid = ct.fit_grid(region_grid(ct_grid, case.region), GRID)
     fine = VolumeGrid.centred([FINE * n for n in grid.shape], grid.spacing[0] / FINE, grid.centre)
     mu_fine = ct.resample(ct.hu_to_mu(hu), ct_grid, fine)
@@ -114,7 +119,7 @@ def build_case(case: Case, path: Path) -> dict:
     info.update(noise_scale=s, projected_on=list(fine.shape), fine_spacing_mm=fine.spacing[0])
     data = ProjectionData(projections=noisy, geometry=train, grid=grid, ground_truth=gt.cpu(),
                           test_projections=test_p, test_geometry=test, time=None,
-                          source=f"{CT.name} small_grid {case.name}",
+                          source=f"{case.ct} small_grid {case.name}",
                           attributes={"parameters": asdict(spec), "scan": info,
                                       "small_grid_case": asdict(case)})
     save_projections(path, data, force=True)
@@ -192,8 +197,8 @@ def run(args) -> list[dict]:
         path = work / f"{name}.h5"
         t0 = time.perf_counter()
         if args.rebuild or not path.exists():
-            if not CT.exists():
-                sys.exit(f"{CT} is missing: run python datasets/fetch_ct.py")
+            if not (CT_DIR / case.ct).exists():
+                sys.exit(f"{CT_DIR / case.ct} is missing: run python datasets/fetch_ct.py --ct all")
             desc = build_case(case, path)
         else:
             desc = {"reused": str(path)}
