@@ -11,17 +11,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke as _invoke
+from registration_case import GRID, MTRE_OK_MM
+from registration_case import hu as _hu
+from registration_case import simulate as _simulate
 
 from rgs_engine import VolumeGrid
 from rgs_engine.core import rigid
-from rgs_engine.io import xrays as xray_data
-from rgs_engine.registration import register as reg, report, windows
-from rgs_engine.registration.ct_gaussians import gaussians_for_ct
 from rgs_engine.core.errors import RgsInputError
 from rgs_engine.core.geometry import Geometry
+from rgs_engine.io import xrays as xray_data
 from rgs_engine.io.files import save_nifti
-from cli_helpers import invoke as _invoke
-from registration_case import GRID, MTRE_OK_MM, hu as _hu, simulate as _simulate
+from rgs_engine.registration import register as reg
+from rgs_engine.registration import report, similarity, windows
+from rgs_engine.registration.ct_gaussians import gaussians_for_ct
 
 
 # --------------------------------------------------------------------------------------
@@ -43,6 +46,36 @@ def test_similarity_pool_and_coarse_geometry():
     assert torch.allclose(coarse.pixel_centres(), fine, atol=1e-9)
     with pytest.raises(RgsInputError, match="too small"):
         windows.coarse_geometry(geo, 16)
+
+
+def test_rank_match_puts_the_xray_in_each_drrs_contrast():
+    """Each DRR of a batch gets its own exact quantile match: a monotone curve (also an
+    inverted one) between X-ray and DRR is undone, masked pixels are left out."""
+    g = torch.Generator().manual_seed(2)
+    drr = torch.rand(2, 18, 24, generator=g)
+    xray = torch.stack([drr[0] ** 2.5, 1 - drr[1].sqrt()])
+    w = torch.ones_like(xray)
+    w[:, :4] = 0
+    xray[:, :4] = 7.0  # e.g. a collimation band: must not enter the ranks
+    signs = similarity.polarity(xray, drr, w)
+    assert signs == [1.0, -1.0]
+    rm = similarity.RankMatch(xray, w, signs)
+    batch = torch.stack([drr, 3 * drr + 1, drr.flip(-1)])
+    out = rm(batch)
+    assert out.shape == batch.shape
+    assert torch.allclose(out[0] * w, drr * w) and torch.allclose(out[1] * w, (3 * drr + 1) * w)
+    assert torch.all(out[:, :, :4] == 0)
+    # a DRR of other content: its weighted values in the X-ray's order
+    for k in range(2):
+        sel = w[k] > 0
+        assert torch.allclose(out[2, k][sel].sort().values, drr.flip(-1)[k][sel].sort().values)
+    assert float(reg.ncc(out[2], batch[2], w).min()) < 0.5
+
+
+def test_delta_xi_inverts_delta_matrix():
+    xi = np.array([0.2, -0.1, 0.05, 3.0, -4.0, 12.0])
+    c = np.array([10.0, -20.0, 30.0])
+    assert np.allclose(reg.delta_xi(reg.delta_matrix(xi, c), c), xi, atol=1e-12)
 
 
 def test_mtre_and_target_points(ct_path, tmp_path, points):
@@ -78,6 +111,13 @@ def test_register_recovers_the_pose(ct_path, params, points, tmp_path, mm, deg, 
     assert res.similarity > res.initial_similarity + 0.05
     rigid.check_rigid(res.pose)
     assert res.seconds > 0 and res.history[0]["stage"] == "init"
+    # diagnostics at the ground truth: the pose found scores about as the truth does
+    glob, truth = res.history[1], res.history[-1]
+    assert glob["stage"] == "global" and glob["at_truth"] > glob["at_init"]
+    assert truth["stage"] == "truth" and abs(truth["similarity"] - res.similarity) < 0.02
+    refine = next(h for h in res.history if h["stage"] == "refine")
+    assert refine["start_mtre_mm"] < res.initial_mtre_mm
+    assert all(t["at_truth"] is not None and t["first"] is not None for t in refine["trace"])
     json.dumps(res.to_dict())  # JSON-able
 
 

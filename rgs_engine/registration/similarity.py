@@ -13,6 +13,8 @@ compare the pixel, 0 = ignore it, e.g. from :func:`rgs_engine.registration.maski
   post-processing LUT's contrast curve (a gamma, a window, an inverted polarity) is a
   monotone function of the line integral: matching undoes it, as far as the DRR at the
   reference pose shows the same anatomy as the X-ray.
+* :class:`RankMatch`: the exact quantile match to each DRR of a batch on its own (the global
+  stage's candidates), so a far-off reference pose does not set the curve.
 
 Measured with :func:`rgs_engine.registration.register.register` (CPU, real chest CT, T12,
 160^2 views of 1.2 mm; masks of :mod:`.masking`): contrast curves gamma 0.5-2 (also
@@ -25,7 +27,7 @@ view so small that the DRR at the reference pose shows other anatomy than the X-
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,44 @@ def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     rb = b.argsort().argsort().double()
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / ((ra.square().sum() * rb.square().sum()).sqrt() + EPS))
+
+
+def polarity(xray: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None = None) -> list[float]:
+    """Per view of ``xray`` / ``drr`` (V, H, W): -1 where the weighted pixels rank-correlate
+    negatively (inverted polarity), else 1."""
+    out = []
+    for k in range(xray.shape[0]):
+        sel = torch.ones_like(xray[k], dtype=torch.bool) if w is None else w[k] > 0
+        out.append(-1.0 if _rank_correlation(xray[k][sel].float(), drr[k][sel].float()) < 0 else 1.0)
+    return out
+
+
+class RankMatch:
+    """The X-rays ``xray`` (V, H, W) put in the contrast of any DRR by the exact quantile
+    match: the weighted pixel whose X-ray value ranks r-th (ascending, or descending where
+    ``signs`` is -1) takes the r-th smallest value of the DRR's weighted pixels. Unlike
+    :func:`match_contrast` at one reference pose, :meth:`__call__` matches each DRR of a
+    batch on its own, so no pose's anatomy sets the curve for the others. Pixels of weight 0
+    come out as 0."""
+
+    def __init__(self, xray: torch.Tensor, w: torch.Tensor | None, signs: Sequence[float]):
+        self.shape = xray.shape
+        self.index, self.rank = [], []
+        for k in range(xray.shape[0]):
+            flat = xray[k].reshape(-1).float()
+            idx = (torch.ones_like(flat, dtype=torch.bool) if w is None else w[k].reshape(-1) > 0).nonzero()[:, 0]
+            self.index.append(idx)
+            self.rank.append((signs[k] * flat[idx]).argsort().argsort())
+
+    def __call__(self, drr: torch.Tensor) -> torch.Tensor:
+        """(..., V, H, W) DRRs -> the X-rays matched to each."""
+        v, h, wd = self.shape
+        d = drr.reshape(-1, v, h * wd)
+        out = torch.zeros_like(d)
+        for k in range(v):
+            ordered = d[:, k, self.index[k]].sort(dim=1).values
+            out[:, k, self.index[k]] = ordered[:, self.rank[k]]
+        return out.reshape(drr.shape)
 
 
 def match_contrast(xray: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None = None,

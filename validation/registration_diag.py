@@ -1,0 +1,125 @@
+"""Re-run chosen trials of ``validation/registration.py`` and say which stage of
+``rgs_engine.register`` goes wrong (issue 19: failures from 15-35 mm starts at full size).
+
+Each trial ``GROUP:BIN:J`` is regenerated exactly as the sweep makes it (its
+:func:`registration.trial_xrays`, seed ``(seed, group, bin, j)``, the vertebra the sweep's
+``--labels`` give trial ``j``) and registered once per variant (``--variants``: JSON
+``{"name": {register keyword arguments}}``; upper-case names set the register module's
+constants for that run, e.g. ``{"LOCAL_ROUNDS": 2}``). Per run it prints the final mTRE and, from the
+history register keeps when given the ground truth: the global stage's best candidate
+against the true pose at the candidates' scale (best < truth: the search missed the
+truth's basin; best > truth: the similarity itself prefers a wrong pose there), each
+refinement scale's last similarity against the truth's, and the full-resolution score of
+the pose found against the truth's.
+
+Usage::
+
+    python validation/registration_diag.py --trials clean:6:2,clean:4:3,distorted:2:4
+        [--labels 32,34,36,38,40] [--seed 0] [--size full] [--variants JSON] [--out FILE.json]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import registration as sweep
+
+from rgs_engine.core import runtime
+from rgs_engine.io.files import load_nifti, save_json
+from rgs_engine.registration import register as reg
+from rgs_engine.sim import ct
+
+
+def bin_edges(group: str, bins: list[float]) -> list[tuple[float, float]]:
+    """The start bins of ``group`` as the sweep builds them."""
+    edges = bins if group == "clean" else [e for e in bins if e <= sweep.DISTORTED_UPTO_MM]
+    return list(itertools.pairwise(edges))
+
+
+def summary(res) -> dict:
+    """Final mTRE and the truth comparisons of one registration's history."""
+    h = {e["stage"]: e for e in res.history if e["stage"] in ("global", "truth")}
+    refine = [e for e in res.history if e["stage"] == "refine"]
+    best = max(refine, key=lambda e: e["similarity"])
+    out = {"mtre_mm": res.mtre_mm, "initial_mtre_mm": res.initial_mtre_mm, "seconds": res.seconds,
+           "similarity": res.similarity, "truth_similarity": h.get("truth", {}).get("similarity"),
+           "flagged": res.success,
+           "scales": [{k: t[k] for k in ("scale", "first", "similarity", "at_truth")} for t in best["trace"]]}
+    if "global" in h:
+        out |= {"global_best": h["global"]["best"], "global_at_truth": h["global"]["at_truth"],
+                "global_at_init": h["global"]["at_init"], "global_seconds": h["global"]["t"],
+                "xi_start": best["xi_start"], "start_mtre_mm": best.get("start_mtre_mm")}
+    return out
+
+
+def line(name: str, s: dict) -> str:
+    g = (f"global best {s['global_best'][0]:.4f} vs truth {s['global_at_truth']:.4f} "
+         f"(start {s['start_mtre_mm']:.1f} mm off, {s['global_seconds']:.0f} s); "
+         if "global_best" in s else "")
+    sc = " ".join(f"s{t['scale']}: {t['similarity']:.4f}/{t['at_truth']:.4f}" for t in s["scales"]
+                  if t["similarity"] is not None)
+    return (f"  {name:14s} {s['initial_mtre_mm']:.2f} -> {s['mtre_mm']:.2f} mm  {g}{sc} (found/truth); "
+            f"final {s['similarity']:.4f} vs truth {s['truth_similarity']:.4f}; {s['seconds']:.1f} s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", required=True, help="GROUP:BIN:J,... (bin index within the group's bins)")
+    ap.add_argument("--labels", default=",".join(map(str, sweep.LABELS)), help="the sweep's --labels")
+    ap.add_argument("--bins", default=",".join(map(str, sweep.BINS)))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", default="full", choices=tuple(sweep.SIZES))
+    ap.add_argument("--variants", type=json.loads, default={"default": {}})
+    ap.add_argument("--cache", type=Path, default=sweep.ROOT / ".cache" / "registration")
+    ap.add_argument("--out", type=Path, default=None, help="JSON of every run")
+    args = ap.parse_args(argv)
+    labels = [int(v) for v in args.labels.split(",")]
+    bins = [float(v) for v in args.bins.split(",")]
+    trials = [(g, int(b), int(j)) for g, b, j in (t.split(":") for t in args.trials.split(","))]
+    runtime.init("cpu")
+    size = sweep.SIZES[args.size]
+    hu, grid = load_nifti(sweep.CT)
+    volume, vgrid = ct.attenuation_volume(hu, grid, size["drr"] or max(grid.shape), str(sweep.CT))
+    names = sweep.structure_names()
+    cases = {}
+    records = []
+    for group, b, j in trials:
+        label = labels[j % len(labels)]
+        if label not in cases:
+            cases[label] = sweep.load_case(label, size["fit"], args.cache, names, fresh=False)[0]
+        case = cases[label]
+        lo, hi = bin_edges(group, bins)[b]
+        t = time.perf_counter()
+        xs, _ = sweep.trial_xrays(args.seed, group, b, j, lo, hi, case, sweep.case_views(size, case["centre"]),
+                                  volume, vgrid, (None, None))
+        print(f"{group} {lo:g}-{hi:g} mm trial {j} ({case['name']}, X-rays {time.perf_counter() - t:.0f} s)",
+              flush=True)
+        for name, variant in args.variants.items():
+            kw = {k: v for k, v in variant.items() if not k.isupper()}
+            saved = {k: getattr(reg, k) for k in variant if k.isupper()}
+            for k in saved:
+                setattr(reg, k, variant[k])
+            try:
+                res = reg.register(xs, case["params"], context=case["context"], ground_truth=xs.ground_truth,
+                                   target_points=case["points"], **kw)
+            finally:
+                for k, v in saved.items():
+                    setattr(reg, k, v)
+            s = summary(res)
+            print(line(name, s), flush=True)
+            records.append({"group": group, "bin": [lo, hi], "trial": j, "label": label, "variant": name,
+                            "register": variant, **s, "pose": np.asarray(res.pose).tolist()})
+            if args.out:
+                save_json(args.out, {"size": args.size, "seed": args.seed, "runs": records}, force=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
