@@ -12,6 +12,18 @@ truth's basin; best > truth: the similarity itself prefers a wrong pose there), 
 refinement scale's last similarity against the truth's, and the full-resolution score of
 the pose found against the truth's.
 
+Measured (2026-12-05, CPU, loaded 2-core machine, full size, seed 0; the GPU sweep's result,
+then here: global start's mTRE -> final mTRE). Before (one match at ``init``): clean 20-25 mm
+T6 trial 3 (GPU 15.73 mm) start 12.6 -> 15.30 mm, truth scoring 0.879 against the chosen
+0.705 at the global scale (a search miss, not a similarity optimum); pre-issue-19
+similarity (``mask=False, match=False``) 0.47 mm; clean 30-40 mm T8 trial 2 (GPU 6.92 mm)
+start 22.1 mm (as on the GPU) -> 0.22 mm here (the refinement's path differs), pre-issue-19
+0.36 mm. With the per-candidate match (``match_each``, the default): T6 trial 3 start 4.6
+-> 0.48 mm; distorted 10-15 mm T4 trial 4 (GPU 15.15) start 8.7 -> 7.19 mm (the scale-4
+refinement stalls: 0.762 against the truth's 0.826); starts of the other failures: clean
+T8 7.2, clean T6 9.2, distorted T4 13.4 (unchanged) and 18.4 mm; two GPU successes stay
+(0.25 and 0.15 mm).
+
 Usage::
 
     python validation/registration_diag.py --trials clean:6:2,clean:4:3,distorted:2:4

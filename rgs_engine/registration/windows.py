@@ -65,7 +65,7 @@ class Crop:
     shape: tuple[int, int]
 
     @classmethod
-    def around(cls, geometry: Geometry, points, margin_px: float) -> "Crop":
+    def around(cls, geometry: Geometry, points, margin_px: float) -> Crop:
         """The smallest windows holding the projections of ``points`` (N, 3, mm) grown by
         ``margin_px`` pixels, all of the largest size, kept inside the detector."""
         h, w = geometry.det_shape
