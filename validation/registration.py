@@ -122,6 +122,7 @@ SIZES = {  # detector pixels and pitch (mm), DRR grid (None: the CT's), Gaussian
                       "context": {"grid_size": 48, "num_gaussians": 4000, "iterations": 60}}},
 }
 BINS = (0, 5, 10, 15, 20, 25, 30, 40)  # start offsets, mm
+DSO, DSD = 1000.0, 1500.0  # source-isocentre and source-detector distances, mm
 DISTORTED_UPTO_MM = 30.0  # distorted cases: the bins up to here
 WRONG_BIN = (0.0, 20.0)  # start offsets of the wrong-input cases, mm
 FAR_MM = (45.0, 70.0)  # far starts without the global stage
@@ -153,6 +154,31 @@ def structure_names() -> dict[int, str]:
         return {}
     rows = [line.split(",") for line in STRUCTURES.read_text().splitlines()[1:] if line]
     return {int(r[3]): r[2].replace("vertebrae_", "") for r in rows if len(r) >= 4}
+
+
+def load_case(label: int, fit_kw: dict, cache: Path, names: dict[int, str], fresh: bool) -> tuple[dict, dict]:
+    """One vertebra's case (its Gaussians and the rest of the CT's as context, fitted with
+    ``fit_kw`` (a SIZES entry's ``fit``) or loaded from ``cache``; its target points (N, 3, CT
+    world mm) and their centre) and its conversion record; ``fresh`` times a forced fit first."""
+    fits = {}
+    for part, kw in (("vertebra", fit_kw["vertebra"]), ("context", {**fit_kw["context"], "complement": True})):
+        info = None
+        if fresh:
+            _, info = ct_gaussians.gaussians_for_ct(CT, mask_path=MASK, label=label, cache_dir=cache, force=True, **kw)
+        params, cached = ct_gaussians.gaussians_for_ct(CT, mask_path=MASK, label=label, cache_dir=cache, **kw)
+        fits[part] = (params, info, cached)
+    points = report.target_points(CT, MASK, label)
+    (params, info, cached), (context, cinfo, ccached) = fits["vertebra"], fits["context"]
+    conv = {"label": label, "fit_seconds": info["seconds"] + cinfo["seconds"] if info else None,
+            "cached_seconds": cached["seconds"] + ccached["seconds"],
+            "gaussians": int(params["means"].shape[0] + context["means"].shape[0])}
+    return {"label": label, "name": names.get(label, str(label)), "params": params, "context": context,
+            "points": points, "centre": points.mean(axis=0)}, conv
+
+
+def case_views(size: dict, centre: np.ndarray) -> Geometry:
+    """AP + lateral views of ``size`` (a SIZES entry) centred on ``centre`` (mm)."""
+    return Geometry.biplanar(DSO, DSD, (size["det"], size["det"]), size["pixel"], isocentre=centre)
 
 
 def true_pose(lo: float, hi: float, centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -213,6 +239,33 @@ def result_fields(res) -> dict:
             "evidence": d.get("evidence", {})}
 
 
+def trial_xrays(seed: int, group: str, b: int, j: int, lo: float, hi: float, case: dict, geo: Geometry,
+                volume: torch.Tensor, vgrid, other: tuple[torch.Tensor, np.ndarray]) -> tuple[XRaySet, dict]:
+    """One trial's X-rays (seed ``(seed, group, b, j)``; ``other``: the other-patient CT and this
+    case's shift, :func:`other_patient`) with the true pose as ground truth, and the trial's
+    extra record fields (shift, move, detector)."""
+    rng = np.random.default_rng([seed, GROUPS.index(group), b, j])
+    truth = true_pose(lo, hi, case["centre"], rng)
+    extra: dict = {}
+    if group == "other-patient":
+        clean = sim.project_views(other[0], vgrid, rigid.transform_geometry(geo, rigid.invert(truth @ other[1])))
+        extra["shift_mm"] = float(other[1][2, 3])
+    elif group == "moved-patient":
+        move = patient_move(rng, geo, rigid.apply(truth, case["centre"][None])[0])
+        clean = radiograph.moved_patient_views(volume, vgrid, geo, truth, move)
+        extra["move_mm"] = float(np.linalg.norm(rigid.apply(move, rigid.apply(truth, case["points"]))
+                                                - rigid.apply(truth, case["points"]), axis=1).mean())
+    else:
+        clean = sim.project_views(volume, vgrid, rigid.transform_geometry(geo, rigid.invert(truth)))
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    images, _ = sim.add_noise(clean, *NOISE, model="tigre", generator=gen)
+    if group in ("distorted", "processed"):
+        spec = random_detector(rng, geo.det_shape[0], geo.num_views, processed=group == "processed")
+        images = radiograph.detector_images(images, spec)
+        extra["detector"] = spec.to_dict()
+    return XRaySet(images, geo, ["ap", "lateral"], truth), extra
+
+
 def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry]) -> list[dict]:
     """Every registration of every group: a list of records."""
     mirrored, shifts = other_patient(volume, vgrid, cases)
@@ -220,26 +273,8 @@ def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry]) -> 
     def one(group: str, b: int, j: int, lo: float, hi: float, keep_images: bool = False) -> dict:
         k = j % len(cases)
         case, geo = cases[k], geos[k]
-        rng = np.random.default_rng([args.seed, GROUPS.index(group), b, j])
-        truth = true_pose(lo, hi, case["centre"], rng)
-        extra: dict = {}
-        if group == "other-patient":
-            clean = sim.project_views(mirrored, vgrid, rigid.transform_geometry(geo, rigid.invert(truth @ shifts[k])))
-            extra["shift_mm"] = float(shifts[k][2, 3])
-        elif group == "moved-patient":
-            move = patient_move(rng, geo, rigid.apply(truth, case["centre"][None])[0])
-            clean = radiograph.moved_patient_views(volume, vgrid, geo, truth, move)
-            extra["move_mm"] = float(np.linalg.norm(rigid.apply(move, rigid.apply(truth, case["points"]))
-                                                    - rigid.apply(truth, case["points"]), axis=1).mean())
-        else:
-            clean = sim.project_views(volume, vgrid, rigid.transform_geometry(geo, rigid.invert(truth)))
-        gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
-        images, _ = sim.add_noise(clean, *NOISE, model="tigre", generator=gen)
-        if group in ("distorted", "processed"):
-            spec = random_detector(rng, geo.det_shape[0], geo.num_views, processed=group == "processed")
-            images = radiograph.detector_images(images, spec)
-            extra["detector"] = spec.to_dict()
-        xs = XRaySet(images, geo, ["ap", "lateral"], truth)
+        xs, extra = trial_xrays(args.seed, group, b, j, lo, hi, case, geo, volume, vgrid, (mirrored, shifts[k]))
+        truth = xs.ground_truth
         kw = {**args.register, **({"candidates": 0} if group == "far-start" else {})}
         res = reg.register(xs, case["params"], context=case["context"], ground_truth=truth,
                            target_points=case["points"], **kw)
@@ -541,7 +576,7 @@ def main(argv=None) -> int:
     size = SIZES[args.size]
     det = size["det"]
     setup = {"ct": str(CT.relative_to(ROOT)), "trials": args.trials, "wrong_trials": args.wrong_trials,
-             "seed": args.seed, "size": args.size, "groups": args.groups, "budget_s": args.budget_s, "dso": 1000.0, "dsd": 1500.0, "det": det,
+             "seed": args.seed, "size": args.size, "groups": args.groups, "budget_s": args.budget_s, "dso": DSO, "dsd": DSD, "det": det,
              "pixel": size["pixel"], "register": args.register,
              "collimation_px": max(1, round(COLLIMATION_PX * det / 512))}
     hu, ct_grid = load_nifti(CT)
@@ -557,27 +592,13 @@ def main(argv=None) -> int:
     setup["fit_grid"], setup["context_grid"] = fit_kw["vertebra"]["grid_size"], fit_kw["context"]["grid_size"]
     cases, geos, conv = [], [], []
     for label in args.labels:
-        fits = {}
-        for part, kw in (("vertebra", fit_kw["vertebra"]), ("context", {**fit_kw["context"], "complement": True})):
-            fresh = None
-            if args.size == "full":  # time a fresh fit; smaller sizes take the cache when there
-                _, fresh = ct_gaussians.gaussians_for_ct(CT, mask_path=MASK, label=label, cache_dir=args.cache,
-                                                         force=True, **kw)
-            params, cached = ct_gaussians.gaussians_for_ct(CT, mask_path=MASK, label=label,
-                                                           cache_dir=args.cache, **kw)
-            fits[part] = (params, fresh, cached)
-        points = report.target_points(CT, MASK, label)
-        centre = points.mean(axis=0)
-        (params, info, cached), (context, cinfo, ccached) = fits["vertebra"], fits["context"]
-        conv.append({"label": label, "fit_seconds": info["seconds"] + cinfo["seconds"] if info else None,
-                     "cached_seconds": cached["seconds"] + ccached["seconds"],
-                     "gaussians": int(params["means"].shape[0] + context["means"].shape[0])})
-        cases.append({"label": label, "name": names.get(label, str(label)), "params": params,
-                      "context": context, "points": points, "centre": centre})
-        geos.append(Geometry.biplanar(setup["dso"], setup["dsd"], (det, det), setup["pixel"], isocentre=centre))
-        console.print(f"{names.get(label, label)}: {params['means'].shape[0]} + {context['means'].shape[0]} "
-                      f"Gaussians (vertebra + context), cached load {cached['seconds'] + ccached['seconds']:.3f} s, "
-                      f"{len(points)} target points")
+        case, c = load_case(label, fit_kw, args.cache, names, fresh=args.size == "full")
+        cases.append(case)
+        conv.append(c)
+        geos.append(case_views(size, case["centre"]))
+        console.print(f"{case['name']}: {case['params']['means'].shape[0]} + {case['context']['means'].shape[0]} "
+                      f"Gaussians (vertebra + context), cached load {c['cached_seconds']:.3f} s, "
+                      f"{len(case['points'])} target points")
 
     t0 = time.perf_counter()
     records = run_trials(args, volume, vgrid, cases, geos)
