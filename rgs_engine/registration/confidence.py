@@ -9,8 +9,8 @@ batched splats (the views move, the Gaussians stay: a handful of launches) and m
 
 * ``restart_spread_mm``: ``restarts`` starts perturbed by ``restart_mm`` / ``restart_deg``
   from the pose (and the pose itself) each climb ``polish_steps`` coordinate steps (a
-  parabola through the probes at ``+-step`` along each of the 6 axes, the step halving each
-  time); the median over the perturbed starts of the mean displacement of the structure's
+  parabola through the probes at ``+-step`` along each of the 6 axes, ``step_mm`` first, the
+  step halving each time); the median over the perturbed starts of the mean displacement of the structure's
   points between where that start ends and where the pose itself ends (the median: one
   restart caught on a ridge does not condemn a right pose). Right poses come back together,
   wrong ones scatter.
@@ -57,8 +57,31 @@ detector-like) had estimates 0.48-1.80 mm, wrong poses (45-50 mm starts without 
 stage: 56-79 mm off) 2.4-6.4 mm. On the toy of ``tests/test_registration.py`` (64^2 views of
 3 mm voxels) right poses 0.2-0.9 mm off are estimated 0.3-2.3 mm: the bound then refuses
 some right poses (conservative). The GPU sweep of ``validation/registration.py`` at full
-size is the calibration still to be made; :data:`MAX_ERROR_MM` is set for no wrong pose
-flagged.
+size (NVIDIA H100, 512^2 views of 0.5 mm, vertebra / context fits of 64 / 128 voxels, seed 0,
+143 registrations) flagged 0 of 24 wrong poses but only 82 of 119 right ones: the 37 refused
+right poses (true mTRE 0.09-1.5 mm, T8 / T6 / T4) fail on ``restart_spread_mm`` 1.0-1.9 mm.
+Diagnosed on CPU with ``validation/registration_confidence.py`` (the same X-rays, Gaussians
+refitted on CPU, the confidence probe rebuilt at each stored pose: estimates within 0.06 mm of
+the GPU's): at the 0.67 mm probe pitch the joint similarity is a cusp (it falls linearly,
+10-60e-3 per mm along single axes) with a weak, oblique direction (rotation mixed with
+translation; curvatures 4-124e-3 per mm^2 at 1 mm, condition ~30). From 3 mm / 3 deg kicks the
+4 halving coordinate steps (2, 1, 0.5, 0.25 mm) do not come back: on 4 right trials the
+restarts end 0.6-2.5 mm from the pose's own end, all but one with a similarity 1.6-14e-3 below
+it (not converged, not another maximum). Climbers tried on T8 / T6 trials (about the same
+polish poses): fixed or adaptive steps, damped moves, the pose's Hessian eigenbasis, a line
+search: none brought both clean right spreads (1.62 / 1.65 mm) under 1.1 / 1.3 mm; 2 mm / 2 deg
+kicks with ``step_mm`` 1.5 did (on 4 right trials 1.32 / 0.86 / 1.03 /
+1.19 mm against 1.62 / 1.65 / 1.84 / 1.83 mm; 3 of those 4 flagged, the fourth refused on its
+peak offset, 1.6 mm), moved / other patient stayed at 6.3 / 7.8 mm (their view disagreement).
+Checked on trials not looked at before: 5 refused right poses (T4 clean / distorted /
+processed, T8 and T6 processed) go from 1.62-1.89 mm to 1.01-1.38 mm, all flagged; a flagged
+T12 one stays flagged (0.51 mm); wrong poses stay above the bound: moved patient T4 6.31,
+T10 2.10 (the sweep's closest, 2.28 stored), other patient T8 8.67, far start T8 3.26 mm. Same
+338 scored poses. That setting is not the default: on the toy of
+``tests/test_registration_confidence.py`` (64^2 views of 3 mm voxels, a broader similarity) it
+estimates a 0.63 mm right pose at 2.6 mm, so kicks and steps should follow the probe pitch,
+which :func:`assess` does not know (its caller does). :data:`MAX_ERROR_MM` is set for no wrong
+pose flagged.
 
 Cost: ``polish_steps`` x (``restarts`` + 1) x 13 + 6 x (2 :data:`SCAN_MM` / :data:`SCAN_STEP_MM`
 + 1) scored poses (338 by default) in batched splats, at a detector pooled to about 0.8 mm at
@@ -67,8 +90,8 @@ the object.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -158,14 +181,15 @@ def _view_peaks(profiles: np.ndarray, offsets_mm: np.ndarray) -> tuple[np.ndarra
 
 def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, points: np.ndarray,
            similarity: float, restarts: int = RESTARTS, restart_mm: float = RESTART_MM,
-           restart_deg: float = RESTART_DEG, polish_steps: int = POLISH_STEPS,
+           restart_deg: float = RESTART_DEG, polish_steps: int = POLISH_STEPS, step_mm: float = STEP_MM,
            max_error_mm: float = MAX_ERROR_MM, similarity_floor: float = SIMILARITY_FLOOR,
            seed: int = 0) -> Confidence:
     """Assess ``pose`` (4x4 CT -> X-ray): a :class:`Confidence` (module docstring).
 
     ``score(poses)`` gives the (P, V) per-view similarity of a list of 4x4 poses;
     ``points`` (N, 3, CT world mm) stand for the structure (error in mm is their mean
-    displacement); ``similarity`` is the pose's reported similarity."""
+    displacement); ``similarity`` is the pose's reported similarity; ``step_mm`` the first
+    probe step (translations mm, rotations ``step_mm`` / the points' rms radius, rad)."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if pts.shape[0] > MAX_POINTS:
         pts = pts[np.random.default_rng(seed).choice(pts.shape[0], MAX_POINTS, replace=False)]
@@ -178,7 +202,7 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         kicks.append(np.concatenate([d[0] * math.radians(restart_deg), d[1] * restart_mm]))
     joint = _moved_about([pose] * len(kicks), np.array(kicks), centre_ct)  # joint[0] is the pose
-    step0 = np.array([STEP_MM / lever] * 3 + [STEP_MM] * 3)
+    step0 = np.array([step_mm / lever] * 3 + [step_mm] * 3)
     step, first = step0.copy(), None
     for _ in range(max(1, polish_steps)):
         trial = _moved_about([p for p in joint for _ in range(13)], np.tile(_pattern(step), (len(joint), 1)),
