@@ -62,7 +62,7 @@ size (NVIDIA H100, 512^2 views of 0.5 mm, vertebra / context fits of 64 / 128 vo
 right poses (true mTRE 0.09-1.5 mm, T8 / T6 / T4) fail on ``restart_spread_mm`` 1.0-1.9 mm.
 Diagnosed on CPU with ``validation/registration_confidence.py`` (the same X-rays, Gaussians
 refitted on CPU, the confidence probe rebuilt at each stored pose: estimates within 0.06 mm of
-the GPU's): at the 0.67 mm probe pitch the joint similarity is a cusp (it falls linearly,
+the GPU's on the 6 trials chosen on, 0.01-0.26 mm on the 10 others): at the 0.67 mm probe pitch the joint similarity is a cusp (it falls linearly,
 10-60e-3 per mm along single axes) with a weak, oblique direction (rotation mixed with
 translation; curvatures 4-124e-3 per mm^2 at 1 mm, condition ~30). From 3 mm / 3 deg kicks the
 4 halving coordinate steps (2, 1, 0.5, 0.25 mm) do not come back: on 4 right trials the
