@@ -80,6 +80,16 @@ def test_views_that_want_different_poses_are_caught(peak_b_mm):
         assert max(abs(o) for row in ev["view_peaks_mm"] for o in row) == pytest.approx(peak_b_mm)
 
 
+def test_probe_steps_follow_the_pitch_only_where_the_peak_is_sharper():
+    from rgs_engine.registration import confidence
+
+    full = confidence.for_pitch(2 / 3)  # 512^2 views of 0.5 mm, probe pooled x2: the measured setting
+    assert full == pytest.approx({"restart_mm": 2.0, "restart_deg": 2.0, "step_mm": 1.5})
+    default = {"restart_mm": confidence.RESTART_MM, "restart_deg": confidence.RESTART_DEG,
+               "step_mm": confidence.STEP_MM}
+    assert confidence.for_pitch(1.07) == default == confidence.for_pitch(3.0)  # CPU size, toy
+
+
 def test_detector_like_images_register_and_are_judged(ct_path, params, points, tmp_path):
     """A gamma 0.6 contrast curve and 1 px blur: the toy (64 px views of 3 mm voxels) ends
     1.0 mm off, estimated 1-3 mm (measured): right, estimated within 3x, and whatever the

@@ -507,9 +507,10 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     sim_final, pose, z, zc = best
     t_conf = time.perf_counter()
     with torch.no_grad():
-        probe = matched_level(max(1, int(CONFIDENCE_PITCH_MM // pitch)), z, zc, margin_mm)
+        factor = max(1, int(CONFIDENCE_PITCH_MM // pitch))
+        probe = matched_level(factor, z, zc, margin_mm)
         conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
-                                 similarity_floor=threshold, seed=seed)
+                                 similarity_floor=threshold, seed=seed, **confidence.for_pitch(factor * pitch))
     runtime.sync()
     conf.evidence["seconds"] = time.perf_counter() - t_conf
     if progress:
