@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
 from ..core.errors import RgsInputError
+from ..core.stats import quantile
 from ..core.geometry import VolumeGrid
 from .files import write_bytes
 
@@ -87,10 +88,7 @@ def _panel(image: torch.Tensor, spacing: tuple[float, float], mm_per_pixel: floa
 
 def _window(panels: list[torch.Tensor]) -> tuple[float, float]:
     """The 0.1 and 99.9 percentiles of the panels' pixels (one grey window)."""
-    values = torch.cat([p.reshape(-1) for p in panels])
-    if values.numel() > 2 ** 24:  # torch.quantile's input limit
-        values = values[torch.randperm(values.numel())[: 2 ** 24]]
-    lo, hi = torch.quantile(values, torch.tensor(WINDOW_QUANTILES)).tolist()
+    lo, hi = quantile(torch.cat([p.reshape(-1) for p in panels]), WINDOW_QUANTILES).tolist()
     return lo, hi
 
 

@@ -161,7 +161,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core import losses, runtime
+from ..core import losses, runtime, stats
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
 from ..core.splatting import splat
@@ -492,7 +492,7 @@ class Track4DReconstruction:
             means, scales, quats, _ = self.static.gaussians.physical()
             moved = self.model(means, scales, quats, times).means          # (T, N, 3)
             distance = (moved - moved.mean(0)).norm(dim=-1).amax(0)
-        return float(torch.quantile(distance.float(), 0.99))
+        return float(stats.quantile(distance.float(), 0.99))
 
     @property
     def motion_floor_mm(self) -> float:

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core import losses, runtime
+from ..core import losses, runtime, stats
 from .fdk import fdk
 from .sart import sart
 from ..core.errors import RgsInputError
@@ -214,7 +214,7 @@ class GaussianReconstruction:
             means = origin + (idx + self._rand(n, 3) - 0.5) * spacing
             weights = vol.reshape(-1)[pick]
             region = cand.numel() * float(spacing.prod())
-            self.mu_ref = float(torch.quantile(vol.reshape(-1)[cand].float(), 0.99))
+            self.mu_ref = float(stats.quantile(vol.reshape(-1)[cand].float(), 0.99))
         else:
             means = self.box_lo + self._rand(n, 3) * (self.box_hi - self.box_lo)
             weights = torch.ones(n, device=self.device)
@@ -230,7 +230,7 @@ class GaussianReconstruction:
         rendered = splat(means, scales, quats, dens, self.data.geometry)
         dens = dens * (self.projections.mean() / rendered.mean().clamp_min(1e-12))
         if self.init_mode() == "random":  # reference attenuation from the calibrated field
-            self.mu_ref = float(torch.quantile(voxelize(means, scales, quats, dens, grid).reshape(-1), 0.99))
+            self.mu_ref = float(stats.quantile(voxelize(means, scales, quats, dens, grid), 0.99))
         self.gaussians = Gaussians.from_physical(means, scales, quats, dens,
                                                  cfg.scale_min * size, cfg.scale_max * size)
         self._new_optimizer()

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..core import losses, metrics, runtime
+from ..core import losses, metrics, runtime, stats
 from ..core.errors import RgsInputError, check_tensor
 from ..core.gaussians import Gaussians
 from ..core.geometry import VolumeGrid
@@ -112,11 +112,10 @@ def fit_volume(volume: torch.Tensor, grid: VolumeGrid, num_gaussians: int = 0,
     inside = m[sl] if m is not None else None
 
     flat = target.reshape(-1)
-    sample = flat if flat.numel() <= 1 << 24 else flat[:: flat.numel() // (1 << 24) + 1]
-    positive = sample[sample > 0]
+    positive = flat[flat > 0]
     if positive.numel() == 0:
         raise RgsInputError("the volume has no attenuating voxel in the fitted region")
-    mu_ref = float(torch.quantile(positive, 0.99))
+    mu_ref = float(stats.quantile(positive, 0.99))
     cand_w = torch.where(flat > threshold * mu_ref, flat, torch.zeros_like(flat))
     if inside is not None:
         cand_w = cand_w * inside.reshape(-1)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..core.errors import RgsInputError
+from ..core.stats import quantile as quantile_of
 from ..io.files import load_nifti
 from .register import RegistrationResult
 
@@ -53,8 +54,7 @@ def _edges(drr: torch.Tensor, quantile: float = 0.9, floor: float = 0.3) -> np.n
     top = float(mag.max())
     if top <= 0:
         return np.zeros(x.shape, bool)
-    nz = mag[mag > 1e-6 * top].reshape(-1)[: 1 << 24]
-    thr = max(float(torch.quantile(nz, quantile)), floor * top)
+    thr = max(float(quantile_of(mag[mag > 1e-6 * top], quantile)), floor * top)
     return (mag > thr).numpy()
 
 
@@ -99,8 +99,7 @@ def overlay_image(xrays: torch.Tensor, before: torch.Tensor, after: torch.Tensor
     gap = 4
     for k in range(xrays.shape[0]):
         img = xrays[k].detach().double().cpu()
-        lo, hi = (float(v) for v in torch.quantile(img.reshape(-1)[: 1 << 24],
-                                                  torch.tensor([0.01, 0.99], dtype=torch.float64)))
+        lo, hi = (float(v) for v in quantile_of(img, [0.01, 0.99]))
         grey = ((img - lo) / (hi - lo if hi > lo else 1.0)).clamp(0, 1).numpy()
         grey = (grey * 200).astype(np.uint8)  # leave head-room for the coloured edges
         panels = []

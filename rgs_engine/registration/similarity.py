@@ -32,6 +32,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.stats import quantile
+
 EPS = 1e-8
 QUANTILE_KNOTS = 65  # knots of the piecewise-linear contrast curve of match_contrast
 
@@ -152,8 +154,7 @@ def match_contrast(xray: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None
         if x.numel() < knots:
             continue
         sign = -1.0 if _rank_correlation(x, d) < 0 else 1.0
-        xq = torch.quantile(sign * x, q) if x.numel() <= 1 << 24 else torch.quantile(sign * x[: 1 << 24], q)
-        dq = torch.quantile(d, q) if d.numel() <= 1 << 24 else torch.quantile(d[: 1 << 24], q)
+        xq, dq = quantile(sign * x, q), quantile(d, q)
         xq = xq + torch.arange(knots, device=xq.device) * 1e-7 * (xq[-1] - xq[0]).abs().clamp_min(EPS)
         v = (sign * xray[k].float()).clamp(xq[0], xq[-1])
         i = torch.bucketize(v, xq[1:-1])

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core import rigid
+from ..core import rigid, stats
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
 from ..io.xrays import XRaySet
@@ -202,7 +202,7 @@ def detector_images(line_integrals: torch.Tensor, spec: DetectorSpec) -> torch.T
     out = torch.ones_like(q)
     for k in range(v):
         inside = q[k][exposed]
-        lo, hi = (torch.quantile(inside, pct / 100) for pct in WINDOW_PERCENTILES)
+        lo, hi = stats.quantile(inside, [pct / 100 for pct in WINDOW_PERCENTILES])
         qw = ((q[k] - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
         out[k] = torch.where(exposed, qw ** spec.gamma, out[k])
     if spec.label:
