@@ -16,15 +16,15 @@ taken at its own time) while contrast flows into vessels that do not move. The m
   that ``w = 1`` where the sum is 0. ``T`` starts at 0, so the model starts as the static fit.
 
 Each step renders ``recipe.views_per_step`` training views, each splatted with its own
-density vector ``rho(t_view)`` (one splat call for the batch), and minimises gs_recon's loss
+density vector ``rho(t_view)`` (one splat call for the batch), and minimises recon.gaussian's loss
 (``L1 + w_ssim (1 - SSIM)`` on normalised projections + ``w_tv`` TV3D of the base field) plus
 ``time_smoothness_weight`` x the field's temporal roughness (the squared second differences
 of ``T`` over its time cells, summed, averaged over the rank) with Adam on the Gaussians
-(gs_recon's schedule) and on the field (``lr_field``, log-linear).
+(recon.gaussian's schedule) and on the field (``lr_field``, log-linear).
 Every ``prune_every`` steps, Gaussians whose peak attenuation over the run (``max_t
 rho_i(t)`` on ``prune_times`` times spread over the training span) is below
-``prune_fraction`` times the reference attenuation (gs_recon's ``mu_ref``, the 99th
-percentile of the FDK initialisation) are dropped. The Gaussians' recipe is gs_recon's
+``prune_fraction`` times the reference attenuation (recon.gaussian's ``mu_ref``, the 99th
+percentile of the FDK initialisation) are dropped. The Gaussians' recipe is recon.gaussian's
 (``rgs recon``'s), chosen on the GPU case below.
 
 Volumes: :meth:`DsaReconstruction.volume_at` (attenuation at a time), :meth:`mean_volume`
@@ -53,12 +53,12 @@ volume to the lumen surface):
   static fit of the same views: frame PSNR 33.0 / 32.9 / 32.7 dB, held-out 37.9 / 36.8 /
   35.5 dB, CD 1.61 / 1.45 / 1.06 mm, 0.018 s per step. Field lr 1e-2 instead of 3e-2 lost
   1.5 dB of frame PSNR; rank 16, 32^3 space cells or 16 time cells changed it by < 0.4 dB.
-* densification (gs_recon's, 4 rounds) hurt: without it frame PSNR 39.0 / 39.4 dB and CD 0.54
+* densification (recon.gaussian's, 4 rounds) hurt: without it frame PSNR 39.0 / 39.4 dB and CD 0.54
   / 0.38 mm (seeds 0 / 1) against 37.9 / 38.1 dB and 0.62 / 0.46 mm with it; 32^3 space
   cells then gave 39.0 / 39.3 dB, 0.50 / 0.39 mm (kept: finer cells for larger boxes); an
   FDK sampling threshold of 0.15 instead of 0.05 lost 4 dB; 600 steps gained 0.2 dB over
   300.
-* gs_recon's default sizes (10k Gaussians from the FDK, 8 views per step) without
+* recon.gaussian's default sizes (10k Gaussians from the FDK, 8 views per step) without
   densification, initial scale 1 vs 0.5 x the sample spacing (seeds 0 / 1 / 2): frame PSNR
   38.1 / 37.5 / 38.3 vs 38.3 / 38.6 / 38.8 dB, CD 0.64 / 0.58 / 0.58 vs 0.41 / 0.35 / 0.46 mm,
   HD95 3.4-3.7 vs 1.1-1.8 mm, held-out 2D PSNR equal within 0.2 dB, 0.12 vs 0.08 s per step.
@@ -73,10 +73,10 @@ On the GPU case of ``validation/dsa.py`` (NVIDIA H200: 160^3 grid of 1 mm, 256^2
 noise 1e5 / 10, 30 views, 3000 steps of 8 views, about 60 s) the toy's choices did not
 carry over: with no densification and half the initial scale the fit kept ~50k small
 Gaussians that speckle the background (surface of the time average: CD 2.75 mm, HD95
-32.9 mm; of the peak over time 7.34 / 47.3 mm), while gs_recon's own recipe (densification,
+32.9 mm; of the peak over time 7.34 / 47.3 mm), while recon.gaussian's own recipe (densification,
 initial scale 1) ends with ~22k Gaussians and CD 0.88 mm (sum 1.76), HD95 1.73 mm on the
 time average (peak over time: 2.75 / 30.1 mm; 8 instead of 32 time cells: 0.94 / 1.71 mm on
-the time average). Hence gs_recon's recipe and surfaces of the time-averaged volume. With
+the time average). Hence recon.gaussian's recipe and surfaces of the time-averaged volume. With
 the batch rendered in one splat call (23 s for the 3000 steps), seeds 0 / 1 / 2 gave CD sums
 of 1.70 / 1.89 / 1.89 mm (HD95 1.65 / 1.60 / 1.86 mm), 8 time cells 1.80 / 1.81 mm (seeds 0 /
 1), and 6000 steps 4.86 mm with HD95 27 mm: the longer fit grows background speckle above

@@ -18,12 +18,12 @@ Two stages, one iteration counter:
    batch), splats each view with its own deformed set (one splat call for the batch) and
    minimises
 
-       L = L1 + w_ssim (1 - SSIM)                        (normalised projections, gs_recon's)
-           + w_tv TV3D(canonical field)                   (gs_recon's)
+       L = L1 + w_ssim (1 - SSIM)                        (normalised projections, recon.gaussian's)
+           + w_tv TV3D(canonical field)                   (recon.gaussian's)
            + consistency_weight * periodic_consistency    (time input only)
            + plane_tv_weight * plane TV + time_smoothness_weight * temporal smoothness (K-planes)
 
-   with Adam on the canonical Gaussians (gs_recon's schedule over stage 2, times
+   with Adam on the canonical Gaussians (recon.gaussian's schedule over stage 2, times
    ``canonical_lr_factor``), the deformation network (``lr_network``, K-planes' feature planes
    ``lr_planes``) and the log period (``lr_period``); all rates decay log-linearly. The
    Gaussians are not densified in stage 2 (the anchor skinning is fixed per Gaussian).
@@ -147,7 +147,7 @@ cycles RMS, depths 0.91-1.07. ``auto`` does not choose it: it has not yet been s
 the default on the real-CT cases (``validation/track4d.py``: regular, irregular,
 amplitude-drift, baseline-shift; ``--cpu`` for a 32^3 CPU size).
 
-**Densifying in stage 2** by the deformed renderings' position gradients (gs_recon's clone /
+**Densifying in stage 2** by the deformed renderings' position gradients (recon.gaussian's clone /
 split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of
 stage 2) and 35.60 dB (3 rounds over 40-70 %) against 35.87 dB without, and each round cut
 K-planes' PSNR at the inhale phase by 4 dB (35.36 to 31.19), 150 steps recovering 3.75 dB of
@@ -221,7 +221,7 @@ class Track4DConfig(Recipe):
       acts on its logarithm from ``period_start`` (fraction of stage 2) on: before, the motion
       is not yet learned and the period's gradient is noise (1: the period stays fixed).
     * ``lr_network`` (MLP / transformer), ``lr_planes`` (K-planes' feature planes);
-      ``canonical_lr_factor`` scales gs_recon's schedule for the canonical Gaussians in stage 2.
+      ``canonical_lr_factor`` scales recon.gaussian's schedule for the canonical Gaussians in stage 2.
     * loss weights: ``consistency_weight``, ``plane_tv_weight``, ``time_smoothness_weight``
       (the SSIM and 3D TV weights and the batch size are the recipe's); the consistency
       is evaluated on ``consistency_points`` random canonical Gaussians per step (0: all).
