@@ -126,6 +126,7 @@ DSO, DSD = 1000.0, 1500.0  # source-isocentre and source-detector distances, mm
 DISTORTED_UPTO_MM = 30.0  # distorted cases: the bins up to here
 WRONG_BIN = (0.0, 20.0)  # start offsets of the wrong-input cases, mm
 FAR_MM = (45.0, 70.0)  # far starts without the global stage
+WRONG_GROUPS = {"other-patient": WRONG_BIN, "moved-patient": WRONG_BIN, "far-start": FAR_MM}  # their starts
 DEG_PER_MM = 0.25  # rotation that goes with a translation: 40 mm <-> 10 degrees
 SUCCESS_MM = 2.0
 NOISE = (1e4, 10.0)  # TIGRE's model, as rgs simulate's --noise 1e4,10
@@ -293,10 +294,10 @@ def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry]) -> 
 
     plan = []
     for g in [g for g in IMAGE_GROUPS if g in args.groups]:
-        edges = args.bins if g == "clean" else [e for e in args.bins if e <= DISTORTED_UPTO_MM]
+        edges = group_edges(g, args.bins)
         for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
             plan += [(g, b, j, lo, hi) for j in range(args.trials)]
-    for g, (lo, hi) in (("other-patient", WRONG_BIN), ("moved-patient", WRONG_BIN), ("far-start", FAR_MM)):
+    for g, (lo, hi) in WRONG_GROUPS.items():
         if g not in args.groups:
             continue
         plan += [(g, 0, j, lo, hi) for j in range(args.wrong_trials)]
@@ -528,6 +529,12 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def group_edges(group: str, bins: list[float]) -> list[float]:
+    """The start-bin edges (mm) of an image group: all of ``bins`` for ``clean``, those up to
+    :data:`DISTORTED_UPTO_MM` for the distorted and processed groups."""
+    return list(bins) if group == "clean" else [e for e in bins if e <= DISTORTED_UPTO_MM]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -50,8 +50,7 @@ def bin_index(group: str, lo: float) -> int:
     """The start bin's index ``b`` of the trial seed in ``validation/registration.py``'s plan."""
     if group not in sweep.IMAGE_GROUPS:
         return 0
-    edges = list(sweep.BINS) if group == "clean" else [e for e in sweep.BINS if e <= sweep.DISTORTED_UPTO_MM]
-    return edges.index(lo)
+    return sweep.group_edges(group, sweep.BINS).index(lo)
 
 
 class Scene:

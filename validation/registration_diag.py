@@ -1,11 +1,12 @@
 """Re-run chosen trials of ``validation/registration.py`` and say which stage of
 ``rgs_engine.register`` goes wrong (issue 19: failures from 15-35 mm starts at full size).
 
-Each trial ``GROUP:BIN:J`` is regenerated exactly as the sweep makes it (its
+Each trial ``GROUP:LO:J`` (the start bin's lower edge in mm, as ``validation/registration_confidence.py``
+takes them; any LO for the wrong-input groups) is regenerated exactly as the sweep makes it (its
 :func:`registration.trial_xrays`, seed ``(seed, group, bin, j)``, the vertebra the sweep's
 ``--labels`` give trial ``j``) and registered once per variant (``--variants``: JSON
 ``{"name": {register keyword arguments}}``; upper-case names set the register module's
-constants for that run, e.g. ``{"LOCAL_ROUNDS": 2}``). Per run it prints the final mTRE and, from the
+constants for that run, e.g. ``{"LOCAL_SEEDS": 8}``). Per run it prints the final mTRE and, from the
 history register keeps when given the ground truth: the global stage's best candidate
 against the true pose at the candidates' scale (best < truth: the search missed the
 truth's basin; best > truth: the similarity itself prefers a wrong pose there), each
@@ -26,13 +27,12 @@ T8 7.2, clean T6 9.2, distorted T4 13.4 (unchanged) and 18.4 mm; two GPU success
 
 Usage::
 
-    python validation/registration_diag.py --trials clean:6:2,clean:4:3,distorted:2:4
+    python validation/registration_diag.py --trials clean:30:2,clean:20:3,distorted:10:4
         [--labels 32,34,36,38,40] [--seed 0] [--size full] [--variants JSON] [--out FILE.json]
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -47,12 +47,6 @@ from rgs_engine.core import runtime
 from rgs_engine.io.files import load_nifti, save_json
 from rgs_engine.registration import register as reg
 from rgs_engine.sim import ct
-
-
-def bin_edges(group: str, bins: list[float]) -> list[tuple[float, float]]:
-    """The start bins of ``group`` as the sweep builds them."""
-    edges = bins if group == "clean" else [e for e in bins if e <= sweep.DISTORTED_UPTO_MM]
-    return list(itertools.pairwise(edges))
 
 
 def summary(res) -> dict:
@@ -83,7 +77,8 @@ def line(name: str, s: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", required=True, help="GROUP:BIN:J,... (bin index within the group's bins)")
+    ap.add_argument("--trials", required=True,
+                    help="GROUP:LO:J,... (LO: the start bin's lower edge, mm; J: the trial index)")
     ap.add_argument("--labels", default=",".join(map(str, sweep.LABELS)), help="the sweep's --labels")
     ap.add_argument("--bins", default=",".join(map(str, sweep.BINS)))
     ap.add_argument("--seed", type=int, default=0)
@@ -91,23 +86,29 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", type=json.loads, default={"default": {}})
     ap.add_argument("--cache", type=Path, default=sweep.ROOT / ".cache" / "registration")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every run")
+    ap.add_argument("--device", default="cpu", choices=("auto", "cuda", "cpu"))
     args = ap.parse_args(argv)
     labels = [int(v) for v in args.labels.split(",")]
     bins = [float(v) for v in args.bins.split(",")]
-    trials = [(g, int(b), int(j)) for g, b, j in (t.split(":") for t in args.trials.split(","))]
-    runtime.init("cpu")
+    trials = [(g, float(lo), int(j)) for g, lo, j in (t.split(":") for t in args.trials.split(","))]
+    runtime.init(args.device)
     size = sweep.SIZES[args.size]
     hu, grid = load_nifti(sweep.CT)
     volume, vgrid = ct.attenuation_volume(hu, grid, size["drr"] or max(grid.shape), str(sweep.CT))
     names = sweep.structure_names()
     cases = {}
     records = []
-    for group, b, j in trials:
+    for group, lo, j in trials:
         label = labels[j % len(labels)]
         if label not in cases:
             cases[label] = sweep.load_case(label, size["fit"], args.cache, names, fresh=False)[0]
         case = cases[label]
-        lo, hi = bin_edges(group, bins)[b]
+        if group in sweep.WRONG_GROUPS:
+            b, (lo, hi) = 0, sweep.WRONG_GROUPS[group]
+        else:
+            edges = sweep.group_edges(group, bins)
+            b = edges.index(lo)
+            hi = edges[b + 1]
         t = time.perf_counter()
         xs, _ = sweep.trial_xrays(args.seed, group, b, j, lo, hi, case, sweep.case_views(size, case["centre"]),
                                   volume, vgrid, (None, None))
