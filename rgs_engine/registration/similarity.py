@@ -102,12 +102,17 @@ def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / ((ra.square().sum() * rb.square().sum()).sqrt() + EPS))
 
 
+def _weighted(image: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """The pixels of one view that count: all (``w`` None) or those of weight > 0 (bool mask)."""
+    return torch.ones_like(image, dtype=torch.bool) if w is None else w > 0
+
+
 def polarity(xray: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None = None) -> list[float]:
     """Per view of ``xray`` / ``drr`` (V, H, W): -1 where the weighted pixels rank-correlate
     negatively (inverted polarity), else 1."""
     out = []
     for k in range(xray.shape[0]):
-        sel = torch.ones_like(xray[k], dtype=torch.bool) if w is None else w[k] > 0
+        sel = _weighted(xray[k], None if w is None else w[k])
         out.append(-1.0 if _rank_correlation(xray[k][sel].float(), drr[k][sel].float()) < 0 else 1.0)
     return out
 
@@ -125,7 +130,7 @@ class RankMatch:
         self.index, self.rank = [], []
         for k in range(xray.shape[0]):
             flat = xray[k].reshape(-1).float()
-            idx = (torch.ones_like(flat, dtype=torch.bool) if w is None else w[k].reshape(-1) > 0).nonzero()[:, 0]
+            idx = _weighted(flat, None if w is None else w[k].reshape(-1)).nonzero()[:, 0]
             self.index.append(idx)
             self.rank.append((signs[k] * flat[idx]).argsort().argsort())
 
@@ -149,11 +154,11 @@ def match_contrast(xray: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None
     out = xray.clone()
     q = torch.linspace(0, 1, knots, dtype=torch.float32, device=xray.device)
     for k in range(xray.shape[0]):
-        sel = torch.ones_like(xray[k], dtype=torch.bool) if w is None else w[k] > 0
+        sel = _weighted(xray[k], None if w is None else w[k])
         x, d = xray[k][sel].float(), drr[k][sel].float()
         if x.numel() < knots:
             continue
-        sign = -1.0 if _rank_correlation(x, d) < 0 else 1.0
+        sign = polarity(xray[k:k + 1], drr[k:k + 1], None if w is None else w[k:k + 1])[0]
         xq, dq = quantile(sign * x, q), quantile(d, q)
         xq = xq + torch.arange(knots, device=xq.device) * 1e-7 * (xq[-1] - xq[0]).abs().clamp_min(EPS)
         v = (sign * xray[k].float()).clamp(xq[0], xq[-1])
