@@ -77,10 +77,10 @@ Checked on trials not looked at before: 5 refused right poses (T4 clean / distor
 processed, T8 and T6 processed) go from 1.62-1.89 mm to 1.01-1.38 mm, all flagged; a flagged
 T12 one stays flagged (0.51 mm); wrong poses stay above the bound: moved patient T4 6.31,
 T10 2.10 (the sweep's closest, 2.28 stored), other patient T8 8.67, far start T8 3.26 mm. Same
-338 scored poses. That setting is not the default: on the toy of
-``tests/test_registration_confidence.py`` (64^2 views of 3 mm voxels, a broader similarity) it
-estimates a 0.63 mm right pose at 2.6 mm, so kicks and steps should follow the probe pitch,
-which :func:`assess` does not know (its caller does). :data:`MAX_ERROR_MM` is set for no wrong
+338 scored poses. On the toy of ``tests/test_registration_confidence.py`` (64^2 views of
+3 mm voxels, a broader similarity) that setting estimates a 0.63 mm right pose at 2.6 mm, so
+the kicks and steps follow the probe pitch: ``register`` passes :func:`for_pitch` (that
+setting at full size; the values measured at the CPU size and on the toy there). :data:`MAX_ERROR_MM` is set for no wrong
 pose flagged.
 
 Cost: ``polish_steps`` x (``restarts`` + 1) x 13 + 6 x (2 :data:`SCAN_MM` / :data:`SCAN_STEP_MM`
