@@ -44,7 +44,7 @@ with 30k Gaussians and rates x2 (SART 28.87 dB); ``full-c128`` 32.96 dB with the
 (quiet 2 cores, 500 iterations): the old recipe 32.05 dB in 201 s; rates x2 alone 33.41 dB in
 219 s (13.7k Gaussians); rates x2 with one Gaussian per ~8 voxels 33.76 dB in 327 s (34.6k
 Gaussians). The larger count is therefore not the default (it would take the quick start
-past 5 minutes); ``--set num_init=N --set rate_factor=2`` or ``--preset best`` asks for it.
+past 5 minutes); ``--set voxels_per_gaussian=8`` asks for it.
 The default's own held-out runs (500 iterations, heavily loaded CPU): ``full-c128`` 34.48 dB
 (SART 32.47), ``crop-c64`` 30.11 dB (SART 28.87), ``lower-arb128`` (arbitrary poses) 29.79 dB
 with the random initialisation and 31.27 dB with the SART one (SART 28.87). Table, levers and
