@@ -17,7 +17,7 @@ splatting and voxelisation nodes of the autograd graph. Phases:
 * ``backward (losses, physical)``: what the backward pass spends outside ``splat backward``
   and ``TV voxelise backward``;
 * ``Adam``: ``optimizer.step``; ``grad stats, densify check``: the rest of ``finish_step``;
-* ``other (Python, loss.item, zero_grad)``: the synchronised step minus the phases above.
+* ``other (Python, zero_grad)``: the synchronised step minus the phases above.
 
 ``plain step`` is the same step without the inner timers (a sync only around a run of steps):
 the time a real run spends per step. ``PSNR eval / 100`` is the voxelisation of the whole grid
@@ -245,7 +245,7 @@ def profile(args) -> dict:
     step = {k: 1e3 * v / n for k, v in phases.seconds.items()}
     other = step.pop("step (synchronised phases)")
     total = sum(step.values()) + other
-    step["other (Python, loss.item, zero_grad)"] = other
+    step["other (Python, zero_grad)"] = other
     truth = data.ground_truth.to(dev) if data.ground_truth is not None else None
     if truth is not None:
         step[f"PSNR eval / {PSNR_EVERY_GS}"] = 1e3 * median_seconds(

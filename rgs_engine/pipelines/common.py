@@ -110,14 +110,27 @@ class Reporter:
         self.emit(ProgressEvent("step", key, label, done, total, info))
 
 
+INFO_SECONDS = 0.5  # the loop's figures are read back from the device at most this often
+
+
+def host_floats(stats: dict) -> dict:
+    """``stats`` with its device tensors (0-d) turned into Python floats (a host sync on a
+    GPU: call it only when the figures are reported)."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+
+
 def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Reporter, label: str,
                    info: Callable[[dict], str], resume_command: str,
                    psnr: Optional[Callable[[], float]] = None, psnr_every: int = 100,
                    atomic_steps: bool = False) -> dict:
-    """Run ``rec.step()`` until ``rec.iteration == total``, reporting ``info(stats)`` (and
-    the latest ``psnr()`` in dB, evaluated every ``min(psnr_every, total / 10)`` steps and at
-    the end) after each step, saving ``rec.save_checkpoint(checkpoint)`` every ``every``
-    iterations and at the end; returns the last step's stats. A stop request or a
+    """Run ``rec.step()`` until ``rec.iteration == total``, reporting progress after each step,
+    saving ``rec.save_checkpoint(checkpoint)`` every ``every`` iterations and at the end;
+    returns the last step's stats (floats). The report's text is ``info(stats)`` with the
+    stats as floats (and the latest ``psnr()`` in dB, evaluated every
+    ``min(psnr_every, total / 10)`` steps and at the end); ``rec.step()`` may return 0-d
+    device tensors, which are read back (a GPU sync) only for the first and last steps, a
+    PSNR evaluation, or when ``INFO_SECONDS`` have passed since the last read; steps in
+    between repeat the last text. A stop request or a
     ``KeyboardInterrupt`` raises :class:`Interrupted` (see the module docstring);
     ``atomic_steps``: a step interrupted half way leaves ``rec`` as it was before it (SART
     replaces its volume only after a full pass), so the checkpoint is saved then too."""
@@ -125,6 +138,7 @@ def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Repo
     in_step = False
     psnr_every = max(1, min(psnr_every, total // 10))
     latest: Optional[float] = None
+    text, read_at = "", -math.inf
     try:
         while rec.iteration < total:
             if reporter.stop_requested():
@@ -132,10 +146,14 @@ def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Repo
             in_step = True
             stats = rec.step()
             in_step = False
-            if psnr is not None and (rec.iteration % psnr_every == 0 or rec.iteration == total):
+            evaluate = psnr is not None and (rec.iteration % psnr_every == 0 or rec.iteration == total)
+            if evaluate:
                 latest = psnr()
-            reporter.step("iterations", label, rec.iteration, total,
-                          info(stats) + (f"  PSNR {latest:.2f} dB" if latest is not None else ""))
+            now = time.perf_counter()
+            if evaluate or rec.iteration == total or now - read_at >= INFO_SECONDS:
+                text = info(host_floats(stats)) + (f"  PSNR {latest:.2f} dB" if latest is not None else "")
+                read_at = now
+            reporter.step("iterations", label, rec.iteration, total, text)
             if rec.iteration % every == 0:
                 rec.save_checkpoint(checkpoint)
     except KeyboardInterrupt:
@@ -144,7 +162,7 @@ def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Repo
             rec.save_checkpoint(checkpoint)
         raise Interrupted(checkpoint, rec.iteration if saved else None, saved, resume_command) from None
     rec.save_checkpoint(checkpoint)
-    return stats
+    return host_floats(stats)
 
 
 # --------------------------------------------------------------------------------------

@@ -299,8 +299,10 @@ class GaussianReconstruction:
             return 0.0
         return self.config.tv_weight * losses.tv_3d(voxelize(*params, self._tv_grid()) / self.mu_ref)
 
-    def step(self) -> dict[str, float]:
-        """One Adam step on a batch of views; densify / prune on schedule."""
+    def step(self) -> dict:
+        """One Adam step on a batch of views; densify / prune on schedule. Returns ``{"loss":
+        0-d tensor on the device, "gaussians": int}``: the loss stays on the device (no host
+        sync per step on a GPU); ``float()`` it only when it is reported."""
         g = self.gaussians
         self.set_learning_rates(min(self.iteration / max(self.config.iterations - 1, 1), 1.0))
         geo, target = self._batch()
@@ -309,7 +311,7 @@ class GaussianReconstruction:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.finish_step()
-        return {"loss": float(loss.detach()), "gaussians": len(self.gaussians)}
+        return {"loss": loss.detach(), "gaussians": len(self.gaussians)}
 
     def finish_step(self) -> None:
         """The rest of a step once its loss is backpropagated into the Gaussians: position
