@@ -239,7 +239,15 @@ class GaussianReconstruction:
     def _new_optimizer(self) -> None:
         self.gaussians.requires_grad_()
         groups = [{"params": [getattr(self.gaussians, name)], "name": name} for name in self.PARAMS]
-        self.optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+        self.optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15, **adam_options(self.device))
+
+    def _load_optimizer(self, state: dict) -> None:
+        """Load an Adam state saved on any device; the implementation (fused or not, see
+        :func:`adam_options`) stays this device's, and torch then puts the "step" counters where
+        it needs them (on the device for fused, on the CPU otherwise)."""
+        impl = [{k: g[k] for k in ("foreach", "fused")} for g in self.optimizer.param_groups]
+        groups = [{**saved, **own} for saved, own in zip(state["param_groups"], impl)]
+        self.optimizer.load_state_dict({**state, "param_groups": groups})
 
     def _reset_stats(self) -> None:
         n = len(self.gaussians)
@@ -464,10 +472,17 @@ class GaussianReconstruction:
         rec.gaussians = Gaussians(p["means"], p["scale_raw"], p["quat_raw"], p["density_raw"],
                                   *state["scale_bounds"])
         rec._new_optimizer()
-        rec.optimizer.load_state_dict(state["optimizer"])
+        rec._load_optimizer(state["optimizer"])
         rec.grad_accum, rec.grad_count = state["grad_accum"].to(dev), state["grad_count"].to(dev)
         rec.generator.set_state(state["generator"])
         return rec
+
+
+def adam_options(device: torch.device) -> dict:
+    """Keyword arguments of ``torch.optim.Adam`` on ``device``: the fused implementation on
+    CUDA (one kernel launch for all parameter tensors instead of foreach's several), torch's
+    default elsewhere (the CPU's arithmetic stays as it was)."""
+    return {"fused": True} if device.type == "cuda" else {}
 
 
 def save_state(path, state: dict, force: bool = True) -> None:
