@@ -84,13 +84,14 @@ def test_batch_is_the_drawn_views(circular):
     rec = GaussianReconstruction(circular, GSConfig(iterations=10, **SMALL))
     for _ in range(3):
         state = rec.generator.get_state()
-        geo, target = rec._batch()
+        geo, target, moments = rec._batch()
         rec.generator.set_state(state)
         idx = rec.view_batch()
         assert idx.numel() == SMALL["views_per_step"]
         # the rows gathered on the device and the carried kernel table are, bit for bit, what
         # indexing the target and building the subset's own table give
         assert torch.equal(target, rec.target[idx.to(rec.device)])
+        assert torch.equal(moments, metrics.ssim_moments(rec.target)[idx.to(rec.device)])
         assert torch.equal(geo.vectors, circular.geometry.vectors[idx])
         own = Geometry(geo.vectors, geo.det_shape, geo.mode).kernel_table(rec.device)
         assert torch.equal(geo.kernel_table(rec.device), own)

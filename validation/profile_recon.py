@@ -255,7 +255,7 @@ def profile(args) -> dict:
 
     # ---- the kernels' floor on the same Gaussians -----------------------------------------
     params = [t.detach().clone().requires_grad_() for t in rec.physical()]
-    geo, _ = rec._batch()
+    geo = rec._batch()[0]
     sub = rec._tv_grid()
 
     def splat_fb():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -64,25 +65,42 @@ def _blur_matrix(n: int, size: int, device: torch.device, dtype: torch.dtype) ->
     return m
 
 
-def ssim_per_slice(x: torch.Tensor, gt: torch.Tensor, data_range: float) -> torch.Tensor:
-    """Per-slice SSIM of (B, H, W) stacks, shape (B,), in their dtype; differentiable in ``x``.
-
-    The separable Gaussian blur is two matrix products with banded matrices (fast on GPUs
-    and CPUs alike, unlike single-channel convolutions).
-    """
+def _ssim_blur(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """SSIM's Gaussian blur for images shaped like ``x`` (..., H, W): a function mapping
+    (..., H, W) to the 'valid' region (..., H', W'). The separable blur is two matrix
+    products with banded matrices (fast on GPUs and CPUs alike, unlike single-channel
+    convolutions)."""
     size = min(WINDOW, x.shape[-2], x.shape[-1])
     size -= 1 - size % 2
     blur_w = _blur_matrix(x.shape[-1], size, x.device, x.dtype)
     blur_h = _blur_matrix(x.shape[-2], size, x.device, x.dtype)
+    return lambda img: blur_h.transpose(0, 1) @ (img @ blur_w)
+
+
+def ssim_moments(gt: torch.Tensor) -> torch.Tensor:
+    """The blurred mean and second moment of a fixed (B, H, W) stack, shape (B, 2, H', W'):
+    what :func:`ssim_per_slice` computes of ``gt`` at every call, for a caller that compares
+    many predictions with the same ``gt`` (a training loss) and passes it back."""
+    blur = _ssim_blur(gt)
+    with torch.no_grad():
+        return torch.cat([blur(torch.stack([g, g * g], 1)) for g in gt.split(_CHUNK)])
+
+
+def ssim_per_slice(x: torch.Tensor, gt: torch.Tensor, data_range: float,
+                   gt_moments: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-slice SSIM of (B, H, W) stacks, shape (B,), in their dtype; differentiable in ``x``.
+    ``gt_moments``: :func:`ssim_moments` of ``gt`` (B, 2, H', W'), so that only the three
+    blurs that involve ``x`` are computed here instead of five."""
+    blur = _ssim_blur(x)
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
-
-    def blur(img: torch.Tensor) -> torch.Tensor:  # (..., H, W) -> (..., H', W'), 'valid' region
-        return (blur_h.transpose(0, 1) @ (img @ blur_w))
-
     out = []
     for s in range(0, x.shape[0], _CHUNK):
         a, b = x[s:s + _CHUNK], gt[s:s + _CHUNK]
-        mu_a, mu_b, ea2, eb2, eab = blur(torch.stack([a, b, a * a, b * b, a * b])).unbind(0)
+        if gt_moments is None:
+            mu_a, mu_b, ea2, eb2, eab = blur(torch.stack([a, b, a * a, b * b, a * b])).unbind(0)
+        else:
+            mu_a, ea2, eab = blur(torch.stack([a, a * a, a * b])).unbind(0)
+            mu_b, eb2 = gt_moments[s:s + _CHUNK].unbind(1)
         var_a = ea2 - mu_a ** 2
         var_b = eb2 - mu_b ** 2
         cov = eab - mu_a * mu_b

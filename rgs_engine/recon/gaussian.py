@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core import losses, runtime, stats
+from ..core import losses, metrics, runtime, stats
 from .fdk import fdk
 from .sart import sart
 from ..core.errors import RgsInputError
@@ -171,6 +171,7 @@ class GaussianReconstruction:
         if not self.proj_scale > 0:
             raise RgsInputError("all projections are zero: nothing to reconstruct")
         self.target = self.projections / self.proj_scale
+        self._moments: torch.Tensor | None = None  # the targets' SSIM moments, on first use
         data.geometry.kernel_table(self.device)  # cached: every step's batch takes its rows
         lo, hi = (torch.tensor(b, dtype=torch.float32, device=self.device) for b in data.grid.bounds())
         self.box_lo, self.box_hi = lo, hi
@@ -279,25 +280,40 @@ class GaussianReconstruction:
             return torch.arange(v)
         return torch.randperm(v, generator=self.generator)[:k].sort().values
 
-    def _batch(self) -> tuple[Geometry, torch.Tensor]:
-        """The next step's views and their normalised targets; the rows are gathered on the
-        device (no host-to-device copy, so no stream sync on a GPU) and the geometry's
-        kernel table comes from the full geometry's cached one."""
+    def _batch(self) -> tuple[Geometry, torch.Tensor, torch.Tensor | None]:
+        """The next step's views, their normalised targets (V, H, W) and the targets' SSIM
+        moments (V, 2, H', W', None without SSIM); the rows are gathered on the device (no
+        host-to-device copy, so no stream sync on a GPU) and the geometry's kernel table comes
+        from the full geometry's cached one."""
         idx = self.view_batch()
+        moments = self._target_moments() if self.config.ssim_weight > 0 else None
         if idx.numel() == self.data.geometry.num_views:
-            return self.data.geometry, self.target
-        return self.data.geometry.subset(idx), torch.stack([self.target[i] for i in idx.tolist()])
+            return self.data.geometry, self.target, moments
+        rows = idx.tolist()
+
+        def gather(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.stack([t[i] for i in rows])
+        return self.data.geometry.subset(idx), gather(self.target), gather(moments)
+
+    def _target_moments(self) -> torch.Tensor:
+        """:func:`~rgs_engine.core.metrics.ssim_moments` of all normalised targets (V, 2, H',
+        W'), computed at the first step that needs them (the targets never change)."""
+        if self._moments is None:
+            self._moments = metrics.ssim_moments(self.target)
+        return self._moments
 
     def _tv_grid(self):
         size = [min(self.config.tv_size, n) for n in self.grid.shape]
         start = [int(torch.randint(0, n - s + 1, (1,), generator=self.generator)) for n, s in zip(self.grid.shape, size)]
         return self.grid.sub_grid(start, size)
 
-    def image_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``L1 + ssim_weight (1 - SSIM)`` of normalised projections (V, H, W)."""
+    def image_loss(self, pred: torch.Tensor, target: torch.Tensor,
+                   target_moments: torch.Tensor | None = None) -> torch.Tensor:
+        """``L1 + ssim_weight (1 - SSIM)`` of normalised projections (V, H, W);
+        ``target_moments``: the targets' SSIM moments if known (see :meth:`_batch`)."""
         loss = losses.l1(pred, target)
         if self.config.ssim_weight > 0:
-            loss = loss + self.config.ssim_weight * losses.dssim(pred, target)
+            loss = loss + self.config.ssim_weight * losses.dssim(pred, target, target_moments)
         return loss
 
     def tv_loss(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor | float:
@@ -313,9 +329,10 @@ class GaussianReconstruction:
         sync per step on a GPU); ``float()`` it only when it is reported."""
         g = self.gaussians
         self.set_learning_rates(min(self.iteration / max(self.config.iterations - 1, 1), 1.0))
-        geo, target = self._batch()
+        geo, target, moments = self._batch()
         params = g.physical()
-        loss = self.image_loss(splat(*params, geo) / self.proj_scale, target) + self.tv_loss(params)
+        pred = splat(*params, geo) / self.proj_scale
+        loss = self.image_loss(pred, target, moments) + self.tv_loss(params)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.finish_step()
