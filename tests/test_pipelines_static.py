@@ -70,6 +70,42 @@ def test_recon_gs_returns_its_result_and_reports_progress(scan_path, tmp_path):
     assert "Gaussians" in progress.kinds("step")[-1].info and "PSNR" in progress.kinds("step")[-1].info
 
 
+class _CountingRun:
+    """A loop body for run_iterations whose step returns its loss as a 0-d tensor, as the
+    Gaussian reconstruction does (kept on the device, no host sync per step)."""
+    iteration = 0
+
+    def step(self):
+        self.iteration += 1
+        return {"loss": torch.tensor(float(self.iteration)), "gaussians": 5}
+
+    def save_checkpoint(self, path):
+        pass
+
+
+@pytest.mark.parametrize("info_seconds, reads", [(3600.0, [1.0, 50.0]),
+                                                  (0.0, [float(i) for i in range(1, 51)])])
+def test_run_iterations_reads_device_figures_only_when_reporting(tmp_path, monkeypatch,
+                                                                 info_seconds, reads):
+    from rgs_engine.pipelines import common
+
+    seen = []
+
+    def info(stats):
+        seen.append(stats)
+        return f"loss {stats['loss']:.1f}"
+
+    monkeypatch.setattr(common, "INFO_SECONDS", info_seconds)
+    progress = Recorder()
+    out = common.run_iterations(_CountingRun(), 50, tmp_path / "ck.pt", 1000,
+                                common.Reporter(progress), "x", info, "resume")
+    assert out == {"loss": 50.0, "gaussians": 5} and type(out["loss"]) is float
+    assert [s["loss"] for s in seen] == reads and all(type(s["loss"]) is float for s in seen)
+    steps = progress.kinds("step")
+    assert len(steps) == 50 and steps[-1].info == "loss 50.0"
+    assert steps[1].info == ("loss 1.0" if info_seconds else "loss 2.0")
+
+
 def test_recon_stop_request_saves_a_checkpoint_that_resume_continues(scan_path, tmp_path):
     options = {"method": "sart", "iterations": 5, "checkpoint_every": 2}
     full = pipelines.recon(scan_path, tmp_path / "full", **options)
