@@ -79,6 +79,20 @@ def test_gzip_and_plain_nifti_hold_the_same_image(tmp_path):
     assert packed.stat().st_size < plain.stat().st_size
 
 
+@pytest.mark.parametrize("size", [0, 1, 5000, 3 * 1024 + 17])
+def test_parallel_gzip_is_one_standard_member(tmp_path, size):
+    """Chunks deflated apart (here 1 KiB each, 4 threads) join into one gzip member whose
+    CRC and length the decoder checks: the bytes come back exactly, nothing follows."""
+    from rgs_engine.io.files import _write_gzip
+
+    rng = np.random.default_rng(size)
+    data = (rng.random(size) * (rng.random(size) > 0.6) * 50).astype(np.uint8).tobytes()
+    _write_gzip(tmp_path / "d.gz", data, chunk=1024, workers=4)
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert d.decompress((tmp_path / "d.gz").read_bytes()) == data
+    assert d.eof and d.unused_data == b""
+
+
 def test_load_drops_trailing_singleton_dimension(tmp_path):
     data = np.ones((4, 5, 6, 1), np.float32)
     vol, grid = volume_io.load_nifti(_write_nifti(tmp_path / "in.nii", data, np.eye(4)))

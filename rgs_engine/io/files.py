@@ -155,14 +155,37 @@ def save_nifti(path: str | os.PathLike, volume: torch.Tensor | np.ndarray, grid:
     return Path(path)
 
 
-def _write_gzip(path: Path, data: bytes) -> None:
-    """``data`` as a gzip file: deflate level 1 with run-length matching only (zlib's
-    ``Z_RLE``). On float32 volumes it writes files of the size nibabel's own level 1 writes,
-    in about half the time (a 256^3-class chest CT volume, 62 MB, 2 CPU cores: 0.35 s against
+GZIP_CHUNK = 4 << 20  # bytes deflated per task by _write_gzip
+
+
+def _write_gzip(path: Path, data: bytes, chunk: int = GZIP_CHUNK, workers: int | None = None) -> None:
+    """``data`` as one standard gzip member, deflated in parallel: level 1 with run-length
+    matching only (zlib's ``Z_RLE``), ``chunk`` bytes per task on up to ``workers`` threads
+    (default: the CPU count, at most 16; zlib releases the GIL), each chunk a raw deflate
+    stream ended by a sync flush (the last one finished), so the pieces concatenate into
+    one valid stream (pigz's scheme; ``Z_RLE`` never reaches back across a chunk's start,
+    so nothing is lost by compressing the chunks apart), with the CRC-32 computed alongside.
+
+    On float32 volumes ``Z_RLE`` writes files of the size nibabel's own level 1 writes in
+    about half the time (a 256^3-class chest CT volume, 62 MB, 2 CPU cores: 0.35 s against
     0.58 s with the air zeroed, 0.71 s against 1.57 s with noise in every voxel); writing
     was 3.3 of the 3.6 s that ``rgs recon`` spent after its iterations on an NVIDIA H100
     (``validation/profile_recon.py --size full``)."""
-    deflate = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 9, zlib.Z_RLE)
-    with open(path, "wb") as f:
-        f.write(deflate.compress(data))
-        f.write(deflate.flush())
+    from concurrent.futures import ThreadPoolExecutor
+
+    view = memoryview(data).cast("B")
+    pieces = [view[i:i + chunk] for i in range(0, len(view), chunk)] or [view]
+
+    def deflate(k: int) -> bytes:
+        c = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS, 9, zlib.Z_RLE)
+        return c.compress(pieces[k]) + c.flush(zlib.Z_FINISH if k == len(pieces) - 1 else zlib.Z_SYNC_FLUSH)
+
+    workers = workers or min(os.cpu_count() or 1, 16)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(pieces)))) as pool:
+        crc = pool.submit(zlib.crc32, view)
+        blocks = pool.map(deflate, range(len(pieces)))
+        with open(path, "wb") as f:
+            f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # gzip, deflate, no name, no time
+            for block in blocks:
+                f.write(block)
+            f.write(crc.result().to_bytes(4, "little") + (len(view) & 0xFFFFFFFF).to_bytes(4, "little"))
