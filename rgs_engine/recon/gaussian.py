@@ -344,7 +344,7 @@ class GaussianReconstruction:
         (:meth:`step` and models built on these Gaussians share it)."""
         g = self.gaussians
         with torch.no_grad():
-            self.grad_accum += g.means.grad.norm(dim=1) * self.half_box
+            self.grad_accum.add_(torch.linalg.vector_norm(g.means.grad, dim=1), alpha=self.half_box)
             self.grad_count += 1
         self.optimizer.step()
         self.iteration += 1
