@@ -8,6 +8,12 @@ and Taichi can use a GPU, else the CPU. Asking for ``cuda`` where there is none 
 Taichi is never initialised at import time. Every kernel wrapper calls :func:`ensure`,
 which initialises Taichi on first use with the resolved device; a later request for a
 different device raises instead of re-initialising (``ti.init`` twice resets all state).
+Taichi's offline cache is on (its default, stated here): compiled kernels are kept under
+``~/.cache/taichi/ticache`` (``TI_OFFLINE_CACHE_FILE_PATH`` moves it), so a later process on
+the same machine skips the LLVM compilation; Taichi still rebuilds each kernel's IR from
+Python in every process (the cache key). Measured on a loaded 2-core CPU (1 thread, the README's
+64-grid case): the first ``rgs recon`` step 2.8 s with an empty cache, 1.6 s with a filled
+one (later steps 0.6 s); the initialisation 2.3 s against 2.0 s.
 """
 from __future__ import annotations
 
@@ -56,7 +62,7 @@ def init(device: str | None = None) -> torch.device:
         try:
             with quiet:
                 ti.init(arch=ti.cuda, enable_fallback=False, device_memory_GB=0.5,
-                        log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
+                        offline_cache=True, log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
         except Exception as exc:  # Taichi raises RuntimeError with its own text
             raise RgsDeviceError(
                 f"Taichi could not start on CUDA ({exc}); use --device cpu"
@@ -64,7 +70,8 @@ def init(device: str | None = None) -> torch.device:
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         with quiet:
-            ti.init(arch=ti.cpu, log_level=ti.WARN, default_fp=ti.f32, default_ip=ti.i32)
+            ti.init(arch=ti.cpu, offline_cache=True, log_level=ti.WARN, default_fp=ti.f32,
+                    default_ip=ti.i32)
         dev = torch.device("cpu")
     _state["device"] = dev
     return dev
