@@ -77,6 +77,7 @@ from .windows import EPS, Crop, coarse_geometry
 SUCCESS_THRESHOLD = confidence.SIMILARITY_FLOOR  # the decision's similarity floor
 CONFIDENCE_PITCH_MM = 0.8  # the confidence probes pool the detector up to this pitch at the object
 DEFAULT_SCALES = (4, 2, 1)
+LR_DECAY = 0.5  # Adam's learning rate at each finer refinement scale: this times the coarser one's
 LOCAL_SEEDS = 4  # the global stage searches again around this many of its best candidates
 FINAL_SCALES = (1, 2, 4)  # the reported similarity averages these poolings (less noise-bound)
 CANDIDATE_BATCH_PIXELS = 1 << 20  # pixels per batched candidate splat
@@ -283,8 +284,8 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     pooling factors, coarse to fine; ``steps`` the Adam steps at each (the last value repeats).
     The global stage scores ``candidates`` poses (0 skips it) within ``capture_mm`` /
     ``capture_deg`` of ``init`` at the coarsest scale and refines the ``keep`` best.
-    Adam's learning rates start at ``lr_mm`` (translation) and ``lr_deg`` (rotation) and halve
-    at each finer scale. ``blur`` widens the Gaussians at coarse scales by that many coarse
+    Adam's learning rates start at ``lr_mm`` (translation) and ``lr_deg`` (rotation) and shrink
+    by :data:`LR_DECAY` at each finer scale. ``blur`` widens the Gaussians at coarse scales by that many coarse
     pixels (at the object).
 
     ``mask`` drops the X-ray pixels that show no anatomy (:mod:`.masking`); ``match`` puts the
@@ -328,8 +329,27 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     last step there) and a last ``truth`` stage (the full-resolution score ``similarity`` is).
     ``progress(stage, done, total)`` is called as the stages advance.
 
+    Fewer steps (issue 19; not the default yet): measured on CPU (loaded 2-core machine) at
+    full size on 12 trials of the H100 sweep (clean and distorted, 10-30 mm starts, seed 0,
+    rebuilt as ``validation/registration_diag.py`` does, each variant from the same global
+    stage). The first Adam step of a finer scale moves every coordinate by the whole rate (1
+    mm / 0.5 deg at scale 2), after which the pose wanders 0.2-0.4 mm (mTRE) for similarity
+    changes of about 1e-3. With :data:`LR_DECAY` 0.25 and ``steps`` (30, 10, 6) (46 steps
+    instead of 65; the diagnosis's ``--variants '{"new": {"LR_DECAY": 0.25, "steps": [30,
+    10, 6]}}'``) the 12 end where the defaults do: median mTRE 0.28 -> 0.29 mm, largest 0.72
+    -> 0.71 mm, per trial -0.12 to +0.06 mm, none above 2 mm. But on the toy of
+    ``tests/test_registration.py`` (64^2 views, its coarse scale leaves more to the finer
+    ones) its 5 mm / 3 deg seed-1 start then ends 0.83 mm off and is refused: the finer
+    scales' rate would have to follow the coarse scale's pitch. With the rate halving, fewer
+    steps cost accuracy at full size: (30, 10, 6) +0.13 mm median (8 trials); (20, 12, 8)
+    +0.03 mm median but a 25 mm start ended 1.08 mm off (0.15 mm with the defaults: 20
+    coarse steps left it 3.3 mm off); (15, 10, 6) 2.21 and 1.99 mm on two. An early stop (the
+    pose moved less than 0.25 mm over 5 steps) ended 1 of 12 scales early on 4 trials.
+
     Speed: each refinement step is a few hundred small kernel launches, so launches, not GPU
-    work, set the pace. The pose's quaternion comes straight from the rotation vector
+    work, set the pace. The X-rays' contrast match at each scale's start and the
+    full-resolution scores use the DRR they are matched to (one splat fewer per scale and per
+    score). The pose's quaternion comes straight from the rotation vector
     (:func:`rigid.axis_angle_quat`) and the Gaussians move by two matrix products
     (:func:`rigid.rigid_transform_gaussians` with that quaternion), structure and context in
     one call while they move together: 27.5k instead of 60.5k launches per registration, and
@@ -394,18 +414,20 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         mc, qc = rigid.rigid_transform_gaussians(lvl.means[n_struct:], lvl.quats[n_struct:], pc, qc)
         return lvl.drr(torch.cat([means, mc]), torch.cat([quats, qc]))
 
-    def matched_level(factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float) -> _Level:
-        """:func:`level` at the pose ``z`` with its X-rays matched to the DRR there."""
+    def matched_level(factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float
+                      ) -> tuple[_Level, torch.Tensor]:
+        """:func:`level` at the pose ``z`` with its X-rays matched to the DRR there, and that DRR."""
         lvl = level(factor, pose_of(z), margin)
+        with torch.no_grad():
+            drr = moved_drr(lvl, z, zc)
         if match:
-            with torch.no_grad():
-                lvl.match(moved_drr(lvl, z, zc))
-        return lvl
+            lvl.match(drr)
+        return lvl, drr
 
     def final_score(z: torch.Tensor, zc: torch.Tensor | None) -> float:
+        lvl, drr = matched_level(1, z, zc, margin_mm)
         with torch.no_grad():
-            lvl = matched_level(1, z, zc, margin_mm)
-            return float(similarity(moved_drr(lvl, z, zc), lvl.xrays, FINAL_SCALES, lvl.weights))
+            return float(similarity(drr, lvl.xrays, FINAL_SCALES, lvl.weights))
 
     # the ground truth's unit-scaled pose vector: diagnostics in the history only
     z_truth = None
@@ -474,13 +496,17 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         for si, f in enumerate(scales):
             if ctx is not None and context_scales is not None and si >= context_scales and zc is None:
                 zc = z.detach().clone().requires_grad_()
-            lvl = matched_level(f, z, zc, rigid_margin if zc is None else margin_mm)
-            opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=0.5 ** si, fused=dev.type == "cuda")
+            lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
+            lr = LR_DECAY ** si
+            opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=lr, fused=dev.type == "cuda")
             n, first, sim = int(steps[si]), None, None
             for it in range(n):
                 for g in opt.param_groups:  # cosine-ish decay within the scale
-                    g["lr"] = 0.5 ** si * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
-                sim = lvl.similarity(moved_drr(lvl, z, zc)).mean()
+                    g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
+                drr = moved_drr(lvl, z, zc)
+                if it == 0 and match:  # the X-rays in the contrast of the scale's start pose
+                    lvl.match(drr)
+                sim = lvl.similarity(drr).mean()
                 if it == 0:
                     first = float(sim.detach())
                 opt.zero_grad(set_to_none=True)
@@ -512,7 +538,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     t_conf = time.perf_counter()
     with torch.no_grad():
         factor = max(1, int(CONFIDENCE_PITCH_MM // pitch))
-        probe = matched_level(factor, z, zc, margin_mm)
+        probe = matched_level(factor, z, zc, margin_mm)[0]
         conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
                                  similarity_floor=threshold, seed=seed, **confidence.for_pitch(factor * pitch))
     runtime.sync()
