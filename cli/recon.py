@@ -43,7 +43,7 @@ def recon(
         help="gs (radiative Gaussians), fdk (circular orbits) or sart (OS-SART). [default: gs]")] = None,
     init: Annotated[Optional[InitChoice], typer.Option(
         help="gs initialisation: fdk (circular orbits), sart (any poses; 6 OS-SART iterations), "
-             "random, or auto (fdk when circular, else sart). "
+             "random, or auto (sart). "
              "[default: auto]")] = None,
     preset: Annotated[str | None, typer.Option(
         metavar="|".join(presets.PRESETS),

@@ -15,7 +15,7 @@ Gaussians; the commands; the device) and ``OUT/results/levers.json``. A variant 
 Usage::
 
     python datasets/fetch_ct.py
-    python validation/levers.py [--levers recipe,sart-init,tv-0.05] [--iterations 2000]
+    python validation/levers.py [--levers recipe,fdk-init,tv-0.05] [--iterations 2000]
         [--device cuda] [--work runs/levers] [--out-dir validation] [--force]
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ console = Console()
 # name: (the options that make it, what it changes)
 LEVERS: dict[str, tuple[list[str], str]] = {
     "recipe": ([], "the recipe as it is"),
-    "sart-init": (["--init", "sart"], "Gaussians sampled from a SART volume instead of FDK's (a denoised start)"),
+    "fdk-init": (["--init", "fdk"], "Gaussians sampled from the FDK volume instead of SART's (the start until "
+                                    "2026-12-05; SART's is the denoised one)"),
     "tv-0.05": (["--set", "tv_weight=0.05"], "2.5x the TV weight"),
     "tv-0.01": (["--set", "tv_weight=0.01"], "half the TV weight"),
     "tv-patch-64": (["--set", "tv_size=64"], "TV on a 64^3 sub-grid instead of 32^3"),
