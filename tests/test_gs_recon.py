@@ -85,9 +85,10 @@ def test_batch_is_the_drawn_views(circular):
     rec = GaussianReconstruction(circular, GSConfig(iterations=10, **SMALL))
     for _ in range(3):
         state = rec.generator.get_state()
-        geo, target, moments = rec._batch()
+        drawn, geo, target, moments = rec.batch()
         rec.generator.set_state(state)
         idx = rec.view_batch()
+        assert torch.equal(drawn, idx)
         assert idx.numel() == SMALL["views_per_step"]
         # the rows gathered on the device and the carried kernel table are, bit for bit, what
         # indexing the target and building the subset's own table give
@@ -228,3 +229,12 @@ def test_fused_adam_state_survives_densify_and_checkpoints(circular, tmp_path, m
         rec.step()
         st = rec.optimizer.state[rec.gaussians.means]
         assert float(st["step"]) == 4 and st["step"].dtype == torch.float32
+
+
+def test_motion_models_start_from_fdk_on_circular_orbits():
+    """``auto`` is SART for rgs recon, but the 4D / DSA static stage keeps FDK on circular
+    orbits (the start they were measured with); an explicit init is never changed."""
+    assert GSConfig().motion_start(True).init == "fdk"
+    assert GSConfig().motion_start(False).init == "sart"
+    assert GSConfig(init="random", iterations=7).motion_start(True) == GSConfig(init="random", iterations=7)
+    assert GSConfig(iterations=7).motion_start(True).iterations == 7

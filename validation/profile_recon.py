@@ -261,7 +261,7 @@ def profile(args) -> dict:
 
     # ---- the kernels' floor on the same Gaussians -----------------------------------------
     params = [t.detach().clone().requires_grad_() for t in rec.physical()]
-    geo = rec._batch()[0]
+    geo = rec.batch()[1]
     sub = rec._tv_grid()
 
     def splat_fb():

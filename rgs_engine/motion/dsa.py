@@ -233,7 +233,8 @@ class DsaReconstruction:
         self.data, self.grid = data, data.grid
         self.device = runtime.ensure()
         self.times = data.time.to(self.device)
-        self.gs = GaussianReconstruction(data, self.config.recipe) if _initialise else None
+        recipe = self.config.recipe.motion_start(data.is_circular)
+        self.gs = GaussianReconstruction(data, recipe) if _initialise else None
         lo, hi = data.grid.bounds()
         cfg = self.config
         with torch.random.fork_rng(devices=[]):
@@ -266,12 +267,10 @@ class DsaReconstruction:
         gs.set_learning_rates(frac)
         for group in self.optimizer.param_groups:
             group["lr"] = losses.log_linear(cfg.lr_field, frac)
-        idx = gs.view_batch()
-        on_dev = idx.to(self.device)
+        idx, geo, target, moments = gs.batch()
         params = gs.gaussians.physical()
-        pred = splat(*params[:3], self.densities(params, self.times[on_dev]),
-                     self.data.geometry.subset(idx))
-        loss = gs.image_loss(pred / gs.proj_scale, gs.target[on_dev]) + gs.tv_loss(params)
+        pred = splat(*params[:3], self.densities(params, self.times[idx.to(self.device)]), geo)
+        loss = gs.image_loss(pred / gs.proj_scale, target, moments) + gs.tv_loss(params)
         if cfg.time_smoothness_weight > 0:
             loss = loss + cfg.time_smoothness_weight * self.field.time_roughness()
         gs.optimizer.zero_grad(set_to_none=True)

@@ -318,7 +318,8 @@ class Track4DReconstruction:
         self.iteration = 0
         self.device = runtime.ensure()
         self.times = times.to(self.device)
-        self.static = GaussianReconstruction(self.data, self.config.recipe) if _initialise else None
+        recipe = self.config.recipe.motion_start(self.data.is_circular)
+        self.static = GaussianReconstruction(self.data, recipe) if _initialise else None
         self.model: Deformation | None = None
         self.optimizer: torch.optim.Adam | None = None
         self.period_estimate: PeriodEstimate | None = None
@@ -526,11 +527,11 @@ class Track4DReconstruction:
             self._build_model()
         cfg, static = self.config, self.static
         self._set_lrs(min((self.iteration - cfg.recipe.iterations) / max(cfg.iterations - 1, 1), 1.0))
-        idx = static.view_batch()
+        idx, geo, target, moments = static.batch()
         times = self.times[idx.to(self.device)]
         params = static.gaussians.physical()
-        pred = self._splat(params, times, self.data.geometry.subset(idx))
-        loss = static.image_loss(pred / static.proj_scale, static.target[idx.to(self.device)])
+        pred = self._splat(params, times, geo)
+        loss = static.image_loss(pred / static.proj_scale, target, moments)
         loss = loss + static.tv_loss(params)
         if self.time_input == "time" and cfg.consistency_weight > 0:
             loss = loss + cfg.consistency_weight * self._consistency(params, times)

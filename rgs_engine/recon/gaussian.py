@@ -146,6 +146,19 @@ class GSConfig(Recipe):
             raise RgsInputError(f"rate_factor must be >= 0 (0: by grid size), got {self.rate_factor}")
         self._rates_as_floats()
 
+    def motion_start(self, circular: bool) -> "GSConfig":
+        """This recipe for the static stage of the 4D and DSA models: ``auto`` starts from FDK
+        on circular orbits (else SART), as those models were measured; an explicit ``init``
+        is kept. On the 4D toy of ``tests/test_track4d.py`` (a blob breathing 12 mm with a 5 s
+        period; CPU, 2026-12-05) the deformation stage gained +5.8 / +5.9 dB over the static
+        fit from the FDK start in two runs, but +2.9 to +5.2 dB from the SART start in six
+        (its sampled voxels vary with SART's float atomics), below the test's +4 dB bar in
+        four: motion-blurred projections make a SART image that is a poorer guide to where
+        the moving structure goes."""
+        if self.init != "auto":
+            return self
+        return GSConfig(**{**asdict(self), "init": "fdk" if circular else "sart"})
+
     def resolved(self, voxels: int) -> "GSConfig":
         """A copy with the automatic sizes filled in for a grid of ``voxels`` voxels.
 
@@ -287,20 +300,21 @@ class GaussianReconstruction:
             return torch.arange(v)
         return torch.randperm(v, generator=self.generator)[:k].sort().values
 
-    def _batch(self) -> tuple[Geometry, torch.Tensor, torch.Tensor | None]:
-        """The next step's views, their normalised targets (V, H, W) and the targets' SSIM
-        moments (V, 2, H', W', None without SSIM); the rows are gathered on the device (no
-        host-to-device copy, so no stream sync on a GPU) and the geometry's kernel table comes
-        from the full geometry's cached one."""
+    def batch(self) -> tuple[torch.Tensor, Geometry, torch.Tensor, torch.Tensor | None]:
+        """The next step's views: their indices (CPU, long, from :meth:`view_batch`), geometry,
+        normalised targets (V, H, W) and the targets' SSIM moments (V, 2, H', W'; None without
+        SSIM), for :meth:`image_loss`. The rows are gathered on the device (no host-to-device
+        copy, so no stream sync on a GPU) and the geometry's kernel table comes from the full
+        geometry's cached one. The 4D and DSA models draw their batches here too."""
         idx = self.view_batch()
         moments = self._target_moments() if self.config.ssim_weight > 0 else None
         if idx.numel() == self.data.geometry.num_views:
-            return self.data.geometry, self.target, moments
+            return idx, self.data.geometry, self.target, moments
         rows = idx.tolist()
 
         def gather(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else torch.stack([t[i] for i in rows])
-        return self.data.geometry.subset(idx), gather(self.target), gather(moments)
+        return idx, self.data.geometry.subset(idx), gather(self.target), gather(moments)
 
     def _target_moments(self) -> torch.Tensor:
         """:func:`~rgs_engine.core.metrics.ssim_moments` of all normalised targets (V, 2, H',
@@ -336,7 +350,7 @@ class GaussianReconstruction:
         sync per step on a GPU); ``float()`` it only when it is reported."""
         g = self.gaussians
         self.set_learning_rates(min(self.iteration / max(self.config.iterations - 1, 1), 1.0))
-        geo, target, moments = self._batch()
+        _, geo, target, moments = self.batch()
         params = g.physical()
         pred = splat(*params, geo) / self.proj_scale
         loss = self.image_loss(pred, target, moments) + self.tv_loss(params)
