@@ -6,7 +6,9 @@ defaults, then the preset's overrides, then what the user gave explicitly (``--i
 
 Where the values come from: ``validation/presets.md`` (``python validation/presets.py``: the
 chest CT of ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise;
-measured on an NVIDIA H100, 2026-12-05). 3D PSNR / SSIM and ``seconds``:
+measured on an NVIDIA H100, 2026-12-05, with the FDK start that ``--init auto`` then chose on
+circular orbits; it now chooses SART, not yet re-measured at this size). 3D PSNR / SSIM and
+``seconds``:
 
 * ``draft``: 500 iterations, 30.74 dB / .836 in 20.4 s;
 * ``fast``: 1000 iterations, 32.70 dB / .882 in 28.7 s;
