@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import losses, metrics, runtime, stats
+from ..core.runtime import adam_options
 from .fdk import fdk
 from .sart import sart
 from ..core.errors import RgsInputError
@@ -331,7 +332,7 @@ class GaussianReconstruction:
     def image_loss(self, pred: torch.Tensor, target: torch.Tensor,
                    target_moments: torch.Tensor | None = None) -> torch.Tensor:
         """``L1 + ssim_weight (1 - SSIM)`` of normalised projections (V, H, W);
-        ``target_moments``: the targets' SSIM moments if known (see :meth:`_batch`)."""
+        ``target_moments``: the targets' SSIM moments if known (see :meth:`batch`)."""
         loss = losses.l1(pred, target)
         if self.config.ssim_weight > 0:
             loss = loss + self.config.ssim_weight * losses.dssim(pred, target, target_moments)
@@ -514,13 +515,6 @@ class GaussianReconstruction:
         rec.grad_accum, rec.grad_count = state["grad_accum"].to(dev), state["grad_count"].to(dev)
         rec.generator.set_state(state["generator"])
         return rec
-
-
-def adam_options(device: torch.device) -> dict:
-    """Keyword arguments of ``torch.optim.Adam`` on ``device``: the fused implementation on
-    CUDA (one kernel launch for all parameter tensors instead of foreach's several), torch's
-    default elsewhere (the CPU's arithmetic stays as it was)."""
-    return {"fused": True} if device.type == "cuda" else {}
 
 
 def save_state(path, state: dict, force: bool = True) -> None:

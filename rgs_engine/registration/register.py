@@ -498,7 +498,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                 zc = z.detach().clone().requires_grad_()
             lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
             lr = LR_DECAY ** si
-            opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=lr, fused=dev.type == "cuda")
+            opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=lr, **runtime.adam_options(dev))
             n, first, sim = int(steps[si]), None, None
             for it in range(n):
                 for g in opt.param_groups:  # cosine-ish decay within the scale
