@@ -100,8 +100,9 @@ def track4d(
                              "learned period, started from the projections' estimate: every "
                              "cycle alike), surrogate (each projection's breathing phase and "
                              "depth read from the projections and refined: cycles of other "
-                             "length and depth) or auto (phase where the projections show cycles "
-                             "that keep the period, else time). [default: auto]")] = None,
+                             "length and depth) or auto (surrogate with kplanes; with anchors, or "
+                             "where no surrogate can be read, phase where the projections show "
+                             "cycles that keep the period, else time). [default: auto]")] = None,
     iterations: Annotated[Optional[int], typer.Option(
         help=f"Training iterations (breathing: of the deformation stage). [default: breathing "
              f"{Track4DConfig().iterations}, dsa {DsaConfig().iterations}]")] = None,

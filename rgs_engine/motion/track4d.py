@@ -118,7 +118,8 @@ not pool the cycles in time mode instead: on the real CT at 48^3 (CPU, as above,
 ``consistency_weight`` 1 and 10 learned no motion (0.01 / 0.00 mm; periods 3.222 / 2.816 s)
 and 32.52 / 32.54 dB, against 8.43 mm, 3.4981 s and 32.49 dB with the default 0.1.
 
-**The default, time input ``auto``, 5000 deformation steps**: phase input (from the
+**The default, time input ``auto``, 5000 deformation steps**: surrogate input with K-planes
+(below); with anchors, or where no surrogate can be read, phase input (from the
 estimate) where the projections' cycles keep their period, time input (from 2.8 s) where
 they do not. The measure is the phase wander (:func:`~rgs_engine.motion.period_estimate.phase_wander`,
 the standard deviation of the cycles' phase offsets from the projections' mean cycle, in
@@ -143,9 +144,16 @@ per-view offsets (``lr_surrogate`` from ``period_start`` on, ``surrogate_weight`
 them back), drive the deformation: phase as the periodic time axis, depth scaling the
 offsets. CPU toy (kplanes, 100 + 200 steps, loaded machine, one run): period 3.508 s,
 +6.9 dB over the static fit against phase input's 3.501 s and +7.2 dB; corrections 0.005
-cycles RMS, depths 0.91-1.07. ``auto`` does not choose it: it has not yet been shown to beat
-the default on the real-CT cases (``validation/track4d.py``: regular, irregular,
-amplitude-drift, baseline-shift; ``--cpu`` for a 32^3 CPU size).
+cycles RMS, depths 0.91-1.07. ``auto`` chooses it for K-planes (when the projections give a
+surrogate; else phase or time as above). Measured with ``validation/track4d.py`` against
+auto's earlier choice (phase or time): NVIDIA H100, irregular case, kplanes +2.07 dB over the
+static fit (36.66 dB, 228 s) against +0.24 dB (time input, H200) and anchors' +1.69 dB;
+amplitude-drift +2.76 dB (37.55 dB), baseline-shift +2.26 dB (37.46 dB), periods 0.06 / 0.04 %
+off (auto's earlier choice was not run on those two at that size). CPU (``--cpu``, 32^3, all
+four cases, one run each): +0.27 / +0.23 / +0.31 / +0.43 dB (amplitude-drift, baseline-shift,
+irregular, regular) against phase / time input's +0.21 / +0.14 / +0.17 / +0.35 dB. The regular
+case at full size (phase input: +3.17 dB on the H200) was not run with surrogate input.
+Anchors keep the phase / time choice: surrogate input with anchors is unmeasured.
 
 **Densifying in stage 2** by the deformed renderings' position gradients (recon.gaussian's clone /
 split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of
@@ -209,7 +217,8 @@ class Track4DConfig(Recipe):
       refined: per-view offsets at ``lr_surrogate`` from ``period_start`` on, pulled back to
       the measurement with ``surrogate_weight``; time input where the scan allows no
       estimate) or ``auto``: chosen when stage 2
-      starts, phase where the projections show breathing that keeps its period (a phase
+      starts, surrogate with K-planes where the projections give one (the module docstring's
+      measurements), else phase where the projections show breathing that keeps its period (a phase
       wander of at most :data:`REGULAR_WANDER_CYCLES`, :attr:`Track4DReconstruction.phase_wander`),
       else time.
     * ``iterations``: deformation-stage steps (the static stage runs ``recipe.iterations``).
@@ -347,17 +356,26 @@ class Track4DReconstruction:
         with contextlib.suppress(RgsInputError):
             self.period_estimate = estimate_period(self.data.time, shifts)
             self.phase_wander = phase_wander(self.data.time, shifts, self.period_estimate.period_s)
-        if self.period_estimate is not None and self.config.time_input == "surrogate":
+        if self.period_estimate is not None and self._wants_surrogate:
             with contextlib.suppress(RgsInputError):
                 measured = measure_surrogate(self.data.time, shifts, self.period_estimate.period_s)
                 self.surrogate = SurrogateDrive(self.data.time, measured.phase,
                                                 measured.amplitude.clamp_min(1e-6 * float(measured.amplitude.max())))
 
+    @property
+    def _wants_surrogate(self) -> bool:
+        """Whether stage 2 measures the surrogate: surrogate input, or ``auto`` with K-planes."""
+        cfg = self.config
+        return cfg.time_input == "surrogate" or (cfg.time_input == "auto" and cfg.deformation == "kplanes")
+
     def _choose_time_input(self) -> str:
-        """``config.time_input``, or for ``auto`` phase where :attr:`phase_wander` is at most
+        """``config.time_input``; for ``auto`` surrogate input with K-planes where the
+        projections give a surrogate, else phase where :attr:`phase_wander` is at most
         :data:`REGULAR_WANDER_CYCLES`, else time."""
+        if self.surrogate is not None:
+            return "surrogate"
         if self.config.time_input == "surrogate":
-            return "surrogate" if self.surrogate is not None else "time"
+            return "time"
         if self.config.time_input != "auto":
             return self.config.time_input
         regular = self.phase_wander is not None and self.phase_wander <= REGULAR_WANDER_CYCLES

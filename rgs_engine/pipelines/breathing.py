@@ -21,7 +21,8 @@ period (:mod:`rgs_engine.motion.track4d`). Outputs in ``--out DIR``:
   suggests ``--period-init auto``), ``phase_wander_cycles`` (how far the scan's cycles
   stray from that period, :func:`rgs_engine.motion.period_estimate.phase_wander`), ``time_input``
   (what the deformation saw: ``time``, ``phase`` or ``surrogate``; with ``--time-input
-  auto``, the default, phase where the phase wander is at most 0.03 cycles) and
+  auto``, the default, surrogate with K-planes; with anchors or without a surrogate, phase
+  where the phase wander is at most 0.03 cycles, else time) and
   ``time_input_option``, with surrogate input ``surrogate_amplitude_range`` (the smallest and
   largest relative breathing depth over the views, after training) and
   ``surrogate_phase_offset_cycles`` (the RMS of the learned per-view phase corrections),

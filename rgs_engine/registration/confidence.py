@@ -81,7 +81,15 @@ T10 2.10 (the sweep's closest, 2.28 stored), other patient T8 8.67, far start T8
 3 mm voxels, a broader similarity) that setting estimates a 0.63 mm right pose at 2.6 mm, so
 the kicks and steps follow the probe pitch: ``register`` passes :func:`for_pitch` (that
 setting at full size; the values measured at the CPU size and on the toy there). :data:`MAX_ERROR_MM` is set for no wrong
-pose flagged.
+pose flagged. Re-measured with :func:`for_pitch` (H100, ``validation/registration.md``, 171
+registrations): 132 of 146 right poses flagged, 0 of 25 wrong. The 14 refused right poses (13
+on detector-like or edge-enhanced images) were estimated 1.53-2.25 mm, mostly on the restart
+spread (0.8-1.5 mm) and the peak offset; the closest wrong poses 2.13 mm (a moved patient, its
+view disagreement 2.0 mm), 2.68 and 2.73 mm: no bound flags the first without nearly flagging
+the others, so the bound stays. Re-run on CPU (``validation/registration_confidence.py``), 6
+instead of 4 polish steps brought a refused right pose's restarts closer (estimate 1.99 to
+1.87 mm; their similarity still 1-6e-3 below the pose's) and left the moved patient at 2.16 mm;
+8 restarts raised both (2.11 / 2.30 mm).
 
 Cost: ``polish_steps`` x (``restarts`` + 1) x 13 + 6 x (2 :data:`SCAN_MM` / :data:`SCAN_STEP_MM`
 + 1) scored poses (338 by default) in batched splats, at a detector pooled to about 0.8 mm at
