@@ -115,9 +115,9 @@ def test_register_recovers_the_pose(ct_path, params, points, tmp_path, mm, deg, 
     glob, truth = res.history[1], res.history[-1]
     assert glob["stage"] == "global" and glob["at_truth"] > glob["at_init"]
     assert truth["stage"] == "truth" and abs(truth["similarity"] - res.similarity) < 0.02
-    refine = next(h for h in res.history if h["stage"] == "refine")
-    assert refine["start_mtre_mm"] < res.initial_mtre_mm
-    assert all(t["at_truth"] is not None and t["first"] is not None for t in refine["trace"])
+    refine = [h for h in res.history if h["stage"] == "refine"]  # init and the global stage's best
+    assert min(h["start_mtre_mm"] for h in refine) < res.initial_mtre_mm
+    assert all(t["at_truth"] is not None and t["first"] is not None for h in refine for t in h["trace"])
     json.dumps(res.to_dict())  # JSON-able
 
 
@@ -131,12 +131,29 @@ def test_refinement_alone_and_init(ct_path, params, points, tmp_path):
     assert not any(h["stage"] == "global" for h in res.history)
 
 
+def test_several_starts_climb_the_coarsest_scale_and_one_goes_on(ct_path, params, points, tmp_path):
+    """``keep`` 3: init and the global stage's two best climb the coarsest scale; the one
+    scoring best at full resolution then goes through the finer scales and is the result."""
+    xs = _simulate(ct_path, tmp_path / "x", 25.0, 8.0, 3)
+    res = reg.register(xs, params, keep=3, ground_truth=xs.ground_truth, target_points=points)
+    refine = [h for h in res.history if h["stage"] == "refine"]
+    assert len(refine) == 3 and np.allclose(refine[0]["xi_start"], 0.0)  # init is one start
+    lead = [h for h in refine if "stopped_after_scale" not in h]
+    assert len(lead) == 1 and len(lead[0]["trace"]) == len(reg.DEFAULT_SCALES)
+    assert lead[0]["similarity_after_coarsest"] == max(h["similarity_after_coarsest"] for h in refine)
+    for h in refine:
+        if h is not lead[0]:
+            assert len(h["trace"]) == 1 and h["similarity"] == h["similarity_after_coarsest"]
+    assert res.similarity == lead[0]["similarity"] and res.mtre_mm < MTRE_OK_MM, res.to_dict()
+
+
 def test_failures_are_flagged(ct_path, params, points, tmp_path):
-    """Far outside the capture range, or images of something else: success is False
-    (measured similarity 0.42, 0.48, 0.03 against the 0.955 threshold)."""
+    """Far outside the capture range, or images of something else: success is False. The far
+    start ends at a similarity about the floor (0.300, against 0.97-0.98 for right poses
+    here): measured 0.300 with three starts, 0.157 with one."""
     far = _simulate(ct_path, tmp_path / "far", 100.0, 90.0, 5, "--dso", 1500, "--dsd", 2000)
     res = reg.register(far, params, ground_truth=far.ground_truth, target_points=points)
-    assert res.mtre_mm > 10.0 and not res.success and res.similarity < reg.SUCCESS_THRESHOLD
+    assert res.mtre_mm > 10.0 and not res.success and res.similarity < 0.5
 
     other_grid = VolumeGrid.centred((32, 32, 32), 3.0)
     cc = other_grid.voxel_centres()

@@ -53,7 +53,7 @@ def summary(res) -> dict:
     """Final mTRE and the truth comparisons of one registration's history."""
     h = {e["stage"]: e for e in res.history if e["stage"] in ("global", "truth")}
     refine = [e for e in res.history if e["stage"] == "refine"]
-    best = max(refine, key=lambda e: e["similarity"])
+    best = next(e for e in refine if "stopped_after_scale" not in e)  # the start that went on
     out = {"mtre_mm": res.mtre_mm, "initial_mtre_mm": res.initial_mtre_mm, "seconds": res.seconds,
            "similarity": res.similarity, "truth_similarity": h.get("truth", {}).get("similarity"),
            "flagged": res.success,

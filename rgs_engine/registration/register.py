@@ -24,8 +24,9 @@ Stages of :func:`register`:
    coarsest scale in batched splats (candidates move the views, not the Gaussians), then
    as many again in quarter-size ranges around the :data:`LOCAL_SEEDS` best; the best
    ``keep`` of all go on;
-2. refinement: Adam on ``xi`` from each kept candidate, coarse to fine over ``scales``; the
-   pose with the best full-resolution similarity wins.
+2. refinement: Adam on ``xi`` from each kept candidate at the coarsest scale; the one with
+   the best full-resolution similarity then goes on, coarse to fine over the other
+   ``scales``, and is the result.
 
 At coarse scales the detector is resampled (fewer, larger pixels over the same area) and the
 Gaussians are widened by half the coarse pixel (mass preserved) so they do not alias.
@@ -283,7 +284,20 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     ``init`` (4x4, default identity) is the starting ``ct_to_xray``. ``scales`` are the detector
     pooling factors, coarse to fine; ``steps`` the Adam steps at each (the last value repeats).
     The global stage scores ``candidates`` poses (0 skips it) within ``capture_mm`` /
-    ``capture_deg`` of ``init`` at the coarsest scale and refines the ``keep`` best.
+    ``capture_deg`` of ``init`` at the coarsest scale; the ``keep`` best (with ``keep`` > 1,
+    ``init`` always among them) climb that scale, and the one scoring best at full resolution
+    goes on through the finer scales. ``keep`` 3 is not the default. Measured on CPU
+    (``validation/registration_diag.py``, full size, the H100 sweep's trials rebuilt,
+    Gaussians refitted): of the sweep's three T4 failures on detector-like images, two (7.19
+    and 16.17 mm with one start) ended at 0.83 and 0.76 mm with ``keep`` 3, both flagged
+    (0.76 mm also with 2); the third (11.3 mm) stayed, refused: there the full-resolution
+    similarity prefers the wrong pose (0.699 against the truth's 0.681). Three successes
+    (clean T12, distorted T8, processed T4) ended at 0.53 / 0.57 / 0.62 mm against 0.53 /
+    0.64 / 0.71 mm with one start; CPU 36 s against 33 s a registration. But on the toy of
+    ``tests/test_registration_confidence.py`` (64^2 views of 3 mm voxels, a collimation
+    border and a label, 5 mm start) the third start won by 1e-4 of similarity and ended
+    2.5 mm off, estimated 1.27 mm and flagged (one start: 1.2 mm off, refused): near-equal
+    scores of distant coarse ends are an ambiguity the decision does not yet see.
     Adam's learning rates start at ``lr_mm`` (translation) and ``lr_deg`` (rotation) and shrink
     by :data:`LR_DECAY` at each finer scale. ``blur`` widens the Gaussians at coarse scales by that many coarse
     pixels (at the object).
@@ -474,6 +488,8 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         sims = np.concatenate([sims, score_poses(coarse, [delta_matrix(x, c_x) @ init_m for x in near]).mean(axis=1)])
         offs = np.concatenate([offs, near])
         order = np.argsort(-sims)[:max(1, keep)]
+        if keep > 1 and 0 not in order:  # init (row 0) is always one of several starts
+            order = np.concatenate([[0], order[:-1]])
         starts = [offs[i] for i in order]
         history.append({"stage": "global", "scale": scales[0], "candidates": candidates,
                         "scored": len(offs), "window": list(coarse.geometry.det_shape),
@@ -485,45 +501,65 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             progress("global", 1, 1)
 
     # ---- refinement: rigid, then (with a context) the structure on its own pose ----------
-    best = (-math.inf, init_m, None, None)
-    total = len(starts) * sum(steps[:len(scales)])
+    # every kept start climbs the coarsest scale; the one scoring best at full resolution
+    # goes on through the finer scales and is the result
+    total = len(starts) * steps[0] + sum(steps[1:len(scales)])
     done = 0
+
+    def climb(run: dict, si: int) -> None:
+        """Adam at scale ``scales[si]`` on ``run``'s pose vectors (``z``, ``zc``); appends its trace."""
+        nonlocal done
+        f = scales[si]
+        if ctx is not None and context_scales is not None and si >= context_scales and run["zc"] is None:
+            run["zc"] = run["z"].detach().clone().requires_grad_()
+        z, zc = run["z"], run["zc"]
+        lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
+        lr = LR_DECAY ** si
+        opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=lr, **runtime.adam_options(dev))
+        n, first, sim = int(steps[si]), None, None
+        for it in range(n):
+            for g in opt.param_groups:  # cosine-ish decay within the scale
+                g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
+            drr = moved_drr(lvl, z, zc)
+            if it == 0 and match:  # the X-rays in the contrast of the scale's start pose
+                lvl.match(drr)
+            sim = lvl.similarity(drr).mean()
+            if it == 0:
+                first = float(sim.detach())
+            opt.zero_grad(set_to_none=True)
+            (-sim).backward()
+            opt.step()
+            done += 1
+            if progress:
+                progress("refine", done, total)
+        run["trace"].append({"scale": f, "context": "none" if ctx is None else ("rigid" if zc is None else "free"),
+                             "window": list(lvl.geometry.det_shape), "first": first,
+                             "similarity": None if sim is None else float(sim.detach()),
+                             "at_truth": at_truth(lambda lv, free: lv.similarity(
+                                 moved_drr(lv, z_truth, z_truth if free else None)).mean(), lvl, zc is not None)})
+
+    runs = []
     for k, x0 in enumerate(starts):
         # optimise unit-scaled vectors: xi = z * lr_vec, Adam's lr 1 moves ~lr_vec per step
-        z = (torch.as_tensor(x0, dtype=torch.float32, device=dev) / lr_vec).requires_grad_()
-        zc = None
-        trace = []
-        for si, f in enumerate(scales):
-            if ctx is not None and context_scales is not None and si >= context_scales and zc is None:
-                zc = z.detach().clone().requires_grad_()
-            lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
-            lr = LR_DECAY ** si
-            opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=lr, **runtime.adam_options(dev))
-            n, first, sim = int(steps[si]), None, None
-            for it in range(n):
-                for g in opt.param_groups:  # cosine-ish decay within the scale
-                    g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
-                drr = moved_drr(lvl, z, zc)
-                if it == 0 and match:  # the X-rays in the contrast of the scale's start pose
-                    lvl.match(drr)
-                sim = lvl.similarity(drr).mean()
-                if it == 0:
-                    first = float(sim.detach())
-                opt.zero_grad(set_to_none=True)
-                (-sim).backward()
-                opt.step()
-                done += 1
-                if progress:
-                    progress("refine", done, total)
-            trace.append({"scale": f, "context": "none" if ctx is None else ("rigid" if zc is None else "free"),
-                          "window": list(lvl.geometry.det_shape), "first": first,
-                          "similarity": None if sim is None else float(sim.detach()),
-                          "at_truth": at_truth(lambda lv, free: lv.similarity(
-                              moved_drr(lv, z_truth, z_truth if free else None)).mean(), lvl, zc is not None)})
-        final = final_score(z, zc)
+        run = {"start": k, "x0": x0, "z": (torch.as_tensor(x0, dtype=torch.float32, device=dev) / lr_vec).requires_grad_(),
+               "zc": None, "trace": []}
+        climb(run, 0)
+        run["after_coarsest"] = final_score(run["z"], run["zc"]) if len(starts) > 1 else None
+        runs.append(run)
+    lead = max(runs, key=lambda r: -math.inf if r["after_coarsest"] is None else r["after_coarsest"])
+    for si in range(1, len(scales)):
+        climb(lead, si)
+    for run in runs:
+        run["similarity"] = final_score(lead["z"], lead["zc"]) if run is lead else run["after_coarsest"]
+    for run in runs:
+        z, zc, x0 = run["z"], run["zc"], run["x0"]
         pose = pose_of(z)
-        entry = {"stage": "refine", "start": k, "xi_start": np.asarray(x0).tolist(), "trace": trace,
-                 "similarity": final, "t": elapsed()}
+        entry = {"stage": "refine", "start": run["start"], "xi_start": np.asarray(x0).tolist(), "trace": run["trace"],
+                 "similarity": run["similarity"], "t": elapsed()}
+        if len(runs) > 1:  # the full-resolution score after the coarsest scale chose the lead
+            entry["similarity_after_coarsest"] = run["after_coarsest"]
+        if run is not lead:
+            entry["stopped_after_scale"] = scales[0]
         if z_truth is not None and target_points is not None:
             entry["start_mtre_mm"] = mtre(delta_matrix(x0, c_x) @ init_m, ground_truth, target_points)
         if zc is not None:
@@ -531,10 +567,8 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             entry["context_offset"] = {"mm": float(np.linalg.norm(rigid.apply(rel, c_x) - c_x)),
                                        "deg": rigid.rotation_angle_deg(rel)}
         history.append(entry)
-        if final > best[0]:
-            best = (final, pose, z, zc)
 
-    sim_final, pose, z, zc = best
+    sim_final, pose, z, zc = lead["similarity"], pose_of(lead["z"]), lead["z"], lead["zc"]
     t_conf = time.perf_counter()
     with torch.no_grad():
         factor = max(1, int(CONFIDENCE_PITCH_MM // pitch))
