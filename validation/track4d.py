@@ -448,14 +448,18 @@ def plot(results: dict[str, dict], path: Path) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     cases = list(results)
-    rows = ["truth"] + [m for m in METHODS if any(m in r["slices"] for r in results.values())
+    pictured = [c for c in cases if "truth" in results[c]["slices"]]  # cases whose slices were kept
+    rows = ["truth"] + [m for m in METHODS if any(m in results[c]["slices"] for c in pictured)
                         and m != "ceiling"]
-    fig = plt.figure(figsize=(3.2 * (1 + 2 * len(cases)), 2.6 * len(rows)))
-    grid = fig.add_gridspec(len(rows), 1 + 2 * len(cases), width_ratios=[2.2] + [1] * 2 * len(cases))
+    rows = rows if pictured else []
+    height = max(len(rows), len(cases))
+    fig = plt.figure(figsize=(3.2 * (2.2 + 2 * len(pictured)), 2.6 * height))
+    grid = fig.add_gridspec(height, 1 + 2 * len(pictured), width_ratios=[2.2] + [1] * 2 * len(pictured))
     for c, case in enumerate(cases):
-        ax = fig.add_subplot(grid[c * len(rows) // len(cases):(c + 1) * len(rows) // len(cases), 0])
+        ax = fig.add_subplot(grid[c * height // len(cases):(c + 1) * height // len(cases), 0])
         r = results[case]
         for method, row in r["methods"].items():
             ax.plot(range(len(row["psnr_3d"])), row["psnr_3d"], marker="o", ms=3, label=LABELS[method],
@@ -464,13 +468,17 @@ def plot(results: dict[str, dict], path: Path) -> Path | None:
         ax.set_xlabel("phase")
         ax.set_ylabel("dB")
         ax.grid(alpha=0.3)
-        if c == 0:
-            ax.legend(fontsize=7)
-        truth = r["slices"].get("truth")  # None: this case's slices were not kept
-        lo, hi = np.quantile(np.asarray(truth, dtype=np.float32), [0.001, 0.999]) if truth is not None else (0, 1)
+        if c == 0:  # one legend for every method of every case
+            shown = [m for m in METHODS if any(m in results[k]["methods"] for k in cases)]
+            ax.legend(handles=[Line2D([], [], marker="o", ms=3, color=f"C{METHODS.index(m)}", label=LABELS[m],
+                                      ls="--" if m == "ceiling" else "-") for m in shown], fontsize=7)
+        if case not in pictured:
+            continue
+        col = 1 + 2 * pictured.index(case)
+        lo, hi = np.quantile(np.asarray(r["slices"]["truth"], dtype=np.float32), [0.001, 0.999])
         for i, name in enumerate(rows):
             for k, phase in enumerate(r["setup"]["slice_phases"]):
-                ax = fig.add_subplot(grid[i, 1 + 2 * c + k])
+                ax = fig.add_subplot(grid[i, col + k])
                 if name in r["slices"]:
                     ax.imshow(np.asarray(r["slices"][name][k], dtype=np.float32), cmap="gray",
                               vmin=lo, vmax=hi)
@@ -478,10 +486,7 @@ def plot(results: dict[str, dict], path: Path) -> Path | None:
                 ax.set_yticks([])
                 if i == 0:
                     ax.set_title(f"{case}, phase {phase}", fontsize=8)
-                    if truth is None:
-                        ax.text(0.5, 0.5, "slices not kept", ha="center", va="center", fontsize=8,
-                                transform=ax.transAxes)
-                if c == 0 and k == 0:
+                if col == 1 and k == 0:
                     ax.set_ylabel(name, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
