@@ -232,6 +232,14 @@ def other_patient(volume: torch.Tensor, vgrid, cases: list[dict]) -> tuple[torch
     return torch.flip(volume, dims=[0]), shifts
 
 
+def other_patient_input(volume: torch.Tensor, vgrid, labels: list[int], label: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The ``other`` argument of :func:`trial_xrays` for vertebra ``label`` of a run over
+    ``labels``, as :func:`run_trials` makes it (for tools that rebuild single trials)."""
+    centres = [{"label": lb, "centre": report.target_points(CT, MASK, lb).mean(axis=0)} for lb in labels]
+    mirrored, shifts = other_patient(volume, vgrid, centres)
+    return mirrored, shifts[labels.index(label)]
+
+
 def result_fields(res) -> dict:
     """What the registration says about its pose: the decision, and the estimated error and
     its evidence where the result provides them (None / {} otherwise)."""

@@ -88,12 +88,8 @@ class Scene:
             saved = torch.load(path)
             return XRaySet(saved["images"], geo, ["ap", "lateral"], saved["truth"].numpy())
         volume, vgrid = self.volume()
-        other = (None, np.eye(4))
-        if group == "other-patient":
-            centres = [{"label": lb, "centre": sweep.report.target_points(sweep.CT, sweep.MASK, lb).mean(axis=0)}
-                       for lb in self.labels]
-            mirrored, shifts = sweep.other_patient(volume, vgrid, centres)
-            other = (mirrored, shifts[self.labels.index(rec["label"])])
+        other = (sweep.other_patient_input(volume, vgrid, self.labels, rec["label"]) if group == "other-patient"
+                 else (None, np.eye(4)))
         xs, _ = sweep.trial_xrays(self.setup["seed"], group, b, j, lo, rec["bin"][1], case, geo, volume, vgrid, other)
         with atomic_write(path, force=True) as tmp:
             torch.save({"images": xs.images.cpu(), "truth": torch.from_numpy(xs.ground_truth)}, tmp)

@@ -110,12 +110,15 @@ def main(argv=None) -> int:
             b = edges.index(lo)
             hi = edges[b + 1]
         t = time.perf_counter()
+        other = (sweep.other_patient_input(volume, vgrid, labels, label) if group == "other-patient"
+                 else (None, None))
         xs, _ = sweep.trial_xrays(args.seed, group, b, j, lo, hi, case, sweep.case_views(size, case["centre"]),
-                                  volume, vgrid, (None, None))
+                                  volume, vgrid, other)
         print(f"{group} {lo:g}-{hi:g} mm trial {j} ({case['name']}, X-rays {time.perf_counter() - t:.0f} s)",
               flush=True)
         for name, variant in args.variants.items():
-            kw = {k: v for k, v in variant.items() if not k.isupper()}
+            kw = {**({"candidates": 0} if group == "far-start" else {}),  # as the sweep runs them
+                  **{k: v for k, v in variant.items() if not k.isupper()}}
             saved = {k: getattr(reg, k) for k in variant if k.isupper()}
             for k in saved:
                 setattr(reg, k, variant[k])
