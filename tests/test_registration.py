@@ -141,6 +141,7 @@ def test_several_starts_climb_the_coarsest_scale_and_one_goes_on(ct_path, params
     lead = [h for h in refine if "stopped_after_scale" not in h]
     assert len(lead) == 1 and len(lead[0]["trace"]) == len(reg.DEFAULT_SCALES)
     assert lead[0]["similarity_after_coarsest"] == max(h["similarity_after_coarsest"] for h in refine)
+    assert lead[0]["coarse_end_from_lead_mm"] == 0.0 and all(h["coarse_end_from_lead_mm"] >= 0 for h in refine)
     for h in refine:
         if h is not lead[0]:
             assert len(h["trace"]) == 1 and h["similarity"] == h["similarity_after_coarsest"]

@@ -56,8 +56,12 @@ def summary(res) -> dict:
     best = next(e for e in refine if "stopped_after_scale" not in e)  # the start that went on
     out = {"mtre_mm": res.mtre_mm, "initial_mtre_mm": res.initial_mtre_mm, "seconds": res.seconds,
            "similarity": res.similarity, "truth_similarity": h.get("truth", {}).get("similarity"),
-           "flagged": res.success,
-           "scales": [{k: t[k] for k in ("scale", "first", "similarity", "at_truth")} for t in best["trace"]]}
+           "flagged": res.success, "estimated_error_mm": res.estimated_error_mm,
+           "scales": [{k: t[k] for k in ("scale", "first", "similarity", "at_truth")} for t in best["trace"]],
+           # with several starts: each one's full-resolution score after the coarsest scale and
+           # how far its coarse end lay from the lead's
+           "starts": [{k: e.get(k) for k in ("similarity_after_coarsest", "coarse_end_from_lead_mm", "start_mtre_mm")}
+                      for e in refine]}
     if "global" in h:
         out |= {"global_best": h["global"]["best"], "global_at_truth": h["global"]["at_truth"],
                 "global_at_init": h["global"]["at_init"], "global_seconds": h["global"]["t"],

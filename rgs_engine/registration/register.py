@@ -550,6 +550,10 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         run["after_coarsest"] = final_score(run["z"], run["zc"]) if len(starts) > 1 else None
         runs.append(run)
     lead = max(runs, key=lambda r: -math.inf if r["after_coarsest"] is None else r["after_coarsest"])
+    if len(runs) > 1:  # how far each start's coarse end lies from the lead's (mm over the structure)
+        lead_coarse = pose_of(lead["z"])
+        for run in runs:
+            run["from_lead_mm"] = mtre(pose_of(run["z"]), lead_coarse, means_np)
     for si in range(1, len(scales)):
         climb(lead, si)
     for run in runs:
@@ -561,6 +565,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                  "similarity": run["similarity"], "t": elapsed()}
         if len(runs) > 1:  # the full-resolution score after the coarsest scale chose the lead
             entry["similarity_after_coarsest"] = run["after_coarsest"]
+            entry["coarse_end_from_lead_mm"] = run["from_lead_mm"]
         if run is not lead:
             entry["stopped_after_scale"] = scales[0]
         if z_truth is not None and target_points is not None:
