@@ -33,8 +33,12 @@ batched splats (the views move, the Gaussians stay: a handful of launches) and m
   (rotations about the X-ray frame's axes through the structure, per rad^2; translations
   along them, per mm^2): how sharply each axis is determined (evidence only).
 
-``estimated_error_mm`` is the root sum of squares of the spread, the peak offset and the view
-disagreement. The decision (``success``) needs all of: estimated error <= ``max_error_mm``, a
+* ``rival_basin_mm``: with several starts (``register(keep=...)``), the distance to another
+  start's basin that scores as well as the lead's (:func:`rival_mm`): the images do not tell
+  the two apart.
+
+``estimated_error_mm`` is the root sum of squares of the spread, the peak offset, the view
+disagreement and the rival basin. The decision (``success``) needs all of: estimated error <= ``max_error_mm``, a
 maximum along every axis, and ``similarity`` >= ``similarity_floor`` (:data:`SIMILARITY_FLOOR`;
 below it the images do not show the anatomy at all).
 
@@ -118,6 +122,8 @@ SCAN_GAIN_FRACTION = 0.05  # a view's own peak counts where it beats the pose by
 MAX_ERROR_MM = 1.5  # the decision's bound on the estimate (module docstring: measurements)
 SIMILARITY_FLOOR = 0.3
 MAX_POINTS = 2000
+RIVAL_SIMILARITY = 0.005  # another start's coarse end scoring within this of the lead's is a rival ...
+RIVAL_MM = 2.0  # ... where it lies further than this from the lead's (another basin)
 
 
 def for_pitch(pitch_mm: float) -> dict:
@@ -199,17 +205,41 @@ def _view_peaks(profiles: np.ndarray, offsets_mm: np.ndarray) -> tuple[np.ndarra
     return peaks.T, counts.T
 
 
+def rival_mm(starts: list[tuple[float, float]]) -> float:
+    """The distance (mm) to the furthest rival basin among several starts of a registration:
+    ``starts`` holds, per start, its full-resolution similarity after the coarsest scale and
+    how far (mm, over the structure) its coarse end lay from the lead's (the best-scoring
+    start's). A start scoring within :data:`RIVAL_SIMILARITY` of the lead and ending further
+    than :data:`RIVAL_MM` from it is a second basin the images do not tell apart from the
+    lead's; 0 where there is none.
+
+    Measured (``register(keep=3)``): on 12 full-size trials rebuilt on CPU
+    (``validation/registration_diag.py``), starts within 0.003 of the lead lay 0-1.5 mm from
+    it on right poses (the same basin; the nearest score at another basin: 0.012 below the lead,
+    9.6 mm away) and the starts of the two T4 failures that three starts fix scored 0.048 or
+    more below; a refused 11.3 mm T4 pose had a rival 0.005 below, 5.3 mm away. On the toy of
+    ``tests/test_registration_confidence.py`` (bordered, labelled 64^2 views of 3 mm voxels) a
+    pose 2.5 mm off, estimated 1.29 mm, had a rival 7e-5 below, 6.1 mm away; the clean toy's
+    right poses' starts lay within 1.5 mm."""
+    if len(starts) < 2:
+        return 0.0
+    lead = max(s for s, _ in starts)
+    return max((d for s, d in starts if lead - s <= RIVAL_SIMILARITY and d > RIVAL_MM), default=0.0)
+
+
 def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, points: np.ndarray,
            similarity: float, restarts: int = RESTARTS, restart_mm: float = RESTART_MM,
            restart_deg: float = RESTART_DEG, polish_steps: int = POLISH_STEPS, step_mm: float = STEP_MM,
            max_error_mm: float = MAX_ERROR_MM, similarity_floor: float = SIMILARITY_FLOOR,
-           seed: int = 0) -> Confidence:
+           seed: int = 0, rival: float = 0.0) -> Confidence:
     """Assess ``pose`` (4x4 CT -> X-ray): a :class:`Confidence` (module docstring).
 
     ``score(poses)`` gives the (P, V) per-view similarity of a list of 4x4 poses;
     ``points`` (N, 3, CT world mm) stand for the structure (error in mm is their mean
     displacement); ``similarity`` is the pose's reported similarity; ``step_mm`` the first
-    probe step (translations mm, rotations ``step_mm`` / the points' rms radius, rad)."""
+    probe step (translations mm, rotations ``step_mm`` / the points' rms radius, rad);
+    ``rival`` the distance (mm) to a rival basin of several starts (:func:`rival_mm`), part of
+    the estimate."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if pts.shape[0] > MAX_POINTS:
         pts = pts[np.random.default_rng(seed).choice(pts.shape[0], MAX_POINTS, replace=False)]
@@ -249,9 +279,10 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     peak_mm = _displacement(offset, pts_x, centre_x)
     view_mm = max((_displacement(np.where(c, o, 0.0) * scale, pts_x, centre_x)
                    for o, c in zip(view_peaks, view_counts)), default=0.0)
-    est = float(math.sqrt(spread ** 2 + peak_mm ** 2 + view_mm ** 2))
+    est = float(math.sqrt(spread ** 2 + peak_mm ** 2 + view_mm ** 2 + rival ** 2))
     success = bool(est <= max_error_mm and not not_max and similarity >= similarity_floor)
     evidence = {"restart_spread_mm": spread, "peak_offset_mm": peak_mm, "view_disagreement_mm": view_mm,
+                "rival_basin_mm": rival,
                 "view_peaks_mm": np.where(view_counts, view_peaks, 0.0).tolist(), "not_maximum_axes": not_max, "curvature": (-h).tolist(),
                 "similarity": similarity, "restarts": restarts, "restart_mm": restart_mm,
                 "restart_deg": restart_deg, "step_mm": step_mm, "max_error_mm": max_error_mm,

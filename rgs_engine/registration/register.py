@@ -300,7 +300,9 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     ``tests/test_registration_confidence.py`` (64^2 views of 3 mm voxels, a collimation
     border and a label, 5 mm start) the third start won by 1e-4 of similarity and ended
     2.5 mm off, estimated 1.27 mm and flagged (one start: 1.2 mm off, refused): near-equal
-    scores of distant coarse ends are an ambiguity the decision does not yet see.
+    scores of distant coarse ends. That ambiguity is now part of the estimate (the rival
+    basin, :func:`.confidence.rival_mm`), which refuses that pose. ``keep`` 3 stays off by
+    default until the GPU sweep has measured its time and its decisions.
     Adam's learning rates start at ``lr_mm`` (translation) and ``lr_deg`` (rotation) and shrink
     by :data:`LR_DECAY` at each finer scale. ``blur`` widens the Gaussians at coarse scales by that many coarse
     pixels (at the object).
@@ -581,8 +583,10 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     with torch.no_grad():
         factor = max(1, int(CONFIDENCE_PITCH_MM // pitch))
         probe = matched_level(factor, z, zc, margin_mm)[0]
+        rival = confidence.rival_mm([(r["after_coarsest"], r["from_lead_mm"]) for r in runs] if len(runs) > 1 else [])
         conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
-                                 similarity_floor=threshold, seed=seed, **confidence.for_pitch(factor * pitch))
+                                 similarity_floor=threshold, seed=seed, rival=rival,
+                                 **confidence.for_pitch(factor * pitch))
     runtime.sync()
     conf.evidence["seconds"] = time.perf_counter() - t_conf
     if progress:
