@@ -213,8 +213,8 @@ def rival_mm(starts: list[tuple[float, float]]) -> float:
     than :data:`RIVAL_MM` from it is a second basin the images do not tell apart from the
     lead's; 0 where there is none.
 
-    Measured (``register(keep=3)``): on 12 full-size trials rebuilt on CPU
-    (``validation/registration_diag.py``), starts within 0.003 of the lead lay 0-1.5 mm from
+    Measured (``register(keep=3)``): on 14 full-size trials rebuilt on CPU
+    (``validation/registration_diag.py``; 11 right poses, 3 wrong), starts within 0.003 of the lead lay 0-1.5 mm from
     it on right poses (the same basin; the nearest score at another basin: 0.012 below the lead,
     9.6 mm away) and the starts of the two T4 failures that three starts fix scored 0.048 or
     more below; a refused 11.3 mm T4 pose had a rival 0.005 below, 5.3 mm away. On the toy of
