@@ -334,7 +334,7 @@ def bars(results: dict[str, dict]) -> list[tuple[str, str, str]]:
         rows.append((f"{case}: the default's period within {BARS['period_error_pct']:g} % of {what} "
                      f"({truth:.4f} s)", "PASS" if error <= BARS["period_error_pct"] else "FAIL",
                      f"{row['period_s']:.4f} s, {error:.2f} %"))
-        inhale, exhale = map(float, inhale_exhale(r["setup"], row).split(" / "))
+        inhale, exhale = inhale_exhale(r["setup"], row)
         rows.append((f"{case}: the default's inhale phases no worse than its exhale phases by more "
                      f"than {BARS['inhale_db']:g} dB", "PASS" if exhale - inhale <= BARS["inhale_db"] else "FAIL",
                      f"{inhale:.2f} / {exhale:.2f} dB"))
@@ -364,11 +364,12 @@ def time_input(method: str, row: dict) -> str:
     return options[options.index("--time-input") + 1] if "--time-input" in options else "-"
 
 
-def inhale_exhale(setup: dict, row: dict) -> str:
-    """``inhale / exhale`` mean PSNR (dB) of a row over the case's :func:`inhale_phases`."""
+def inhale_exhale(setup: dict, row: dict) -> tuple[float, float]:
+    """The inhale and exhale mean PSNR (dB) of a row over the case's :func:`inhale_phases`."""
     inhale = inhale_phases(setup)
-    means = [np.mean([p for p, i in zip(row["psnr_3d"], inhale) if i == side]) for side in (True, False)]
-    return f"{means[0]:.2f} / {means[1]:.2f}"
+    inhaled, exhaled = (float(np.mean([p for p, i in zip(row["psnr_3d"], inhale) if i == side]))
+                        for side in (True, False))
+    return inhaled, exhaled
 
 
 def measured(result: dict, row: dict) -> str:
@@ -409,7 +410,7 @@ def markdown(results: dict[str, dict], heading: str = "# 4D breathing reconstruc
             gain = f"{row['psnr_3d_mean'] - static:+.2f}" if static is not None and method != "ceiling" else "-"
             lines.append(f"| {case} | {LABELS[method]} | {time_input(method, row)} | {period} | {error} | "
                          f"{estimate} | {motion} | "
-                         f"{row['psnr_3d_mean']:.2f} | {inhale_exhale(r['setup'], row)} | "
+                         f"{row['psnr_3d_mean']:.2f} | {'{:.2f} / {:.2f}'.format(*inhale_exhale(r['setup'], row))} | "
                          f"{row['ssim_3d_mean']:.4f} | {gain} | {row['seconds']:.1f} | {measured(r, row)} |")
     irregular = next((r["setup"] for r in results.values() if r["setup"]["irregular"]), None)
     drawn = "" if irregular is None else (
@@ -462,7 +463,7 @@ def plot(results: dict[str, dict], path: Path) -> Path | None:
         ax = fig.add_subplot(grid[c * height // len(cases):(c + 1) * height // len(cases), 0])
         r = results[case]
         for method, row in r["methods"].items():
-            ax.plot(range(len(row["psnr_3d"])), row["psnr_3d"], marker="o", ms=3, label=LABELS[method],
+            ax.plot(range(len(row["psnr_3d"])), row["psnr_3d"], marker="o", ms=3,
                     color=f"C{METHODS.index(method)}", ls="--" if method == "ceiling" else "-")
         ax.set_title(f"{case}: 3D PSNR per phase")
         ax.set_xlabel("phase")
