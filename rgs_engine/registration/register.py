@@ -549,23 +549,25 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         run = {"start": k, "x0": x0, "z": (torch.as_tensor(x0, dtype=torch.float32, device=dev) / lr_vec).requires_grad_(),
                "zc": None, "trace": []}
         climb(run, 0)
-        run["after_coarsest"] = final_score(run["z"], run["zc"]) if len(starts) > 1 else None
         runs.append(run)
-    lead = max(runs, key=lambda r: -math.inf if r["after_coarsest"] is None else r["after_coarsest"])
-    if len(runs) > 1:  # how far each start's coarse end lies from the lead's (mm over the structure)
-        lead_coarse = pose_of(lead["z"])
+    lead, rival = runs[0], 0.0
+    if len(runs) > 1:  # the full-resolution score after the coarsest scale chooses the lead
         for run in runs:
+            run["after_coarsest"] = final_score(run["z"], run["zc"])
+        lead = max(runs, key=lambda r: r["after_coarsest"])
+        lead_coarse = pose_of(lead["z"])
+        for run in runs:  # how far each start's coarse end lies from the lead's (mm over the structure)
             run["from_lead_mm"] = mtre(pose_of(run["z"]), lead_coarse, means_np)
+        rival = confidence.rival_mm([(r["after_coarsest"], r["from_lead_mm"]) for r in runs])
     for si in range(1, len(scales)):
         climb(lead, si)
-    for run in runs:
-        run["similarity"] = final_score(lead["z"], lead["zc"]) if run is lead else run["after_coarsest"]
+    sim_final = final_score(lead["z"], lead["zc"])
     for run in runs:
         z, zc, x0 = run["z"], run["zc"], run["x0"]
         pose = pose_of(z)
         entry = {"stage": "refine", "start": run["start"], "xi_start": np.asarray(x0).tolist(), "trace": run["trace"],
-                 "similarity": run["similarity"], "t": elapsed()}
-        if len(runs) > 1:  # the full-resolution score after the coarsest scale chose the lead
+                 "similarity": sim_final if run is lead else run["after_coarsest"], "t": elapsed()}
+        if len(runs) > 1:
             entry["similarity_after_coarsest"] = run["after_coarsest"]
             entry["coarse_end_from_lead_mm"] = run["from_lead_mm"]
         if run is not lead:
@@ -578,12 +580,12 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                                        "deg": rigid.rotation_angle_deg(rel)}
         history.append(entry)
 
-    sim_final, pose, z, zc = lead["similarity"], pose_of(lead["z"]), lead["z"], lead["zc"]
+    z, zc = lead["z"], lead["zc"]
+    pose = pose_of(z)
     t_conf = time.perf_counter()
     with torch.no_grad():
         factor = max(1, int(CONFIDENCE_PITCH_MM // pitch))
         probe = matched_level(factor, z, zc, margin_mm)[0]
-        rival = confidence.rival_mm([(r["after_coarsest"], r["from_lead_mm"]) for r in runs] if len(runs) > 1 else [])
         conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
                                  similarity_floor=threshold, seed=seed, rival=rival,
                                  **confidence.for_pitch(factor * pitch))
