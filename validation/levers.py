@@ -46,6 +46,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     "densify-3x": (["--set", "densify_fraction=0.09"], "3x the Gaussians added per densification round"),
     "views-4": (["--set", "views_per_step=4"], "4 views per step instead of 8"),
     "ssim-0.5": (["--set", "ssim_weight=0.5"], "twice the D-SSIM weight"),
+    "densify-off": (["--set", "densify_rounds=0"], "no densification: the initial Gaussians only"),
+    "scale-floor": (["--set", "scale_min=0.002"], "no Gaussian thinner than 0.002 of the box (about half a voxel "
+                                                 "at 256^3) instead of 0.0005"),
+    "lr-1.5x": (["--set", "rate_factor=1.5"], "1.5x every learning rate"),
 }
 
 
