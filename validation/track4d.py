@@ -260,7 +260,10 @@ def run_case(args, case: str) -> dict:
     if results_path(args.out_dir, key).is_file():  # add to an earlier run of the same case
         old = load_results(args.out_dir, key)
         if old["setup"] | {"simulate_seconds": simulate_s} == res["setup"]:
-            res["methods"], res["slices"] = old["methods"], old["slices"] | res["slices"]
+            # rows from before per-row stamps keep the earlier file's device and date
+            res["methods"] = {m: {"device": old["device"], "date": old["date"], **row}
+                              for m, row in old["methods"].items()}
+            res["slices"] = old["slices"] | res["slices"]
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         case_path = work / f"{case}.pickle"
@@ -420,8 +423,10 @@ def markdown(results: dict[str, dict], heading: str = "# 4D breathing reconstruc
               "invocation (loading, both stages, metrics, writing) for the 4D methods; training "
               "(static) or the reconstruction (FDK) for the others. `input`: what the deformation "
               "saw, and in brackets the phase wander of the scan's cycles (`phase_wander_cycles`, "
-              "cycles) on which the default `--time-input auto` chose phase input (at most "
-              f"{REGULAR_WANDER_CYCLES:g}) or time input. `period from the projections`: "
+              "cycles); with K-planes the default `--time-input auto` now takes the surrogate "
+              "(the rows without `--time-input` ran before that, when `auto` chose phase input "
+              f"at a wander of at most {REGULAR_WANDER_CYCLES:g} cycles, else time input). "
+              "`period from the projections`: "
               "the estimate `rgs track4d` reports (and starts the period from with phase input or "
               "`--period-init auto`; time input otherwise starts at X2-Gaussian's 2.8 s); `motion`: "
               "the learned motion's size (`motion_mm` of `metrics.json`, 99th percentile over the "
