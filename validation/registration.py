@@ -532,7 +532,7 @@ def plot(res: dict, out_dir: Path) -> list[Path]:
         a2.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"rgs register, vertebra level, {res['device']}")
     fig.tight_layout()
-    path = out_dir / f"{SIZES[res['setup']['size']]['stem']}.png"
+    path = out_dir / f"{res['setup']['stem']}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     written.append(path)
@@ -582,6 +582,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def output_stem(size: str, register: dict) -> str:
+    """The outputs' file stem: the size's, with ``--register``'s options appended
+    (``registration_keep3`` for ``{"keep": 3}``), so a variant never overwrites the default's."""
+    stem = SIZES[size]["stem"]
+    return stem + "".join(f"_{k}{v}" for k, v in sorted(register.items()))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not CT.is_file() or not MASK.is_file():
@@ -592,7 +599,7 @@ def main(argv=None) -> int:
     det = size["det"]
     setup = {"ct": str(CT.relative_to(ROOT)), "trials": args.trials, "wrong_trials": args.wrong_trials,
              "seed": args.seed, "size": args.size, "groups": args.groups, "budget_s": args.budget_s, "dso": DSO, "dsd": DSD, "det": det,
-             "pixel": size["pixel"], "register": args.register,
+             "pixel": size["pixel"], "register": args.register, "stem": output_stem(args.size, args.register),
              "collimation_px": max(1, round(COLLIMATION_PX * det / 512))}
     hu, ct_grid = load_nifti(CT)
     setup["ct_shape"] = "x".join(map(str, ct_grid.shape))
@@ -631,7 +638,7 @@ def main(argv=None) -> int:
            "bins": rows, "bars": evaluate(rows, records), "wall_seconds": time.perf_counter() - t0,
            "trials": records}
     out = args.out_dir
-    stem = SIZES[args.size]["stem"]
+    stem = setup["stem"]
     save_json(out / "results" / f"{stem}.json", res, force=True)
     write_bytes(out / f"{stem}.md", markdown(res).encode(), force=True)
     if example is not None:
