@@ -64,12 +64,12 @@ def point_argv(point: str) -> tuple[str, list[str], int]:
     return f"it{n}", ["--iterations", str(n)], n
 
 
-def reusable(metrics: Path, iterations: int, data: Path) -> dict | None:
+def reusable(metrics: Path, iterations: int, data: Path, views: int = VIEWS) -> dict | None:
     try:
         m = json.loads(metrics.read_text())
     except (OSError, ValueError):
         return None
-    same = (m.get("iterations") == iterations and m.get("views") == VIEWS
+    same = (m.get("iterations") == iterations and m.get("views") == views
             and Path(str(m.get("data"))).name == data.name)
     return m if same else None
 

@@ -215,7 +215,7 @@ def profile(args) -> dict:
 
     # ---- initialisation: cold (first calls in this process) and warm --------------------
     init = {}
-    timed = [(gaussian, "fdk", "FDK"), (gaussian, "splat", "calibration splat"),
+    timed = [(gaussian, "fdk", "FDK"), (gaussian, "sart", "SART"), (gaussian, "splat", "calibration splat"),
              (gaussian, "voxelize", "reference voxelise"),
              (gaussian.stats, "quantile", "reference quantile"),
              (torch.optim, "Adam", "Adam set-up (the first imports torch._dynamo)")]

@@ -11,7 +11,7 @@ CT of ``datasets/fetch_ct.py`` (``.cache/ct/cxr.nii.gz``; ``head-c96``: the head
    the Joseph DRR, so the data do not come from the reconstruction grid's own discretisation
    (no inverse crime); the ground truth is the fine volume averaged over 3^3 blocks, i.e.
    exactly the reconstruction grid's voxels;
-3. training views (25, circular or arbitrary C-arm poses, ``det`` x ``det`` pixels) get
+3. training views (25; 50 in ``full-c128-v50``; circular or arbitrary C-arm poses, ``det`` x ``det`` pixels) get
    TIGRE-model noise (Poisson + Gaussian); 10 noiseless test views are kept for 2D metrics;
 4. ``rgs_engine.pipelines.recon`` (the code behind ``rgs recon``) runs ``gs`` at the README's
    CPU settings (``--views 25 --iterations 500``, default recipe unless ``--variant`` gives
@@ -60,6 +60,7 @@ class Case:
     seed: int
     note: str
     ct: str = "cxr.nii.gz"  # file in .cache/ct/ (datasets/fetch_ct.py)
+    views: int = VIEWS  # training views
 
 
 FULL = (0.0, 1.0)
@@ -76,6 +77,9 @@ CASES = {
         Case("head-c96", (FULL, FULL, FULL), 96, "circular", (1e4, 10.0), 4,
              "another anatomy: the CT brain atlas of `fetch_ct.py --ct head` (skull-stripped head "
              "in air, 202 mm box, 64x64x57 of 3.2 mm), 96 px detector", ct="head.nii.gz"),
+        Case("full-c128-v50", (FULL, FULL, FULL), 128, "circular", (1e4, 10.0), 5,
+             "full-c128 with 50 training views: a recipe must not lose where the views are less sparse",
+             views=50),
     )
 }
 
@@ -109,7 +113,7 @@ def build_case(case: Case, path: Path) -> dict:
     fine = VolumeGrid.centred([FINE * n for n in grid.shape], grid.spacing[0] / FINE, grid.centre)
     mu_fine = ct.resample(ct.hu_to_mu(hu), ct_grid, fine)
     gt = F.avg_pool3d(mu_fine[None, None], FINE)[0, 0].contiguous()
-    spec = scan.ScanSpec(views=VIEWS, test_views=TEST_VIEWS, orbit=case.orbit, det=case.det,
+    spec = scan.ScanSpec(views=case.views, test_views=TEST_VIEWS, orbit=case.orbit, det=case.det,
                          noise=case.noise, seed=case.seed)
     train, test, info = scan.make_geometries(grid, spec)
     clean = scan.project_views(mu_fine, fine, train)
@@ -210,7 +214,7 @@ def run(args) -> list[dict]:
                 options, sets = split_options(expand_sets(sets, path))
                 out = work / f"{name}_{method}_{label}"
                 load0 = load_average()
-                res = pipelines.recon(path, out, views=VIEWS, method=method, **options,
+                res = pipelines.recon(path, out, views=case.views, method=method, **options,
                                       iterations=args.iterations if method == "gs" else None,
                                       sets=sets or None, force=True, progress=_progress,
                                       device=None if args.device == "auto" else args.device)

@@ -6,9 +6,20 @@ splatting kernels. One step renders a batch of views in one launch and minimises
     L = L1(P, P*) + w_ssim (1 - SSIM(P, P*)) + w_tv TV3D(mu on a random sub-grid)
 
 with projections normalised by the data's maximum and the volume by a reference attenuation,
-so the weights do not depend on units. Learning rates decay log-linearly; Gaussians with
-large accumulated position gradients are cloned (small ones) or split (large ones) on a
-schedule up to a cap, and near-empty ones or ones that left the box are pruned.
+so the weights do not depend on units. Learning rates decay log-linearly. Densification
+(``densify_rounds`` > 0: Gaussians with large accumulated position gradients are cloned
+(small ones) or split (large ones) on a schedule up to a cap, and near-empty ones or ones that
+left the box are pruned) is off by default since it measured worse everywhere it was tried
+(2026-12-05; recipe otherwise unchanged, 3D PSNR with 4 rounds -> without):
+
+* full size (``validation/levers.md``, H100, 25 views, 3000 steps): 33.84 -> 34.17 dB;
+* ``validation/small_grid.py``'s 64^3-class cases at 500 steps (2 CPU cores): full-c128
+  34.43 -> 35.03, crop-c64 30.25 -> 30.40, upper-c96 33.07 -> 33.86, head-c96 (another
+  anatomy) 33.16 -> 34.08, full-c128-v50 (50 views) 35.43 -> 35.62, lower-arb128 (25 random
+  C-arm poses) 31.17 -> 31.30 dB.
+
+Not yet measured: 50 / 75 views and arbitrary poses at full size. The 4D and DSA models'
+static stages keep 4 rounds, as they were measured.
 
 Initialisation (``auto``: ``sart``): ``sart`` samples Gaussians where 6 OS-SART iterations
 of the training views are bright (any poses); ``fdk`` the same from the FDK reconstruction
@@ -128,7 +139,7 @@ class GSConfig(Recipe):
     tv_size: int = 32                  # edge of the random TV sub-grid, voxels
     densify_start: float = 0.1         # densify between these fractions of the iterations,
     densify_stop: float = 0.4          # densify_rounds times, evenly spaced
-    densify_rounds: int = 4
+    densify_rounds: int = 0            # 0: no densification (the default, see the module)
     densify_fraction: float = 0.03     # of the Gaussians, the highest position gradients
     split_scale: float = 0.01          # larger (max scale, fraction of the box) -> split
     split_density: float = 1.0         # children's density / parent's (scales shrink by 1.6)
