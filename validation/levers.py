@@ -53,6 +53,8 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     "scale-floor": (["--set", "scale_min=0.002"], "no Gaussian thinner than 0.002 of the box (about half a voxel "
                                                  "at 256^3) instead of 0.0005"),
     "lr-1.5x": (["--set", "rate_factor=1.5"], "1.5x every learning rate"),
+    "count-100k": (["--set", "num_init=100000"], "100k Gaussians instead of the automatic 50k at 256^3 (rates x1)"),
+    "count-150k": (["--set", "num_init=150000"], "150k Gaussians instead of the automatic 50k at 256^3 (rates x1)"),
 }
 
 

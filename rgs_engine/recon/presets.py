@@ -7,8 +7,8 @@ defaults, then the preset's overrides, then what the user gave explicitly (``--i
 Where the values come from: ``validation/presets.md`` (``python validation/presets.py``: the
 chest CT of ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise;
 measured on an NVIDIA H100, 2026-12-05, with the FDK start that ``--init auto`` then chose on
-circular orbits; it now chooses SART, not yet re-measured at this size). 3D PSNR / SSIM and
-``seconds``:
+circular orbits, and with densification, which the recipe has dropped since; neither change is
+re-measured at this size). 3D PSNR / SSIM and ``seconds``:
 
 * ``draft``: 500 iterations, 30.74 dB / .836 in 20.4 s;
 * ``fast``: 1000 iterations, 32.70 dB / .882 in 28.7 s;
@@ -20,7 +20,11 @@ Longer is not better: 5000 iterations gave 33.70 dB / .897 in 95.1 s (2000: 33.5
 voxels) was dropped too: it changes only grids below about 100^3 (above, both reach the 50k
 cap; 150k Gaussians gained nothing at 256^3), and there it gained 0.35 dB on the README's
 quick-start case (2 CPU cores, 1.5x the time) and 0.01 dB on ``validation/small_grid.py``'s
-``crop-c64``.
+``crop-c64``. Without densification (the recipe since) the count pays more: one Gaussian per
+10 voxels gained 0.75 / 0.80 dB on ``full-c128`` / ``head-c96`` at 500 iterations in 1.46x /
+1.35x the time, but at about equal time (350 iterations) it lost 0.32 / 0.86 dB there
+(``validation/small_grid.md``); a larger count at 256^3 is to be measured
+(``validation/levers.py --levers count-100k,count-150k``).
 """
 from __future__ import annotations
 
