@@ -304,8 +304,9 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     basin, :func:`.confidence.rival_mm`), which refuses that pose. On the H100 sweep's first 59
     trials (``validation/registration_keep3.md``, 3 per bin, the same starts as the default's
     ``registration.md``) ``keep`` 3 and one start both succeeded on all 53 right poses of the
-    clean, distorted and processed bins and flagged none of the 6 wrong ones, flagging 49 against 50 right poses, in a median
-    2.44 s against 1.30 s: twice the time for no gain there, so one start stays the default.
+    clean, distorted and processed bins and flagged none of the 6 wrong ones; ``keep`` 3
+    flagged 49 right poses against 50, in a median 2.44 s against 1.30 s: twice the time for
+    no gain there, so one start stays the default.
     Adam's learning rates start at ``lr_mm`` (translation) and ``lr_deg`` (rotation) and shrink
     by :data:`LR_DECAY` at each finer scale. ``blur`` widens the Gaussians at coarse scales by that many coarse
     pixels (at the object).
