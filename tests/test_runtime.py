@@ -43,3 +43,12 @@ def test_env_and_switch_rules():
     assert res.stdout.split()[0] == "cpu" and "switch refused" in res.stdout, res.stdout + res.stderr
     res = run_py("import rgs_engine\ntry:\n    rgs_engine.init('tpu')\nexcept rgs_engine.RgsInputError as e:\n    print(e)\n")
     assert "unknown device 'tpu'" in res.stdout
+
+
+def test_device_name_reads_describes_brackets():
+    from rgs_engine.core import runtime
+
+    assert runtime.device_name("cuda:0 (NVIDIA H100 80GB HBM3)") == "NVIDIA H100 80GB HBM3"
+    assert runtime.device_name("cpu (AMD EPYC (Zen 4), 2 threads)") == "AMD EPYC (Zen 4), 2 threads"
+    assert runtime.device_name(runtime.describe(torch.device("cpu"))).endswith("threads")
+    assert runtime.device_name("cpu") == "cpu"

@@ -37,6 +37,8 @@ from sparse_view import CTS, ROOT, SIZES, _rel, rgs_prefix, run_command, shown, 
 
 from rich.console import Console  # noqa: E402
 
+from rgs_engine.core import runtime  # noqa: E402
+
 console = Console()
 # name: (the options that make it, what it changes)
 LEVERS: dict[str, tuple[list[str], str]] = {
@@ -164,7 +166,7 @@ def markdown(res: dict) -> str:
     for v in rows:
         b = base.get(key(v)[1:])
         delta = "-" if b is None or v is b else f"{v['psnr_3d'] - b['psnr_3d']:+.2f}"
-        card = str(v["device"]).split("(")[-1].rstrip(")").replace("NVIDIA ", "")
+        card = runtime.device_name(str(v["device"])).removeprefix("NVIDIA ")
         lines.append(f"| {v['lever']} | {v['what']} | {v['views']} | {v['seed']} | {v['iterations']} | "
                      f"{v['psnr_3d']:.2f} | {delta} | {v['ssim_3d']:.3f} | {v['seconds']:.1f} | "
                      f"{v['num_gaussians']} | {card}, {v['date']} |")

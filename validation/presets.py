@@ -38,6 +38,7 @@ from sparse_view import ROOT, _rel, rgs_prefix, run_command, shown  # noqa: E402
 
 from rich.console import Console  # noqa: E402
 
+from rgs_engine.core import runtime  # noqa: E402
 from rgs_engine.recon import presets  # noqa: E402
 from rgs_engine.recon.gaussian import GSConfig  # noqa: E402
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if not res["points"]:
         raise SystemExit("error: no point finished")
     res["device"] = res["points"][0]["device"]
-    res["device_short"] = res["device"].split("(")[-1].rstrip(")")
+    res["device_short"] = runtime.device_name(res["device"])
     res["data_note"] = f"`{_rel(args.data)}` (the chest CT at 256^3, 512^2 detector, R2-Gaussian's noise)"
     out = args.out_dir.resolve()
     (out / "results").mkdir(parents=True, exist_ok=True)

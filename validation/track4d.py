@@ -378,8 +378,7 @@ def inhale_exhale(setup: dict, row: dict) -> tuple[float, float]:
 def measured(result: dict, row: dict) -> str:
     """Where and when a row was measured: its own device and date, or (rows that predate
     them) its file's; the device as its name in brackets (``cuda:0 (NVIDIA H100 ...)``)."""
-    device = row.get("device", result["device"])
-    name = device[device.find("(") + 1:device.rfind(")")] if "(" in device else device
+    name = runtime.device_name(row.get("device", result["device"]))
     return f"{name.removeprefix('NVIDIA ')}, {row.get('date', result['date'])}"
 
 

@@ -104,6 +104,13 @@ def describe(dev: torch.device) -> str:
     return f"cpu ({model}, {torch.get_num_threads()} threads)"
 
 
+def device_name(description: str) -> str:
+    """The device's name from a :func:`describe` text (the part in brackets: ``NVIDIA H100 80GB
+    HBM3``, ``AMD EPYC, 2 threads``); the text itself where it has no brackets."""
+    start, end = description.find("("), description.rfind(")")
+    return description[start + 1:end] if 0 <= start < end else description
+
+
 def versions() -> dict[str, str]:
     """Versions of rgs, Python, torch (with its CUDA) and Taichi."""
     import taichi as ti
