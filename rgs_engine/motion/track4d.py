@@ -152,7 +152,8 @@ amplitude-drift +2.76 dB (37.55 dB), baseline-shift +2.26 dB (37.46 dB), periods
 off (auto's earlier choice was not run on those two at that size). CPU (``--cpu``, 32^3, all
 four cases, one run each): +0.27 / +0.23 / +0.31 / +0.43 dB (amplitude-drift, baseline-shift,
 irregular, regular) against phase / time input's +0.21 / +0.14 / +0.17 / +0.35 dB. The regular
-case at full size (phase input: +3.17 dB on the H200) was not run with surrogate input.
+case at full size (H100): +2.86 dB (37.29 dB, period 0.04 % off, 246 s), where phase input
+gave +3.15 dB on the H200 (37.58 dB, 224 s).
 Anchors keep the phase / time choice: surrogate input with anchors is unmeasured.
 
 **Densifying in stage 2** by the deformed renderings' position gradients (recon.gaussian's clone /
