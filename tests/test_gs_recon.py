@@ -154,26 +154,47 @@ def test_bad_config_and_checkpoint(circular, tmp_path):
 
 def test_recipe_resolves_by_grid_size():
     base = GSConfig()
-    big = base.resolved(256 ** 3)
+    px25 = 25 * 512 ** 2  # issue 18's full-size case: 25 views of 512^2
+    big = base.resolved(256 ** 3, px25)
     # at 256^3 and above: exactly the recipe measured there (50k Gaussians, cap 300k, rates x1)
     assert (big.num_init, big.max_gaussians, big.rate_factor) == (50_000, 300_000, 1.0)
-    auto = {"num_init", "max_gaussians", "rate_factor"}
+    auto = {"num_init", "max_gaussians", "rate_factor", "densify_rounds"}
     assert {k: v for k, v in big.to_dict().items() if k not in auto} == \
         {k: v for k, v in base.to_dict().items() if k not in auto}
-    assert base.resolved(512 ** 3) == big
+    assert base.resolved(512 ** 3, px25) == big
     # 64^3-class grids: rates x2, one Gaussian per 20 voxels
-    small = base.resolved(64 * 64 * 60)
+    small = base.resolved(64 * 64 * 60, 25 * 128 ** 2)
     assert small.rate_factor == 2.0 and small.num_init == 64 * 64 * 60 // 20
     assert small.max_gaussians == 6 * small.num_init
-    mid = base.resolved(128 ** 3)
+    mid = base.resolved(128 ** 3, px25)
     assert 1.0 < mid.rate_factor < 2.0 and mid.num_init == 50_000
     # resolving is idempotent (a resumed run compares resolved recipes)
-    assert small.resolved(64 * 64 * 60) == small
+    assert small.resolved(64 * 64 * 60, 25 * 128 ** 2) == small
+    assert big.resolved(256 ** 3, 75 * 512 ** 2) == big
     # a recipe that fixes its count keeps its rates; explicit values win
-    assert base.__class__(num_init=4000).resolved(64 ** 3).rate_factor == 1.0
-    assert GSConfig(rate_factor=1.5).resolved(64 ** 3).rate_factor == 1.5
+    assert base.__class__(num_init=4000).resolved(64 ** 3, px25).rate_factor == 1.0
+    assert GSConfig(rate_factor=1.5).resolved(64 ** 3, px25).rate_factor == 1.5
     with pytest.raises(RgsInputError):
         GSConfig(rate_factor=-1.0)
+
+
+def test_densification_follows_the_pixels_per_gaussian():
+    """Automatic densification: 4 rounds from 200 measured pixels per initial Gaussian."""
+    base = GSConfig()
+    # full size, 50k Gaussians: 25 views of 512^2 = 131 pixels each -> none; 50 views -> 4 rounds
+    assert base.resolved(256 ** 3, 25 * 512 ** 2).densify_rounds == 0
+    assert base.resolved(256 ** 3, 50 * 512 ** 2).densify_rounds == 4
+    # the boundary: exactly densify_pixels per Gaussian densifies, one pixel fewer does not
+    assert base.resolved(256 ** 3, 200 * 50_000).densify_rounds == 4
+    assert base.resolved(256 ** 3, 200 * 50_000 - 1).densify_rounds == 0
+    # a 64^3-class grid (12.3k Gaussians) with 50 views of 128^2: 67 pixels each -> none
+    assert base.resolved(64 * 64 * 60, 50 * 128 ** 2).densify_rounds == 0
+    # explicit counts win; the threshold is a recipe field
+    assert GSConfig(densify_rounds=0).resolved(256 ** 3, 75 * 512 ** 2).densify_rounds == 0
+    assert GSConfig(densify_rounds=2).resolved(64 ** 3, 1).densify_rounds == 2
+    assert GSConfig(densify_pixels=100).resolved(256 ** 3, 25 * 512 ** 2).densify_rounds == 4
+    with pytest.raises(RgsInputError, match="densify_rounds"):
+        GSConfig(densify_rounds=-2)
 
 
 def test_presets_are_recipe_overrides():

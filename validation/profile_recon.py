@@ -143,7 +143,7 @@ def instrumented(rec, phases: Phases):
                (losses, "tv_3d", phases.wrap("TV sub-grid", saved["tv_3d"])),
                (torch.Tensor, "backward", phases.wrap("backward (losses, physical)", backward))]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    methods = {"set_learning_rates": "schedule", "_batch": "batch", "tv_loss": "TV sub-grid",
+    methods = {"set_learning_rates": "schedule", "batch": "batch", "tv_loss": "TV sub-grid",
                "finish_step": "grad stats, densify check"}
     try:
         for obj, name, fn in patches:

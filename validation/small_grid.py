@@ -161,8 +161,9 @@ def expand_sets(sets: list[str], path: Path) -> list[str]:
     from rgs_engine.io.projections import load_projections
     from rgs_engine.recon.gaussian import GSConfig
 
-    voxels = int(math.prod(load_projections(path).grid.shape))
-    new = GSConfig().resolved(voxels)
+    data = load_projections(path)
+    voxels = int(math.prod(data.grid.shape))
+    new = GSConfig().resolved(voxels, data.projections.numel())
     macros = {"@before": [f"num_init={old_count(voxels)}", "rate_factor=1"],
               "@count": [f"num_init={new.num_init}", "rate_factor=1"],
               "@rates": [f"num_init={old_count(voxels)}", f"rate_factor={new.rate_factor}"]}

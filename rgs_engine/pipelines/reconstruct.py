@@ -257,7 +257,7 @@ def _run_gs(data: ProjectionData, settings: dict, out: Path, data_path: Path, re
         if resume:
             rec = GaussianReconstruction.load_checkpoint(out / CHECKPOINT, data)
             voxels = data.grid.shape[0] * data.grid.shape[1] * data.grid.shape[2]
-            require(rec.config.to_dict() == config.resolved(voxels).to_dict(),
+            require(rec.config.to_dict() == config.resolved(voxels, data.projections.numel()).to_dict(),
                     f"{out / CHECKPOINT} holds a different Gaussian recipe than {out / CONFIG}: "
                     "start again with --force instead of --resume")
         else:

@@ -7,19 +7,22 @@ splatting kernels. One step renders a batch of views in one launch and minimises
 
 with projections normalised by the data's maximum and the volume by a reference attenuation,
 so the weights do not depend on units. Learning rates decay log-linearly. Densification
-(``densify_rounds`` > 0: Gaussians with large accumulated position gradients are cloned
-(small ones) or split (large ones) on a schedule up to a cap, and near-empty ones or ones that
-left the box are pruned) is off by default since it measured worse everywhere it was tried
-(2026-12-05; recipe otherwise unchanged, 3D PSNR with 4 rounds -> without):
+(Gaussians with large accumulated position gradients are cloned (small ones) or split (large
+ones) on a schedule up to a cap, and near-empty ones or ones that left the box are pruned)
+follows the data (``densify_rounds=-1``, :meth:`GSConfig.resolved`): 4 rounds where the
+training views hold at least 200 detector pixels per initial Gaussian, none below. Measured
+(3D PSNR, 4 rounds -> none, 3000 steps; ``validation/levers.md``, 2026-12-05):
 
-* full size (``validation/levers.md``, H100, 25 views, 3000 steps): 33.84 -> 34.17 dB;
-* ``validation/small_grid.py``'s 64^3-class cases at 500 steps (2 CPU cores): full-c128
-  34.43 -> 35.03, crop-c64 30.25 -> 30.40, upper-c96 33.07 -> 33.86, head-c96 (another
-  anatomy) 33.16 -> 34.08, full-c128-v50 (50 views) 35.43 -> 35.62, lower-arb128 (25 random
-  C-arm poses) 31.17 -> 31.30 dB.
+* full size (256^3, 50k Gaussians, 512^2 views): 25 views (131 pixels per Gaussian) 33.84 ->
+  34.17 dB (H100), 25 arbitrary poses 32.51 (H100) -> 32.63 (H200); 50 views (262) 36.28 -> 36.05 and 75
+  views (393) 36.93 -> 36.57 (H200): densifying pays only where many pixels constrain each
+  Gaussian;
+* ``validation/small_grid.py``'s 64^3-class cases (12k-35k Gaussians, 128^2 or smaller views,
+  at most 67 pixels per Gaussian) at 500 steps (2 CPU cores): full-c128 34.43 -> 35.03,
+  crop-c64 30.25 -> 30.40, upper-c96 33.07 -> 33.86, head-c96 (another anatomy) 33.16 -> 34.08,
+  full-c128-v50 (50 views) 35.43 -> 35.62, lower-arb128 (25 random C-arm poses) 31.17 -> 31.30.
 
-Not yet measured: 50 / 75 views and arbitrary poses at full size. The 4D and DSA models'
-static stages keep 4 rounds, as they were measured.
+The 4D and DSA models' static stages keep 4 rounds, as they were measured.
 
 Initialisation (``auto``: ``sart``): ``sart`` samples Gaussians where 6 OS-SART iterations
 of the training views are bright (any poses); ``fdk`` the same from the FDK reconstruction
@@ -139,7 +142,9 @@ class GSConfig(Recipe):
     tv_size: int = 32                  # edge of the random TV sub-grid, voxels
     densify_start: float = 0.1         # densify between these fractions of the iterations,
     densify_stop: float = 0.4          # densify_rounds times, evenly spaced
-    densify_rounds: int = 0            # 0: no densification (the default, see the module)
+    densify_rounds: int = -1           # -1: by the data (resolved): 4 or 0; 0: none (see the module)
+    densify_pixels: float = 200.0      # the automatic rule: 4 rounds from this many measured
+                                       # detector pixels per initial Gaussian, else none
     densify_fraction: float = 0.03     # of the Gaussians, the highest position gradients
     split_scale: float = 0.01          # larger (max scale, fraction of the box) -> split
     split_density: float = 1.0         # children's density / parent's (scales shrink by 1.6)
@@ -156,6 +161,8 @@ class GSConfig(Recipe):
             raise RgsInputError(f"voxels_per_gaussian must be > 0, got {self.voxels_per_gaussian}")
         if not self.rate_factor >= 0:
             raise RgsInputError(f"rate_factor must be >= 0 (0: by grid size), got {self.rate_factor}")
+        if self.densify_rounds < -1:
+            raise RgsInputError(f"densify_rounds must be >= 0, or -1 (by the data), got {self.densify_rounds}")
         self._rates_as_floats()
 
     def motion_start(self, circular: bool) -> "GSConfig":
@@ -171,8 +178,9 @@ class GSConfig(Recipe):
             return self
         return GSConfig(**{**asdict(self), "init": "fdk" if circular else "sart"})
 
-    def resolved(self, voxels: int) -> "GSConfig":
-        """A copy with the automatic sizes filled in for a grid of ``voxels`` voxels.
+    def resolved(self, voxels: int, pixels: int) -> "GSConfig":
+        """A copy with the automatic sizes filled in for a grid of ``voxels`` voxels and
+        ``pixels`` measured detector pixels (training views x detector rows x columns).
 
         ``edge_ratio = 256 / voxels^(1/3)`` clamped to [1, 4] (1 at 256^3 and above, 4 at
         64^3 and below). Automatic count (``num_init=0``): one Gaussian per
@@ -181,12 +189,18 @@ class GSConfig(Recipe):
         rates as written).
         At 256^3 and above this gives exactly the recipe measured there (50k Gaussians,
         cap 300k, rates x1). Measurements: ``validation/small_grid.md``.
+        Automatic densification (``densify_rounds=-1``): 4 rounds where the data hold at least
+        ``densify_pixels`` (200) detector pixels per initial Gaussian, else none (the module's
+        docstring gives the measurements).
         """
         ratio = round(min(max(256.0 / max(voxels, 1) ** (1 / 3), 1.0), 4.0), 6)
         n = self.num_init or int(min(max(voxels // self.voxels_per_gaussian, 10_000), 50_000))
         rate_factor = self.rate_factor or (ratio ** 0.5 if self.num_init == 0 else 1.0)
+        rounds = self.densify_rounds
+        if rounds < 0:
+            rounds = 4 if pixels >= self.densify_pixels * n else 0
         return GSConfig(**{**asdict(self), "num_init": n, "max_gaussians": self.max_gaussians or 6 * n,
-                           "rate_factor": float(rate_factor)})
+                           "rate_factor": float(rate_factor), "densify_rounds": rounds})
 
 
 class GaussianReconstruction:
@@ -195,7 +209,8 @@ class GaussianReconstruction:
     PARAMS = ("means", "scale_raw", "quat_raw", "density_raw")
 
     def __init__(self, data: ProjectionData, config: GSConfig, _initialise: bool = True):
-        self.data, self.config = data, config.resolved(int(np.prod(data.grid.shape)))
+        self.data, self.config = data, config.resolved(int(np.prod(data.grid.shape)),
+                                                       data.projections.numel())
         self.device = runtime.ensure()
         self.grid = data.grid
         self.projections = data.projections.to(self.device, torch.float32)
