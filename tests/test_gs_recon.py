@@ -197,17 +197,29 @@ def test_densification_follows_the_pixels_per_gaussian():
         GSConfig(densify_rounds=-2)
 
 
+def test_rate_scale_multiplies_the_resolved_rates(circular):
+    """``rate_scale`` (the fast preset's 1.5) scales every rate on top of the automatic factor."""
+    plain = GaussianReconstruction(circular, GSConfig(**SMALL), _initialise=False)
+    scaled = GaussianReconstruction(circular, GSConfig(rate_scale=1.5, **SMALL), _initialise=False)
+    for frac in (0.0, 0.5, 1.0):
+        a, b = plain.learning_rates(frac), scaled.learning_rates(frac)
+        assert a.keys() == b.keys() and all(b[k] == pytest.approx(1.5 * a[k], rel=1e-12) for k in a)
+    with pytest.raises(RgsInputError, match="rate_scale"):
+        GSConfig(rate_scale=0)
+
+
 def test_presets_are_recipe_overrides():
     from rgs_engine.recon import presets
 
     assert presets.check(None) == "default" and presets.overrides(None) == {}
-    assert presets.overrides("fast") == {"iterations": 1000}
+    fast = {"iterations": 2000, "views_per_step": 4, "rate_scale": 1.5}
+    assert presets.overrides("fast") == fast
     for name in presets.PRESETS:  # every preset is a valid recipe, described in the help
         GSConfig(**presets.overrides(name))
         assert name in presets.describe()
-    assert [GSConfig(**presets.overrides(n)).iterations for n in presets.PRESETS] == [500, 1000, 3000]
+    assert [GSConfig(**presets.overrides(n)).iterations for n in presets.PRESETS] == [500, 2000, 3000]
     presets.overrides("fast")["iterations"] = 1  # a copy: the table is not changed
-    assert presets.overrides("fast") == {"iterations": 1000}
+    assert presets.overrides("fast") == fast
     with pytest.raises(RgsInputError, match="--preset 'quick' is not a preset"):
         presets.check("quick")
     with pytest.raises(RgsInputError):

@@ -315,7 +315,8 @@ def test_gs_preset(scans, tmp_path, monkeypatch):
         result = _invoke(scans["circle"], "--out", out, "--preset", "fast", *GS_SETS)
     assert result.exit_code == 130, result.output
     config = json.loads((out / "config.json").read_text())
-    assert config["preset"] == "fast" and config["iterations"] == 1000
+    assert config["preset"] == "fast" and config["iterations"] == 2000
+    assert config["gs"]["views_per_step"] == 4 and config["gs"]["rate_scale"] == 1.5
     _assert_one_line_error(_invoke(scans["circle"], "--out", out, "--resume", "--preset", "draft"),
                            "--preset draft differs from the run")
     with monkeypatch.context() as m:  # the run's own preset is accepted (stopped again)

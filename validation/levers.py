@@ -50,8 +50,8 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     "tv-patch-64": (["--set", "tv_size=64"], "TV on a 64^3 sub-grid instead of 32^3"),
     "views-4": (["--set", "views_per_step=4"], "4 views per step instead of 8"),
     "ssim-0.5": (["--set", "ssim_weight=0.5"], "twice the D-SSIM weight"),
-    "densify-4": (["--set", "densify_rounds=4"], "4 densification rounds (the recipe until 2026-12-05, session 6; "
-                                                "now none)"),
+    "densify-4": (["--set", "densify_rounds=4"], "4 densification rounds (the recipe's choice from 200 measured "
+                                                "pixels per Gaussian; none below)"),
     "scale-floor": (["--set", "scale_min=0.002"], "no Gaussian thinner than 0.002 of the box (about half a voxel "
                                                  "at 256^3) instead of 0.0005"),
     "lr-1.5x": (["--set", "rate_factor=1.5"], "1.5x every learning rate"),
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = json.loads((folder / "metrics.json").read_text())
             console.print(f"{name}: {metrics['psnr_3d']:.2f} dB in {metrics['seconds']:.1f} s "
                           f"(process {time.perf_counter() - t0:.1f} s)")
-        row = {"lever": name, "what": what, "views": args.views, "seed": args.seed,
+        row = {"lever": name, "what": what, "base": RECIPE, "views": args.views, "seed": args.seed,
                "iterations": args.iterations, "date": _dt.date.today().isoformat(),
                "command": shown(argv_, len(prefix), "rgs"), "script": script,
                **{k: metrics.get(k) for k in ("psnr_3d", "ssim_3d", "seconds", "num_gaussians",
@@ -128,9 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# the recipe a row's lever changes: rows without "base" ran before densification followed the
+# data (2026-12-05), on the recipe with 4 densification rounds at every view count
+RECIPE = "densification by the data"
+OLD_RECIPE = "4 densification rounds"
+
+
+def base(row: dict) -> str:
+    """The recipe ``row``'s lever was applied to (:data:`RECIPE` or :data:`OLD_RECIPE`)."""
+    return row.get("base", OLD_RECIPE)
+
+
 def key(row: dict) -> tuple:
     """What makes two rows the same measurement (a new one replaces the old)."""
-    return row["lever"], row["views"], row["seed"], row["iterations"]
+    return row["lever"], row["views"], row["seed"], row["iterations"], base(row)
 
 
 def load(out: Path) -> dict:
@@ -153,21 +164,22 @@ def write(res: dict, out: Path) -> None:
 def markdown(res: dict) -> str:
     """The table of ``res``'s rows, sorted by views, seed and iterations, each with its difference
     against the ``recipe`` row of the same views, seed and iterations."""
-    rows = sorted(res["variants"], key=lambda v: (v["views"], v["seed"], v["iterations"]))
-    base = {key(v)[1:]: v for v in rows if v["lever"] == "recipe"}
+    rows = sorted(res["variants"], key=lambda v: (base(v) == RECIPE, v["views"], v["seed"], v["iterations"]))
+    recipes = {key(v)[1:]: v for v in rows if v["lever"] == "recipe"}
     lines = ["# Quality levers of `rgs recon` (`validation/levers.py`)", "",
              f"`{res['data']}` (`sparse_view.py --size full`'s file: the chest CT at 256^3, 512^2 detector, "
              "R2-Gaussian's noise); each row is its own `rgs recon` process, its command below. `seconds`: "
-             "the run's own figure. `vs recipe`: against the `recipe` row of the same views, seed and "
-             "iterations.", "",
-             "| lever | what it changes | views | seed | iterations | 3D PSNR (dB) | vs recipe (dB) | SSIM | "
-             "seconds | Gaussians | measured |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "the run's own figure. `recipe`: the recipe the lever changes (the rows of "
+             f"{OLD_RECIPE} ran before densification followed the data); `vs recipe`: against the "
+             "`recipe` row of that recipe and the same views, seed and iterations.", "",
+             "| lever | what it changes | recipe | views | seed | iterations | 3D PSNR (dB) | vs recipe (dB) | "
+             "SSIM | seconds | Gaussians | measured |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for v in rows:
-        b = base.get(key(v)[1:])
+        b = recipes.get(key(v)[1:])
         delta = "-" if b is None or v is b else f"{v['psnr_3d'] - b['psnr_3d']:+.2f}"
         card = runtime.device_name(str(v["device"])).removeprefix("NVIDIA ")
-        lines.append(f"| {v['lever']} | {v['what']} | {v['views']} | {v['seed']} | {v['iterations']} | "
+        lines.append(f"| {v['lever']} | {v['what']} | {base(v)} | {v['views']} | {v['seed']} | {v['iterations']} | "
                      f"{v['psnr_3d']:.2f} | {delta} | {v['ssim_3d']:.3f} | {v['seconds']:.1f} | "
                      f"{v['num_gaussians']} | {card}, {v['date']} |")
     lines += ["", "## Commands", "", "```", *[v["command"] for v in rows], "```", ""]

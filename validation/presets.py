@@ -9,7 +9,9 @@ file is reused (``--force`` runs it again).
 
 The preset a run recorded is shown beside its point: a run made before a preset's name
 existed (e.g. as ``--iterations 500``, or 2026-12-05's 5000-iteration run as the then ``best``,
-whose larger count reaches the same 50k cap at 256^3) holds the same recipe.
+whose larger count reaches the same 50k cap at 256^3) holds the same recipe. A point's
+``note`` in the JSON (shown under the table) says where a point merged by hand from another
+script's run of the same recipe came from.
 
 Outputs: ``OUT/presets.md`` (table, commands, device), ``OUT/presets.png`` (3D PSNR against
 seconds, with matplotlib) and ``OUT/results/presets.json``. The picture also shows, marked as
@@ -87,6 +89,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {p['point']} | {p.get('run_preset')} | {p['iterations']} | {p['psnr_3d']:.2f} | {p['ssim_3d']:.3f} | "
                      f"{p['seconds']:.1f} | {st.get('initialise', 0):.1f} | {st.get('iterations', 0):.1f} | "
                      f"{st.get('write', 0):.1f} |")
+    notes = [f"* {p['point']}: {p['note']}" for p in res["points"] if p.get("note")]
+    lines += ["", *notes] if notes else []
     lines += ["", "Quoted for comparison (issue 18's table, NVIDIA H200, 2026-11-21, same case; not "
               "re-measured here): " + "; ".join(f"{k}: " + ", ".join(f"{q:.2f} dB in {s:g} s" for s, q in v)
                                                for k, v in QUOTED.items()) + ".", "",

@@ -475,8 +475,9 @@ def markdown(res: dict) -> str:
     if res.get("gs_recipe_overrides"):
         gs_note += ", " + ", ".join(f"{k}={v}" for k, v in res["gs_recipe_overrides"].items())
     lines.append(f"* **Methods:** FDK (ramp filter), SART (OS-SART, defaults), rgs Gaussians "
-                 f"({gs_note}; FDK initialisation on the circular orbit, SART initialisation for "
-                 f"arbitrary poses, where FDK does not apply: both what `--init auto` picks). Seed {res['seed']} everywhere.")
+                 f"({gs_note}; `--init fdk` on the circular orbit, the start `--init auto` "
+                 f"chose there until 2026-12-05 (auto now starts from SART everywhere; 0.04 dB apart at 25 "
+                 f"views, `levers.md`), SART initialisation for arbitrary poses, where FDK does not apply). Seed {res['seed']} everywhere.")
     lines.append("")
 
     def table(psnr: str, ssim: str, with_time: bool) -> list[str]:

@@ -137,6 +137,7 @@ class GSConfig(Recipe):
     lr_rotation: tuple[float, float] = (2e-3, 1e-4)
     lr_density: tuple[float, float] = (2e-2, 1e-3)
     rate_factor: float = 0.0           # x every rate; 0: by grid size (resolved), 1 at >= 256^3
+    rate_scale: float = 1.0            # x rate_factor, on any grid (the fast preset's 1.5)
     ssim_weight: float = 0.25
     tv_weight: float = 0.02
     tv_size: int = 32                  # edge of the random TV sub-grid, voxels
@@ -161,6 +162,8 @@ class GSConfig(Recipe):
             raise RgsInputError(f"voxels_per_gaussian must be > 0, got {self.voxels_per_gaussian}")
         if not self.rate_factor >= 0:
             raise RgsInputError(f"rate_factor must be >= 0 (0: by grid size), got {self.rate_factor}")
+        if not self.rate_scale > 0:
+            raise RgsInputError(f"rate_scale must be > 0, got {self.rate_scale}")
         if self.densify_rounds < -1:
             raise RgsInputError(f"densify_rounds must be >= 0, or -1 (by the data), got {self.densify_rounds}")
         self._rates_as_floats()
@@ -306,7 +309,7 @@ class GaussianReconstruction:
     def learning_rates(self, frac: float) -> dict[str, float]:
         """Learning rate of each parameter tensor (by name) at ``frac`` (0..1) of the schedule."""
         cfg = self.config
-        k = cfg.rate_factor or 1.0
+        k = (cfg.rate_factor or 1.0) * cfg.rate_scale
         return {"means": k * losses.log_linear(cfg.lr_position, frac) * self.half_box,
                 "scale_raw": k * losses.log_linear(cfg.lr_scale, frac),
                 "quat_raw": k * losses.log_linear(cfg.lr_rotation, frac),

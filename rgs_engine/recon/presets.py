@@ -6,25 +6,27 @@ defaults, then the preset's overrides, then what the user gave explicitly (``--i
 
 Where the values come from: ``validation/presets.md`` (``python validation/presets.py``: the
 chest CT of ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise;
-measured on an NVIDIA H100, 2026-12-05, with the FDK start that ``--init auto`` then chose on
-circular orbits, and with densification, which the recipe has dropped since; neither change is
-re-measured at this size). 3D PSNR / SSIM and ``seconds``:
+one NVIDIA H100, 2026-12-05, the recipe with densification by the data, which is none at 25
+views there). 3D PSNR / SSIM and ``seconds``:
 
-* ``draft``: 500 iterations, 30.74 dB / .836 in 20.4 s;
-* ``fast``: 1000 iterations, 32.70 dB / .882 in 28.7 s;
+* ``draft``: 500 iterations, 30.62 dB / .833 in 16.7 s;
+* ``fast``: 2000 iterations of 4 views (the default: 8) with 1.5x the learning rates (on top
+  of the automatic rate factor), 34.02 dB / .905 in 35.8 s: 0.15 dB below the default in two
+  thirds of the time (``validation/levers.md``'s ``views-4+lr-1.5x`` row at 2000 iterations,
+  the same recipe spelled with ``--set``). 2000 iterations of the default recipe gave 33.86
+  dB in 39.8 s, and 1.5x the rates alone 34.11 dB in 42.4 s; 1000 iterations (this preset
+  until 2026-12-05) 32.74 dB in 24.3 s. Measured on this one case and seed at 25 views only;
+  the four-lever combination that includes it lost 0.27 dB to the recipe at 50 views;
 * ``default``: the recipe as it is (3000 iterations; the automatic count, one Gaussian per
-  20 voxels, 10k..50k), 33.80 dB / .902 in 56.2 s.
+  20 voxels, 10k..50k), 34.17 dB / .907 in 53.3 s.
 
-Longer is not better: 5000 iterations gave 33.70 dB / .897 in 95.1 s (2000: 33.53 / .898 in
-42.7 s), so no preset trains longer than the default. A larger count (one Gaussian per 8
-voxels) was dropped too: it changes only grids below about 100^3 (above, both reach the 50k
-cap; 150k Gaussians gained nothing at 256^3), and there it gained 0.35 dB on the README's
-quick-start case (2 CPU cores, 1.5x the time) and 0.01 dB on ``validation/small_grid.py``'s
-``crop-c64``. Without densification (the recipe since) the count pays more: one Gaussian per
-10 voxels gained 0.75 / 0.80 dB on ``full-c128`` / ``head-c96`` at 500 iterations in 1.46x /
-1.35x the time, but at about equal time (350 iterations) it lost 0.32 / 0.86 dB there
-(``validation/small_grid.md``); a larger count at 256^3 is to be measured
-(``validation/levers.py --levers count-100k,count-150k``).
+Longer is not better: 5000 iterations gave 33.70 dB / .897 in 95.1 s with the recipe of that
+day (4 densification rounds, where 3000 gave 33.80), so no preset trains longer than the
+default. A larger count does not pay at 256^3 either: 100k / 150k Gaussians gave 34.07 /
+33.98 dB against the 50k default's 34.17 (``validation/levers.md``; H200 against H100). On
+the CPU cases of ``validation/small_grid.py`` one Gaussian per 10 voxels gained 0.75 / 0.80
+dB on ``full-c128`` / ``head-c96`` at 500 iterations in 1.46x / 1.35x the time, but at about
+equal time (350 iterations) it lost 0.32 / 0.86 dB there.
 """
 from __future__ import annotations
 
@@ -35,13 +37,13 @@ from ..core.errors import RgsInputError
 DEFAULT = "default"
 PRESETS: dict[str, dict[str, Any]] = {
     "draft": {"iterations": 500},
-    "fast": {"iterations": 1000},
+    "fast": {"iterations": 2000, "views_per_step": 4, "rate_scale": 1.5},
     DEFAULT: {},
 }
 # one line per preset for the command line's help: what it trades
 TRADES = {
-    "draft": "500 iterations: 30.7 dB in 20 s against the default's 33.8 dB in 56 s (H100, 256^3, 25 views)",
-    "fast": "1000 iterations: 32.7 dB in 29 s",
+    "draft": "500 iterations: 30.6 dB in 17 s against the default's 34.2 dB in 53 s (H100, 256^3, 25 views)",
+    "fast": "2000 iterations of 4 views, 1.5x rates: 34.0 dB in 36 s",
     DEFAULT: "3000 iterations, one Gaussian per 20 voxels",
 }
 
