@@ -227,23 +227,22 @@ def test_presets_are_recipe_overrides():
 
 
 def test_fused_adam_state_survives_densify_and_checkpoints(circular, tmp_path, monkeypatch):
-    """CUDA runs use fused Adam (its "step" counters live on the device): densification's
-    moment copy and checkpoints moving between fused and unfused optimisers keep working.
-    Checked on the CPU, where torch also has a fused Adam."""
+    """CUDA runs use torch's fused Adam kernel (:mod:`rgs_engine.core.adam`): densification's
+    moment copy and checkpoints moving between the fused and single-tensor paths keep
+    working. Checked on the CPU, where torch also has a fused kernel."""
     import torch
 
-    from rgs_engine.recon import gaussian
+    from rgs_engine.core import adam
 
     # FDK's start is deterministic; SART's backprojection sums with float atomics, so two SART
     # starts may differ in a voxel near the sampling threshold and then pick other voxels
     cfg = GSConfig(iterations=10, densify_start=0.2, densify_stop=0.2, densify_rounds=1, init="fdk", **SMALL)
     plain = GaussianReconstruction(circular, cfg)
-    monkeypatch.setattr(gaussian, "adam_options", lambda device: {"fused": True})
     fused = GaussianReconstruction(circular, cfg)
-    assert fused.optimizer.param_groups[0]["fused"] and not plain.optimizer.param_groups[0]["fused"]
     for _ in range(3):  # iteration 2 densifies
-        plain.step()
-        fused.step()
+        for rec, path in ((plain, False), (fused, True)):
+            monkeypatch.setattr(adam, "FUSED", path)
+            rec.step()
     assert len(fused.gaussians) != cfg.num_init
     for rec in (plain, fused):
         for group in rec.optimizer.param_groups:
@@ -254,11 +253,9 @@ def test_fused_adam_state_survives_densify_and_checkpoints(circular, tmp_path, m
     assert float((a - b).norm() / a.norm()) < 1e-3
     fused.save_checkpoint(tmp_path / "fused.pt")
     plain.save_checkpoint(tmp_path / "plain.pt")
-    as_fused = GaussianReconstruction.load_checkpoint(tmp_path / "plain.pt", circular)
-    monkeypatch.setattr(gaussian, "adam_options", lambda device: {})
-    as_plain = GaussianReconstruction.load_checkpoint(tmp_path / "fused.pt", circular)
-    assert as_fused.optimizer.param_groups[0]["fused"] and not as_plain.optimizer.param_groups[0]["fused"]
-    for rec in (as_fused, as_plain):
+    for name, path in (("plain", True), ("fused", False)):  # each resumes on the other path
+        monkeypatch.setattr(adam, "FUSED", path)
+        rec = GaussianReconstruction.load_checkpoint(tmp_path / f"{name}.pt", circular)
         rec.step()
         st = rec.optimizer.state[rec.gaussians.means]
         assert float(st["step"]) == 4 and st["step"].dtype == torch.float32

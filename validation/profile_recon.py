@@ -25,8 +25,9 @@ that ``rgs recon`` does every 100 steps, per step. The **floor** is what the ker
 per step on the same Gaussians: splat forward + backward of a batch plus the TV sub-grid's
 voxelisation forward + backward (medians of repeats). ``densify`` is one densify-and-prune
 round. Initialisation is timed twice in one process: ``cold`` (first calls: Taichi compiles
-the kernels or loads them from its offline cache, the first ``torch.optim.Adam`` imports
-``torch._dynamo``) and ``warm``; ``warmup_steps_s`` are the first steps, each synchronised
+the kernels or loads them from its offline cache; until 2026-12-05 the first
+``torch.optim.Adam`` also imported ``torch._dynamo`` there, 1.8 s on the H100, which
+:mod:`rgs_engine.core.adam` avoids) and ``warm``; ``warmup_steps_s`` are the first steps, each synchronised
 (the first compiles the backward and TV kernels). Writing times each output of
 ``rgs recon`` in a temporary folder.
 
@@ -218,7 +219,7 @@ def profile(args) -> dict:
     timed = [(gaussian, "fdk", "FDK"), (gaussian, "sart", "SART"), (gaussian, "splat", "calibration splat"),
              (gaussian, "voxelize", "reference voxelise"),
              (gaussian.stats, "quantile", "reference quantile"),
-             (torch.optim, "Adam", "Adam set-up (the first imports torch._dynamo)")]
+             (gaussian, "Adam", "Adam set-up")]
     originals = [getattr(obj, name) for obj, name, _ in timed]
     for label in ("cold", "warm"):
         phases.reset()

@@ -121,9 +121,3 @@ def versions() -> dict[str, str]:
             "torch": f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})",
             "taichi": ".".join(map(str, ti.__version__))}
 
-
-def adam_options(device: torch.device) -> dict:
-    """Keyword arguments of ``torch.optim.Adam`` on ``device``: the fused implementation on
-    CUDA (one kernel launch for all parameter tensors instead of foreach's several), torch's
-    default elsewhere (the CPU's arithmetic stays as it was)."""
-    return {"fused": True} if device.type == "cuda" else {}

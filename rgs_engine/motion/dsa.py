@@ -100,6 +100,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import losses, runtime
+from ..core.adam import Adam
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
 from ..recon.gaussian import GaussianReconstruction, GSConfig, Recipe, load_state, save_state, to_cpu
@@ -242,7 +243,7 @@ class DsaReconstruction:
             torch.manual_seed(cfg.seed)
             model = ContrastField(lo, hi, self.time_range, cfg.space_cells, cfg.time_cells, cfg.rank)
         self.field = model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.field.parameters(), lr=0.0)
+        self.optimizer = Adam(self.field.parameters(), lr=0.0)
 
     @property
     def iteration(self) -> int:

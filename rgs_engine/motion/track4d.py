@@ -171,6 +171,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import losses, runtime, stats
+from ..core.adam import Adam
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
 from ..core.splatting import splat
@@ -333,7 +334,7 @@ class Track4DReconstruction:
         recipe = self.config.recipe.motion_start(self.data.is_circular)
         self.static = GaussianReconstruction(self.data, recipe) if _initialise else None
         self.model: Deformation | None = None
-        self.optimizer: torch.optim.Adam | None = None
+        self.optimizer: Adam | None = None
         self.period_estimate: PeriodEstimate | None = None
         self.phase_wander: float | None = None
         self.surrogate: SurrogateDrive | None = None  # measured when stage 2 starts (surrogate input)
@@ -426,7 +427,7 @@ class Track4DReconstruction:
                                           seed=cfg.recipe.seed)
         self.model = model.to(self.device)
         groups = [{"params": params, "name": name} for name, params in model.param_groups().items()]
-        self.optimizer = torch.optim.Adam(groups, lr=0.0)
+        self.optimizer = Adam(groups, lr=0.0)
 
     def _set_lrs(self, frac: float) -> None:
         cfg = self.config

@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import losses, metrics, runtime, stats
-from ..core.runtime import adam_options
+from ..core.adam import Adam
 from .fdk import fdk
 from .sart import sart
 from ..core.errors import RgsInputError
@@ -230,7 +230,7 @@ class GaussianReconstruction:
         self.iteration = 0
         self.mu_ref = 1.0
         self.gaussians: Gaussians | None = None
-        self.optimizer: torch.optim.Adam | None = None
+        self.optimizer: Adam | None = None
         if _initialise:
             self._initialise()
 
@@ -290,15 +290,7 @@ class GaussianReconstruction:
     def _new_optimizer(self) -> None:
         self.gaussians.requires_grad_()
         groups = [{"params": [getattr(self.gaussians, name)], "name": name} for name in self.PARAMS]
-        self.optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15, **adam_options(self.device))
-
-    def _load_optimizer(self, state: dict) -> None:
-        """Load an Adam state saved on any device; the implementation (fused or not, see
-        :func:`adam_options`) stays this device's, and torch then puts the "step" counters where
-        it needs them (on the device for fused, on the CPU otherwise)."""
-        impl = [{k: g[k] for k in ("foreach", "fused")} for g in self.optimizer.param_groups]
-        groups = [{**saved, **own} for saved, own in zip(state["param_groups"], impl)]
-        self.optimizer.load_state_dict({**state, "param_groups": groups})
+        self.optimizer = Adam(groups, lr=0.0, eps=1e-15)
 
     def _reset_stats(self) -> None:
         n = len(self.gaussians)
@@ -540,7 +532,7 @@ class GaussianReconstruction:
         rec.gaussians = Gaussians(p["means"], p["scale_raw"], p["quat_raw"], p["density_raw"],
                                   *state["scale_bounds"])
         rec._new_optimizer()
-        rec._load_optimizer(state["optimizer"])
+        rec.optimizer.load_state_dict(state["optimizer"])
         rec.grad_accum, rec.grad_count = state["grad_accum"].to(dev), state["grad_count"].to(dev)
         rec.generator.set_state(state["generator"])
         return rec

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..core import losses, metrics, runtime, stats
+from ..core.adam import Adam
 from ..core.errors import RgsInputError, check_tensor
 from ..core.gaussians import Gaussians
 from ..core.geometry import VolumeGrid
@@ -150,7 +151,7 @@ def fit_volume(volume: torch.Tensor, grid: VolumeGrid, num_gaussians: int = 0,
 
     g = Gaussians.from_physical(means, scales, quats, dens, scale_min, scale_max).requires_grad_()
     names = ("means", "scale_raw", "quat_raw", "density_raw")
-    opt = torch.optim.Adam([{"params": [p], "name": k} for k, p in zip(names, g.parameters())],
+    opt = Adam([{"params": [p], "name": k} for k, p in zip(names, g.parameters())],
                            lr=0.0, eps=1e-15)
     rates = {"means": tuple(r * vmin for r in lr_position), "scale_raw": lr_scale,
              "quat_raw": lr_rotation, "density_raw": lr_density}

@@ -56,6 +56,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from ..core import rigid, runtime
+from ..core.adam import Adam
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry
 from ..core.splatting import splat
@@ -524,7 +525,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         z, zc = run["z"], run["zc"]
         lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
         lr = LR_DECAY ** si
-        opt = torch.optim.Adam([z] if zc is None else [z, zc], lr=lr, **runtime.adam_options(dev))
+        opt = Adam([z] if zc is None else [z, zc], lr=lr)
         n, first, sim = int(steps[si]), None, None
         for it in range(n):
             for g in opt.param_groups:  # cosine-ish decay within the scale
