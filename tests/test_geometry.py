@@ -166,3 +166,15 @@ def test_gaussian_activations_and_covariances():
     g.requires_grad_()
     g.scales.sum().backward()
     assert g.scale_raw.grad is not None and bool((g.scales < 5.0).all())
+
+
+def test_unravel_matches_numpy():
+    """geometry.unravel: C-order flat indices to (N, D) indices, as numpy.unravel_index."""
+
+    from rgs_engine.core.geometry import unravel
+
+    for shape in [(4, 5, 6), (7,), (3, 1, 2, 5)]:
+        flat = torch.randperm(int(np.prod(shape)))
+        want = np.stack(np.unravel_index(flat.numpy(), shape), 1)
+        got = unravel(flat, shape)
+        assert got.dtype == torch.int64 and np.array_equal(got.numpy(), want)

@@ -159,6 +159,17 @@ class VolumeGrid:
             raise RgsInputError(f"grid description lacks key {exc}: need shape, spacing, origin") from exc
 
 
+def unravel(flat: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Indices (N, len(shape)) int64 of the C-order flat indices ``flat`` (N,) into an array of
+    ``shape``: ``torch.unravel_index`` stacked, without its type check's import of sympy
+    (0.2-0.4 s on first use)."""
+    out, rest = [], flat.long()
+    for n in reversed(list(shape)):
+        out.append(rest % n)
+        rest = rest // n
+    return torch.stack(out[::-1], 1)
+
+
 def reorient_to_grid(array, perm: Sequence[int], flips: Sequence[bool]):
     """Transpose/flip a NIfTI array (numpy or torch) into grid order; see ``from_affine``."""
     if isinstance(array, torch.Tensor):

@@ -86,7 +86,7 @@ from .fdk import fdk
 from .sart import sart
 from ..core.errors import RgsInputError
 from ..core.gaussians import Gaussians, inv_softplus, quat_to_rotmat
-from ..core.geometry import Geometry
+from ..core.geometry import Geometry, unravel
 from ..io.projections import ProjectionData
 from ..core.splatting import splat
 from ..io.files import atomic_write
@@ -260,7 +260,7 @@ class GaussianReconstruction:
             if cand.numel() == 0:
                 raise RgsInputError(f"the {mode.upper()} initialisation is empty: use --init random")
             pick = cand[(self._rand(n) * cand.numel()).long().clamp_max(cand.numel() - 1)]
-            idx = torch.stack(torch.unravel_index(pick, grid.shape), 1).float()
+            idx = unravel(pick, grid.shape).float()
             origin = torch.tensor(grid.origin, dtype=torch.float32, device=self.device)
             means = origin + (idx + self._rand(n, 3) - 0.5) * spacing
             weights = vol.reshape(-1)[pick]

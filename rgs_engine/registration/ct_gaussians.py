@@ -29,7 +29,7 @@ from ..core import losses, metrics, runtime, stats
 from ..core.adam import Adam
 from ..core.errors import RgsInputError, check_tensor
 from ..core.gaussians import Gaussians
-from ..core.geometry import VolumeGrid
+from ..core.geometry import VolumeGrid, unravel
 from ..io.files import atomic_write, load_nifti
 from ..core.voxelization import voxelize
 
@@ -129,7 +129,7 @@ def fit_volume(volume: torch.Tensor, grid: VolumeGrid, num_gaussians: int = 0,
     cdf = torch.cumsum(cand_w.double(), 0)
     u = torch.rand(n, generator=gen, dtype=torch.float64).to(dev) * cdf[-1]
     pick = torch.searchsorted(cdf, u).clamp_max(flat.numel() - 1)
-    idx = torch.stack(torch.unravel_index(pick, tuple(shape)), 1).float()
+    idx = unravel(pick, shape).float()
     spacing = torch.tensor(grid.spacing, dtype=torch.float32, device=dev)
     origin = torch.tensor(region_grid.origin, dtype=torch.float32, device=dev)
     jitter = torch.rand(n, 3, generator=gen).to(dev) - 0.5
