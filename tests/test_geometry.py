@@ -178,18 +178,3 @@ def test_unravel_matches_numpy():
         want = np.stack(np.unravel_index(flat.numpy(), shape), 1)
         got = unravel(flat, shape)
         assert got.dtype == torch.int64 and np.array_equal(got.numpy(), want)
-
-
-@pytest.mark.parametrize("shape", [(8, 12), (9, 13)])
-def test_binned_pixels_are_block_centres(shape):
-    """Geometry.binned: each binned pixel centre is the mean of its block's pixel centres
-    (with a remainder, the rows / columns past the last whole block are dropped)."""
-    geo = Geometry.circular([0.0, 1.0, 2.5], 1000.0, 1500.0, shape, (0.7, 0.9), det_offset=(3.0, -2.0))
-    f = 2
-    binned = geo.binned(f)
-    hb, wb = shape[0] // f, shape[1] // f
-    assert binned.det_shape == (hb, wb)
-    blocks = geo.pixel_centres()[:, :hb * f, :wb * f].reshape(3, hb, f, wb, f, 3).mean(dim=(2, 4))
-    torch.testing.assert_close(binned.pixel_centres(), blocks, rtol=0, atol=1e-9)
-    with pytest.raises(RgsInputError, match="bin"):
-        geo.binned(0)

@@ -208,37 +208,6 @@ def test_rate_scale_multiplies_the_resolved_rates(circular):
         GSConfig(rate_scale=0)
 
 
-def test_coarse_stage_fits_binned_projections(circular):
-    """``coarse_fraction``: the first steps see the detector binned in 2x2 blocks (geometry
-    and average-pooled targets, which match projections through the binned geometry), the
-    rest the full detector; the loss goes down on both levels."""
-    import torch
-    import torch.nn.functional as F
-
-    from rgs_engine.core.projector import project
-
-    cfg = GSConfig(iterations=6, coarse_fraction=0.5, init="fdk", **SMALL)
-    rec = GaussianReconstruction(circular, cfg)
-    _, geo, target, moments = rec.batch()
-    assert geo.det_shape == (16, 16) and target.shape[-2:] == (16, 16) and moments.shape[-2:] == (6, 6)
-    full = circular.geometry
-    pooled = F.avg_pool2d(rec.target[:, None], 2)[:, 0]
-    torch.testing.assert_close(rec._detector()[1], pooled)
-    # physics: the binned geometry's line integrals are the blocks' means of the full
-    # detector's, up to the volume's variation within a block (a uniform box: only its
-    # silhouette's edge varies; 1.6 % here, the phantom's sharp edges 11 %)
-    box = torch.ones(circular.grid.shape, device=rec.device)
-    direct = project(box, circular.grid, full.binned(2))
-    blocks = F.avg_pool2d(project(box, circular.grid, full)[:, None], 2)[:, 0]
-    assert float((direct - blocks).abs().mean() / blocks.abs().mean()) < 0.03
-    losses = [float(rec.step()["loss"]) for _ in range(3)]
-    assert rec._detector()[0] is full and rec.batch()[1].det_shape == (32, 32)
-    losses += [float(rec.step()["loss"]) for _ in range(3)]
-    assert losses[2] < losses[0] and losses[5] < losses[3]
-    with pytest.raises(RgsInputError, match="coarse"):
-        GSConfig(coarse_fraction=1.5)
-
-
 def test_presets_are_recipe_overrides():
     from rgs_engine.recon import presets
 

@@ -254,26 +254,6 @@ class Geometry:
             sub._tables[key] = torch.stack([table[i] for i in rows])
         return sub
 
-    def binned(self, factor: int) -> "Geometry":
-        """The detector read out in ``factor`` x ``factor`` pixel blocks: ``(H // factor, W //
-        factor)`` pixels, u and v ``factor`` x longer, the centre moved to the blocks' centre
-        (rows / columns beyond the last whole block are dropped). A binned pixel's centre is
-        the mean of its block's pixel centres, so ``F.avg_pool2d`` of the projections (cropped
-        to whole blocks) are this geometry's projections up to the blocks' own averaging."""
-        f = int(factor)
-        h, w = self.det_shape
-        if f < 1 or h < f or w < f:
-            raise RgsInputError(f"cannot bin a {h}x{w} detector in {factor}x{factor} blocks")
-        hb, wb = h // f, w // f
-        vec = self.vectors.clone()
-        u, v = vec[:, 6:9].clone(), vec[:, 9:12].clone()
-        # block (R, C)'s centre: d + (f C + (f-1)/2 - (w-1)/2) u + (f R + (f-1)/2 - (h-1)/2) v
-        shift_u = (f - 1) / 2 - (w - 1) / 2 + f * (wb - 1) / 2
-        shift_v = (f - 1) / 2 - (h - 1) / 2 + f * (hb - 1) / 2
-        vec[:, 3:6] += shift_u * u + shift_v * v
-        vec[:, 6:9], vec[:, 9:12] = f * u, f * v
-        return Geometry(vec, (hb, wb), self.mode)
-
     def pixel_centres(self) -> torch.Tensor:
         """World positions of all pixel centres, shape (V, H, W, 3), mm, float64."""
         h, w = self.det_shape

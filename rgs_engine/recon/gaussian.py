@@ -128,8 +128,6 @@ class GSConfig(Recipe):
     voxels_per_gaussian: float = 20.0  # the automatic count (num_init=0): one per this many voxels
     max_gaussians: int = 0             # cap; 0: 6 x num_init
     views_per_step: int = 8            # 0: all training views in every step
-    coarse_fraction: float = 0.0       # the first this fraction of the steps fits the projections
-    coarse_bin: int = 2                # binned in coarse_bin x coarse_bin pixel blocks
     init_threshold: float = 0.05       # fdk / sart init: sample voxels above this fraction of the max
     init_scale: float = 1.0            # initial scale = this x mean spacing of the samples
     scale_min: float = 0.0005          # scale bounds, fractions of the box's longest edge
@@ -166,9 +164,6 @@ class GSConfig(Recipe):
             raise RgsInputError(f"rate_factor must be >= 0 (0: by grid size), got {self.rate_factor}")
         if not self.rate_scale > 0:
             raise RgsInputError(f"rate_scale must be > 0, got {self.rate_scale}")
-        if not 0.0 <= self.coarse_fraction <= 1.0 or self.coarse_bin < 1:
-            raise RgsInputError(f"need 0 <= coarse_fraction <= 1 and coarse_bin >= 1, got "
-                                f"{self.coarse_fraction} and {self.coarse_bin}")
         if self.densify_rounds < -1:
             raise RgsInputError(f"densify_rounds must be >= 0, or -1 (by the data), got {self.densify_rounds}")
         self._rates_as_floats()
@@ -227,7 +222,6 @@ class GaussianReconstruction:
             raise RgsInputError("all projections are zero: nothing to reconstruct")
         self.target = self.projections / self.proj_scale
         self._moments: torch.Tensor | None = None  # the targets' SSIM moments, on first use
-        self._coarse: tuple | None = None  # the binned detector's (geometry, targets, moments)
         data.geometry.kernel_table(self.device)  # cached: every step's batch takes its rows
         lo, hi = (torch.tensor(b, dtype=torch.float32, device=self.device) for b in data.grid.bounds())
         self.box_lo, self.box_hi = lo, hi
@@ -335,32 +329,14 @@ class GaussianReconstruction:
         copy, so no stream sync on a GPU) and the geometry's kernel table comes from the full
         geometry's cached one. The 4D and DSA models draw their batches here too."""
         idx = self.view_batch()
-        geometry, target, moments = self._detector()
-        if idx.numel() == geometry.num_views:
-            return idx, geometry, target, moments
+        moments = self._target_moments() if self.config.ssim_weight > 0 else None
+        if idx.numel() == self.data.geometry.num_views:
+            return idx, self.data.geometry, self.target, moments
         rows = idx.tolist()
 
         def gather(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else torch.stack([t[i] for i in rows])
-        return idx, geometry.subset(idx), gather(target), gather(moments)
-
-    def _detector(self) -> tuple[Geometry, torch.Tensor, torch.Tensor | None]:
-        """All views' geometry, normalised targets (V, H, W) and SSIM moments (None without
-        SSIM) at this step's detector resolution: during the first ``coarse_fraction`` of the
-        steps the detector binned in ``coarse_bin`` x ``coarse_bin`` blocks (targets
-        average-pooled; built once), else the full detector."""
-        cfg = self.config
-        ssim = cfg.ssim_weight > 0
-        if not self.iteration < cfg.coarse_fraction * cfg.iterations:
-            return self.data.geometry, self.target, self._target_moments() if ssim else None
-        if self._coarse is None:
-            f = cfg.coarse_bin
-            geometry = self.data.geometry.binned(f)
-            geometry.kernel_table(self.device)
-            h, w = geometry.det_shape
-            target = F.avg_pool2d(self.target[:, None, :h * f, :w * f], f)[:, 0].contiguous()
-            self._coarse = (geometry, target, metrics.ssim_moments(target) if ssim else None)
-        return self._coarse
+        return idx, self.data.geometry.subset(idx), gather(self.target), gather(moments)
 
     def _target_moments(self) -> torch.Tensor:
         """:func:`~rgs_engine.core.metrics.ssim_moments` of all normalised targets (V, 2, H',
