@@ -198,8 +198,9 @@ def test_densification_follows_the_pixels_per_gaussian():
 
 
 def test_rate_scale_multiplies_the_resolved_rates(circular):
-    """``rate_scale`` (the fast preset's 1.5) scales every rate on top of the automatic factor."""
-    plain = GaussianReconstruction(circular, GSConfig(**SMALL), _initialise=False)
+    """``rate_scale`` (the default 1.5) scales every rate on top of the automatic factor."""
+    assert GSConfig().rate_scale == 1.5
+    plain = GaussianReconstruction(circular, GSConfig(rate_scale=1.0, **SMALL), _initialise=False)
     scaled = GaussianReconstruction(circular, GSConfig(rate_scale=1.5, **SMALL), _initialise=False)
     for frac in (0.0, 0.5, 1.0):
         a, b = plain.learning_rates(frac), scaled.learning_rates(frac)
@@ -212,7 +213,7 @@ def test_presets_are_recipe_overrides():
     from rgs_engine.recon import presets
 
     assert presets.check(None) == "default" and presets.overrides(None) == {}
-    fast = {"iterations": 2000, "views_per_step": 4, "rate_scale": 1.5}
+    fast = {"iterations": 2000, "views_per_step": 4}
     assert presets.overrides("fast") == fast
     for name in presets.PRESETS:  # every preset is a valid recipe, described in the help
         GSConfig(**presets.overrides(name))

@@ -116,8 +116,9 @@ ROBUST_MAX_FRACTION = 1e-4  # the robust maximum: the value of the top 0.01 % of
 
 
 def _dsa_recipe() -> GSConfig:
-    """rgs recon's recipe with densification on (4 rounds), as this model was measured."""
-    return GSConfig(densify_rounds=4)
+    """rgs recon's recipe with densification on (4 rounds) and the rates without
+    ``rate_scale``, as this model was measured."""
+    return GSConfig(densify_rounds=4, rate_scale=1.0)
 
 
 @dataclass

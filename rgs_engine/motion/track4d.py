@@ -205,9 +205,9 @@ MOTION_FLOOR_VOXELS = 0.5  # learned motion under this many voxels is no motion 
 
 
 def _static_recipe() -> GSConfig:
-    """The static stage as measured: 1000 steps, densification on (4 rounds; rgs recon's recipe
-    dropped it after these models' measurements)."""
-    return GSConfig(iterations=1000, densify_rounds=4)
+    """The static stage as measured: 1000 steps, densification on (4 rounds) and the rates
+    without ``rate_scale`` (rgs recon's recipe changed both after these models' measurements)."""
+    return GSConfig(iterations=1000, densify_rounds=4, rate_scale=1.0)
 
 
 @dataclass
