@@ -18,7 +18,7 @@ is reused (``--force``: run again).
 Usage::
 
     python datasets/fetch_ct.py
-    python validation/levers.py [--levers recipe,densify-4,views-4+lr-1.5x] [--iterations 2000]
+    python validation/levers.py [--levers recipe,densify-4,views-4+rates-2x] [--iterations 2000]
         [--views 25] [--seed 0] [--device cuda] [--work runs/levers] [--out-dir validation] [--force]
 """
 from __future__ import annotations
@@ -54,7 +54,8 @@ LEVERS: dict[str, tuple[list[str], str]] = {
                                                 "pixels per Gaussian; none below)"),
     "scale-floor": (["--set", "scale_min=0.002"], "no Gaussian thinner than 0.002 of the box (about half a voxel "
                                                  "at 256^3) instead of 0.0005"),
-    "lr-1.5x": (["--set", "rate_factor=1.5"], "1.5x every learning rate"),
+    "rates-1x": (["--set", "rate_scale=1"], "the base learning rates (the recipe: 1.5x, since 2026-12-05)"),
+    "rates-2x": (["--set", "rate_scale=2"], "2x the base learning rates instead of 1.5x"),
     "count-100k": (["--set", "num_init=100000"], "100k Gaussians instead of the automatic 50k at 256^3 (rates x1)"),
     "count-150k": (["--set", "num_init=150000"], "150k Gaussians instead of the automatic 50k at 256^3 (rates x1)"),
 }
@@ -129,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the recipe a row's lever changes: rows without "base" ran before densification followed the
-# data (2026-12-05), on the recipe with 4 densification rounds at every view count
-RECIPE = "densification by the data"
+# data (2026-12-05), on the recipe with 4 densification rounds at every view count; then came
+# densification by the data (1x rates), then 1.5x rates
+RECIPE = "by-data densification, 1.5x rates"
 OLD_RECIPE = "4 densification rounds"
+BASES = (OLD_RECIPE, "densification by the data", RECIPE)  # oldest first
 
 
 def base(row: dict) -> str:
@@ -164,13 +167,13 @@ def write(res: dict, out: Path) -> None:
 def markdown(res: dict) -> str:
     """The table of ``res``'s rows, sorted by views, seed and iterations, each with its difference
     against the ``recipe`` row of the same views, seed and iterations."""
-    rows = sorted(res["variants"], key=lambda v: (base(v) == RECIPE, v["views"], v["seed"], v["iterations"]))
+    rows = sorted(res["variants"], key=lambda v: (BASES.index(base(v)), v["views"], v["seed"], v["iterations"]))
     recipes = {key(v)[1:]: v for v in rows if v["lever"] == "recipe"}
     lines = ["# Quality levers of `rgs recon` (`validation/levers.py`)", "",
              f"`{res['data']}` (`sparse_view.py --size full`'s file: the chest CT at 256^3, 512^2 detector, "
              "R2-Gaussian's noise); each row is its own `rgs recon` process, its command below. `seconds`: "
-             "the run's own figure. `recipe`: the recipe the lever changes (the rows of "
-             f"{OLD_RECIPE} ran before densification followed the data); `vs recipe`: against the "
+             "the run's own figure. `recipe`: the recipe the lever changes, oldest first: "
+             f"{'; '.join(BASES)} (all 2026-12-05); `vs recipe`: against the "
              "`recipe` row of that recipe and the same views, seed and iterations.", "",
              "| lever | what it changes | recipe | views | seed | iterations | 3D PSNR (dB) | vs recipe (dB) | "
              "SSIM | seconds | Gaussians | measured |",
