@@ -24,7 +24,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import trimesh
 from skimage.measure import marching_cubes
 
 from ..core.errors import RgsInputError
@@ -243,6 +242,8 @@ def read_obj(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[np.n
 def write_ply(path: str | os.PathLike, vertices, faces, force: bool = False) -> Path:
     """Binary little-endian PLY of a triangle mesh (float32 x y z in mm, int32 indices),
     written by trimesh. Atomic, no-clobber unless ``force``."""
+    import trimesh  # here, as in read_ply: trimesh (with networkx) takes 0.25 s to import
+
     v, f = _mesh_arrays(vertices, faces)
     data = trimesh.exchange.ply.export_ply(trimesh.Trimesh(v, f, process=False), encoding="binary",
                                            include_attributes=False)
@@ -257,6 +258,8 @@ def read_ply(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise RgsInputError(f"{p}: no such file: check the path")
     if not p.read_bytes()[:4] == b"ply\n":
         raise RgsInputError(f"{p}: not a PLY file (no 'ply' / 'end_header' lines)")
+    import trimesh
+
     try:
         m = trimesh.load(str(p), file_type="ply", process=False, force="mesh")
         v, f = np.asarray(m.vertices, np.float64).reshape(-1, 3), np.asarray(m.faces, np.int64).reshape(-1, 3)
