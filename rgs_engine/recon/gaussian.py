@@ -14,9 +14,10 @@ training views hold at least 200 detector pixels per initial Gaussian, none belo
 (3D PSNR, 4 rounds -> none, 3000 steps; ``validation/levers.md``, 2026-12-05):
 
 * full size (256^3, 50k Gaussians, 512^2 views): 25 views (131 pixels per Gaussian) 33.84 ->
-  34.17 dB (H100), 25 arbitrary poses 32.51 (H100) -> 32.63 (H200); 50 views (262) 36.28 -> 36.05 and 75
-  views (393) 36.93 -> 36.57 (H200): densifying pays only where many pixels constrain each
-  Gaussian;
+  34.17 dB (H100), 25 arbitrary poses 32.51 (H100) -> 32.63 (H200); 50 views (262) 36.28 ->
+  36.05 and 75 views (393) 36.93 -> 36.57 (H200; the runs without densification start from
+  FDK, 0.04 dB from SART's start at 25 views): densifying pays only where many pixels
+  constrain each Gaussian;
 * ``validation/small_grid.py``'s 64^3-class cases (12k-35k Gaussians, 128^2 or smaller views,
   at most 67 pixels per Gaussian) at 500 steps (2 CPU cores): full-c128 34.43 -> 35.03,
   crop-c64 30.25 -> 30.40, upper-c96 33.07 -> 33.86, head-c96 (another anatomy) 33.16 -> 34.08,
