@@ -158,7 +158,7 @@ def test_recipe_resolves_by_grid_size():
     big = base.resolved(256 ** 3, px25)
     # at 256^3 and above: exactly the recipe measured there (50k Gaussians, cap 300k, rates x1)
     assert (big.num_init, big.max_gaussians, big.rate_factor) == (50_000, 300_000, 1.0)
-    auto = {"num_init", "max_gaussians", "rate_factor", "densify_rounds"}
+    auto = set(GSConfig.AUTOMATIC)
     assert {k: v for k, v in big.to_dict().items() if k not in auto} == \
         {k: v for k, v in base.to_dict().items() if k not in auto}
     assert base.resolved(512 ** 3, px25) == big

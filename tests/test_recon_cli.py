@@ -281,7 +281,10 @@ def test_gs_smoke(scans, tmp_path):
     assert report["method"] == "gs" and report["iterations"] == 6 and report["num_gaussians"] > 0
     assert math.isfinite(report["psnr_3d"]) and math.isfinite(report["psnr_2d_test"])
     config = json.loads((out / "config.json").read_text())
-    assert config["gs"]["num_init"] == 1000 and config["init_resolved"] == "fdk"
+    # auto starts from SART on any orbit; the automatic rules' choices are recorded
+    assert config["gs"]["num_init"] == 1000 and config["init_resolved"] == "sart"
+    assert set(config["gs_resolved"]) == {"num_init", "max_gaussians", "rate_factor", "densify_rounds"}
+    assert config["gs_resolved"]["num_init"] == 1000 and config["gs_resolved"]["densify_rounds"] in (0, 4)
     with np.load(out / "gaussians.npz") as g:
         assert g["means"].shape == (report["num_gaussians"], 3)
 

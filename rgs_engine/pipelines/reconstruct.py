@@ -14,7 +14,9 @@ end-to-end check: a DRR scan of a real CT, reconstructed with FDK).
   ``device``, ``views``, ``method``, ``preset`` (gs; null for fdk / sart);
 * ``config.json``: everything to rerun (data path and fingerprint, the selected view
   indices, method, preset and the recipe it gave, seed, device, rgs version, the
-  equivalent command line);
+  equivalent command line; gs: ``init_resolved``, the start ``--init`` gave, and
+  ``gs_resolved``, what the recipe's automatic rules chose for this grid and these views:
+  ``num_init``, ``max_gaussians``, ``rate_factor``, ``densify_rounds``);
 * gs / sart: ``checkpoint.pt`` (every ``checkpoint_every`` iterations and at the end);
   gs: ``gaussians.npz``.
 
@@ -28,6 +30,7 @@ Lengths in mm, attenuation in 1/mm, volumes (nx, ny, nz) on the data's grid.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import time
 from dataclasses import fields
@@ -322,8 +325,10 @@ def _complete_new_settings(settings: dict, full: ProjectionData, data: Projectio
         if settings["gs"]["init"] == "fdk":
             require(data.is_circular, f"--init fdk needs a circular orbit; the views in {data_path} "
                                       "have other poses: use --init sart (or auto)")
-        settings["init_resolved"] = (settings["gs"]["init"] if settings["gs"]["init"] != "auto"
-                                     else ("fdk" if data.is_circular else "sart"))
+        config = GSConfig.from_dict(settings["gs"])
+        resolved = config.resolved(math.prod(data.grid.shape), data.projections.numel())
+        settings["init_resolved"] = config.start()
+        settings["gs_resolved"] = {k: getattr(resolved, k) for k in GSConfig.AUTOMATIC}
 
 
 # --------------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ class GSConfig(Recipe):
     """The Gaussian recipe. Lengths are fractions of the volume box unless stated."""
 
     NAME = "Gaussian"
+    AUTOMATIC = ("num_init", "max_gaussians", "rate_factor", "densify_rounds")  # what resolved() fills in
 
     iterations: int = 3000
     init: str = "auto"                 # auto | fdk | sart | random
@@ -177,6 +178,11 @@ class GSConfig(Recipe):
         if self.densify_rounds < -1:
             raise RgsInputError(f"densify_rounds must be >= 0, or -1 (by the data), got {self.densify_rounds}")
         self._rates_as_floats()
+
+    def start(self) -> str:
+        """The initialisation ``init`` asks for: ``auto`` is ``sart`` on any orbit (the module
+        gives the measurements)."""
+        return "sart" if self.init == "auto" else self.init
 
     def motion_start(self, circular: bool) -> "GSConfig":
         """This recipe for the static stage of the 4D and DSA models: ``auto`` starts from FDK
@@ -246,9 +252,7 @@ class GaussianReconstruction:
 
     # ---- initialisation ---------------------------------------------------------------
     def init_mode(self) -> str:
-        mode = self.config.init
-        if mode == "auto":
-            return "sart"
+        mode = self.config.start()
         if mode == "fdk" and not self.data.is_circular:
             raise RgsInputError("--init fdk needs a circular orbit; these views have arbitrary "
                                 "poses: use --init sart (or auto)")
