@@ -11,7 +11,7 @@ data file is simulated first when it is missing (the same command as ``sparse_vi
 Outputs: ``OUT/levers.md`` (table: 3D PSNR / SSIM, the difference to ``recipe`` at the same
 views, seed and iterations, seconds, Gaussians, card and date; the commands) and
 ``OUT/results/levers.json``. Rows accumulate over invocations: a new row replaces the one of
-the same lever, views, seed and iterations; the hand-written ``## Reading`` of ``levers.md``
+the same lever, views, seed, iterations and recipe; the hand-written ``## Reading`` of ``levers.md``
 is kept. A variant folder whose ``metrics.json`` has the same iterations, views and data file
 is reused (``--force``: run again).
 
@@ -63,7 +63,7 @@ LEVERS: dict[str, tuple[list[str], str]] = {
 
 def lever_options(name: str) -> tuple[list[str], str]:
     """The options and description of lever ``name``: one of :data:`LEVERS`, or several joined
-    by ``+`` (``views-4+lr-1.5x``: both changes in one run)."""
+    by ``+`` (``views-4+rates-2x``: both changes in one run)."""
     parts = name.split("+")
     if "recipe" in parts and len(parts) > 1:
         raise SystemExit(f"error: --levers: {name}: recipe is the unchanged recipe; combine only the others")
@@ -138,7 +138,7 @@ BASES = (OLD_RECIPE, "densification by the data", RECIPE)  # oldest first
 
 
 def base(row: dict) -> str:
-    """The recipe ``row``'s lever was applied to (:data:`RECIPE` or :data:`OLD_RECIPE`)."""
+    """The recipe ``row``'s lever was applied to (one of :data:`BASES`)."""
     return row.get("base", OLD_RECIPE)
 
 

@@ -163,7 +163,7 @@ def expand_sets(sets: list[str], path: Path) -> list[str]:
 
     data = load_projections(path)
     voxels = int(math.prod(data.grid.shape))
-    new = GSConfig().resolved(voxels, data.projections.numel())
+    new = GSConfig().resolved_for(data)
     macros = {"@before": [f"num_init={old_count(voxels)}", "rate_factor=1"],
               "@count": [f"num_init={new.num_init}", "rate_factor=1"],
               "@rates": [f"num_init={old_count(voxels)}", f"rate_factor={new.rate_factor}"]}

@@ -22,7 +22,6 @@ from typing import Any, Iterable, Optional
 import torch
 
 FUSED: Optional[bool] = None  # None: fused on CUDA tensors, single-tensor elsewhere
-_HYPER = ("lr", "betas", "eps")
 
 
 class Adam:

@@ -30,7 +30,6 @@ Lengths in mm, attenuation in 1/mm, volumes (nx, ny, nz) on the data's grid.
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import time
 from dataclasses import fields
@@ -259,8 +258,7 @@ def _run_gs(data: ProjectionData, settings: dict, out: Path, data_path: Path, re
     with reporter.stage("initialise", "initialise Gaussians" if not resume else "load checkpoint"):
         if resume:
             rec = GaussianReconstruction.load_checkpoint(out / CHECKPOINT, data)
-            voxels = data.grid.shape[0] * data.grid.shape[1] * data.grid.shape[2]
-            require(rec.config.to_dict() == config.resolved(voxels, data.projections.numel()).to_dict(),
+            require(rec.config.to_dict() == config.resolved_for(data).to_dict(),
                     f"{out / CHECKPOINT} holds a different Gaussian recipe than {out / CONFIG}: "
                     "start again with --force instead of --resume")
         else:
@@ -326,7 +324,7 @@ def _complete_new_settings(settings: dict, full: ProjectionData, data: Projectio
             require(data.is_circular, f"--init fdk needs a circular orbit; the views in {data_path} "
                                       "have other poses: use --init sart (or auto)")
         config = GSConfig.from_dict(settings["gs"])
-        resolved = config.resolved(math.prod(data.grid.shape), data.projections.numel())
+        resolved = config.resolved_for(data)
         settings["init_resolved"] = config.start()
         settings["gs_resolved"] = {k: getattr(resolved, k) for k in GSConfig.AUTOMATIC}
 

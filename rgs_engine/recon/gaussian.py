@@ -83,6 +83,7 @@ what was not measured: ``validation/small_grid.md``.
 """
 from __future__ import annotations
 
+import math
 import pickle
 from dataclasses import asdict, dataclass, fields
 
@@ -221,6 +222,10 @@ class GSConfig(Recipe):
         return GSConfig(**{**asdict(self), "num_init": n, "max_gaussians": self.max_gaussians or 6 * n,
                            "rate_factor": float(rate_factor), "densify_rounds": rounds})
 
+    def resolved_for(self, data: ProjectionData) -> "GSConfig":
+        """:meth:`resolved` for ``data``'s grid and its views' detector pixels."""
+        return self.resolved(math.prod(data.grid.shape), data.projections.numel())
+
 
 class GaussianReconstruction:
     """State of one reconstruction: Gaussians, optimiser, schedules and the random generator."""
@@ -228,8 +233,7 @@ class GaussianReconstruction:
     PARAMS = ("means", "scale_raw", "quat_raw", "density_raw")
 
     def __init__(self, data: ProjectionData, config: GSConfig, _initialise: bool = True):
-        self.data, self.config = data, config.resolved(int(np.prod(data.grid.shape)),
-                                                       data.projections.numel())
+        self.data, self.config = data, config.resolved_for(data)
         self.device = runtime.ensure()
         self.grid = data.grid
         self.projections = data.projections.to(self.device, torch.float32)

@@ -151,8 +151,7 @@ def fit_volume(volume: torch.Tensor, grid: VolumeGrid, num_gaussians: int = 0,
 
     g = Gaussians.from_physical(means, scales, quats, dens, scale_min, scale_max).requires_grad_()
     names = ("means", "scale_raw", "quat_raw", "density_raw")
-    opt = Adam([{"params": [p], "name": k} for k, p in zip(names, g.parameters())],
-                           lr=0.0, eps=1e-15)
+    opt = Adam([{"params": [p], "name": k} for k, p in zip(names, g.parameters())], lr=0.0, eps=1e-15)
     rates = {"means": tuple(r * vmin for r in lr_position), "scale_raw": lr_scale,
              "quat_raw": lr_rotation, "density_raw": lr_density}
     bshape = [min(block, s) for s in shape]
