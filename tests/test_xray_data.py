@@ -63,6 +63,35 @@ def test_rigid_transforms():
     np.testing.assert_allclose(moved.vectors[:, 0:3].numpy(), rigid.apply(t, geo.vectors[:, 0:3].numpy()))
 
 
+def test_batched_rigid_transforms_equal_one_at_a_time():
+    """Stacks of rotation vectors, transforms and poses give, row by row, what one call per
+    item gives (and Rodrigues in numpy equals the differentiable torch form, also near 0)."""
+    rng = np.random.default_rng(3)
+    rotvecs = np.concatenate([rng.normal(size=(6, 3)), 1e-4 * rng.normal(size=(2, 3)), np.zeros((1, 3))])
+    for w in rotvecs:
+        np.testing.assert_allclose(rigid.rotation_matrix(w), rigid.so3_exp(torch.from_numpy(w)).numpy(), atol=1e-14)
+    shifts, centres = rng.normal(size=(9, 3)) * 5, rng.normal(size=(9, 3)) * 20
+    stack = rigid.from_axis_angle(rotvecs, shifts, centres)
+    assert stack.shape == (9, 4, 4)
+    for k in range(9):
+        one = rigid.from_axis_angle(rotvecs[k], shifts[k], centres[k])
+        np.testing.assert_allclose(stack[k], one, atol=1e-13)
+        np.testing.assert_allclose(rigid.invert(stack)[k], rigid.invert(one), atol=1e-13)
+    for mode in ("cone", "parallel"):
+        geo = _geometry(3)
+        geo = geo if mode == "cone" else Geometry(geo.vectors, geo.det_shape, "parallel")
+        moved = rigid.transform_geometry(geo, stack)
+        assert moved.num_views == 27 and moved.mode == mode
+        single = torch.cat([rigid.transform_geometry(geo, m).vectors for m in stack])
+        torch.testing.assert_close(moved.vectors, single, atol=1e-10, rtol=0)
+    bad = stack.copy()
+    bad[4, 0, 0] = 2.0
+    with pytest.raises(RgsInputError, match="not rigid"):
+        rigid.transform_geometry(_geometry(), bad)
+    with pytest.raises(RgsInputError, match="finite 4x4"):
+        rigid.check_rigid_stack(np.zeros((2, 3, 3)))
+
+
 # --------------------------------------------------------------------------------------
 # PNG and TIFF
 # --------------------------------------------------------------------------------------

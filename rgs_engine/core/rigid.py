@@ -8,7 +8,8 @@ A transform ``T`` maps a point ``x`` to ``R x + t`` with ``T = [[R, t], [0, 0, 0
 * :func:`random_offset` — a rotation of exactly ``deg`` about a random axis and a
   translation of exactly ``mm`` in a random direction, from a seeded generator;
 * :func:`apply` / :func:`apply_directions` — to points / to direction vectors;
-* :func:`invert`, :func:`rotation_angle_deg`, :func:`check_rigid`;
+* :func:`invert`, :func:`rotation_angle_deg`, :func:`check_rigid` (:func:`check_rigid_stack`
+  for (P, 4, 4));
 * :func:`transform_geometry` — move every view of a :class:`~rgs_engine.core.geometry.Geometry`
   (sources and detector centres as points, ``u``, ``v`` and parallel ray directions as
   directions).
@@ -33,36 +34,58 @@ def check_rigid(matrix, name: str = "transform") -> np.ndarray:
         m = np.asarray(matrix, dtype=np.float64)
     except (TypeError, ValueError):
         raise RgsInputError(f"{name} must be a 4x4 matrix of numbers") from None
-    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+    if m.shape != (4, 4):
         raise RgsInputError(f"{name} must be a finite 4x4 matrix, got shape {m.shape}")
-    r = m[:3, :3]
-    if (np.abs(m[3] - [0, 0, 0, 1]).max() > RIGID_TOL
-            or np.abs(r @ r.T - np.eye(3)).max() > RIGID_TOL or np.linalg.det(r) <= 0):
+    return check_rigid_stack(m[None], name)[0]
+
+
+def check_rigid_stack(matrices, name: str = "transform") -> np.ndarray:
+    """``matrices`` as a float64 (P, 4, 4) array of proper rigid transforms (else raises)."""
+    m = np.asarray(matrices, dtype=np.float64)
+    if m.ndim != 3 or m.shape[1:] != (4, 4) or not np.all(np.isfinite(m)):
+        raise RgsInputError(f"{name} must be a finite 4x4 matrix, got shape {m.shape}")
+    r = m[:, :3, :3]
+    if (np.abs(m[:, 3] - [0, 0, 0, 1]).max(initial=0) > RIGID_TOL
+            or np.abs(r @ r.transpose(0, 2, 1) - np.eye(3)).max(initial=0) > RIGID_TOL
+            or (np.linalg.det(r) <= 0).any()):
         raise RgsInputError(f"{name} is not rigid (rotation + translation, last row 0 0 0 1): "
                             "pass a proper rigid 4x4 matrix without scaling, shear or mirroring")
     return m
 
 
-def rotation_matrix(rotvec: Sequence[float]) -> np.ndarray:
-    """3x3 rotation about ``rotvec`` by its length (radians), Rodrigues' formula."""
-    w = np.asarray(rotvec, dtype=np.float64).reshape(-1)
-    if w.shape != (3,) or not np.all(np.isfinite(w)):
+def rotation_matrix(rotvec) -> np.ndarray:
+    """Rotations about ``rotvec`` (..., 3) by their lengths (radians): (..., 3, 3), Rodrigues'
+    formula in float64 numpy (Taylor series of sin(t)/t and (1 - cos t)/t^2 below t^2 =
+    1e-4, as :func:`so3_exp`)."""
+    w = np.asarray(rotvec, dtype=np.float64)
+    if w.shape[-1:] != (3,) or not np.all(np.isfinite(w)):
         raise RgsInputError(f"rotation vector must be 3 finite numbers, got {rotvec!r}")
-    return so3_exp(torch.from_numpy(w)).numpy()
+    t2 = np.einsum("...i,...i->...", w, w)[..., None, None]
+    small = t2 < 1e-4
+    ts = np.sqrt(np.where(small, 1.0, t2))
+    a = np.where(small, 1 - t2 / 6 + t2 * t2 / 120, np.sin(ts) / ts)
+    b = np.where(small, 0.5 - t2 / 24 + t2 * t2 / 720, (1 - np.cos(ts)) / np.where(small, 1.0, t2))
+    k = np.zeros(w.shape + (3,))
+    k[..., 0, 1], k[..., 0, 2], k[..., 1, 2] = -w[..., 2], w[..., 1], -w[..., 0]
+    k[..., 1, 0], k[..., 2, 0], k[..., 2, 1] = w[..., 2], -w[..., 1], w[..., 0]
+    return np.eye(3) + a * k + b * (k @ k)
 
 
 def from_axis_angle(rotvec: Sequence[float] = (0.0, 0.0, 0.0),
                     translation: Sequence[float] = (0.0, 0.0, 0.0),
                     centre: Sequence[float] | None = None) -> np.ndarray:
     """``x -> R (x - c) + c + t``: rotate by ``rotvec`` (radians) about ``centre`` (default
-    the origin), then translate by ``translation`` (mm)."""
-    t = np.asarray(translation, dtype=np.float64).reshape(-1)
-    if t.shape != (3,) or not np.all(np.isfinite(t)):
+    the origin), then translate by ``translation`` (mm). Batched: ``rotvec``, ``translation``
+    and ``centre`` (..., 3) broadcast to (..., 4, 4) transforms."""
+    t = np.asarray(translation, dtype=np.float64)
+    if t.shape[-1:] != (3,) or not np.all(np.isfinite(t)):
         raise RgsInputError(f"translation must be 3 finite numbers (mm), got {translation!r}")
-    c = np.zeros(3) if centre is None else np.asarray(centre, dtype=np.float64).reshape(3)
-    out = np.eye(4)
-    out[:3, :3] = rotation_matrix(rotvec)
-    out[:3, 3] = c + t - out[:3, :3] @ c
+    r = rotation_matrix(rotvec)
+    c = np.zeros(3) if centre is None else np.asarray(centre, dtype=np.float64)
+    lead = np.broadcast_shapes(r.shape[:-2], t.shape[:-1], c.shape[:-1])
+    out = np.broadcast_to(np.eye(4), lead + (4, 4)).copy()
+    out[..., :3, :3] = r
+    out[..., :3, 3] = c + t - np.einsum("...ij,...j->...i", r, c)
     return out
 
 
@@ -87,12 +110,14 @@ def random_offset(mm: float, deg: float, rng: np.random.Generator | int,
 
 
 def invert(matrix) -> np.ndarray:
-    """Inverse of a rigid transform: ``[[R^T, -R^T t], [0, 1]]``."""
-    m = check_rigid(matrix)
-    out = np.eye(4)
-    out[:3, :3] = m[:3, :3].T
-    out[:3, 3] = -m[:3, :3].T @ m[:3, 3]
-    return out
+    """Inverse of a rigid transform: ``[[R^T, -R^T t], [0, 1]]``; of each of a stack (P, 4, 4)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    ms = check_rigid(m)[None] if m.ndim == 2 else check_rigid_stack(m)
+    rt = ms[:, :3, :3].transpose(0, 2, 1)
+    out = np.broadcast_to(np.eye(4), ms.shape).copy()
+    out[:, :3, :3] = rt
+    out[:, :3, 3] = -np.einsum("pij,pj->pi", rt, ms[:, :3, 3])
+    return out[0] if m.ndim == 2 else out
 
 
 def compose(*matrices) -> np.ndarray:
@@ -130,15 +155,16 @@ def rotation_angle_deg(matrix) -> float:
 def transform_geometry(geometry: Geometry, matrix) -> Geometry:
     """The same views moved by ``matrix``: cone sources and detector centres as points,
     ``u``, ``v`` (and parallel ray directions) as directions. Projecting a volume in the
-    moved geometry equals projecting the volume moved by ``invert(matrix)`` in the original."""
-    m = check_rigid(matrix)
-    vec = geometry.vectors.numpy().copy()
-    first = vec[:, 0:3]
-    vec[:, 0:3] = apply(m, first) if geometry.mode == "cone" else apply_directions(m, first)
-    vec[:, 3:6] = apply(m, vec[:, 3:6])
-    vec[:, 6:9] = apply_directions(m, vec[:, 6:9])
-    vec[:, 9:12] = apply_directions(m, vec[:, 9:12])
-    return Geometry(torch.from_numpy(vec), geometry.det_shape, geometry.mode)
+    moved geometry equals projecting the volume moved by ``invert(matrix)`` in the original.
+    A stack of P transforms (P, 4, 4) gives one geometry of P x V views, transform-major
+    (every view moved by the first transform, then by the second, ...)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    ms = check_rigid(m)[None] if m.ndim == 2 else check_rigid_stack(m)
+    vec = geometry.vectors.numpy().reshape(1, -1, 4, 3)  # (1, V, 4, 3): first, centre, u, v
+    out = np.einsum("pij,pvkj->pvki", ms[:, :3, :3], np.broadcast_to(vec, (ms.shape[0],) + vec.shape[1:]))
+    points = [0, 1] if geometry.mode == "cone" else [1]  # the rest are directions
+    out[:, :, points] += ms[:, None, None, :3, 3]
+    return Geometry(torch.from_numpy(out.reshape(-1, 12)), geometry.det_shape, geometry.mode)
 
 
 # --------------------------------------------------------------------------------------

@@ -180,9 +180,12 @@ def _climb_moves(s: np.ndarray, step: np.ndarray) -> np.ndarray:
     return np.clip(move, -step, step)
 
 
-def _moved_about(poses: list[np.ndarray], moves: np.ndarray, centre_ct: np.ndarray) -> list[np.ndarray]:
-    """Each pose (4x4) moved by ``D(move)`` about its own image of ``centre_ct``."""
-    return [rigid.from_axis_angle(m[:3], m[3:], rigid.apply(p, centre_ct)) @ p for p, m in zip(poses, moves)]
+def _moved_about(poses, moves: np.ndarray, centre_ct: np.ndarray) -> np.ndarray:
+    """Each pose of ``poses`` (K, 4, 4) moved by ``D(move)`` (``moves`` (K, 6)) about its own
+    image of ``centre_ct``: (K, 4, 4)."""
+    poses = np.asarray(poses, dtype=np.float64)
+    centres = np.einsum("kij,j->ki", poses[:, :3, :3], centre_ct) + poses[:, :3, 3]
+    return rigid.from_axis_angle(moves[:, :3], moves[:, 3:], centres) @ poses
 
 
 def _view_peaks(profiles: np.ndarray, offsets_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,8 +258,7 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     step0 = np.array([step_mm / lever] * 3 + [step_mm] * 3)
     step, first = step0.copy(), None
     for _ in range(max(1, polish_steps)):
-        trial = _moved_about([p for p in joint for _ in range(13)], np.tile(_pattern(step), (len(joint), 1)),
-                             centre_ct)
+        trial = _moved_about(np.repeat(joint, 13, axis=0), np.tile(_pattern(step), (len(joint), 1)), centre_ct)
         s = np.asarray(score(trial), dtype=np.float64).reshape(len(joint), 13, -1)  # (K, 13, V)
         if first is None:
             first = s[0]  # (13, V) around the pose

@@ -87,10 +87,12 @@ CANDIDATE_BATCH_PIXELS = 1 << 20  # pixels per batched candidate splat
 # --------------------------------------------------------------------------------------
 # Poses
 # --------------------------------------------------------------------------------------
-def delta_matrix(xi: Sequence[float], centre: Sequence[float]) -> np.ndarray:
-    """``D(xi)`` as a 4x4: ``y -> R(xi[:3]) (y - c) + c + xi[3:]``."""
-    xi = np.asarray(xi, dtype=np.float64).reshape(6)
-    return rigid.from_axis_angle(xi[:3], xi[3:], centre)
+def delta_matrix(xi, centre: Sequence[float]) -> np.ndarray:
+    """``D(xi)`` as a 4x4: ``y -> R(xi[:3]) (y - c) + c + xi[3:]``; (..., 4, 4) of ``xi`` (..., 6)."""
+    xi = np.asarray(xi, dtype=np.float64)
+    if xi.shape[-1:] != (6,):
+        raise RgsInputError(f"pose vectors must have shape (..., 6), got {xi.shape}")
+    return rigid.from_axis_angle(xi[..., :3], xi[..., 3:], centre)
 
 
 def _pose_torch(xi: torch.Tensor, init: torch.Tensor, c: torch.Tensor, q_init: torch.Tensor
@@ -255,9 +257,10 @@ def render(params: dict[str, torch.Tensor], pose, geometry: Geometry) -> torch.T
         return splat(means, p["scales"], quats, p["densities"], geometry)
 
 
-def score_poses(level: _Level, poses: list[np.ndarray]) -> np.ndarray:
-    """(P, V) per-view similarity at ``level`` of each pose (4x4 CT -> X-ray), splatting the
-    untouched Gaussians into the views moved by each pose's inverse (several poses per launch)."""
+def score_poses(level: _Level, poses) -> np.ndarray:
+    """(P, V) per-view similarity at ``level`` of each pose of ``poses`` ((P, 4, 4) or a
+    list of 4x4, CT -> X-ray), splatting the untouched Gaussians into the views moved by each
+    pose's inverse (several poses, one geometry per launch)."""
     geo = level.geometry
     h, w = geo.det_shape
     per = max(1, CANDIDATE_BATCH_PIXELS // (h * w * geo.num_views))
@@ -265,8 +268,7 @@ def score_poses(level: _Level, poses: list[np.ndarray]) -> np.ndarray:
     with torch.no_grad():
         for s in range(0, len(poses), per):
             chunk = poses[s:s + per]
-            vec = torch.cat([rigid.transform_geometry(geo, rigid.invert(p)).vectors for p in chunk])
-            drr = level.drr(level.means, level.quats, Geometry(vec, geo.det_shape, geo.mode))
+            drr = level.drr(level.means, level.quats, rigid.transform_geometry(geo, rigid.invert(np.stack(chunk))))
             drr = drr.reshape(len(chunk), geo.num_views, h, w)
             sim = level.similarity(drr)
             scores.append(sim.cpu())
@@ -492,11 +494,11 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                     coarse.match_each(drr0)
                 else:
                     coarse.match(drr0)
-        sims = score_poses(coarse, [delta_matrix(x, c_x) @ init_m for x in offs]).mean(axis=1)
+        sims = score_poses(coarse, delta_matrix(offs, c_x) @ init_m).mean(axis=1)
         # second pass: a Sobol set a quarter the size of the range around each of the best few
         local = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), capture_mm / 4, capture_deg / 4, seed + 1)
         near = np.concatenate([offs[i] + local for i in np.argsort(-sims)[:LOCAL_SEEDS]])
-        sims = np.concatenate([sims, score_poses(coarse, [delta_matrix(x, c_x) @ init_m for x in near]).mean(axis=1)])
+        sims = np.concatenate([sims, score_poses(coarse, delta_matrix(near, c_x) @ init_m).mean(axis=1)])
         offs = np.concatenate([offs, near])
         order = np.argsort(-sims)[:max(1, keep)]
         if keep > 1 and 0 not in order:  # init (row 0) is always one of several starts
