@@ -38,11 +38,8 @@ a detector or display contrast curve, inverted polarity).
 
 ``success`` and ``estimated_error_mm`` come from :func:`.confidence.assess` (restart
 agreement, peak offset, per-view agreement; ``threshold`` is only its similarity floor).
-The confidence module's docstring holds its measurements (real chest CT, CPU sizes). Before
-the mask and the contrast match, issue 19's detector-like T12 case (15 mm / 5 deg start)
-ended 4.05 mm off and was flagged; a similar case here (15 mm / 3.75 deg, 160^2 views) ends
-1.0 mm off, estimated 0.76 mm. Not yet
-measured on the GPU sweep (speed, calibration over many cases).
+Measurements: ``validation/registration.md`` (the sweep), ``validation/registration_design.md``
+(what chose the defaults).
 """
 from __future__ import annotations
 
@@ -290,59 +287,25 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     The global stage scores ``candidates`` poses (0 skips it) within ``capture_mm`` /
     ``capture_deg`` of ``init`` at the coarsest scale; the ``keep`` best (with ``keep`` > 1,
     ``init`` always among them) climb that scale, and the one scoring best at full resolution
-    goes on through the finer scales. ``keep`` 3 is not the default. Measured on CPU
-    (``validation/registration_diag.py``, full size, the H100 sweep's trials rebuilt,
-    Gaussians refitted): of the sweep's three T4 failures on detector-like images, two (7.19
-    and 16.17 mm with one start) ended at 0.83 and 0.76 mm with ``keep`` 3, both flagged
-    (0.76 mm also with 2); the third (11.3 mm) stayed, refused: there the full-resolution
-    similarity prefers the wrong pose (0.699 against the truth's 0.681). Three successes
-    (clean T12, distorted T8, processed T4) ended at 0.53 / 0.57 / 0.62 mm against 0.53 /
-    0.64 / 0.71 mm with one start; CPU 36 s against 33 s a registration. Ten more trials
-    (other patient x2, moved patient x3, five right poses and a 2.05 mm T4 failure) ended
-    within 0.15 mm of one start's result (other patient T12: 29.0 against 39.2 mm), with the
-    same decisions: no wrong pose flagged either way. But on the toy of
-    ``tests/test_registration_confidence.py`` (64^2 views of 3 mm voxels, a collimation
-    border and a label, 5 mm start) the third start won by 1e-4 of similarity and ended
-    2.5 mm off, estimated 1.27 mm and flagged (one start: 1.2 mm off, refused): near-equal
-    scores of distant coarse ends. That ambiguity is now part of the estimate (the rival
-    basin, :func:`.confidence.rival_mm`), which refuses that pose. On the H100 sweep's first 59
-    trials (``validation/registration_keep3.md``, 3 per bin, the same starts as the default's
-    ``registration.md``) ``keep`` 3 and one start both succeeded on all 53 right poses of the
-    clean, distorted and processed bins and flagged none of the 6 wrong ones; ``keep`` 3
-    flagged 49 right poses against 50, in a median 2.44 s against 1.30 s: twice the time for
-    no gain there, so one start stays the default.
-    Adam's learning rates start at ``lr_mm`` (translation) and ``lr_deg`` (rotation) and shrink
-    by :data:`LR_DECAY` at each finer scale. ``blur`` widens the Gaussians at coarse scales by that many coarse
-    pixels (at the object).
+    goes on through the finer scales (``keep`` > 1 adds :func:`.confidence.rival_mm`'s rival
+    basin to the estimate). Adam's learning rates start at ``lr_mm`` (translation) and
+    ``lr_deg`` (rotation) and shrink by :data:`LR_DECAY` at each finer scale. ``blur`` widens
+    the Gaussians at coarse scales by that many coarse pixels (at the object).
 
     ``mask`` drops the X-ray pixels that show no anatomy (:mod:`.masking`); ``match`` puts the
     X-rays in the DRR's contrast at each refinement scale's start pose and, in the global
     stage, with ``match_each``, in each candidate's own contrast (:class:`.similarity.RankMatch`;
-    without it, in the contrast of the DRR at ``init``). One match at ``init`` distorts the
-    X-rays when ``init`` is far off. Measured on CPU on trials of the full-size sweep
-    (``validation/registration_diag.py``, seed 0): on two clean 20-35 mm starts the true
-    pose scored 0.70 / 0.88 at the global scale (0.90 / 0.90 unmatched, 0.89 / 0.90 matched
-    per candidate); the global stage's best candidate, 12-28 mm (mTRE) from the truth on the
-    sweep's 6 failed starts, lies 4.6-18 mm from it matched per candidate (clean: 12.6 ->
-    4.6, 22.1 -> 7.2, 14.2 -> 9.2 mm; distorted: 12.1 -> 8.7, 27.6 -> 18.4, 13.4 -> 13.4 mm;
-    in the sweep every start within 12 mm ended below 2 mm). At the CPU size
-    (``--size cpu --seed 2 --trials 1 --labels 36,38,40 --groups clean,distorted``: 13
-    T8 trials) 10 starts were unchanged and 3 worse (7.1 -> 10.7, 3.8 -> 14.8, 4.5 -> 9.0
-    mm), all 13 registrations still ended below 2 mm (median 0.84 mm either way). Same
-    scored poses; one sort per candidate and view.
+    without it, in the contrast of the DRR at ``init``, which distorts the X-rays when
+    ``init`` is far off).
 
     ``context`` (optional, same dict form): Gaussians of everything around the structure
     that ``params`` describes, e.g. the rest of the CT around one vertebra
-    (:func:`rgs_engine.registration.ct_gaussians.gaussians_for_ct` with ``complement``), so that the DRR
-    shows all the anatomy the X-rays show. The global stage and the first
+    (:func:`rgs_engine.registration.ct_gaussians.gaussians_for_ct` with ``complement``), so that
+    the DRR shows all the anatomy the X-rays show. The global stage and the first
     ``context_scales`` scales (default: all) move structure and context together (the
     anatomy around the structure tells neighbouring vertebrae apart); finer scales, if any,
     give the context a pose of its own, so the pose found is the structure's alone
-    (history's ``context_offset`` says how far the two parted). Measured on the chest CT of
-    ``validation/registration.py`` (rigid motion, 21 starts): context moving with the
-    vertebra at all three scales 0.17-0.47 mm mean mTRE per bin; freed at the finest scale
-    0.8-1.3 mm, at the two finer scales 1.2-1.6 mm (the context's pose is poorly
-    constrained in the vertebra's window).
+    (history's ``context_offset`` says how far the two parted).
 
     Only a window of each view is compared: the projection of ``params`` at the current pose
     grown by ``margin_mm`` (at the object), or by ``context_margin_mm`` while structure and
@@ -356,32 +319,9 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     last step there) and a last ``truth`` stage (the full-resolution score ``similarity`` is).
     ``progress(stage, done, total)`` is called as the stages advance.
 
-    Fewer steps (issue 19; not the default yet): measured on CPU (loaded 2-core machine) at
-    full size on 12 trials of the H100 sweep (clean and distorted, 10-30 mm starts, seed 0,
-    rebuilt as ``validation/registration_diag.py`` does, each variant from the same global
-    stage). The first Adam step of a finer scale moves every coordinate by the whole rate (1
-    mm / 0.5 deg at scale 2), after which the pose wanders 0.2-0.4 mm (mTRE) for similarity
-    changes of about 1e-3. With :data:`LR_DECAY` 0.25 and ``steps`` (30, 10, 6) (46 steps
-    instead of 65; the diagnosis's ``--variants '{"new": {"LR_DECAY": 0.25, "steps": [30,
-    10, 6]}}'``) the 12 end where the defaults do: median mTRE 0.28 -> 0.29 mm, largest 0.72
-    -> 0.71 mm, per trial -0.12 to +0.06 mm, none above 2 mm. But on the toy of
-    ``tests/test_registration.py`` (64^2 views, its coarse scale leaves more to the finer
-    ones) its 5 mm / 3 deg seed-1 start then ends 0.83 mm off and is refused: the finer
-    scales' rate would have to follow the coarse scale's pitch. With the rate halving, fewer
-    steps cost accuracy at full size: (30, 10, 6) +0.13 mm median (8 trials); (20, 12, 8)
-    +0.03 mm median but a 25 mm start ended 1.08 mm off (0.15 mm with the defaults: 20
-    coarse steps left it 3.3 mm off); (15, 10, 6) 2.21 and 1.99 mm on two. An early stop (the
-    pose moved less than 0.25 mm over 5 steps) ended 1 of 12 scales early on 4 trials.
-
-    Speed: each refinement step is a few hundred small kernel launches, so launches, not GPU
-    work, set the pace. The X-rays' contrast match at each scale's start and the
-    full-resolution scores use the DRR they are matched to (one splat fewer per scale and per
-    score). The pose's quaternion comes straight from the rotation vector
-    (:func:`rigid.axis_angle_quat`) and the Gaussians move by two matrix products
-    (:func:`rigid.rigid_transform_gaussians` with that quaternion), structure and context in
-    one call while they move together: 27.5k instead of 60.5k launches per registration, and
-    0.56 s instead of 0.90 s per registration (median) in ``validation/registration.py`` on
-    an NVIDIA H200, with the same success rates.
+    The measurements behind these defaults (one start, per-candidate contrast match, context
+    moving with the structure at every scale, the step counts) and what was tried instead:
+    ``validation/registration_design.md``.
     """
     t0 = time.perf_counter()
     if not isinstance(xrays, XRaySet):
