@@ -48,6 +48,22 @@ def test_similarity_pool_and_coarse_geometry():
         windows.coarse_geometry(geo, 16)
 
 
+def test_view_similarity_is_the_mean_of_ncc_and_gradient_ncc():
+    """The one-pass form (three channels, one weighted NCC) equals the definition, in value
+    and in gradient, with and without pixel weights, for batched views."""
+    g = torch.Generator().manual_seed(5)
+    drr = torch.rand(3, 2, 17, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    xray = 0.4 * drr.detach() + torch.rand(3, 2, 17, 11, generator=g, dtype=torch.float64)
+    mask = (torch.rand(2, 17, 11, generator=g) > 0.25).double().expand(3, 2, 17, 11)
+    for w in (None, mask):
+        fast = reg.view_similarity(drr, xray, w)
+        slow = 0.5 * (reg.ncc(drr, xray, w) + reg.gradient_ncc(drr, xray, w))
+        assert fast.shape == (3, 2)
+        torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+        grads = [torch.autograd.grad(v.square().sum(), drr)[0] for v in (fast, slow)]
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=0)
+
+
 def test_rank_match_puts_the_xray_in_each_drrs_contrast():
     """Each DRR of a batch gets its own exact quantile match: a monotone curve (also an
     inverted one) between X-ray and DRR is undone, masked pixels are left out."""

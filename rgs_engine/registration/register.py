@@ -358,10 +358,12 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
 
     gauss = p if ctx is None else {k: torch.cat([p[k], ctx[k]]) for k in p}
     n_struct = p["means"].shape[0]
-    init_t = torch.as_tensor(init_m, dtype=torch.float32, device=dev)
+    # the pose vectors and their algebra live on the host in float64 (a few dozen tiny ops
+    # per step that would each be a kernel launch on a GPU); one packed upload per DRR
+    init_t = torch.as_tensor(init_m, dtype=torch.float64)
     q_init = rigid.rotmat_to_quat(init_t[:3, :3])
-    c_t = torch.as_tensor(c_x, dtype=torch.float32, device=dev)
-    lr_vec = torch.tensor([math.radians(lr_deg)] * 3 + [lr_mm] * 3, dtype=torch.float32, device=dev)
+    c_t = torch.as_tensor(c_x, dtype=torch.float64)
+    lr_vec = torch.tensor([math.radians(lr_deg)] * 3 + [lr_mm] * 3, dtype=torch.float64)
 
     def pose_of(z: torch.Tensor) -> np.ndarray:
         return delta_matrix((z.detach() * lr_vec).double().cpu().numpy(), c_x) @ init_m
@@ -371,13 +373,24 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         return _Level(factor, geo, images, weights, Crop.around(geo, rigid.apply(pose, means_np), margin / pitch),
                       gauss, c_x, blur)
 
+    def uploaded(zs: list[torch.Tensor]) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """``((R, t), q)`` of each pose vector of ``zs`` (host, float64), on the Gaussians'
+        device and dtype in one copy (differentiable)."""
+        packed = []
+        for zz in zs:
+            (r, t), q = _pose_torch(zz * lr_vec, init_t, c_t, q_init)
+            packed += [r.reshape(9), t, q]
+        flat = torch.cat(packed).to(device=dev, dtype=torch.float32)
+        return [((flat[16 * k:16 * k + 9].reshape(3, 3), flat[16 * k + 9:16 * k + 12]), flat[16 * k + 12:16 * k + 16])
+                for k in range(len(zs))]
+
     def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
         """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
-        ps, q = _pose_torch(z * lr_vec, init_t, c_t, q_init)
         if zc is None:  # everything moves together: one transform
+            [(ps, q)] = uploaded([z])
             return lvl.drr(*rigid.rigid_transform_gaussians(lvl.means, lvl.quats, ps, q))
+        (ps, q), (pc, qc) = uploaded([z, zc])
         means, quats = rigid.rigid_transform_gaussians(lvl.means[:n_struct], lvl.quats[:n_struct], ps, q)
-        pc, qc = _pose_torch(zc * lr_vec, init_t, c_t, q_init)
         mc, qc = rigid.rigid_transform_gaussians(lvl.means[n_struct:], lvl.quats[n_struct:], pc, qc)
         return lvl.drr(torch.cat([means, mc]), torch.cat([quats, qc]))
 
@@ -400,7 +413,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     z_truth = None
     if ground_truth is not None:
         truth_xi = delta_xi(rigid.check_rigid(ground_truth, "ground truth pose") @ rigid.invert(init_m), c_x)
-        z_truth = torch.as_tensor(truth_xi, dtype=torch.float32, device=dev) / lr_vec
+        z_truth = torch.as_tensor(truth_xi, dtype=torch.float64) / lr_vec
     untimed = [0.0]  # seconds spent on those diagnostics, left out of ``seconds``
 
     def elapsed() -> float:
@@ -417,7 +430,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         untimed[0] += time.perf_counter() - t
         return value
 
-    zero = torch.zeros(6, dtype=torch.float32, device=dev)
+    zero = torch.zeros(6, dtype=torch.float64)
     initial = final_score(zero, None)
     history.append({"stage": "init", "similarity": initial})
 
@@ -494,7 +507,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     runs = []
     for k, x0 in enumerate(starts):
         # optimise unit-scaled vectors: xi = z * lr_vec, Adam's lr 1 moves ~lr_vec per step
-        run = {"start": k, "x0": x0, "z": (torch.as_tensor(x0, dtype=torch.float32, device=dev) / lr_vec).requires_grad_(),
+        run = {"start": k, "x0": x0, "z": (torch.as_tensor(x0, dtype=torch.float64) / lr_vec).requires_grad_(),
                "zc": None, "trace": []}
         climb(run, 0)
         runs.append(run)

@@ -66,9 +66,32 @@ def gradient_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None
     return out
 
 
+_CHANNEL_WEIGHTS = (0.5, 0.25, 0.25)  # view_similarity: the image's NCC, each difference's
+
+
+def _channels(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W): ``x`` (..., H, W), its column and its row differences (zero-padded to H x W)."""
+    return torch.stack([x, F.pad(x.diff(dim=-1), (0, 1)), F.pad(x.diff(dim=-2), (0, 0, 0, 1))], dim=-3)
+
+
+def _channel_weights(w: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Weights (..., 3, H, W) of :func:`_channels`: a difference counts where both of its
+    pixels have weight (their product); the padding has none."""
+    if w is None:
+        w = torch.ones((1, 1), dtype=like.dtype, device=like.device).expand(like.shape[-2:])
+    wx = F.pad(w[..., :, 1:] * w[..., :, :-1], (0, 1))
+    wy = F.pad(w[..., 1:, :] * w[..., :-1, :], (0, 0, 0, 1))
+    return torch.stack([w, wx, wy], dim=-3)
+
+
 def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-    """(NCC + gradient NCC) / 2 per view: (..., H, W) -> (...)."""
-    return 0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))
+    """(NCC + gradient NCC) / 2 per view: (..., H, W) -> (...). The same value as
+    ``0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))``, computed as one weighted NCC
+    over the three channels of :func:`_channels` (a third of the kernel launches)."""
+    wc = _channel_weights(w, drr)
+    c = ncc(_channels(drr), _channels(xray), wc)
+    coef = torch.tensor(_CHANNEL_WEIGHTS, dtype=c.dtype, device=c.device)
+    return (c * coef).sum(dim=-1)
 
 
 def pool(images: torch.Tensor, factor: int) -> torch.Tensor:
