@@ -62,6 +62,11 @@ def test_view_similarity_is_the_mean_of_ncc_and_gradient_ncc():
         torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
         grads = [torch.autograd.grad(v.square().sum(), drr)[0] for v in (fast, slow)]
         torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=0)
+    # one X-ray pair (V=2) against a batch of DRRs: the target computed once and reused
+    target = similarity.SimilarityTarget(xray[0], mask[0])
+    for _ in range(2):
+        torch.testing.assert_close(target(drr), reg.view_similarity(drr, xray[0].expand_as(drr), mask),
+                                   atol=1e-12, rtol=0)
 
 
 def test_rank_match_puts_the_xray_in_each_drrs_contrast():

@@ -61,6 +61,7 @@ from . import confidence
 from .masking import exposure_mask
 from .similarity import (  # noqa: F401 (API)
     RankMatch,
+    SimilarityTarget,
     gradient_ncc,
     match_contrast,
     ncc,
@@ -170,6 +171,7 @@ class _Level:
         self.raw = pool(crop.images(xrays), factor)
         self.xrays = self.raw
         self.rank: RankMatch | None = None
+        self._target: SimilarityTarget | None = None  # the X-rays' side of the similarity
         self.weights = pool_weights(crop.images(weights), factor)
         self.means, self.quats = params["means"], params["quats"]
         blur_mm = blur * _object_pitch(self.geometry, centre_xray) if factor > 1 else 0.0
@@ -183,6 +185,7 @@ class _Level:
         """Map the X-rays through the monotone contrast curve that matches them to ``drr``
         (this level's DRR at a reference pose): :func:`match_contrast`."""
         self.xrays = match_contrast(self.raw, drr.detach(), self.weights)
+        self._target = None
 
     def match_each(self, drr: torch.Tensor) -> None:
         """Match the X-rays to every DRR that :meth:`similarity` is given (:class:`RankMatch`),
@@ -191,8 +194,11 @@ class _Level:
 
     def similarity(self, drr: torch.Tensor) -> torch.Tensor:
         """Per-view :func:`view_similarity` of ``drr`` (..., V, h, w) and the X-rays (...,  V)."""
-        xrays = self.xrays.expand_as(drr) if self.rank is None else self.rank(drr.detach())
-        return view_similarity(drr, xrays, self.weights.expand_as(drr))
+        if self.rank is not None:
+            return view_similarity(drr, self.rank(drr.detach()), self.weights.expand_as(drr))
+        if self._target is None:
+            self._target = SimilarityTarget(self.xrays, self.weights)
+        return self._target(drr)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ contrast match.
 All functions take images ``(..., H, W)`` and optional weights ``w`` of the same shape (1 =
 compare the pixel, 0 = ignore it, e.g. from :func:`rgs_engine.registration.masking.exposure_mask`).
 
-* :func:`ncc` / :func:`gradient_ncc` / :func:`view_similarity`: normalised cross-correlation
+* :func:`ncc` / :func:`gradient_ncc` / :func:`view_similarity` (:class:`SimilarityTarget`): normalised cross-correlation
   of the images and of their finite differences, over the weighted pixels. NCC is invariant
   to an affine change of contrast only.
 * :func:`match_contrast`: the X-ray's values mapped through the monotone curve that gives
@@ -84,14 +84,35 @@ def _channel_weights(w: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor
     return torch.stack([w, wx, wy], dim=-3)
 
 
+class SimilarityTarget:
+    """The X-ray side of :func:`view_similarity`, computed once for many DRRs: ``xray``
+    (..., H, W) and its pixel weights ``w`` (same shape; None: all pixels). Calling it on
+    ``drr`` (..., H, W; leading dims broadcasting against the X-ray's) gives
+    ``view_similarity(drr, xray, w)``: one weighted NCC over the three channels of
+    :func:`_channels` against the X-ray's centred, weighted channels."""
+
+    def __init__(self, xray: torch.Tensor, w: torch.Tensor | None = None):
+        self.w = _channel_weights(w, xray)  # (..., 3, H, W)
+        b = _channels(xray)
+        self.wsum = self.w.sum(dim=(-2, -1), keepdim=True).clamp_min(EPS)
+        centred = (b - (b * self.w).sum(dim=(-2, -1), keepdim=True) / self.wsum) * self.w
+        self.bw = centred * self.w  # the numerator's weights: w^2 (b - mean)
+        self.norm2 = centred.square().sum(dim=(-2, -1))
+        self.coef = torch.tensor(_CHANNEL_WEIGHTS, dtype=xray.dtype, device=xray.device)
+
+    def __call__(self, drr: torch.Tensor) -> torch.Tensor:
+        a = _channels(drr)
+        a = a - (a * self.w).sum(dim=(-2, -1), keepdim=True) / self.wsum
+        num = (a * self.bw).sum(dim=(-2, -1))
+        den = ((a * self.w).square().sum(dim=(-2, -1)) * self.norm2 + EPS).sqrt()
+        return (num / den * self.coef).sum(dim=-1)
+
+
 def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """(NCC + gradient NCC) / 2 per view: (..., H, W) -> (...). The same value as
-    ``0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))``, computed as one weighted NCC
-    over the three channels of :func:`_channels` (a third of the kernel launches)."""
-    wc = _channel_weights(w, drr)
-    c = ncc(_channels(drr), _channels(xray), wc)
-    coef = torch.tensor(_CHANNEL_WEIGHTS, dtype=c.dtype, device=c.device)
-    return (c * coef).sum(dim=-1)
+    ``0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))``, computed in one pass
+    (:class:`SimilarityTarget`; reuse one for many DRRs of the same X-rays)."""
+    return SimilarityTarget(xray, None if w is None else w.expand(torch.broadcast_shapes(w.shape, xray.shape)))(drr)
 
 
 def pool(images: torch.Tensor, factor: int) -> torch.Tensor:
