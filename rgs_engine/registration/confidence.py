@@ -93,7 +93,11 @@ view disagreement 2.0 mm), 2.68 and 2.73 mm: no bound flags the first without ne
 the others, so the bound stays. Re-run on CPU (``validation/registration_confidence.py``), 6
 instead of 4 polish steps brought a refused right pose's restarts closer (estimate 1.99 to
 1.87 mm; their similarity still 1-6e-3 below the pose's) and left the moved patient at 2.16 mm;
-8 restarts raised both (2.11 / 2.30 mm).
+8 restarts raised both (2.11 / 2.30 mm). Held out (the same protocol at full size with seeds 1
+and 2, on a CPU; ``validation/registration_design.md``): 1 of 26 wrong poses flagged, a
+moved-patient T10 pair 6.45 mm off, estimated 1.02 mm, whose AP view scores its own pose only
+0.009 above the registered one (no single-axis scan shows it): this decision does not catch a
+patient who moves along a direction one view barely sees.
 
 Cost: ``polish_steps`` x (``restarts`` + 1) x 13 + 6 x (2 :data:`SCAN_MM` / :data:`SCAN_STEP_MM`
 + 1) scored poses (338 by default) in batched splats, at a detector pooled to about 0.8 mm at
