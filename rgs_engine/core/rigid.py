@@ -53,6 +53,13 @@ def check_rigid_stack(matrices, name: str = "transform") -> np.ndarray:
     return m
 
 
+def _as_stack(matrix) -> tuple[np.ndarray, bool]:
+    """``matrix`` (4, 4) or a stack (P, 4, 4) of rigid transforms as a checked (P, 4, 4)
+    float64 array, and whether it was a single 4x4."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return (check_rigid(m)[None], True) if m.ndim == 2 else (check_rigid_stack(m), False)
+
+
 def rotation_matrix(rotvec) -> np.ndarray:
     """Rotations about ``rotvec`` (..., 3) by their lengths (radians): (..., 3, 3), Rodrigues'
     formula in float64 numpy (Taylor series of sin(t)/t and (1 - cos t)/t^2 below t^2 =
@@ -111,13 +118,12 @@ def random_offset(mm: float, deg: float, rng: np.random.Generator | int,
 
 def invert(matrix) -> np.ndarray:
     """Inverse of a rigid transform: ``[[R^T, -R^T t], [0, 1]]``; of each of a stack (P, 4, 4)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    ms = check_rigid(m)[None] if m.ndim == 2 else check_rigid_stack(m)
+    ms, single = _as_stack(matrix)
     rt = ms[:, :3, :3].transpose(0, 2, 1)
     out = np.broadcast_to(np.eye(4), ms.shape).copy()
     out[:, :3, :3] = rt
     out[:, :3, 3] = -np.einsum("pij,pj->pi", rt, ms[:, :3, 3])
-    return out[0] if m.ndim == 2 else out
+    return out[0] if single else out
 
 
 def compose(*matrices) -> np.ndarray:
@@ -158,8 +164,7 @@ def transform_geometry(geometry: Geometry, matrix) -> Geometry:
     moved geometry equals projecting the volume moved by ``invert(matrix)`` in the original.
     A stack of P transforms (P, 4, 4) gives one geometry of P x V views, transform-major
     (every view moved by the first transform, then by the second, ...)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    ms = check_rigid(m)[None] if m.ndim == 2 else check_rigid_stack(m)
+    ms, _ = _as_stack(matrix)
     vec = geometry.vectors.numpy().reshape(1, -1, 4, 3)  # (1, V, 4, 3): first, centre, u, v
     out = np.einsum("pij,pvkj->pvki", ms[:, :3, :3], np.broadcast_to(vec, (ms.shape[0],) + vec.shape[1:]))
     points = [0, 1] if geometry.mode == "cone" else [1]  # the rest are directions

@@ -372,7 +372,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     lr_vec = torch.tensor([math.radians(lr_deg)] * 3 + [lr_mm] * 3, dtype=torch.float64)
 
     def pose_of(z: torch.Tensor) -> np.ndarray:
-        return delta_matrix((z.detach() * lr_vec).double().cpu().numpy(), c_x) @ init_m
+        return delta_matrix((z.detach() * lr_vec).numpy(), c_x) @ init_m
 
     def level(factor: int, pose: np.ndarray, margin: float) -> _Level:
         """All Gaussians at ``factor`` on the window around the structure at ``pose``."""
