@@ -70,6 +70,11 @@ def test_batched_rigid_transforms_equal_one_at_a_time():
     rotvecs = np.concatenate([rng.normal(size=(6, 3)), 1e-4 * rng.normal(size=(2, 3)), np.zeros((1, 3))])
     for w in rotvecs:
         np.testing.assert_allclose(rigid.rotation_matrix(w), rigid.so3_exp(torch.from_numpy(w)).numpy(), atol=1e-14)
+        np.testing.assert_allclose(rigid.rotation_quat(w), rigid.axis_angle_quat(torch.from_numpy(w)).numpy(), atol=1e-14)
+    np.testing.assert_allclose(rigid.rotation_quat(rotvecs), np.stack([rigid.rotation_quat(w) for w in rotvecs]))
+    qa, qb = rng.normal(size=(2, 5, 4))
+    np.testing.assert_allclose(rigid.quat_product(qa, qb),
+                               rigid.quat_multiply(torch.from_numpy(qa), torch.from_numpy(qb)).numpy(), atol=1e-14)
     shifts, centres = rng.normal(size=(9, 3)) * 5, rng.normal(size=(9, 3)) * 20
     stack = rigid.from_axis_angle(rotvecs, shifts, centres)
     assert stack.shape == (9, 4, 4)

@@ -10,6 +10,9 @@ A transform ``T`` maps a point ``x`` to ``R x + t`` with ``T = [[R, t], [0, 0, 0
 * :func:`apply` / :func:`apply_directions` — to points / to direction vectors;
 * :func:`invert`, :func:`rotation_angle_deg`, :func:`check_rigid` (:func:`check_rigid_stack`
   for (P, 4, 4));
+* :func:`rotation_matrix` / :func:`rotation_quat` / :func:`quat_product` — Rodrigues, the
+  quaternion of a rotation vector and the Hamilton product in numpy, batched (the host forms
+  of the differentiable torch ones below; analytic, so complex-step derivatives work);
 * :func:`transform_geometry` — move every view of a :class:`~rgs_engine.core.geometry.Geometry`
   (sources and detector centres as points, ``u``, ``v`` and parallel ray directions as
   directions).
@@ -26,6 +29,9 @@ from .errors import RgsInputError, check_tensor
 from .geometry import Geometry
 
 RIGID_TOL = 1e-6
+# L(q) p = q * p: L(q) = q[_LEFT_INDEX] * _LEFT_SIGN (Hamilton product, (w, x, y, z))
+_LEFT_INDEX = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]])
+_LEFT_SIGN = torch.tensor([[1, -1, -1, -1], [1, 1, -1, 1], [1, 1, 1, -1], [1, -1, 1, 1]])
 
 
 def check_rigid(matrix, name: str = "transform") -> np.ndarray:
@@ -60,22 +66,51 @@ def _as_stack(matrix) -> tuple[np.ndarray, bool]:
     return (check_rigid(m)[None], True) if m.ndim == 2 else (check_rigid_stack(m), False)
 
 
+def _rotvec(rotvec) -> np.ndarray:
+    """``rotvec`` (..., 3) as float64, or as complex128 when it is complex (complex-step
+    derivatives); raises unless finite."""
+    w = np.asarray(rotvec)
+    w = w.astype(np.complex128 if np.iscomplexobj(w) else np.float64)
+    if w.shape[-1:] != (3,) or not np.all(np.isfinite(w)):
+        raise RgsInputError(f"rotation vector must be 3 finite numbers, got {rotvec!r}")
+    return w
+
+
 def rotation_matrix(rotvec) -> np.ndarray:
     """Rotations about ``rotvec`` (..., 3) by their lengths (radians): (..., 3, 3), Rodrigues'
     formula in float64 numpy (Taylor series of sin(t)/t and (1 - cos t)/t^2 below t^2 =
-    1e-4, as :func:`so3_exp`)."""
-    w = np.asarray(rotvec, dtype=np.float64)
-    if w.shape[-1:] != (3,) or not np.all(np.isfinite(w)):
-        raise RgsInputError(f"rotation vector must be 3 finite numbers, got {rotvec!r}")
+    1e-4, as :func:`so3_exp`). Analytic in ``rotvec``: a complex ``rotvec`` gives the
+    complex-step derivative (the branch is chosen on the real part)."""
+    w = _rotvec(rotvec)
     t2 = np.einsum("...i,...i->...", w, w)[..., None, None]
-    small = t2 < 1e-4
+    small = t2.real < 1e-4
     ts = np.sqrt(np.where(small, 1.0, t2))
     a = np.where(small, 1 - t2 / 6 + t2 * t2 / 120, np.sin(ts) / ts)
     b = np.where(small, 0.5 - t2 / 24 + t2 * t2 / 720, (1 - np.cos(ts)) / np.where(small, 1.0, t2))
-    k = np.zeros(w.shape + (3,))
+    k = np.zeros(w.shape + (3,), dtype=w.dtype)
     k[..., 0, 1], k[..., 0, 2], k[..., 1, 2] = -w[..., 2], w[..., 1], -w[..., 0]
     k[..., 1, 0], k[..., 2, 0], k[..., 2, 1] = w[..., 2], -w[..., 1], w[..., 0]
     return np.eye(3) + a * k + b * (k @ k)
+
+
+def rotation_quat(rotvec) -> np.ndarray:
+    """Unit quaternions (..., 4) (w, x, y, z) of :func:`rotation_matrix` ``(rotvec)``:
+    ``(cos(t/2), rotvec sin(t/2) / t)``, numpy (Taylor series below t^2 = 1e-4, as
+    :func:`axis_angle_quat`; complex-step safe like :func:`rotation_matrix`)."""
+    w = _rotvec(rotvec)
+    t2 = np.einsum("...i,...i->...", w, w)[..., None]
+    small = t2.real < 1e-4
+    ts = np.sqrt(np.where(small, 1.0, t2))
+    c = np.where(small, 1 - t2 / 8 + t2 * t2 / 384, np.cos(ts / 2))
+    s = np.where(small, 0.5 - t2 / 48 + t2 * t2 / 3840, np.sin(ts / 2) / ts)
+    return np.concatenate([c, s * w], axis=-1)
+
+
+def quat_product(a, b) -> np.ndarray:
+    """Hamilton product ``a * b`` of quaternions (..., 4) (w, x, y, z), numpy, broadcasting
+    (the host form of :func:`quat_multiply`)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return np.einsum("...ij,...j->...i", a[..., _LEFT_INDEX.numpy()] * _LEFT_SIGN.numpy(), b)
 
 
 def from_axis_angle(rotvec: Sequence[float] = (0.0, 0.0, 0.0),
@@ -205,10 +240,6 @@ def axis_angle_quat(omega: torch.Tensor) -> torch.Tensor:
     c = torch.where(small, 1 - t2 / 8 + t2 * t2 / 384, torch.cos(ts / 2))
     s = torch.where(small, 0.5 - t2 / 48 + t2 * t2 / 3840, torch.sin(ts / 2) / ts)
     return torch.cat([c.reshape(1), s * omega])
-
-
-_LEFT_INDEX = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]])
-_LEFT_SIGN = torch.tensor([[1, -1, -1, -1], [1, 1, -1, 1], [1, 1, 1, -1], [1, -1, 1, 1]])
 
 
 def quat_left_matrix(q: torch.Tensor) -> torch.Tensor:

@@ -93,14 +93,50 @@ def delta_matrix(xi, centre: Sequence[float]) -> np.ndarray:
     return rigid.from_axis_angle(xi[..., :3], xi[..., 3:], centre)
 
 
-def _pose_torch(xi: torch.Tensor, init: torch.Tensor, c: torch.Tensor, q_init: torch.Tensor
-                ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``((R, t), q)`` of ``D(xi) @ init`` with ``q`` the unit quaternion of ``R``, given
-    ``q_init`` that of ``init``'s rotation (differentiable in ``xi``)."""
-    r, t = rigid.se3_exp(xi)
-    r0, t0 = init[:3, :3], init[:3, 3]
-    q = rigid.quat_left_matrix(rigid.axis_angle_quat(xi[:3])) @ q_init
-    return (r @ r0, r @ (t0 - c) + c + t), q
+COMPLEX_STEP = 1e-30  # the imaginary step of the pose Jacobian (exact to rounding at any size)
+
+
+def _packed_pose(xi: np.ndarray, init: np.ndarray, c: np.ndarray, q_init: np.ndarray) -> np.ndarray:
+    """``D(xi) @ init`` as (..., 16): its rotation (9, row-major), its translation (3, mm) and
+    the unit quaternion of its rotation (4), given ``q_init`` that of ``init``'s. Numpy,
+    batched over ``xi`` (..., 6), analytic in ``xi`` (real or complex: complex-step
+    derivatives, :class:`_PoseUpload`)."""
+    r = rigid.rotation_matrix(xi[..., :3])
+    rot = r @ init[:3, :3]
+    t = np.einsum("...ij,j->...i", r, init[:3, 3] - c) + c + xi[..., 3:]
+    q = rigid.quat_product(rigid.rotation_quat(xi[..., :3]), q_init)
+    return np.concatenate([rot.reshape(*rot.shape[:-2], 9), t, q], axis=-1)
+
+
+class _PoseUpload:
+    """The poses of unit-scaled pose vectors ``zs`` (host float64 tensors (6,); ``xi = z *
+    scale``) on ``device`` in one float32 copy: :attr:`poses` gives each one's ``((R, t),
+    q)``. With ``grad``, the copy is a leaf that collects the DRR's gradient and
+    :meth:`backward` turns it into each vector's ``.grad`` through the Jacobians of
+    :func:`_packed_pose` (complex step on the host, exact to rounding): the pose algebra
+    costs no device launch and no autograd graph."""
+
+    def __init__(self, zs: list[torch.Tensor], scale: np.ndarray, init: np.ndarray, c: np.ndarray,
+                 q_init: np.ndarray, device: torch.device, grad: bool = False):
+        self.zs = zs
+        xi = np.stack([z.detach().numpy() for z in zs]) * scale  # (k, 6)
+        if grad:  # rows: the value, then the six imaginary steps of each vector
+            steps = xi[:, None, :] + 1j * COMPLEX_STEP * np.diag(scale)
+            vals = _packed_pose(np.concatenate([xi[:, None, :].astype(complex), steps], axis=1), init, c, q_init)
+            packed, self.jac = vals[:, 0].real, vals[:, 1:].imag / COMPLEX_STEP  # (k, 16), (k, 6, 16)
+        else:
+            packed = _packed_pose(xi, init, c, q_init)
+        self.flat = torch.from_numpy(packed.astype(np.float32)).to(device).requires_grad_(grad)
+
+    @property
+    def poses(self) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        return [((f[:9].reshape(3, 3), f[9:12]), f[12:]) for f in self.flat]
+
+    def backward(self) -> None:
+        """Each vector's gradient from the packed poses' (one device-to-host copy)."""
+        g = self.flat.grad.double().cpu().numpy()
+        for z, gk, jk in zip(self.zs, g, self.jac):
+            z.grad = torch.from_numpy(jk @ gk)
 
 
 def delta_xi(delta, centre: Sequence[float]) -> np.ndarray:
@@ -366,36 +402,27 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     n_struct = p["means"].shape[0]
     # the pose vectors and their algebra live on the host in float64 (a few dozen tiny ops
     # per step that would each be a kernel launch on a GPU); one packed upload per DRR
-    init_t = torch.as_tensor(init_m, dtype=torch.float64)
-    q_init = rigid.rotmat_to_quat(init_t[:3, :3])
-    c_t = torch.as_tensor(c_x, dtype=torch.float64)
-    lr_vec = torch.tensor([math.radians(lr_deg)] * 3 + [lr_mm] * 3, dtype=torch.float64)
+    q_init = rigid.rotmat_to_quat(torch.as_tensor(init_m[:3, :3])).numpy()
+    lr_vec = np.array([math.radians(lr_deg)] * 3 + [lr_mm] * 3)
 
     def pose_of(z: torch.Tensor) -> np.ndarray:
-        return delta_matrix((z.detach() * lr_vec).numpy(), c_x) @ init_m
+        return delta_matrix(z.detach().numpy() * lr_vec, c_x) @ init_m
 
     def level(factor: int, pose: np.ndarray, margin: float) -> _Level:
         """All Gaussians at ``factor`` on the window around the structure at ``pose``."""
         return _Level(factor, geo, images, weights, Crop.around(geo, rigid.apply(pose, means_np), margin / pitch),
                       gauss, c_x, blur)
 
-    def uploaded(zs: list[torch.Tensor]) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        """``((R, t), q)`` of each pose vector of ``zs`` (host, float64), on the Gaussians'
-        device and dtype in one copy (differentiable)."""
-        packed = []
-        for zz in zs:
-            (r, t), q = _pose_torch(zz * lr_vec, init_t, c_t, q_init)
-            packed += [r.reshape(9), t, q]
-        flat = torch.cat(packed).to(device=dev, dtype=torch.float32)
-        return [((flat[16 * k:16 * k + 9].reshape(3, 3), flat[16 * k + 9:16 * k + 12]), flat[16 * k + 12:16 * k + 16])
-                for k in range(len(zs))]
+    def upload(zs: list[torch.Tensor], grad: bool = False) -> _PoseUpload:
+        return _PoseUpload(zs, lr_vec, init_m, c_x, q_init, dev, grad)
 
-    def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
-        """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
+    def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None, up: _PoseUpload | None = None) -> torch.Tensor:
+        """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None);
+        ``up``: their upload when the caller wants the gradient (:meth:`_PoseUpload.backward`)."""
         if zc is None:  # everything moves together: one transform
-            [(ps, q)] = uploaded([z])
+            [(ps, q)] = (up or upload([z])).poses
             return lvl.drr(*rigid.rigid_transform_gaussians(lvl.means, lvl.quats, ps, q))
-        (ps, q), (pc, qc) = uploaded([z, zc])
+        (ps, q), (pc, qc) = (up or upload([z, zc])).poses
         means, quats = rigid.rigid_transform_gaussians(lvl.means[:n_struct], lvl.quats[:n_struct], ps, q)
         mc, qc = rigid.rigid_transform_gaussians(lvl.means[n_struct:], lvl.quats[n_struct:], pc, qc)
         return lvl.drr(torch.cat([means, mc]), torch.cat([quats, qc]))
@@ -419,7 +446,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     z_truth = None
     if ground_truth is not None:
         truth_xi = delta_xi(rigid.check_rigid(ground_truth, "ground truth pose") @ rigid.invert(init_m), c_x)
-        z_truth = torch.as_tensor(truth_xi, dtype=torch.float64) / lr_vec
+        z_truth = torch.as_tensor(truth_xi / lr_vec)
     untimed = [0.0]  # seconds spent on those diagnostics, left out of ``seconds``
 
     def elapsed() -> float:
@@ -483,7 +510,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         nonlocal done
         f = scales[si]
         if ctx is not None and context_scales is not None and si >= context_scales and run["zc"] is None:
-            run["zc"] = run["z"].detach().clone().requires_grad_()
+            run["zc"] = run["z"].clone()
         z, zc = run["z"], run["zc"]
         lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
         lr = LR_DECAY ** si
@@ -492,14 +519,15 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         for it in range(n):
             for g in opt.param_groups:  # cosine-ish decay within the scale
                 g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
-            drr = moved_drr(lvl, z, zc)
+            up = upload([z] if zc is None else [z, zc], grad=True)
+            drr = moved_drr(lvl, z, zc, up)
             if it == 0 and match:  # the X-rays in the contrast of the scale's start pose
                 lvl.match(drr)
             sim = lvl.similarity(drr).mean()
             if it == 0:
                 first = float(sim.detach())
-            opt.zero_grad(set_to_none=True)
             (-sim).backward()
+            up.backward()
             opt.step()
             done += 1
             if progress:
@@ -513,7 +541,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     runs = []
     for k, x0 in enumerate(starts):
         # optimise unit-scaled vectors: xi = z * lr_vec, Adam's lr 1 moves ~lr_vec per step
-        run = {"start": k, "x0": x0, "z": (torch.as_tensor(x0, dtype=torch.float64) / lr_vec).requires_grad_(),
+        run = {"start": k, "x0": x0, "z": torch.as_tensor(x0 / lr_vec),
                "zc": None, "trace": []}
         climb(run, 0)
         runs.append(run)
