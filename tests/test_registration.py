@@ -67,6 +67,15 @@ def test_view_similarity_is_the_mean_of_ncc_and_gradient_ncc():
     for _ in range(2):
         torch.testing.assert_close(target(drr), reg.view_similarity(drr, xray[0].expand_as(drr), mask),
                                    atol=1e-12, rtol=0)
+    # its closed-form gradient against finite differences, and against autograd of the definition
+    # with the X-ray broadcast over the DRRs' batch
+    small = drr[0, :, :6, :5].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(similarity.SimilarityTarget(xray[0, :, :6, :5], mask[0, :, :6, :5]), (small,))
+    cot = torch.rand(3, 2, generator=g, dtype=torch.float64)
+    fast = torch.autograd.grad((target(drr) * cot).sum(), drr)[0]
+    w = mask[0]
+    slow = torch.autograd.grad((0.5 * (reg.ncc(drr, xray[0], w) + reg.gradient_ncc(drr, xray[0], w)) * cot).sum(), drr)[0]
+    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
 
 
 def test_rank_match_puts_the_xray_in_each_drrs_contrast():

@@ -89,7 +89,8 @@ class SimilarityTarget:
     (..., H, W) and its pixel weights ``w`` (same shape; None: all pixels). Calling it on
     ``drr`` (..., H, W; leading dims broadcasting against the X-ray's) gives
     ``view_similarity(drr, xray, w)``: one weighted NCC over the three channels of
-    :func:`_channels` against the X-ray's centred, weighted channels."""
+    :func:`_channels` against the X-ray's centred, weighted channels, with a closed-form
+    gradient (:class:`_TargetNCC`)."""
 
     def __init__(self, xray: torch.Tensor, w: torch.Tensor | None = None):
         self.w = _channel_weights(w, xray)  # (..., 3, H, W)
@@ -101,11 +102,42 @@ class SimilarityTarget:
         self.coef = torch.tensor(_CHANNEL_WEIGHTS, dtype=xray.dtype, device=xray.device)
 
     def __call__(self, drr: torch.Tensor) -> torch.Tensor:
+        return _TargetNCC.apply(drr, self)
+
+
+class _TargetNCC(torch.autograd.Function):
+    """``sum_c coef_c NCC_c`` of the channels of ``drr`` against a :class:`SimilarityTarget`,
+    and its gradient in closed form: for one channel with weights ``w`` (sum ``W``), the
+    DRR's weighted-centred values ``a_c``, numerator ``n``, the X-ray's ``norm2`` and
+    denominator ``d``, ``dNCC/da = (g - w sum(g) / W) / d`` with ``g = bw - n norm2 / d^2 w^2
+    a_c``; the channels' differences are then put back on the pixels (their adjoint).
+    About 20 device ops backward instead of autograd's 45."""
+
+    @staticmethod
+    def forward(ctx, drr: torch.Tensor, t: SimilarityTarget) -> torch.Tensor:
         a = _channels(drr)
-        a = a - (a * self.w).sum(dim=(-2, -1), keepdim=True) / self.wsum
-        num = (a * self.bw).sum(dim=(-2, -1))
-        den = ((a * self.w).square().sum(dim=(-2, -1)) * self.norm2 + EPS).sqrt()
-        return (num / den * self.coef).sum(dim=-1)
+        a = a - (a * t.w).sum(dim=(-2, -1), keepdim=True) / t.wsum
+        aw = a * t.w
+        num = (a * t.bw).sum(dim=(-2, -1))
+        den = (aw.square().sum(dim=(-2, -1)) * t.norm2 + EPS).sqrt()
+        ctx.save_for_backward(aw, num, den)
+        ctx.target = t
+        return (num / den * t.coef).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        aw, num, den = ctx.saved_tensors
+        t = ctx.target
+        k = (grad[..., None] * t.coef / den)[..., None, None]
+        g = t.bw - (num * t.norm2 / den.square())[..., None, None] * aw * t.w
+        ga = k * (g - t.w * g.sum(dim=(-2, -1), keepdim=True) / t.wsum)
+        gd = ga[..., 0, :, :].clone()
+        gx, gy = ga[..., 1, :, :-1], ga[..., 2, :-1, :]  # the differences' adjoint
+        gd[..., :, 1:] += gx
+        gd[..., :, :-1] -= gx
+        gd[..., 1:, :] += gy
+        gd[..., :-1, :] -= gy
+        return gd, None
 
 
 def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
