@@ -23,7 +23,7 @@ from rgs_engine.core.geometry import Geometry
 from rgs_engine.io import xrays as xray_data
 from rgs_engine.io.files import save_nifti
 from rgs_engine.registration import register as reg
-from rgs_engine.registration import report, similarity, windows
+from rgs_engine.registration import report, shift_search, similarity, windows
 from rgs_engine.registration.ct_gaussians import gaussians_for_ct
 
 
@@ -76,6 +76,41 @@ def test_view_similarity_is_the_mean_of_ncc_and_gradient_ncc():
     w = mask[0]
     slow = torch.autograd.grad((0.5 * (reg.ncc(drr, xray[0], w) + reg.gradient_ncc(drr, xray[0], w)) * cot).sum(), drr)[0]
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+
+
+def test_shift_scores_peak_at_the_images_shift():
+    """Each view's shift search finds how far the X-ray's anatomy lies from the DRR's, also
+    through a contrast curve and an inverted polarity."""
+    g = torch.Generator().manual_seed(4)
+    big = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 70, 70, generator=g, dtype=torch.float64), 5, 1)[0, 0]
+    drr = big[10:50, 12:48]
+    xray = big[13:53, 10:46]  # the DRR's content moved by (-3, +2) pixels
+    w = torch.ones_like(xray)
+    for x, sign in ((xray, 1.0), (xray.sqrt(), 1.0), (-xray, -1.0)):
+        scores = shift_search.shift_scores(drr, x, w, sign, reach=6)
+        assert scores.shape == (13, 13)
+        assert shift_search._peaks(scores, 1, 2) == [(-3, 2)]
+    two = shift_search._peaks(scores, 2, 2)
+    assert len(two) == 2 and max(abs(two[1][0] - two[0][0]), abs(two[1][1] - two[0][1])) > 2
+
+
+def test_translation_candidates_recover_a_translation(params):
+    """A pure translation of the CT, seen in AP and lateral views, comes back from the two
+    views' best image shifts within about a pixel at the object; the projection's Jacobian
+    predicts small moves of a point."""
+    geo = Geometry.biplanar(600.0, 900.0, (64, 64), 2.0, GRID.centre)  # 1.33 mm at the object
+    c = np.asarray(GRID.centre)
+    jac = shift_search.shift_jacobian(geo, c)
+    step = np.array([0.3, -0.2, 0.25])
+    moved = windows.project_points(geo, (c + step)[None]) - windows.project_points(geo, c[None])
+    np.testing.assert_allclose(moved[:, 0], jac @ step, atol=1e-3)
+    t = np.array([6.0, -9.0, 4.0])
+    drr = reg.render(params, np.eye(4), geo)
+    xray = reg.render(params, rigid.from_axis_angle(translation=t), geo)
+    found = shift_search.translation_candidates(drr, xray, torch.ones_like(xray), [1.0, 1.0], geo, c,
+                                                reach_mm=20.0, pool_factor=1, peaks=2)
+    assert found.shape == (4, 3)
+    assert np.linalg.norm(found[0] - t) < 1.5, found
 
 
 def test_rank_match_puts_the_xray_in_each_drrs_contrast():

@@ -21,9 +21,10 @@ Stages of :func:`register`:
 
 1. global: ``candidates`` poses (a scrambled Sobol set of translations within
    ``+-capture_mm`` and rotations within ``+-capture_deg``, plus ``init``) are scored at the
-   coarsest scale in batched splats (candidates move the views, not the Gaussians), then
-   as many again in quarter-size ranges around the :data:`LOCAL_SEEDS` best; the best
-   ``keep`` of all go on;
+   coarsest scale in batched splats (candidates move the views, not the Gaussians), with
+   the translations that each view's best image shifts of the DRR at ``init`` imply
+   (:mod:`.shift_search`, :data:`SHIFT_PEAKS` per view), then as many again in quarter-size
+   ranges around the :data:`LOCAL_SEEDS` best; the best ``keep`` of all go on;
 2. refinement: Adam on ``xi`` from each kept candidate at the coarsest scale; the one with
    the best full-resolution similarity then goes on, coarse to fine over the other
    ``scales``, and is the result.
@@ -59,6 +60,7 @@ from ..core.splatting import splat
 from ..io.xrays import XRaySet
 from . import confidence
 from .masking import exposure_mask
+from .shift_search import translation_candidates
 from .similarity import (  # noqa: F401 (API)
     RankMatch,
     SimilarityTarget,
@@ -78,6 +80,7 @@ CONFIDENCE_PITCH_MM = 0.8  # the confidence probes pool the detector up to this 
 DEFAULT_SCALES = (4, 2, 1)
 LR_DECAY = 0.5  # Adam's learning rate at each finer refinement scale: this times the coarser one's
 LOCAL_SEEDS = 4  # the global stage searches again around this many of its best candidates
+SHIFT_PEAKS = 3  # the global stage also scores translations from each view's best this many image shifts
 FINAL_SCALES = (1, 2, 4)  # the reported similarity averages these poolings (less noise-bound)
 CANDIDATE_BATCH_PIXELS = 1 << 20  # pixels per batched candidate splat
 
@@ -480,6 +483,11 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                     coarse.match_each(drr0)
                 else:
                     coarse.match(drr0)
+                if SHIFT_PEAKS:  # and translations from each view's best image shifts
+                    signs = coarse.rank.signs if coarse.rank else polarity(coarse.raw, drr0, coarse.weights)
+                    moves = translation_candidates(drr0, coarse.raw, coarse.weights, signs, coarse.geometry,
+                                                   c_x, capture_mm, peaks=SHIFT_PEAKS)
+                    offs = np.concatenate([offs, np.pad(moves, ((0, 0), (3, 0)))])
         sims = score_poses(coarse, delta_matrix(offs, c_x) @ init_m).mean(axis=1)
         # second pass: a Sobol set a quarter the size of the range around each of the best few
         local = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), capture_mm / 4, capture_deg / 4, seed + 1)

@@ -202,7 +202,7 @@ class RankMatch:
     come out as 0."""
 
     def __init__(self, xray: torch.Tensor, w: torch.Tensor | None, signs: Sequence[float]):
-        self.shape = xray.shape
+        self.shape, self.signs = xray.shape, list(signs)
         self.index, self.rank = [], []
         for k in range(xray.shape[0]):
             flat = xray[k].reshape(-1).float()
