@@ -281,6 +281,13 @@ def test_register_input_errors(params, ct_path, tmp_path):
         reg.register(xs, {"means": params["means"]})
     with pytest.raises(RgsInputError, match="scales"):
         reg.register(xs, params, scales=(0, 1))
+    # the Gaussians' values are checked once, up front (the steps' splats skip the check)
+    bad = {k: v.clone() for k, v in params.items()}
+    bad["means"][3, 1] = float("nan")
+    with pytest.raises(RgsInputError, match="means contains NaN"):
+        reg.register(xs, bad)
+    with pytest.raises(RgsInputError, match="means contains NaN"):
+        reg.register(xs, params, context=bad)
 
 
 # --------------------------------------------------------------------------------------

@@ -207,6 +207,21 @@ def test_bad_inputs_raise(device, bad, msg):
         splat(*random_gaussians(4, device), geo.vectors)
 
 
+def test_unvalidated_splat_equals_the_validated_one(device):
+    """``validate=False`` only skips the checks: the same image and gradients (up to the
+    order of float atomics)."""
+    geo = GEOMETRIES["cone"]()
+    outs, base = [], random_gaussians(12, device)
+    for validate in (True, False):
+        params = [t.clone().requires_grad_() for t in base]
+        image = splat(*params, geo, validate=validate)
+        image.square().sum().backward()
+        outs.append([image.detach()] + [p.grad for p in params])
+    assert torch.equal(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
 def test_pixel_and_tile_render_kernels_agree(device):
     """The GPU (pixel-parallel) and CPU (tile-parallel) forward kernels give the same sums."""
     from rgs_engine.core import splatting

@@ -106,7 +106,8 @@ class SplatFunction(torch.autograd.Function):
 
 
 def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
-          densities: torch.Tensor, geometry: Geometry, cutoff: float = 3.0) -> torch.Tensor:
+          densities: torch.Tensor, geometry: Geometry, cutoff: float = 3.0,
+          validate: bool = True) -> torch.Tensor:
     """Line integrals of N Gaussians onto all V views of ``geometry``.
 
     Args:
@@ -116,6 +117,11 @@ def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
             and/or ``densities`` (V, N); view ``v`` then renders entry ``v``.
         geometry: the views (cone or parallel); detector ``(H, W)``.
         cutoff: footprint radius in standard deviations of the detector-plane Gaussian.
+        validate: check the parameters (:func:`~rgs_engine.core.gaussians.check_params`: shapes,
+            and finite values, positive scales, non-zero quaternions at the cost of one host
+            sync and a dozen small launches). ``False`` is for inner loops whose Gaussians were
+            checked once and are only moved since (a rigid registration's steps); bad values
+            then go through unnoticed.
 
     Returns:
         (V, H, W) projections (unitless line integrals), on the runtime device, in the
@@ -125,5 +131,6 @@ def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
         raise RgsInputError(f"geometry must be an rgs_engine.Geometry, got {type(geometry).__name__}")
     if not cutoff > 0:
         raise RgsInputError(f"cutoff must be positive (standard deviations), got {cutoff}")
-    check_params(means, scales, quats, densities, views=geometry.num_views)
+    if validate:
+        check_params(means, scales, quats, densities, views=geometry.num_views)
     return SplatFunction.apply(means, scales, quats, densities, geometry, float(cutoff))

@@ -55,6 +55,7 @@ import torch
 from ..core import rigid, runtime
 from ..core.adam import Adam
 from ..core.errors import RgsInputError
+from ..core.gaussians import check_params
 from ..core.geometry import Geometry
 from ..core.splatting import splat
 from ..io.xrays import XRaySet
@@ -218,7 +219,8 @@ class _Level:
 
     def drr(self, means: torch.Tensor, quats: torch.Tensor, geometry: Geometry | None = None) -> torch.Tensor:
         """Splat of this level's Gaussians moved to ``means`` / ``quats``."""
-        return splat(means, self.scales, quats, self.densities, geometry or self.geometry)
+        # the Gaussians were checked once (_check_params) and are only moved rigidly since
+        return splat(means, self.scales, quats, self.densities, geometry or self.geometry, validate=False)
 
     def match(self, drr: torch.Tensor) -> None:
         """Map the X-rays through the monotone contrast curve that matches them to ``drr``
@@ -287,6 +289,7 @@ def _check_params(params: dict) -> dict[str, torch.Tensor]:
            for k in need}
     if out["means"].dim() != 2 or out["means"].shape[0] == 0:
         raise RgsInputError("registration needs at least one Gaussian")
+    check_params(out["means"], out["scales"], out["quats"], out["densities"])
     return out
 
 
