@@ -47,10 +47,11 @@ def _peaks(scores: torch.Tensor, count: int, suppress: int) -> list[tuple[int, i
     s = scores.detach().double().cpu().numpy().copy()
     centre = (s.shape[0] - 1) // 2
     out = []
+    s[~np.isfinite(s)] = -np.inf
     for _ in range(count):
         if not np.isfinite(s).any():
             break
-        r, c = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(s), s, -np.inf))), s.shape)
+        r, c = np.unravel_index(int(np.argmax(s)), s.shape)
         out.append((int(r) - centre, int(c) - centre))
         s[max(r - suppress, 0):r + suppress + 1, max(c - suppress, 0):c + suppress + 1] = -np.inf
     return out
