@@ -23,7 +23,7 @@ from rgs_engine.core.geometry import Geometry
 from rgs_engine.io import xrays as xray_data
 from rgs_engine.io.files import save_nifti
 from rgs_engine.registration import register as reg
-from rgs_engine.registration import report, shift_search, similarity, windows
+from rgs_engine.registration import poses, report, shift_search, similarity, windows
 from rgs_engine.registration.ct_gaussians import gaussians_for_ct
 
 
@@ -162,7 +162,7 @@ def test_pose_upload_gradient_equals_autograd_of_the_torch_pose_algebra():
         return torch.cat([(r @ it[:3, :3]).reshape(9), tt, q])
 
     zs = [torch.zeros(6, dtype=torch.float64), torch.as_tensor(rng.normal(size=6) * 20)]
-    up = reg._PoseUpload(zs, scale, init, c, q_init, torch.device("cpu"), grad=True)
+    up = poses.PoseUpload(zs, scale, init, c, q_init, torch.device("cpu"), grad=True)
     for k, z in enumerate(zs):
         np.testing.assert_allclose(up.flat[k].detach().numpy(), packed_torch(z).numpy(), atol=1e-5)
         jac = torch.autograd.functional.jacobian(packed_torch, z).numpy()  # (16, 6)
