@@ -215,6 +215,8 @@ def test_register_recovers_the_pose(ct_path, params, points, tmp_path, mm, deg, 
     # diagnostics at the ground truth: the pose found scores about as the truth does
     glob, truth = res.history[1], res.history[-1]
     assert glob["stage"] == "global" and glob["at_truth"] > glob["at_init"]
+    assert glob["shift_candidates"] == reg.SHIFT_PEAKS ** 2 and len(glob["best_source"]) == 1
+    assert glob["best_source"][0] in ("sobol", "shift", "near sobol", "near shift")
     assert truth["stage"] == "truth" and abs(truth["similarity"] - res.similarity) < 0.02
     refine = [h for h in res.history if h["stage"] == "refine"]  # init and the global stage's best
     assert min(h["start_mtre_mm"] for h in refine) < res.initial_mtre_mm

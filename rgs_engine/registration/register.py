@@ -267,7 +267,9 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     ``context_scales`` scales (default: all) move structure and context together (the
     anatomy around the structure tells neighbouring vertebrae apart); finer scales, if any,
     give the context a pose of its own, so the pose found is the structure's alone
-    (history's ``context_offset`` says how far the two parted).
+    (history's ``context_offset`` says how far the two parted). The history's global stage
+    says where each kept start came from (``best_source``: the Sobol set, the image shifts of
+    :mod:`.shift_search`, or the second pass near either).
 
     Only a window of each view is compared: the projection of ``params`` at the current pose
     grown by ``margin_mm`` (at the object), or by ``context_margin_mm`` while structure and
@@ -393,6 +395,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     if candidates > 1:
         coarse = level(scales[0], init_m, rigid_margin + capture_mm + extent * math.radians(capture_deg))
         offs = sobol_offsets(candidates, capture_mm, capture_deg, seed)
+        shifts = 0
         if match:
             with torch.no_grad():
                 drr0 = moved_drr(coarse, zero, None)
@@ -404,20 +407,24 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                     signs = coarse.rank.signs if coarse.rank else polarity(coarse.raw, drr0, coarse.weights)
                     moves = translation_candidates(drr0, coarse.raw, coarse.weights, signs, coarse.geometry,
                                                    c_x, capture_mm, peaks=SHIFT_PEAKS)
-                    offs = np.concatenate([offs, np.pad(moves, ((0, 0), (3, 0)))])
+                    offs, shifts = np.concatenate([offs, np.pad(moves, ((0, 0), (3, 0)))]), len(moves)
         sims = score_poses(coarse, delta_matrix(offs, c_x) @ init_m).mean(axis=1)
         # second pass: a Sobol set a quarter the size of the range around each of the best few
         local = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), capture_mm / 4, capture_deg / 4, seed + 1)
-        near = np.concatenate([offs[i] + local for i in np.argsort(-sims)[:LOCAL_SEEDS]])
+        seeds = np.argsort(-sims)[:LOCAL_SEEDS]
+        near = np.concatenate([offs[i] + local for i in seeds])
         sims = np.concatenate([sims, score_poses(coarse, delta_matrix(near, c_x) @ init_m).mean(axis=1)])
+        # where each scored pose came from: the Sobol set, the image shifts, the second pass around either
+        source = ["sobol"] * (len(offs) - shifts) + ["shift"] * shifts
+        source += [f"near {source[i]}" for i in seeds for _ in range(len(local))]
         offs = np.concatenate([offs, near])
         order = np.argsort(-sims)[:max(1, keep)]
         if keep > 1 and 0 not in order:  # init (row 0) is always one of several starts
             order = np.concatenate([[0], order[:-1]])
         starts = [offs[i] for i in order]
         history.append({"stage": "global", "scale": scales[0], "candidates": candidates,
-                        "scored": len(offs), "window": list(coarse.geometry.det_shape),
-                        "best": [float(sims[i]) for i in order],
+                        "scored": len(offs), "shift_candidates": shifts, "window": list(coarse.geometry.det_shape),
+                        "best": [float(sims[i]) for i in order], "best_source": [source[i] for i in order],
                         "at_init": float(sims[0]),
                         "at_truth": at_truth(lambda: score_poses(coarse, [pose_of(z_truth)]).mean()),
                         "t": elapsed()})
