@@ -63,14 +63,15 @@ def summary(res) -> dict:
            "starts": [{k: e.get(k) for k in ("similarity_after_coarsest", "coarse_end_from_lead_mm", "start_mtre_mm")}
                       for e in refine]}
     if "global" in h:
-        out |= {"global_best": h["global"]["best"], "global_at_truth": h["global"]["at_truth"],
+        out |= {"global_best": h["global"]["best"], "global_source": h["global"].get("best_source"),
+                "global_at_truth": h["global"]["at_truth"],
                 "global_at_init": h["global"]["at_init"], "global_seconds": h["global"]["t"],
                 "xi_start": best["xi_start"], "start_mtre_mm": best.get("start_mtre_mm")}
     return out
 
 
 def line(name: str, s: dict) -> str:
-    g = (f"global best {s['global_best'][0]:.4f} vs truth {s['global_at_truth']:.4f} "
+    g = (f"global best {s['global_best'][0]:.4f} ({(s['global_source'] or ['?'])[0]}) vs truth {s['global_at_truth']:.4f} "
          f"(start {s['start_mtre_mm']:.1f} mm off, {s['global_seconds']:.0f} s); "
          if "global_best" in s else "")
     sc = " ".join(f"s{t['scale']}: {t['similarity']:.4f}/{t['at_truth']:.4f}" for t in s["scales"]
