@@ -8,9 +8,11 @@ world to the X-ray frame. It is parameterised as
     ``pose(xi) = D(xi) @ init``,  ``D(xi): y -> R(xi[:3]) (y - c) + c + xi[3:]``
 
 with ``c = init(centre)`` the rotation centre in the X-ray frame (``centre`` defaults to the
-density-weighted centroid of the Gaussians), ``R`` :func:`~rgs_engine.core.rigid.so3_exp` of a
-rotation vector (rad) and ``xi[3:]`` a translation (mm). Gradients reach ``xi`` through
-:func:`~rgs_engine.core.rigid.rigid_transform_gaussians` and :func:`~rgs_engine.core.splatting.splat`.
+density-weighted centroid of the Gaussians), ``R`` Rodrigues' rotation
+(:func:`~rgs_engine.core.rigid.rotation_matrix`) of a rotation vector (rad) and ``xi[3:]`` a
+translation (mm) (:mod:`.poses`). Gradients reach the pose's (R, t, q) on the device through
+:func:`~rgs_engine.core.splatting.splat` and :func:`~rgs_engine.core.rigid.rigid_transform_gaussians`,
+then ``xi`` through the pose's Jacobian on the host (:class:`.poses.PoseUpload`).
 
 Similarity (:func:`similarity`): per view and per scale, the mean of the normalised
 cross-correlation (NCC) of the DRR and the X-ray and the NCC of their finite-difference
