@@ -68,7 +68,7 @@ class PoseUpload:
 
     def backward(self) -> None:
         """Each vector's gradient from the packed poses' (one device-to-host copy)."""
-        g = self.flat.grad.double().cpu().numpy()
+        g = self.flat.grad.cpu().double().numpy()
         for z, gk, jk in zip(self.zs, g, self.jac):
             z.grad = torch.from_numpy(jk @ gk)
 

@@ -215,7 +215,7 @@ def render(params: dict[str, torch.Tensor], pose, geometry: Geometry) -> torch.T
     with torch.no_grad():
         m = torch.as_tensor(rigid.check_rigid(pose, "pose"), dtype=torch.float32, device=p["means"].device)
         means, quats = rigid.rigid_transform_gaussians(p["means"], p["quats"], m)
-        return splat(means, p["scales"], quats, p["densities"], geometry)
+        return splat(means, p["scales"], quats, p["densities"], geometry, validate=False)  # checked above
 
 
 def score_poses(level: _Level, poses) -> np.ndarray:
