@@ -269,3 +269,18 @@ def test_motion_models_start_from_fdk_on_circular_orbits():
     assert GSConfig().motion_start(False).init == "sart"
     assert GSConfig(init="random", iterations=7).motion_start(True) == GSConfig(init="random", iterations=7)
     assert GSConfig(iterations=7).motion_start(True).iterations == 7
+
+
+def test_nan_gaussians_stop_the_training_loop_with_a_clear_error(circular, tmp_path):
+    """The steps' splat and TV skip the per-step value checks, and a NaN Gaussian drops out
+    of every footprint (the loss stays finite): the checkpoint refuses it, so the run stops
+    at its first checkpoint with a clear error and writes none."""
+    import torch
+    from rgs_engine.pipelines import common
+
+    rec = GaussianReconstruction(circular, GSConfig(iterations=20, **SMALL))
+    with torch.no_grad():
+        rec.gaussians.means[3, 0] = float("nan")
+    with pytest.raises(RgsInputError, match=r"diverged: non-finite Gaussian parameters \(means\) at iteration 5"):
+        common.run_iterations(rec, 20, tmp_path / "ck.pt", 5, common.Reporter(), "gs", lambda st: "", "resume")
+    assert not (tmp_path / "ck.pt").exists()

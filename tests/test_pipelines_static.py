@@ -106,6 +106,31 @@ def test_run_iterations_reads_device_figures_only_when_reporting(tmp_path, monke
     assert steps[1].info == ("loss 1.0" if info_seconds else "loss 2.0")
 
 
+class _DivergingRun(_CountingRun):
+    """Its loss turns NaN from iteration 7 on; records the checkpoints it is asked to save."""
+
+    def __init__(self):
+        self.saved = []
+
+    def step(self):
+        out = super().step()
+        return {**out, "loss": out["loss"] * float("nan")} if self.iteration >= 7 else out
+
+    def save_checkpoint(self, path):
+        self.saved.append(self.iteration)
+
+
+def test_run_iterations_stops_a_diverged_run_before_its_next_checkpoint(tmp_path, monkeypatch):
+    from rgs_engine.pipelines import common
+
+    monkeypatch.setattr(common, "INFO_SECONDS", 3600.0)  # figures read only when due
+    run = _DivergingRun()
+    with pytest.raises(RgsInputError, match="diverged: the loss is nan at iteration 10.*rate_scale"):
+        common.run_iterations(run, 50, tmp_path / "ck.pt", 5, common.Reporter(), "x",
+                              lambda st: "", "resume")
+    assert run.saved == [5]  # the finite one; iteration 10's NaN state is not written
+
+
 def test_recon_stop_request_saves_a_checkpoint_that_resume_continues(scan_path, tmp_path):
     options = {"method": "sart", "iterations": 5, "checkpoint_every": 2}
     full = pipelines.recon(scan_path, tmp_path / "full", **options)

@@ -14,6 +14,14 @@ class RgsInputError(ValueError):
     """Bad input: wrong shape, dtype, device, non-finite values or inconsistent geometry."""
 
 
+def diverged(what: str, iteration: int) -> RgsInputError:
+    """The error of a training loop whose ``what`` (e.g. "the loss is nan") went non-finite
+    at ``iteration``."""
+    return RgsInputError(f"the training diverged: {what} at iteration {iteration}; check the "
+                         "projections for NaN or extreme values, or lower the learning rates "
+                         "(e.g. --set rate_scale=0.5)")
+
+
 class RgsDeviceError(RuntimeError):
     """The requested compute device is not available (e.g. CUDA asked for, none present)."""
 

@@ -47,14 +47,14 @@ def inverse_covariance(scales: torch.Tensor, quats: torch.Tensor) -> torch.Tenso
     return m @ m.transpose(-1, -2)
 
 
-def check_params(means, scales, quats, densities, views: int | None = None) -> int:
+def check_params(means, scales, quats, densities, views: int | None = None, values: bool = True) -> int:
     """Validate physical Gaussian parameters; return N.
 
     With ``views`` (splatting), the geometry may instead be one set per view (``means`` and
     ``scales`` (views, N, 3), ``quats`` (views, N, 4)) and so may the densities (views, N).
     Shapes, dtypes and devices are checked without touching the data; the value checks
     (finite, positive scales, non-zero quaternions) share one device-to-host transfer, so a
-    training loop pays one sync per call, not six.
+    training loop pays one sync per call, not six; ``values=False`` skips them (no sync).
     """
     tensors = {"means": means, "scales": scales, "quats": quats, "densities": densities}
     per_view = views is not None and isinstance(means, torch.Tensor) and means.dim() == 3
@@ -71,7 +71,7 @@ def check_params(means, scales, quats, densities, views: int | None = None) -> i
         raise RgsInputError("means, scales, quats and densities must share one dtype and device")
     if not means.dtype.is_floating_point:
         raise RgsInputError(f"Gaussian parameters must be floating point, got {means.dtype}")
-    if n == 0:
+    if n == 0 or not values:
         return n
     with torch.no_grad():
         flags = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]

@@ -117,11 +117,12 @@ def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
             and/or ``densities`` (V, N); view ``v`` then renders entry ``v``.
         geometry: the views (cone or parallel); detector ``(H, W)``.
         cutoff: footprint radius in standard deviations of the detector-plane Gaussian.
-        validate: check the parameters (:func:`~rgs_engine.core.gaussians.check_params`: shapes,
-            and finite values, positive scales, non-zero quaternions at the cost of one host
-            sync and a dozen small launches). ``False`` is for inner loops whose Gaussians were
-            checked once and are only moved since (a rigid registration's steps); bad values
-            then go through unnoticed.
+        validate: check the parameters' values (:func:`~rgs_engine.core.gaussians.check_params`:
+            finite values, positive scales, non-zero quaternions, at the cost of one host
+            sync and a dozen small launches; shapes are checked either way). ``False`` is for
+            inner loops whose Gaussians were checked once and are only moved since (a rigid
+            registration's steps), or that watch their loss for non-finite values instead
+            (the training loops of :func:`~rgs_engine.pipelines.common.run_iterations`).
 
     Returns:
         (V, H, W) projections (unitless line integrals), on the runtime device, in the
@@ -131,6 +132,5 @@ def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
         raise RgsInputError(f"geometry must be an rgs_engine.Geometry, got {type(geometry).__name__}")
     if not cutoff > 0:
         raise RgsInputError(f"cutoff must be positive (standard deviations), got {cutoff}")
-    if validate:
-        check_params(means, scales, quats, densities, views=geometry.num_views)
+    check_params(means, scales, quats, densities, views=geometry.num_views, values=validate)
     return SplatFunction.apply(means, scales, quats, densities, geometry, float(cutoff))

@@ -21,16 +21,19 @@ from ..kernels import voxelize as kernels
 
 
 def voxelize(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
-             densities: torch.Tensor, grid: VolumeGrid, cutoff: float = 3.0) -> torch.Tensor:
+             densities: torch.Tensor, grid: VolumeGrid, cutoff: float = 3.0,
+             validate: bool = True) -> torch.Tensor:
     """Attenuation of N Gaussians at the voxel centres of ``grid``: (nx, ny, nz) float32, 1/mm.
 
     ``means`` (N, 3) mm, ``scales`` (N, 3) mm (> 0), ``quats`` (N, 4) (w, x, y, z), any
     non-zero norm, ``densities`` (N,) 1/mm; float32 or float64 on the runtime device.
     ``cutoff`` is in standard deviations. Any grid works, e.g. ``grid.sub_grid(...)``; the
     cost is one pass over the Gaussians plus the voxels inside their cutoff boxes. Gradients
-    come back in the inputs' dtype.
+    come back in the inputs' dtype. ``validate``: check the parameters' values (as
+    :func:`~rgs_engine.core.splatting.splat`'s: one host sync); ``False`` is for training
+    loops that watch their loss for non-finite values instead (shapes are checked anyway).
     """
-    check_params(means, scales, quats, densities)
+    check_params(means, scales, quats, densities, values=validate)
     if not isinstance(grid, VolumeGrid):
         raise RgsInputError(f"grid must be a VolumeGrid, got {type(grid).__name__}")
     if not (isinstance(cutoff, (int, float)) and math.isfinite(cutoff) and cutoff > 0):

@@ -463,12 +463,12 @@ class Track4DReconstruction:
 
     # ---- rendering ---------------------------------------------------------------------
     def _splat(self, params: tuple[torch.Tensor, ...], times: torch.Tensor,
-               views: Geometry) -> torch.Tensor:
+               views: Geometry, validate: bool = True) -> torch.Tensor:
         """(B, H, W) line integrals: view ``b`` of ``views`` sees the canonical Gaussians
         ``params`` (physical) deformed to ``times[b]`` seconds (one deformation call and one
-        splat call for the batch)."""
+        splat call for the batch); ``validate``: as :func:`splat`'s."""
         deformed = self.model(*params[:3], times)
-        return splat(deformed.means, deformed.scales, deformed.quats, params[3], views)
+        return splat(deformed.means, deformed.scales, deformed.quats, params[3], views, validate=validate)
 
     @contextlib.contextmanager
     def _evaluating(self):
@@ -537,8 +537,9 @@ class Track4DReconstruction:
             return periodic_consistency(self.model, *(p[index] for p in params[:3]), times, index=index)
         return periodic_consistency(self.model, *params[:3], times)
 
-    def step(self) -> dict[str, float]:
-        """One step of the current stage: ``{"loss", "period_s", "gaussians"}`` afterwards."""
+    def step(self) -> dict:
+        """One step of the current stage: ``{"loss", "period_s", "gaussians"}`` afterwards
+        (loss and period as 0-d device tensors once the motion trains: no host sync per step)."""
         if self.stage == "static":
             out = self.static.step()
             self.iteration += 1
@@ -552,7 +553,7 @@ class Track4DReconstruction:
         idx, geo, target, moments = static.batch()
         times = self.times[idx.to(self.device)]
         params = static.gaussians.physical()
-        pred = self._splat(params, times, geo)
+        pred = self._splat(params, times, geo, validate=False)  # the loop watches the loss
         loss = static.image_loss(pred / static.proj_scale, target, moments)
         loss = loss + static.tv_loss(params)
         if self.time_input == "time" and cfg.consistency_weight > 0:
@@ -568,7 +569,7 @@ class Track4DReconstruction:
         static.optimizer.step()
         self.optimizer.step()
         self.iteration += 1
-        return {"loss": float(loss.detach()), "gaussians": len(static.gaussians), "period_s": self.period_s}
+        return {"loss": loss.detach(), "gaussians": len(static.gaussians), "period_s": self.model.period_s.detach()}
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:

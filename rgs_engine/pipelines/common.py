@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from ..core import runtime
-from ..core.errors import RgsInputError
+from ..core.errors import RgsInputError, diverged
 from ..io import files
 
 ProgressCallback = Callable[["ProgressEvent"], None]
@@ -113,10 +113,16 @@ class Reporter:
 INFO_SECONDS = 0.5  # the loop's figures are read back from the device at most this often
 
 
-def host_floats(stats: dict) -> dict:
+def host_floats(stats: dict, iteration: int | None = None) -> dict:
     """``stats`` with its device tensors (0-d) turned into Python floats (a host sync on a
-    GPU: call it only when the figures are reported)."""
-    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+    GPU: call it only when the figures are reported). With ``iteration``, a non-finite
+    ``loss`` raises RgsInputError: the training diverged (the loops' splats skip their
+    per-step value checks; Gaussians gone non-finite are refused by their checkpoint)."""
+    out = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+    loss = out.get("loss")
+    if iteration is not None and isinstance(loss, float) and not math.isfinite(loss):
+        raise diverged(f"the loss is {loss}", iteration)
+    return out
 
 
 def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Reporter, label: str,
@@ -130,7 +136,9 @@ def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Repo
     ``min(psnr_every, total / 10)`` steps and at the end); ``rec.step()`` may return 0-d
     device tensors, which are read back (a GPU sync) only for the first and last steps, a
     PSNR evaluation, or when ``INFO_SECONDS`` have passed since the last read; steps in
-    between repeat the last text. A stop request or a
+    between repeat the last text. The loss is also read before each checkpoint; a non-finite
+    one raises RgsInputError (the training diverged), as does a checkpoint of non-finite
+    Gaussians (see ``GaussianReconstruction.state_dict``). A stop request or a
     ``KeyboardInterrupt`` raises :class:`Interrupted` (see the module docstring);
     ``atomic_steps``: a step interrupted half way leaves ``rec`` as it was before it (SART
     replaces its volume only after a full pass), so the checkpoint is saved then too."""
@@ -150,11 +158,12 @@ def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Repo
             if evaluate:
                 latest = psnr()
             now = time.perf_counter()
-            if evaluate or rec.iteration == total or now - read_at >= INFO_SECONDS:
-                text = info(host_floats(stats)) + (f"  PSNR {latest:.2f} dB" if latest is not None else "")
+            checkpoint_due = rec.iteration % every == 0
+            if evaluate or checkpoint_due or rec.iteration == total or now - read_at >= INFO_SECONDS:
+                text = info(host_floats(stats, rec.iteration)) + (f"  PSNR {latest:.2f} dB" if latest is not None else "")
                 read_at = now
             reporter.step("iterations", label, rec.iteration, total, text)
-            if rec.iteration % every == 0:
+            if checkpoint_due:  # its loss was read just above: a diverged run saves none
                 rec.save_checkpoint(checkpoint)
     except KeyboardInterrupt:
         saved = atomic_steps or not in_step  # a second Ctrl-C inside a step may leave it half done
@@ -162,7 +171,7 @@ def run_iterations(rec, total: int, checkpoint: Path, every: int, reporter: Repo
             rec.save_checkpoint(checkpoint)
         raise Interrupted(checkpoint, rec.iteration if saved else None, saved, resume_command) from None
     rec.save_checkpoint(checkpoint)
-    return host_floats(stats)
+    return host_floats(stats, rec.iteration)
 
 
 # --------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ from ..core import losses, metrics, runtime, stats
 from ..core.adam import Adam
 from .fdk import fdk
 from .sart import sart
-from ..core.errors import RgsInputError
+from ..core.errors import RgsInputError, diverged
 from ..core.gaussians import Gaussians, inv_softplus, quat_to_rotmat
 from ..core.geometry import Geometry, unravel
 from ..io.projections import ProjectionData
@@ -382,17 +382,20 @@ class GaussianReconstruction:
         quats, densities) on a random sub-grid, in units of the reference attenuation."""
         if self.config.tv_weight <= 0:
             return 0.0
-        return self.config.tv_weight * losses.tv_3d(voxelize(*params, self._tv_grid()) / self.mu_ref)
+        field = voxelize(*params, self._tv_grid(), validate=False)  # the loop watches the loss
+        return self.config.tv_weight * losses.tv_3d(field / self.mu_ref)
 
     def step(self) -> dict:
         """One Adam step on a batch of views; densify / prune on schedule. Returns ``{"loss":
         0-d tensor on the device, "gaussians": int}``: the loss stays on the device (no host
-        sync per step on a GPU); ``float()`` it only when it is reported."""
+        sync per step on a GPU); ``float()`` it only when it is reported. The splat and TV
+        skip their value checks (a host sync each): Gaussians that turn non-finite make the
+        loss non-finite, which :func:`~rgs_engine.pipelines.common.run_iterations` stops on."""
         g = self.gaussians
         self.set_learning_rates(min(self.iteration / max(self.config.iterations - 1, 1), 1.0))
         _, geo, target, moments = self.batch()
         params = g.physical()
-        pred = splat(*params, geo) / self.proj_scale
+        pred = splat(*params, geo, validate=False) / self.proj_scale
         loss = self.image_loss(pred, target, moments) + self.tv_loss(params)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -518,10 +521,15 @@ class GaussianReconstruction:
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resumed run needs (CPU tensors): config, iteration, parameters,
-        optimiser, densification statistics and the generator's state."""
+        optimiser, densification statistics and the generator's state. Non-finite parameters
+        raise RgsInputError (the training diverged: the steps skip per-step value checks, and
+        a non-finite Gaussian falls out of every footprint, so the loss may stay finite)."""
+        params = {name: getattr(self.gaussians, name).detach().cpu() for name in self.PARAMS}
+        if bad := [name for name, t in params.items() if not bool(torch.isfinite(t).all())]:
+            raise diverged(f"non-finite Gaussian parameters ({', '.join(bad)})", self.iteration)
         return {
             "config": self.config.to_dict(), "iteration": self.iteration, "mu_ref": self.mu_ref,
-            "params": {name: getattr(self.gaussians, name).detach().cpu() for name in self.PARAMS},
+            "params": params,
             "scale_bounds": (self.gaussians.scale_min, self.gaussians.scale_max),
             "optimizer": to_cpu(self.optimizer.state_dict()),
             "grad_accum": self.grad_accum.cpu(), "grad_count": self.grad_count.cpu(),
