@@ -219,7 +219,9 @@ def profile(args) -> dict:
     timed = [(gaussian, "fdk", "FDK"), (gaussian, "sart", "SART"), (gaussian, "splat", "calibration splat"),
              (gaussian, "voxelize", "reference voxelise"),
              (gaussian.stats, "quantile", "reference quantile"),
-             (gaussian, "Adam", "Adam set-up")]
+             (gaussian, "Adam", "Adam set-up"),
+             (gaussian.Geometry, "kernel_table", "geometry kernel table"),
+             (gaussian, "unravel", "sample indices")]
     originals = [getattr(obj, name) for obj, name, _ in timed]
     for label in ("cold", "warm"):
         phases.reset()
