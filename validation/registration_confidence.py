@@ -46,11 +46,13 @@ from rgs_engine.sim import ct
 EVIDENCE = ("restart_spread_mm", "peak_offset_mm", "view_disagreement_mm")
 
 
-def bin_index(group: str, lo: float) -> int:
-    """The start bin's index ``b`` of the trial seed in ``validation/registration.py``'s plan."""
+def bin_index(group: str, lo: float, res: dict) -> int:
+    """The start bin's index ``b`` of the trial seed in the plan of the ``validation/registration.py``
+    run ``res`` (its bin edges, ``--bins``, are those of its image groups' bins)."""
     if group not in sweep.IMAGE_GROUPS:
         return 0
-    return sweep.group_edges(group, sweep.BINS).index(lo)
+    edges = sorted({e for r in res["bins"] if r["group"] in sweep.IMAGE_GROUPS for e in r["bin"]})
+    return sweep.group_edges(group, edges).index(lo)
 
 
 class Scene:
@@ -58,7 +60,7 @@ class Scene:
     label; Gaussians of the labels asked for) and their views, at the run's size."""
 
     def __init__(self, res: dict, cache: Path):
-        self.setup, self.cache = res["setup"], cache
+        self.res, self.setup, self.cache = res, res["setup"], cache
         self.size = sweep.SIZES[self.setup["size"]]
         self.labels = [c["label"] for c in res["cases"]]
         self.names = sweep.structure_names()
@@ -80,7 +82,7 @@ class Scene:
     def xrays(self, rec: dict) -> XRaySet:
         """The trial's X-rays, from the cache or made again as the sweep made them."""
         group, lo, j = rec["group"], rec["bin"][0], rec["trial"]
-        b = bin_index(group, lo)
+        b = bin_index(group, lo, self.res)
         case = self.case(rec["label"])
         geo = sweep.case_views(self.size, case["centre"])
         path = self.cache / "diagnose" / f"{self.setup['size']}-s{self.setup['seed']}-{group}-b{b}-j{j}.pt"
