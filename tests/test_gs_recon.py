@@ -284,3 +284,23 @@ def test_nan_gaussians_stop_the_training_loop_with_a_clear_error(circular, tmp_p
     with pytest.raises(RgsInputError, match=r"diverged: non-finite Gaussian parameters \(means\) at iteration 5"):
         common.run_iterations(rec, 20, tmp_path / "ck.pt", 5, common.Reporter(), "gs", lambda st: "", "resume")
     assert not (tmp_path / "ck.pt").exists()
+
+
+def test_a_training_step_asks_for_no_value_checks(circular, monkeypatch):
+    """The value checks of splat / voxelize cost a host sync each on a GPU: a training step
+    (splat and TV voxelisation) must ask for none of them (shape checks only)."""
+    from rgs_engine.core import splatting, voxelization
+
+    rec = GaussianReconstruction(circular, GSConfig(iterations=5, **SMALL))
+    asked = []
+    for module in (splatting, voxelization):
+        original = module.check_params
+
+        def recording(*args, _original=original, **kwargs):
+            asked.append(kwargs.get("values", True))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(module, "check_params", recording)
+    rec.step()
+    assert asked == [False, False]  # the batch's splat and the TV sub-grid's voxelisation
+    rec.volume()
+    assert asked[-1] is True  # outputs are still checked
