@@ -223,3 +223,14 @@ def test_vessel_surface_rule_needs_no_truth():
     spike[0, 0, 0] = 10.0  # one outlier voxel does not set the level
     assert vessel_surface(spike, grid)[2] == pytest.approx(0.015)
     assert math.isclose(robust_max(torch.arange(1.0, 20001.0)), 19999.0)
+
+
+def test_a_training_step_asks_for_no_value_checks(train, monkeypatch):
+    """As the static recipe's step (test_gs_recon): no per-step value check (a host sync each
+    on a GPU) in the splat or the TV voxelisation; the loss stays on the device."""
+    from value_checks import record_value_checks
+
+    rec = DsaReconstruction(train, config(4))
+    asked = record_value_checks(monkeypatch)
+    out = rec.step()
+    assert asked == [False, False] and isinstance(out["loss"], torch.Tensor)

@@ -289,17 +289,10 @@ def test_nan_gaussians_stop_the_training_loop_with_a_clear_error(circular, tmp_p
 def test_a_training_step_asks_for_no_value_checks(circular, monkeypatch):
     """The value checks of splat / voxelize cost a host sync each on a GPU: a training step
     (splat and TV voxelisation) must ask for none of them (shape checks only)."""
-    from rgs_engine.core import splatting, voxelization
+    from value_checks import record_value_checks
 
     rec = GaussianReconstruction(circular, GSConfig(iterations=5, **SMALL))
-    asked = []
-    for module in (splatting, voxelization):
-        original = module.check_params
-
-        def recording(*args, _original=original, **kwargs):
-            asked.append(kwargs.get("values", True))
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(module, "check_params", recording)
+    asked = record_value_checks(monkeypatch)
     rec.step()
     assert asked == [False, False]  # the batch's splat and the TV sub-grid's voxelisation
     rec.volume()

@@ -239,3 +239,19 @@ def test_bad_input(case, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RgsInputError, match="checkpoint"):
         Track4DReconstruction.load_checkpoint(bad, *case)
+
+
+def test_a_motion_step_asks_for_no_value_checks(case, monkeypatch):
+    """As the static recipe's step (test_gs_recon): a deformation-stage step asks the splat and
+    the TV voxelisation for no value check (a host sync each on a GPU); loss and period stay
+    on the device."""
+    from value_checks import record_value_checks
+
+    rec = Track4DReconstruction(*case, config("kplanes", 2, 4))
+    for _ in range(3):  # 2 static steps, then the one that builds the motion model
+        rec.step()
+    assert rec.model is not None
+    asked = record_value_checks(monkeypatch)
+    out = rec.step()
+    assert asked == [False, False]
+    assert isinstance(out["loss"], torch.Tensor) and isinstance(out["period_s"], torch.Tensor)
