@@ -113,14 +113,14 @@ class Reporter:
 INFO_SECONDS = 0.5  # the loop's figures are read back from the device at most this often
 
 
-def host_floats(stats: dict, iteration: int | None = None) -> dict:
-    """``stats`` with its device tensors (0-d) turned into Python floats (a host sync on a
-    GPU: call it only when the figures are reported). With ``iteration``, a non-finite
-    ``loss`` raises RgsInputError: the training diverged (the loops' splats skip their
-    per-step value checks; Gaussians gone non-finite are refused by their checkpoint)."""
+def host_floats(stats: dict, iteration: int) -> dict:
+    """``stats`` of step ``iteration`` with its device tensors (0-d) turned into Python floats
+    (a host sync on a GPU: call it only when the figures are reported). A non-finite ``loss``
+    raises RgsInputError: the training diverged (the loops' splats skip their per-step value
+    checks; Gaussians gone non-finite are refused by their checkpoint)."""
     out = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
     loss = out.get("loss")
-    if iteration is not None and isinstance(loss, float) and not math.isfinite(loss):
+    if isinstance(loss, float) and not math.isfinite(loss):
         raise diverged(f"the loss is {loss}", iteration)
     return out
 
