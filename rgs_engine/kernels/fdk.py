@@ -14,10 +14,11 @@ with the per-view ``factor``:
 """
 import taichi as ti
 
+from .launch import kernel
 from .projector import f32_1d, f32_2d, f32_3d, linear_taps, table_row3, vec3
 
 
-@ti.kernel
+@kernel
 def backproject(q: f32_3d, tab: f32_2d, factor: f32_1d, out: f32_3d,
                 ox: ti.f32, oy: ti.f32, oz: ti.f32, sx: ti.f32, sy: ti.f32, sz: ti.f32,
                 cone: ti.template()):

@@ -30,6 +30,8 @@ Index limits: ``nx * ny * nz`` and ``V * H * W`` below 2^31 (int32 indices).
 """
 import taichi as ti
 
+from .launch import kernel
+
 TILE_ROWS = 4  # a warp's tile of detector pixels: TILE_ROWS x TILE_COLS = 32 rays
 TILE_COLS = 8
 
@@ -127,7 +129,7 @@ def _ray(tab: ti.template(), view: ti.i32, r: ti.i32, c: ti.i32, height: ti.i32,
     return m0, m1, p0, sp, q0, sq, axis, weight
 
 
-@ti.kernel
+@kernel
 def joseph(vol: f32_1d, proj: f32_3d, tab: f32_2d, nx: ti.i32, ny: ti.i32, nz: ti.i32,
            ox: ti.f32, oy: ti.f32, oz: ti.f32, sx: ti.f32, sy: ti.f32, sz: ti.f32,
            cone: ti.template(), adjoint: ti.template()):

@@ -11,6 +11,7 @@
 """
 import taichi as ti
 
+from .launch import kernel
 from .splat_projection import NUM_GRADS, load_gaussian, splat_params_vjp
 from .tiling import TILE, pixel_rect
 
@@ -18,7 +19,7 @@ vec3 = ti.math.vec3
 vec4 = ti.math.vec4
 
 
-@ti.kernel
+@kernel
 def pair_grads(params: ti.types.ndarray(ndim=3), keys: ti.types.ndarray(ndim=1),
                ids: ti.types.ndarray(ndim=1), grad_image: ti.types.ndarray(ndim=3),
                grad_params: ti.types.ndarray(ndim=3), cutoff2: ti.f32):
@@ -73,7 +74,7 @@ def write_geometry_grads(g_means: ti.types.ndarray(), g_scales: ti.types.ndarray
         g_quats[row, j] = gq[j]
 
 
-@ti.kernel
+@kernel
 def gaussian_grads(means: ti.types.ndarray(ndim=2), scales: ti.types.ndarray(ndim=2),
                    quats: ti.types.ndarray(ndim=2), densities: ti.types.ndarray(ndim=1),
                    table: ti.types.ndarray(ndim=2), grad_params: ti.types.ndarray(ndim=3),

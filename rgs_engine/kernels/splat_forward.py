@@ -15,11 +15,12 @@
 """
 import taichi as ti
 
+from .launch import kernel
 from .splat_projection import NUM_PARAMS, load_gaussian, splat_params
 from .tiling import TILE, pixel_rect, tile_count
 
 
-@ti.kernel
+@kernel
 def project_gaussians(means: ti.types.ndarray(ndim=2), scales: ti.types.ndarray(ndim=2),
                       quats: ti.types.ndarray(ndim=2), densities: ti.types.ndarray(ndim=1),
                       table: ti.types.ndarray(ndim=2), params: ti.types.ndarray(ndim=3),
@@ -39,7 +40,7 @@ def project_gaussians(means: ti.types.ndarray(ndim=2), scales: ti.types.ndarray(
         counts[v, i] = tile_count(out[0], out[1], out[6], out[7], out[5], width, height)
 
 
-@ti.kernel
+@kernel
 def render(params: ti.types.ndarray(ndim=3), ranges: ti.types.ndarray(ndim=1),
            ids: ti.types.ndarray(ndim=1), image: ti.types.ndarray(ndim=3), cutoff2: ti.f32):
     """``image`` (V, H, W): sum of the splats binned to each pixel's tile.
@@ -72,7 +73,7 @@ def render(params: ti.types.ndarray(ndim=3), ranges: ti.types.ndarray(ndim=1),
             image[v, py, px] = acc
 
 
-@ti.kernel
+@kernel
 def render_tiles(params: ti.types.ndarray(ndim=3), ranges: ti.types.ndarray(ndim=1),
                  ids: ti.types.ndarray(ndim=1), image: ti.types.ndarray(ndim=3), cutoff2: ti.f32):
     """Same result as :func:`render` (``image`` must be zero), one thread per tile."""

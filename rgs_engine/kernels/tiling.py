@@ -7,6 +7,8 @@ Global tile id = ``(view * tiles_y + ty) * tiles_x + tx``.
 """
 import taichi as ti
 
+from .launch import kernel
+
 TILE = 16
 
 
@@ -40,7 +42,7 @@ def tile_count(c: ti.f32, r: ti.f32, hx: ti.f32, hy: ti.f32, amp: ti.f32,
     return n
 
 
-@ti.kernel
+@kernel
 def emit_pairs(params: ti.types.ndarray(ndim=3), counts: ti.types.ndarray(ndim=2),
                ends: ti.types.ndarray(ndim=1), keys: ti.types.ndarray(ndim=1),
                ids: ti.types.ndarray(ndim=1), width: ti.i32, height: ti.i32):

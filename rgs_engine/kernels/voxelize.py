@@ -37,6 +37,7 @@ Limit: the grid must have fewer than 2^31 voxels (int32 voxel indices).
 """
 import taichi as ti
 
+from .launch import kernel
 from .rotation import quat_to_rotmat, quat_to_rotmat_vjp
 
 CHUNK = 512  # box voxels per work item: 16 per lane of a forward warp
@@ -81,7 +82,7 @@ def _rotation_scale(scales: ti.template(), quats: ti.template(), g: ti.i32):
     return q, quat_to_rotmat(q), _row3(scales, g)
 
 
-@ti.kernel
+@kernel
 def prepare(means: f32_2d, scales: f32_2d, quats: f32_2d, densities: f32_1d,
             origin: vec3, spacing: vec3, shape: ivec3, cutoff: ti.f32,
             params: f32_2d, ibox: i32_2d, counts: i32_1d):
@@ -172,7 +173,7 @@ def _profile(d: vec3, prec: mat3, cutoff2: ti.f32) -> ti.f32:
     return out
 
 
-@ti.kernel
+@kernel
 def splat(params: f32_2d, ibox: i32_2d, ends: i64_1d, spacing: vec3, cutoff2: ti.f32,
           volume: f32_3d, per_pass: ti.i32, lanes: ti.template()):
     """Add every Gaussian into the zero-initialised ``volume`` (nx, ny, nz), 1/mm."""
@@ -191,7 +192,7 @@ def splat(params: f32_2d, ibox: i32_2d, ends: i64_1d, spacing: vec3, cutoff2: ti
             chunk += stride
 
 
-@ti.kernel
+@kernel
 def gather_moments(params: f32_2d, ibox: i32_2d, ends: i64_1d, spacing: vec3, cutoff2: ti.f32,
                    grad_volume: f32_3d, moments: f32_2d, per_pass: ti.i32):
     """Add each chunk's moments of ``w = grad_volume * G`` into the zero-initialised
@@ -217,7 +218,7 @@ def gather_moments(params: f32_2d, ibox: i32_2d, ends: i64_1d, spacing: vec3, cu
             chunk += stride
 
 
-@ti.kernel
+@kernel
 def moments_to_grads(scales: f32_2d, quats: f32_2d, densities: f32_1d, moments: f32_2d,
                      grad_means: f32_2d, grad_scales: f32_2d, grad_quats: f32_2d,
                      grad_densities: f32_1d):

@@ -1,0 +1,92 @@
+"""The cached kernel launch (rgs_engine.kernels.launch) against Taichi's own launch."""
+import pytest
+import taichi as ti
+import torch
+
+from rgs_engine.core.geometry import Geometry
+from rgs_engine.kernels import launch, splat_forward
+from rgs_engine.kernels.launch import kernel
+
+
+@kernel
+def _axpy(x: ti.types.ndarray(ndim=1), y: ti.types.ndarray(ndim=2), idx: ti.types.ndarray(dtype=ti.i32, ndim=1),
+          a: ti.f32, k: ti.i32, flip: ti.template()):
+    """y[i, j] = a * x[idx[i]] + k * j, negated when ``flip``."""
+    for i, j in ti.ndrange(y.shape[0], y.shape[1]):
+        v = a * x[idx[i]] + ti.cast(k * j, ti.f32)
+        if ti.static(flip):
+            v = -v
+        y[i, j] = v
+
+
+def _expected(x, idx, a, k, flip, cols):
+    v = a * x[idx.long()][:, None] + k * torch.arange(cols, dtype=torch.float32)
+    return -v if flip else v
+
+
+def test_cached_launch_equals_the_definition_and_taichis_launch(device):
+    assert launch.enabled(), "the cached launch is off for this Taichi version or RGS_TAICHI_LAUNCH"
+    x = torch.linspace(-1, 1, 7, device=device)
+    idx = torch.tensor([6, 0, 3, 3, 1], dtype=torch.int32, device=device)
+    for flip in (False, True):
+        outs = []
+        for call in range(3):  # the first call goes through Taichi, the later ones are cached
+            y = torch.full((5, 4), float("nan"), device=device)
+            _axpy(x, y, idx, 2.5, 3 - call, flip)
+            outs.append(y.cpu())
+            torch.testing.assert_close(y.cpu(), _expected(x.cpu(), idx.cpu(), 2.5, 3 - call, flip, 4), rtol=0, atol=1e-6)
+        assert any(k[-1] == (bool, flip) for k in _axpy._cache), "the call's key was not cached"
+    y_taichi = torch.zeros(5, 4, device=device)
+    _axpy.taichi(x, y_taichi, idx, 2.5, 1, True)
+    torch.testing.assert_close(outs[-1], y_taichi.cpu(), rtol=0, atol=0)
+
+
+def test_new_dtype_and_bad_arguments_go_through_taichi(device):
+    x = torch.linspace(-1, 1, 7, device=device)
+    idx = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    y = torch.zeros(2, 3, device=device)
+    _axpy(x, y, idx, 1.0, 0, False)
+    _axpy(x, y, idx, 1.0, 0, False)
+    keys = len(_axpy._cache)
+    # float64 arrays: another compiled kernel, its own key
+    y64 = torch.zeros(2, 3, dtype=torch.float64, device=device)
+    _axpy(x.double(), y64, idx, 1.0, 0, False)
+    assert len(_axpy._cache) == keys + 1
+    torch.testing.assert_close(y64.float().cpu(), y.cpu())
+    # a non-contiguous tensor: Taichi's own error, nothing cached
+    with pytest.raises(ValueError, match="contiguous"):
+        _axpy(x, torch.zeros(3, 2, device=device).t(), idx, 1.0, 0, False)
+    # an int32 array where the kernel wants one: Taichi's type check, nothing cached
+    with pytest.raises(Exception):
+        _axpy(x, y, idx.float(), 1.0, 0, False)
+    assert len(_axpy._cache) == keys + 1
+
+
+def test_environment_turns_it_off(monkeypatch):
+    monkeypatch.setenv("RGS_TAICHI_LAUNCH", "taichi")
+    assert not launch.enabled()
+    monkeypatch.setenv("RGS_TAICHI_LAUNCH", "cached")
+    assert launch.enabled()
+
+
+def test_project_gaussians_cached_equals_taichi(device):
+    """A real kernel (arrays, scalars and a template): the cached launch writes what Taichi's does."""
+    torch.manual_seed(1)
+    n = 300
+    means = (torch.rand(n, 3) * 40 - 20).to(device)
+    scales = (torch.rand(n, 3) * 3 + 0.5).to(device)
+    quats = torch.randn(n, 4).to(device)
+    dens = torch.rand(n).to(device)
+    geo = Geometry.circular([0.0, 1.0, 2.5], dso=300.0, dsd=450.0, det_shape=(40, 48), pixel_size=1.5)
+    table = geo.kernel_table(device)
+    results = []
+    for fn in (splat_forward.project_gaussians, splat_forward.project_gaussians,
+               splat_forward.project_gaussians.taichi):
+        params = torch.zeros(3, n, 8, device=device)
+        counts = torch.zeros(3, n, dtype=torch.int32, device=device)
+        fn(means, scales, quats, dens, table, params, counts, True, 3.0, 48, 40, 0, 0)
+        results.append((params.cpu(), counts.cpu()))
+    assert results[0][1].sum() > 0
+    for params, counts in results[1:]:
+        torch.testing.assert_close(params, results[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(counts, results[0][1], rtol=0, atol=0)
