@@ -35,3 +35,9 @@ def kernel_input(name: str, x: torch.Tensor) -> torch.Tensor:
 def kernel_output(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A zero-filled output buffer on the runtime device."""
     return torch.zeros(*shape, dtype=dtype, device=runtime.ensure())
+
+
+def kernel_scratch(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised output buffer on the runtime device, for a kernel that writes every
+    element (one fill launch fewer than :func:`kernel_output`)."""
+    return torch.empty(*shape, dtype=dtype, device=runtime.ensure())

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from . import runtime
-from .bridge import as_float32, kernel_input, kernel_output
+from .bridge import as_float32, kernel_input, kernel_output, kernel_scratch
 from .errors import RgsInputError
 from .gaussians import check_params
 from .geometry import Geometry
@@ -43,8 +43,8 @@ def _bin(means, scales, quats, densities, n: int, per_view: tuple[bool, bool], t
     ``n`` rows, or ``V * n`` when ``per_view[0]``; ``densities`` ``n``, or ``V * n`` when
     ``per_view[1]`` (view ``v``'s set starts at row ``v * n``)."""
     num_v, (height, width) = geometry.num_views, geometry.det_shape
-    params = kernel_output(num_v, n, NUM_PARAMS)
-    counts = kernel_output(num_v, n, dtype=torch.int32)
+    params = kernel_scratch(num_v, n, NUM_PARAMS)  # project_gaussians writes every entry
+    counts = kernel_scratch(num_v, n, dtype=torch.int32)
     cone = geometry.mode == "cone"
     if n:
         splat_forward.project_gaussians(means, scales, quats, densities, table, params, counts,
@@ -54,15 +54,15 @@ def _bin(means, scales, quats, densities, n: int, per_view: tuple[bool, bool], t
     if total > MAX_PAIRS:
         raise RgsInputError(f"{total} tile pairs exceed the int32 index range: splat fewer "
                             "views per call or prune oversized Gaussians")
-    keys = kernel_output(max(total, 1), dtype=torch.int32)[:total]
-    ids = kernel_output(max(total, 1), dtype=torch.int32)[:total]
+    keys = kernel_scratch(max(total, 1), dtype=torch.int32)[:total]  # emit_pairs writes all total
+    ids = kernel_scratch(max(total, 1), dtype=torch.int32)[:total]
     if total:
         tiling.emit_pairs(params, counts, ends, keys, ids, width, height)
         keys, order = torch.sort(keys, stable=True)
         ids = ids[order].contiguous()
     tiles = num_v * (-(-height // tiling.TILE)) * (-(-width // tiling.TILE))
     bounds = torch.arange(tiles + 1, dtype=torch.int32, device=keys.device)
-    ranges = torch.searchsorted(keys, bounds).to(torch.int32)
+    ranges = torch.searchsorted(keys, bounds, out_int32=True)
     return _Binning(params, keys.contiguous(), ids, ranges)
 
 
@@ -79,10 +79,13 @@ class SplatFunction(torch.autograd.Function):
         table = geometry.kernel_table(dev)
         binning = _bin(m, s, q, d, n, per_view, table, geometry, cutoff)
         height, width = geometry.det_shape
-        image = kernel_output(geometry.num_views, height, width)
-        if binning.keys.numel():
-            render = splat_forward.render if dev.type == "cuda" else splat_forward.render_tiles
-            render(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
+        if binning.keys.numel() and dev.type == "cuda":  # render writes every pixel
+            image = kernel_scratch(geometry.num_views, height, width)
+            splat_forward.render(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
+        else:  # render_tiles adds into the image
+            image = kernel_output(geometry.num_views, height, width)
+            if binning.keys.numel():
+                splat_forward.render_tiles(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
         ctx.save_for_backward(m, s, q, d)
         ctx.binning, ctx.table, ctx.cone, ctx.cutoff = binning, table, geometry.mode == "cone", cutoff
         ctx.per_view = per_view
