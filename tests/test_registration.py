@@ -179,6 +179,55 @@ def test_pose_upload_gradient_equals_autograd_of_the_torch_pose_algebra():
     np.testing.assert_allclose(t.detach().numpy(), m[:3, 3], rtol=1e-6)
 
 
+def test_rigid_transform_vjp_equals_autograd():
+    rng = np.random.default_rng(3)
+    means = torch.as_tensor(rng.normal(size=(40, 3)) * 20)
+    quats = torch.as_tensor(rng.normal(size=(40, 4)))
+    r = torch.as_tensor(rigid.from_axis_angle(rng.normal(size=3), np.zeros(3))[:3, :3]).requires_grad_()
+    t = torch.as_tensor(rng.normal(size=3)).requires_grad_()
+    q = rigid.rotmat_to_quat(r.detach()).requires_grad_()
+    m2, q2 = rigid.rigid_transform_gaussians(means, quats, (r, t), q)
+    gm, gq = torch.as_tensor(rng.normal(size=(40, 3))), torch.as_tensor(rng.normal(size=(40, 4)))
+    expect = torch.autograd.grad((m2 * gm).sum() + (q2 * gq).sum(), (r, t, q))
+    for a, b in zip(rigid.rigid_transform_vjp(means, quats, gm, gq), expect):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("two_poses", [False, True])
+def test_refinement_step_gradient_equals_autograd(params, two_poses):
+    """register's step (no autograd: splat_vjp, the similarity's closed form, rigid_transform_vjp)
+    gives the similarity and pose-vector gradients that autograd gives through the same chain,
+    with one pose for all Gaussians or one for the structure and one for the context."""
+    geo = Geometry.biplanar(800.0, 1200.0, (48, 56), 2.0, isocentre=(0.0, 0.0, 0.0))
+    pts = params["means"].double().cpu().numpy()
+    n_struct = len(pts) // 3 if two_poses else len(pts)
+    c = pts.mean(axis=0)
+    xrays = reg.render(params, rigid.from_axis_angle([0.02, -0.03, 0.01], [1.5, -2.0, 1.0], c), geo)
+    crop = windows.Crop.around(geo, pts, 4.0)
+    lvl = reg._Level(2, geo, xrays, torch.ones_like(xrays), crop, params, c, 0.5)
+    scale = np.array([0.02] * 3 + [2.0] * 3)
+    q_init = np.array([1.0, 0.0, 0.0, 0.0])
+    rng = np.random.default_rng(5)
+    zs = [torch.as_tensor(rng.normal(size=6) * 0.5) for _ in range(2 if two_poses else 1)]
+    up = poses.PoseUpload(zs, scale, np.eye(4), c, q_init, xrays.device, grad=True)
+    sim = reg._step(lvl, up, n_struct)
+    up.backward()
+    ours = [z.grad.clone() for z in zs]
+    for z in zs:
+        z.grad = None
+    up = poses.PoseUpload(zs, scale, np.eye(4), c, q_init, xrays.device, grad=True)
+    moved = [rigid.rigid_transform_gaussians(lvl.means[a:b], lvl.quats[a:b], rt, q)
+             for (a, b), (rt, q) in zip(reg._spans(len(zs), len(pts), n_struct), up.poses)]
+    drr = lvl.drr(torch.cat([m for m, _ in moved]), torch.cat([q for _, q in moved]))
+    expect = lvl.similarity(drr).mean()
+    (-expect).backward()
+    up.backward()
+    assert float(sim) == pytest.approx(float(expect.detach()), abs=1e-6)
+    assert float(ours[0].abs().max()) > 1e-4, "the step should have a gradient"
+    for a, z in zip(ours, zs):
+        torch.testing.assert_close(a, z.grad, rtol=1e-4, atol=1e-6 * float(a.abs().max()))
+
+
 def test_mtre_and_target_points(ct_path, tmp_path, points):
     c = GRID.centre
     off = rigid.from_axis_angle([0, 0, 0], [3.0, 4.0, 0.0])

@@ -19,6 +19,7 @@ A transform ``T`` maps a point ``x`` to ``R x + t`` with ``T = [[R, t], [0, 0, 0
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -32,6 +33,13 @@ RIGID_TOL = 1e-6
 # L(q) p = q * p: L(q) = q[_LEFT_INDEX] * _LEFT_SIGN (Hamilton product, (w, x, y, z))
 _LEFT_INDEX = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]])
 _LEFT_SIGN = torch.tensor([[1, -1, -1, -1], [1, 1, -1, 1], [1, 1, 1, -1], [1, -1, 1, 1]])
+
+
+@functools.lru_cache(maxsize=16)
+def _left_tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_LEFT_INDEX`` and ``_LEFT_SIGN`` on ``device`` (copied once, not per call: a copy
+    from pageable host memory waits for the device)."""
+    return _LEFT_INDEX.to(device), _LEFT_SIGN.to(device, dtype)
 
 
 def check_rigid(matrix, name: str = "transform") -> np.ndarray:
@@ -246,7 +254,22 @@ def quat_left_matrix(q: torch.Tensor) -> torch.Tensor:
     """(4, 4) matrix ``L(q)`` with ``L(q) p = q * p`` (Hamilton product, (w, x, y, z)): one
     gather and one product, so a batch of products is one matrix multiply."""
     check_tensor("quaternion", q, (4,), finite=False)
-    return q[_LEFT_INDEX.to(q.device)] * _LEFT_SIGN.to(q.device, q.dtype)
+    index, sign = _left_tables(q.device, q.dtype)
+    return q[index] * sign
+
+
+def rigid_transform_vjp(means: torch.Tensor, quats: torch.Tensor, grad_means: torch.Tensor,
+                        grad_quats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. the pose ``(R, t)`` and its quaternion of a scalar that depends on
+    :func:`rigid_transform_gaussians`' outputs, given its gradients ``grad_means`` (N, 3) and
+    ``grad_quats`` (N, 4) w.r.t. them (the Gaussians ``means`` / ``quats`` before the move):
+    ``(dR (3, 3), dt (3,), dquat (4,))``, in closed form (``means' = means R^T + t``,
+    ``quats' = quats L(quat)^T``), three small device ops instead of an autograd graph."""
+    g_left = grad_quats.T @ quats  # d/dL(quat) of quats' = quats @ L^T
+    index, sign = _left_tables(g_left.device, g_left.dtype)
+    d_quat = torch.zeros(4, dtype=g_left.dtype, device=g_left.device).index_add_(
+        0, index.reshape(-1), (g_left * sign).reshape(-1))
+    return grad_means.T @ means, grad_means.sum(dim=0), d_quat
 
 
 def se3_exp(xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

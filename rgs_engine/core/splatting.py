@@ -13,6 +13,7 @@ that changes with time); the launch count and the single host sync stay the same
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -66,46 +67,74 @@ def _bin(means, scales, quats, densities, n: int, per_view: tuple[bool, bool], t
     return _Binning(params, keys.contiguous(), ids, ranges)
 
 
+class _Forward(NamedTuple):
+    """What :func:`_backward` needs of a forward pass."""
+
+    inputs: tuple  # the kernels' float32 (means, scales, quats, densities), per-view sets flattened
+    binning: _Binning
+    table: torch.Tensor
+    cone: bool
+    cutoff: float
+    per_view: tuple[bool, bool]
+
+
+def _forward(means, scales, quats, densities, geometry: Geometry, cutoff: float) -> tuple[torch.Tensor, _Forward]:
+    """The float32 image (V, H, W) and what the backward pass needs."""
+    dev = runtime.ensure()
+    n, per_view = means.shape[-2], (means.dim() == 3, densities.dim() == 2)
+    m, s, q = (kernel_input(name, t).reshape(-1, t.shape[-1])  # per-view sets: V * N rows
+               for name, t in (("means", means), ("scales", scales), ("quats", quats)))
+    d = kernel_input("densities", densities).reshape(-1)
+    table = geometry.kernel_table(dev)
+    binning = _bin(m, s, q, d, n, per_view, table, geometry, cutoff)
+    height, width = geometry.det_shape
+    if binning.keys.numel() and dev.type == "cuda":  # render writes every pixel
+        image = kernel_scratch(geometry.num_views, height, width)
+        splat_forward.render(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
+    else:  # render_tiles adds into the image
+        image = kernel_output(geometry.num_views, height, width)
+        if binning.keys.numel():
+            splat_forward.render_tiles(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
+    return image, _Forward((m, s, q, d), binning, table, geometry.mode == "cone", cutoff, per_view)
+
+
+def _backward(f: _Forward, grad_image: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients (float32, the kernels' flattened shapes) of the four inputs of ``f``'s pass."""
+    b = f.binning
+    num_v, n = b.params.shape[:2]
+    grads = [torch.zeros_like(t) for t in f.inputs]
+    if b.keys.numel():
+        g2d = kernel_output(num_v, n, NUM_GRADS)
+        splat_backward.pair_grads(b.params, b.keys, b.ids, as_float32(grad_image), g2d, f.cutoff * f.cutoff)
+        splat_backward.gaussian_grads(*f.inputs, f.table, g2d, *grads, f.cone, *f.per_view)
+    return grads
+
+
 class SplatFunction(torch.autograd.Function):
     """Autograd bridge: forward/backward are the Taichi kernels, not Taichi autodiff."""
 
     @staticmethod
     def forward(ctx, means, scales, quats, densities, geometry: Geometry, cutoff: float):
-        dev = runtime.ensure()
-        n, per_view = means.shape[-2], (means.dim() == 3, densities.dim() == 2)
-        m, s, q = (kernel_input(name, t).reshape(-1, t.shape[-1])  # per-view sets: V * N rows
-                   for name, t in (("means", means), ("scales", scales), ("quats", quats)))
-        d = kernel_input("densities", densities).reshape(-1)
-        table = geometry.kernel_table(dev)
-        binning = _bin(m, s, q, d, n, per_view, table, geometry, cutoff)
-        height, width = geometry.det_shape
-        if binning.keys.numel() and dev.type == "cuda":  # render writes every pixel
-            image = kernel_scratch(geometry.num_views, height, width)
-            splat_forward.render(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
-        else:  # render_tiles adds into the image
-            image = kernel_output(geometry.num_views, height, width)
-            if binning.keys.numel():
-                splat_forward.render_tiles(binning.params, binning.ranges, binning.ids, image, cutoff * cutoff)
-        ctx.save_for_backward(m, s, q, d)
-        ctx.binning, ctx.table, ctx.cone, ctx.cutoff = binning, table, geometry.mode == "cone", cutoff
-        ctx.per_view = per_view
+        image, state = _forward(means, scales, quats, densities, geometry, cutoff)
+        ctx.save_for_backward(*state.inputs)  # autograd's check that they are not changed in place
+        ctx.state = state._replace(inputs=None)
         ctx.dtypes = (means.dtype, scales.dtype, quats.dtype, densities.dtype)
         ctx.shapes = (means.shape, scales.shape, quats.shape, densities.shape)
         return image.to(means.dtype) if means.dtype != torch.float32 else image
 
     @staticmethod
     def backward(ctx, grad_image):
-        m, s, q, d = ctx.saved_tensors
-        b = ctx.binning
-        num_v, n = b.params.shape[:2]
-        grads = [torch.zeros_like(t) for t in (m, s, q, d)]
-        if b.keys.numel():
-            g2d = kernel_output(num_v, n, NUM_GRADS)
-            splat_backward.pair_grads(b.params, b.keys, b.ids, as_float32(grad_image),
-                                      g2d, ctx.cutoff * ctx.cutoff)
-            splat_backward.gaussian_grads(m, s, q, d, ctx.table, g2d, *grads, ctx.cone, *ctx.per_view)
+        grads = _backward(ctx.state._replace(inputs=ctx.saved_tensors), grad_image)
         out = [g.reshape(shape).to(dt) for g, shape, dt in zip(grads, ctx.shapes, ctx.dtypes)]
         return (*out, None, None)
+
+
+def _check(means, scales, quats, densities, geometry, cutoff: float, validate: bool) -> None:
+    if not isinstance(geometry, Geometry):
+        raise RgsInputError(f"geometry must be an rgs_engine.Geometry, got {type(geometry).__name__}")
+    if not cutoff > 0:
+        raise RgsInputError(f"cutoff must be positive (standard deviations), got {cutoff}")
+    check_params(means, scales, quats, densities, views=geometry.num_views, values=validate)
 
 
 def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
@@ -131,9 +160,23 @@ def splat(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor,
         (V, H, W) projections (unitless line integrals), on the runtime device, in the
         dtype of ``means`` (kernels compute in float32).
     """
-    if not isinstance(geometry, Geometry):
-        raise RgsInputError(f"geometry must be an rgs_engine.Geometry, got {type(geometry).__name__}")
-    if not cutoff > 0:
-        raise RgsInputError(f"cutoff must be positive (standard deviations), got {cutoff}")
-    check_params(means, scales, quats, densities, views=geometry.num_views, values=validate)
+    _check(means, scales, quats, densities, geometry, cutoff, validate)
     return SplatFunction.apply(means, scales, quats, densities, geometry, float(cutoff))
+
+
+def splat_vjp(means: torch.Tensor, scales: torch.Tensor, quats: torch.Tensor, densities: torch.Tensor,
+              geometry: Geometry, cutoff: float = 3.0, validate: bool = True
+              ) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]]:
+    """:func:`splat` without autograd: ``(image, vjp)``, where ``vjp(grad_image)`` (V, H, W)
+    gives the gradients of ``<grad_image, image>`` w.r.t. ``means``, ``scales``, ``quats``,
+    ``densities`` (their shapes, float32). For loops that chain their own adjoints (a rigid
+    registration's steps) and would otherwise pay for an autograd graph per step. The image
+    is float32, arguments and units as :func:`splat`'s."""
+    _check(means, scales, quats, densities, geometry, cutoff, validate)
+    image, state = _forward(means, scales, quats, densities, geometry, float(cutoff))
+    shapes = (means.shape, scales.shape, quats.shape, densities.shape)
+
+    def vjp(grad_image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(g.reshape(shape) for g, shape in zip(_backward(state, grad_image), shapes))
+
+    return image, vjp

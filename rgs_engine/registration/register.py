@@ -59,7 +59,7 @@ from ..core.adam import Adam
 from ..core.errors import RgsInputError
 from ..core.gaussians import check_params
 from ..core.geometry import Geometry
-from ..core.splatting import splat
+from ..core.splatting import splat, splat_vjp
 from ..io.xrays import XRaySet
 from . import confidence
 from .masking import exposure_mask
@@ -138,6 +138,10 @@ class _Level:
         # the Gaussians were checked once (_check_params) and are only moved rigidly since
         return splat(means, self.scales, quats, self.densities, geometry or self.geometry, validate=False)
 
+    def drr_vjp(self, means: torch.Tensor, quats: torch.Tensor):
+        """:meth:`drr` without autograd: ``(drr, vjp)`` of :func:`~rgs_engine.core.splatting.splat_vjp`."""
+        return splat_vjp(means, self.scales, quats, self.densities, self.geometry, validate=False)
+
     def match(self, drr: torch.Tensor) -> None:
         """Map the X-rays through the monotone contrast curve that matches them to ``drr``
         (this level's DRR at a reference pose): :func:`match_contrast`."""
@@ -149,13 +153,18 @@ class _Level:
         with the polarity they have against ``drr`` (this level's DRR at a reference pose)."""
         self.rank = RankMatch(self.raw, self.weights, polarity(self.raw, drr.detach(), self.weights))
 
+    @property
+    def target(self) -> SimilarityTarget:
+        """The X-rays' side of the similarity (as matched last)."""
+        if self._target is None:
+            self._target = SimilarityTarget(self.xrays, self.weights)
+        return self._target
+
     def similarity(self, drr: torch.Tensor) -> torch.Tensor:
         """Per-view :func:`view_similarity` of ``drr`` (..., V, h, w) and the X-rays (...,  V)."""
         if self.rank is not None:
             return view_similarity(drr, self.rank(drr.detach()), self.weights.expand_as(drr))
-        if self._target is None:
-            self._target = SimilarityTarget(self.xrays, self.weights)
-        return self._target(drr)
+        return self.target(drr)
 
 
 # --------------------------------------------------------------------------------------
@@ -216,6 +225,40 @@ def render(params: dict[str, torch.Tensor], pose, geometry: Geometry) -> torch.T
         m = torch.as_tensor(rigid.check_rigid(pose, "pose"), dtype=torch.float32, device=p["means"].device)
         means, quats = rigid.rigid_transform_gaussians(p["means"], p["quats"], m)
         return splat(means, p["scales"], quats, p["densities"], geometry, validate=False)  # checked above
+
+
+def _spans(k: int, n: int, n_struct: int) -> list[tuple[int, int]]:
+    """Rows of the ``n`` Gaussians that each of ``k`` poses moves: all of them (``k`` 1), or
+    the structure's ``[0, n_struct)`` and the context's (``k`` 2)."""
+    return [(0, n)] if k == 1 else [(0, n_struct), (n_struct, n)]
+
+
+def _moved(lvl: _Level, poses, n_struct: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lvl``'s Gaussians (means, quats) moved by ``poses`` (:attr:`PoseUpload.poses`; :func:`_spans`)."""
+    out = [rigid.rigid_transform_gaussians(lvl.means[a:b], lvl.quats[a:b], rt, q)
+           for (a, b), (rt, q) in zip(_spans(len(poses), len(lvl.means), n_struct), poses)]
+    return out[0] if len(out) == 1 else (torch.cat([m for m, _ in out]), torch.cat([q for _, q in out]))
+
+
+def _step(lvl: _Level, up: PoseUpload, n_struct: int, match: bool = False) -> torch.Tensor:
+    """One refinement step's similarity (the mean over views, a device scalar) at the poses of
+    ``up`` (uploaded with ``grad``), leaving the gradient of its negative w.r.t. the packed
+    poses in ``up.flat.grad`` (for :meth:`PoseUpload.backward`). No autograd: the splat, the
+    similarity and the rigid move each chain their closed-form adjoint (an autograd graph per
+    step cost more host time than the GPU's work). ``match``: first put the X-rays in the
+    contrast of this DRR (:meth:`_Level.match`)."""
+    with torch.no_grad():
+        means, quats = _moved(lvl, up.poses, n_struct)
+        drr, vjp = lvl.drr_vjp(means, quats)
+        if match:
+            lvl.match(drr)
+        sims, saved = lvl.target.forward(drr)
+        g_means, _, g_quats, _ = vjp(lvl.target.backward(saved, torch.full_like(sims, -1.0 / sims.numel())))
+        up.flat.grad = torch.stack([
+            torch.cat([g_r.reshape(9), g_t, g_q]) for g_r, g_t, g_q in
+            (rigid.rigid_transform_vjp(lvl.means[a:b], lvl.quats[a:b], g_means[a:b], g_quats[a:b])
+             for a, b in _spans(len(up.zs), len(lvl.means), n_struct))])
+        return sims.mean()
 
 
 def score_poses(level: _Level, poses) -> np.ndarray:
@@ -340,16 +383,9 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     def upload(zs: list[torch.Tensor], grad: bool = False) -> PoseUpload:
         return PoseUpload(zs, lr_vec, init_m, c_x, q_init, dev, grad)
 
-    def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None, up: PoseUpload | None = None) -> torch.Tensor:
-        """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None);
-        ``up``: their upload when the caller wants the gradient (:meth:`PoseUpload.backward`)."""
-        if zc is None:  # everything moves together: one transform
-            [(ps, q)] = (up or upload([z])).poses
-            return lvl.drr(*rigid.rigid_transform_gaussians(lvl.means, lvl.quats, ps, q))
-        (ps, q), (pc, qc) = (up or upload([z, zc])).poses
-        means, quats = rigid.rigid_transform_gaussians(lvl.means[:n_struct], lvl.quats[:n_struct], ps, q)
-        mc, qc = rigid.rigid_transform_gaussians(lvl.means[n_struct:], lvl.quats[n_struct:], pc, qc)
-        return lvl.drr(torch.cat([means, mc]), torch.cat([quats, qc]))
+    def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
+        """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
+        return lvl.drr(*_moved(lvl, upload([z] if zc is None else [z, zc]).poses, n_struct))
 
     def matched_level(factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float
                       ) -> tuple[_Level, torch.Tensor]:
@@ -454,13 +490,9 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             for g in opt.param_groups:  # cosine-ish decay within the scale
                 g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
             up = upload([z] if zc is None else [z, zc], grad=True)
-            drr = moved_drr(lvl, z, zc, up)
-            if it == 0 and match:  # the X-rays in the contrast of the scale's start pose
-                lvl.match(drr)
-            sim = lvl.similarity(drr).mean()
+            sim = _step(lvl, up, n_struct, match=it == 0 and match)  # (the scale's start pose's contrast)
             if it == 0:
-                first = float(sim.detach())
-            (-sim).backward()
+                first = float(sim)
             up.backward()
             opt.step()
             done += 1

@@ -104,6 +104,30 @@ class SimilarityTarget:
     def __call__(self, drr: torch.Tensor) -> torch.Tensor:
         return _TargetNCC.apply(drr, self)
 
+    def forward(self, drr: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Per-view similarity (...) of ``drr`` (..., H, W), and what :meth:`backward` needs."""
+        a = _channels(drr)
+        a = a - (a * self.w).sum(dim=(-2, -1), keepdim=True) / self.wsum
+        aw = a * self.w
+        num = (a * self.bw).sum(dim=(-2, -1))
+        den = (aw.square().sum(dim=(-2, -1)) * self.norm2 + EPS).sqrt()
+        return (num / den * self.coef).sum(dim=-1), (aw, num, den)
+
+    def backward(self, saved: tuple, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient w.r.t. the DRR (..., H, W) of ``sum(grad * similarity)`` (``grad`` (...)),
+        in closed form: :class:`_TargetNCC`."""
+        aw, num, den = saved
+        k = (grad[..., None] * self.coef / den)[..., None, None]
+        g = self.bw - (num * self.norm2 / den.square())[..., None, None] * aw * self.w
+        ga = k * (g - self.w * g.sum(dim=(-2, -1), keepdim=True) / self.wsum)
+        gd = ga[..., 0, :, :].clone()
+        gx, gy = ga[..., 1, :, :-1], ga[..., 2, :-1, :]  # the differences' adjoint
+        gd[..., :, 1:] += gx
+        gd[..., :, :-1] -= gx
+        gd[..., 1:, :] += gy
+        gd[..., :-1, :] -= gy
+        return gd
+
 
 class _TargetNCC(torch.autograd.Function):
     """``sum_c coef_c NCC_c`` of the channels of ``drr`` against a :class:`SimilarityTarget`,
@@ -115,29 +139,14 @@ class _TargetNCC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, drr: torch.Tensor, t: SimilarityTarget) -> torch.Tensor:
-        a = _channels(drr)
-        a = a - (a * t.w).sum(dim=(-2, -1), keepdim=True) / t.wsum
-        aw = a * t.w
-        num = (a * t.bw).sum(dim=(-2, -1))
-        den = (aw.square().sum(dim=(-2, -1)) * t.norm2 + EPS).sqrt()
-        ctx.save_for_backward(aw, num, den)
+        value, saved = t.forward(drr)
+        ctx.save_for_backward(*saved)
         ctx.target = t
-        return (num / den * t.coef).sum(dim=-1)
+        return value
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        aw, num, den = ctx.saved_tensors
-        t = ctx.target
-        k = (grad[..., None] * t.coef / den)[..., None, None]
-        g = t.bw - (num * t.norm2 / den.square())[..., None, None] * aw * t.w
-        ga = k * (g - t.w * g.sum(dim=(-2, -1), keepdim=True) / t.wsum)
-        gd = ga[..., 0, :, :].clone()
-        gx, gy = ga[..., 1, :, :-1], ga[..., 2, :-1, :]  # the differences' adjoint
-        gd[..., :, 1:] += gx
-        gd[..., :, :-1] -= gx
-        gd[..., 1:, :] += gy
-        gd[..., :-1, :] -= gy
-        return gd, None
+        return ctx.target.backward(ctx.saved_tensors, grad), None
 
 
 def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
