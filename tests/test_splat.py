@@ -74,7 +74,8 @@ def test_forward_and_vjp_match_reference(device, name):
 
 def test_splat_vjp_equals_autograd_of_splat(device):
     """splat_vjp (no autograd graph) gives splat's image and its vector-Jacobian products,
-    per-view geometry included."""
+    per-view geometry included (the same kernels: equal up to the order of the backward's
+    atomic sums on a GPU)."""
     geo = GEOMETRIES["cone"]()
     params = [t.float() for t in random_gaussians(25, device)]
     params[0] = params[0][None].expand(geo.num_views, -1, -1).contiguous()  # per-view means ...
@@ -86,7 +87,8 @@ def test_splat_vjp_equals_autograd_of_splat(device):
     assert torch.equal(image, out.detach())
     up = torch.randn_like(out)
     for label, a, b in zip(("means", "scales", "quats", "densities"), vjp(up), torch.autograd.grad(out, leaves, up)):
-        assert a.shape == b.shape and torch.equal(a, b), label
+        assert a.shape == b.shape, label
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()), msg=label)
 
 
 def test_float32_inputs_give_float32_and_match(device):
