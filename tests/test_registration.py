@@ -322,6 +322,35 @@ def test_failures_are_flagged(ct_path, params, points, tmp_path):
     assert not res.success and res.similarity < 0.5 and res.mtre_mm is None
 
 
+def test_basin_check_refuses_a_pose_with_a_better_basin_nearby(ct_path, params, points, tmp_path, monkeypatch):
+    """The basin check scores the global stage's second pass around the result at the
+    coarsest scale; a pose there that scores above the result, further than RIVAL_MM, is a
+    rival basin: it is in the history and the evidence, and the result is refused. Here the
+    check's scores are replaced by ones that peak 6 mm (in x) from the registered pose."""
+    xs = _simulate(ct_path, tmp_path / "x", 5.0, 3.0, 0)
+    plain = reg.register(xs, params, ground_truth=xs.ground_truth, target_points=points)
+    basin = [h for h in plain.history if h["stage"] == "basin check"]
+    assert plain.success and len(basin) == 1
+    assert basin[0]["rival_mm"] == 0.0 and basin[0]["at_pose"] >= basin[0]["best"] - 1e-6
+
+    real = reg.score_poses
+    rival = rigid.from_axis_angle(np.zeros(3), [6.0, 0.0, 0.0]) @ plain.pose
+
+    def fake(level, poses):
+        out = real(level, poses)
+        if len(poses) == 256 // reg.LOCAL_SEEDS:  # the basin check's probes (candidates 256)
+            d = np.array([np.linalg.norm(p[:3, 3] - rival[:3, 3]) for p in poses])
+            out = np.repeat((1.0 - d / 100.0)[:, None], out.shape[1], axis=1)
+        return out
+
+    monkeypatch.setattr(reg, "score_poses", fake)
+    res = reg.register(xs, params, ground_truth=xs.ground_truth, target_points=points)
+    [check] = [h for h in res.history if h["stage"] == "basin check"]
+    assert check["rival_mm"] > 4.0 and check["best"] > check["at_pose"]
+    assert res.evidence["rival_basin_mm"] == check["rival_mm"]
+    assert not res.success and res.estimated_error_mm >= check["rival_mm"]
+
+
 def test_register_input_errors(params, ct_path, tmp_path):
     xs = _simulate(ct_path, tmp_path / "x", 0.0, 0.0, 0)
     with pytest.raises(RgsInputError, match="XRaySet"):

@@ -35,7 +35,9 @@ batched splats (the views move, the Gaussians stay: a handful of launches) and m
 
 * ``rival_basin_mm``: with several starts (``register(keep=...)``), the distance to another
   start's basin that scores as well as the lead's (:func:`rival_mm`): the images do not tell
-  the two apart.
+  the two apart; and, from ``register``'s basin check (its global-stage pass repeated around
+  the registered pose at the coarsest scale), the distance to a pose that scores above the
+  registered one there: the scales disagree on the basin (the larger of the two).
 
 ``estimated_error_mm`` is the root sum of squares of the spread, the peak offset, the view
 disagreement and the rival basin. The decision (``success``) needs all of: estimated error <= ``max_error_mm``, a
