@@ -526,7 +526,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         reach_mm, reach_deg = capture_mm / 4, capture_deg / 4
         lvl = level(scales[0], pose, rigid_margin + reach_mm + extent * math.radians(reach_deg))
         with torch.no_grad():
-            drr = lvl.drr(*_moved(lvl, upload([z]).poses, n_struct))
+            drr = moved_drr(lvl, z, None)
             if match:
                 lvl.match_each(drr) if match_each else lvl.match(drr)
         offs = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), reach_mm, reach_deg, seed + 2)  # row 0: the pose
