@@ -349,6 +349,9 @@ def test_basin_check_refuses_a_pose_with_a_better_basin_nearby(ct_path, params, 
     assert check["rival_mm"] > 4.0 and check["best"] > check["at_pose"]
     assert res.evidence["rival_basin_mm"] == check["rival_mm"]
     assert not res.success and res.estimated_error_mm >= check["rival_mm"]
+    caption = report.decision_caption(res)
+    assert caption.startswith("NOT VERIFIED") and f"rival basin {check['rival_mm']:.1f} mm away" in caption
+    assert "rival" not in report.decision_caption(plain)
 
 
 def test_register_input_errors(params, ct_path, tmp_path):

@@ -66,6 +66,8 @@ def decision_caption(result: RegistrationResult) -> str:
     if ev:
         parts.append(f"restarts {ev['restart_spread_mm']:.2f}, views {ev['view_disagreement_mm']:.2f}, "
                      f"peak {ev['peak_offset_mm']:.2f} mm, similarity {result.similarity:.3f}")
+        if ev.get("rival_basin_mm"):
+            parts.append(f"a rival basin {ev['rival_basin_mm']:.1f} mm away")
         if ev["not_maximum_axes"]:
             parts.append(f"no maximum along axes {ev['not_maximum_axes']}")
     return "; ".join(parts)
