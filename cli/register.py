@@ -49,7 +49,8 @@ def register(
     followed by a coarse-to-fine gradient refinement of the similarity (NCC + gradient NCC).
     pose.json holds ct_to_xray (CT world mm -> X-ray frame), similarity, success, the
     estimated error (mm) and the evidence behind it (restarts from perturbed poses, the
-    similarity's peak per axis, AP and lateral each alone), seconds and mtre_mm when the
+    similarity's peak per axis, AP and lateral each alone, a rival basin near the pose that
+    the coarse search prefers), seconds and mtre_mm when the
     X-ray folder has a ground truth. Success needs an estimated error within the calibrated
     bound, a maximum on every axis and a similarity of at least --threshold; otherwise the
     pose is reported as a failure (exit status 1, pose.json says success false).
@@ -64,6 +65,8 @@ def register(
     err = f"estimated error {result.estimated_error_mm:.2f} mm"
     table.add_row("result", f"[green]success[/green] ({err})" if result.success else
                   f"[red]FAILED[/red] ({err}: do not use this pose)")
+    if result.evidence.get("rival_basin_mm"):
+        table.add_row("rival basin", f"{result.evidence['rival_basin_mm']:.1f} mm away scores as well or better")
     table.add_row("similarity", f"{result.initial_similarity:.4f} -> {result.similarity:.4f}")
     table.add_row("moved by", f"{np.linalg.norm(moved[:3, 3]):.3g} mm, {rigid.rotation_angle_deg(moved):.3g} deg")
     if result.mtre_mm is not None:
