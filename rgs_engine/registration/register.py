@@ -532,11 +532,13 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         offs = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), reach_mm, reach_deg, seed + 2)  # row 0: the pose
         probes = delta_matrix(offs, c_pose) @ pose
         sims = score_poses(lvl, probes).mean(axis=1)
-        dist = np.array([mtre(p, pose, means_np) for p in probes])
-        beat = np.nonzero((sims > sims[0] + BASIN_MARGIN) & (dist > confidence.RIVAL_MM))[0]
         best = int(np.argmax(sims))
+        above = np.nonzero(sims > sims[0] + BASIN_MARGIN)[0]
+        # distances only where they matter: each mTRE over the structure's points is host work
+        dist = {i: mtre(probes[i], pose, means_np) for i in {best, *above.tolist()}}
+        rival = max((dist[i] for i in above.tolist() if dist[i] > confidence.RIVAL_MM), default=0.0)
         return {"scale": scales[0], "scored": len(offs), "at_pose": float(sims[0]), "best": float(sims[best]),
-                "best_from_pose_mm": float(dist[best]), "rival_mm": float(dist[beat].max()) if beat.size else 0.0}
+                "best_from_pose_mm": float(dist[best]), "rival_mm": float(rival)}
 
     runs = []
     for k, x0 in enumerate(starts):
