@@ -32,7 +32,6 @@ from taichi.types import ndarray_type, primitive_types
 from taichi.types.annotations import Template
 
 TAICHI_VERSION = (1, 7, 4)
-_FALLBACK = object()  # cache value: this key launches through Taichi
 
 
 def enabled() -> bool:
@@ -97,8 +96,8 @@ class Kernel:
         if prog is not self._prog:
             self._prog, self._cache, self._cuda = prog, {}, impl.current_cfg().arch == ti.cuda
         key = self._key(args, self._cuda)
-        entry = self._cache.get(key, _FALLBACK) if key is not None else _FALLBACK
-        if entry is _FALLBACK:
+        entry = None if key is None else self._cache.get(key)
+        if entry is None:
             out = self.taichi(*args)  # compiles and validates; then the key is cached
             if key is not None and key not in self._cache:
                 compiled = self._primal.compiled_kernels[self._primal.ensure_compiled(*args)]
