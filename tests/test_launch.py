@@ -19,6 +19,15 @@ def _axpy(x: ti.types.ndarray(ndim=1), y: ti.types.ndarray(ndim=2), idx: ti.type
         y[i, j] = v
 
 
+@kernel
+def _affine(x: ti.types.ndarray(ndim=2), out: ti.types.ndarray(ndim=2), scale: ti.math.vec3,
+            shift: ti.math.ivec3):
+    """out[i] = x[i] * scale + shift, element by element (vector arguments)."""
+    for i in range(x.shape[0]):
+        for j in ti.static(range(3)):
+            out[i, j] = x[i, j] * scale[j] + ti.cast(shift[j], ti.f32)
+
+
 def _expected(x, idx, a, k, flip, cols):
     v = a * x[idx.long()][:, None] + k * torch.arange(cols, dtype=torch.float32)
     return -v if flip else v
@@ -39,6 +48,21 @@ def test_cached_launch_equals_the_definition_and_taichis_launch(device):
     y_taichi = torch.zeros(5, 4, device=device)
     _axpy.taichi(x, y_taichi, idx, 2.5, 1, True)
     torch.testing.assert_close(outs[-1], y_taichi.cpu(), rtol=0, atol=0)
+
+
+def test_vector_arguments_are_cached_and_set_element_by_element(device):
+    x = torch.arange(12, dtype=torch.float32, device=device).reshape(4, 3)
+    for call, (scale, shift) in enumerate([((1.0, 2.0, 3.0), (0, 0, 0)), ((0.5, -1.0, 4.0), (7, -2, 1)),
+                                           ((2.0, 0.25, -3.0), (-5, 9, 0))]):
+        out = torch.full((4, 3), float("nan"), device=device)
+        _affine(x, out, scale, shift)  # the first call goes through Taichi, the later ones are cached
+        expected = x.cpu() * torch.tensor(scale) + torch.tensor(shift, dtype=torch.float32)
+        torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=1e-6)
+    assert _affine._slots[2:] == [("vector", "float", 3), ("vector", "int", 3)]
+    assert len(_affine._cache) == 1, "the vectors' values must not be part of the key"
+    out_taichi = torch.zeros(4, 3, device=device)
+    _affine.taichi(x, out_taichi, scale, shift)
+    torch.testing.assert_close(out.cpu(), out_taichi.cpu(), rtol=0, atol=0)
 
 
 def test_new_dtype_and_bad_arguments_go_through_taichi(device):

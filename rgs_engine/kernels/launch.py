@@ -6,7 +6,8 @@ builds dtype limits. That is about 13 us per array argument on a 2-core CPU (a k
 tensor arguments: 138 us a launch), and the registration's and training loops' steps launch
 5-10 kernels each. :class:`Kernel` keys each call on what the compiled kernel depends on (the
 template values, and each tensor's dtype and rank) and, for a key it has seen, fills Taichi's
-launch context directly (tensor pointer, byte size, shape; scalars) and launches the kernel
+launch context directly (tensor pointer, byte size, shape; scalars; vector arguments such as
+``ti.math.vec3`` element by element) and launches the kernel
 Taichi compiled for that key: 24 us for the same 8-argument launch.
 
 Anything else goes through Taichi's own launch unchanged, so its checks and error messages
@@ -28,6 +29,7 @@ import os
 import taichi as ti
 import torch
 from taichi.lang import impl
+from taichi.lang.matrix import VectorType
 from taichi.types import ndarray_type, primitive_types
 from taichi.types.annotations import Template
 
@@ -40,20 +42,29 @@ def enabled() -> bool:
             and os.environ.get("RGS_TAICHI_LAUNCH", "cached").strip().lower() != "taichi")
 
 
+def _scalar_slot(dtype):
+    """'float', 'int' or 'uint' for a primitive dtype, else None."""
+    if dtype in primitive_types.real_types:
+        return "float"
+    if dtype in primitive_types.integer_types:
+        return "int" if dtype in (ti.i8, ti.i16, ti.i32, ti.i64) else "uint"
+    return None
+
+
 def _slot(annotation):
-    """How one argument is passed: 'template', 'array', 'float', 'int', 'uint', or None (not
-    supported by the cached launch)."""
+    """How one argument is passed: 'template', 'array', 'float', 'int', 'uint', a vector
+    ``('vector', element slot, length)`` (e.g. ``ti.math.vec3``), or None (not supported by
+    the cached launch)."""
     if isinstance(annotation, Template):
         return "template"
     if isinstance(annotation, ndarray_type.NdarrayType):
         dtype = annotation.dtype
         primitive = dtype is None or id(dtype) in primitive_types.type_ids
         return "array" if primitive and annotation.layout == ndarray_type.Layout.AOS else None
-    if id(annotation) in primitive_types.real_type_ids:
-        return "float"
-    if id(annotation) in primitive_types.integer_type_ids:
-        return "int" if annotation in (ti.i8, ti.i16, ti.i32, ti.i64) else "uint"
-    return None
+    if isinstance(annotation, VectorType):
+        element = _scalar_slot(annotation.dtype)
+        return None if element is None else ("vector", element, annotation.n)
+    return _scalar_slot(annotation)
 
 
 class Kernel:
@@ -83,6 +94,8 @@ class Kernel:
                 key.append((v.dtype, v.dim()))
             elif slot == "template":
                 key.append((type(v), v))
+            elif type(slot) is tuple:  # a vector: Taichi checks its length on the first launch
+                key.append((type(v), len(v)))
             else:
                 key.append(type(v))
         return tuple(key)
@@ -117,8 +130,14 @@ class Kernel:
                 ctx.set_arg_float((index,), float(v))
             elif slot == "int":
                 ctx.set_arg_int((index,), int(v))
-            else:
+            elif slot == "uint":
                 ctx.set_arg_uint((index,), int(v))
+            else:  # a vector: one struct member per element
+                setter = {"float": ctx.set_struct_arg_float, "int": ctx.set_struct_arg_int,
+                          "uint": ctx.set_struct_arg_uint}[slot[1]]
+                cast = float if slot[1] == "float" else int
+                for i in range(slot[2]):
+                    setter((index, i), cast(v[i]))
             index += 1
         prog.launch_kernel(data, ctx)
         return None
