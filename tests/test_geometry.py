@@ -81,6 +81,10 @@ def test_subset_carries_the_cached_kernel_tables(mode, device):
         # the same values, bit for bit, as the subset's own table computed from its vectors
         assert torch.equal(carried, Geometry(sub.vectors, sub.det_shape, mode).kernel_table(device))
         assert carried.device == table.device and sub.kernel_table(device) is carried
+        assert sub.mode == mode and sub.det_shape == geo.det_shape and sub.vectors.is_contiguous()
+        assert torch.equal(sub.vectors, geo.vectors[index].reshape(-1, 12))
+    with pytest.raises(RgsInputError, match="at least one view"):
+        geo.subset([])
 
 
 def test_from_poses_and_biplanar():

@@ -248,7 +248,14 @@ class Geometry:
         their device without a host-to-device copy), so a training loop that draws a random
         batch of views every step neither recomputes nor re-uploads them."""
         idx = torch.as_tensor(index, dtype=torch.long) if not isinstance(index, slice) else index
-        sub = Geometry(self.vectors[idx].reshape(-1, 12), self.det_shape, self.mode)
+        vectors = self.vectors[idx].reshape(-1, 12)
+        if vectors.shape[0] < 1:
+            raise RgsInputError(f"a geometry subset needs at least one view, got index {index!r}")
+        # rows of a checked geometry: no need to check them again (a training loop's every step)
+        sub = object.__new__(Geometry)
+        for name, value in (("vectors", vectors.contiguous()), ("det_shape", self.det_shape),
+                            ("mode", self.mode), ("_tables", {})):
+            object.__setattr__(sub, name, value)
         rows = range(self.num_views)[idx] if isinstance(idx, slice) else idx.reshape(-1).tolist()
         for key, table in self._tables.items():
             sub._tables[key] = torch.stack([table[i] for i in rows])
