@@ -6,20 +6,21 @@ defaults, then the preset's overrides, then what the user gave explicitly (``--i
 
 Where the values come from: ``validation/presets.md`` (``python validation/presets.py``: the
 chest CT of ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise;
-one NVIDIA H100, 2026-12-05, the recipe with densification by the data, which is none at 25
-views there). 3D PSNR / SSIM and ``seconds``:
+one NVIDIA H100, 2026-12-06, with the cached kernel launch). 3D PSNR / SSIM and ``seconds``:
 
-* ``draft``: 500 iterations, 30.62 dB / .833 in 16.7 s (the rates before ``rate_scale`` 1.5);
-* ``fast``: 2000 iterations of 4 views (the default: 8), 34.02 dB / .905 in 35.8 s: 0.15 dB
-  below the default in two thirds of the time (``validation/levers.md``'s ``views-4+lr-1.5x``
-  row at 2000 iterations: 1.5x rates, which the default has since). 2000 iterations of 8
-  views gave 34.11 dB in 42.4 s with those rates and 33.86 dB in 39.8 s without; 1000
-  iterations (this preset until 2026-12-05) 32.74 dB in 24.3 s. Measured on this one case
-  and seed at 25 views only; a four-lever combination that includes it lost 0.27 dB to the
-  recipe at 50 views;
+* ``draft``: 500 iterations, 31.77 dB / .862 in 11.7 s;
+* ``fast``: 2000 iterations of 4 views (the default: 8), 34.02 dB / .905 in 22.5 s: 0.2 dB
+  below the default in two thirds of the time. Stopped at 1500 iterations it gave 33.75 dB in
+  20.0 s, and 1000 iterations of 8 views 33.44 dB in 14.6 s. Measured on this one case and
+  seed at 25 views only; a four-lever combination that includes it lost 0.27 dB to the
+  recipe at 50 views (``validation/levers.md``);
 * ``default``: the recipe as it is (3000 iterations; the automatic count, one Gaussian per
-  20 voxels, 10k..50k), 34.17 dB / .907 in 53.3 s with the rates before ``rate_scale`` 1.5
-  (not yet re-measured with them).
+  20 voxels, 10k..50k), 34.23 dB / .906 in 33.6 s.
+
+The same script earlier that day on another H100 machine (the same code but for the cached
+launch of vector arguments and the unchecked ``Geometry.subset``) gave 13.8 / 25.2 / 36.4 s
+for draft / fast / default at the same PSNR: run-to-run differences between machines are of
+that order, so the two are not a measured speed-up.
 
 Longer is not better: 5000 iterations gave 33.70 dB / .897 in 95.1 s with the recipe of that
 day (4 densification rounds, where 3000 gave 33.80), so no preset trains longer than the
@@ -43,8 +44,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # one line per preset for the command line's help: what it trades
 TRADES = {
-    "draft": "500 iterations: 30.6 dB in 17 s against the default's 34.2 dB in 53 s (H100, 256^3, 25 views)",
-    "fast": "2000 iterations of 4 views: 34.0 dB in 36 s",
+    "draft": "500 iterations: 31.8 dB in 12 s against the default's 34.2 dB in 34 s (H100, 256^3, 25 views)",
+    "fast": "2000 iterations of 4 views: 34.0 dB in 23 s",
     DEFAULT: "3000 iterations, one Gaussian per 20 voxels",
 }
 
