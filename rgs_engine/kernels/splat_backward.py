@@ -1,7 +1,8 @@
 """Backward X-ray splatting kernels (hand-written adjoint of :mod:`.splat_forward`).
 
 1. :func:`pair_grads`, one thread per (tile, Gaussian) pair: loops over the pixels of the
-   footprint inside its tile, accumulates ``dL/d(c, r, conic, amp)`` in registers and adds
+   footprint inside its tile (each row from its peak outwards up to the cutoff, as
+   :func:`.splat_forward.render_tiles`), accumulates ``dL/d(c, r, conic, amp)`` in registers and adds
    them once into the (V, N, 6) buffer. Threads of a warp share a tile (pairs are sorted by
    tile), so their upstream-gradient reads coincide; the atomics only meet where one
    footprint spans several tiles.
@@ -13,7 +14,7 @@ import taichi as ti
 
 from .launch import kernel
 from .splat_projection import NUM_GRADS, load_gaussian, splat_params_vjp
-from .tiling import TILE, pixel_rect
+from .tiling import TILE, pixel_rect, row_peak, row_start
 
 vec3 = ti.math.vec3
 vec4 = ti.math.vec4
@@ -41,7 +42,9 @@ def pair_grads(params: ti.types.ndarray(ndim=3), keys: ti.types.ndarray(ndim=1),
         cb = params[v, i, 3]
         cc = params[v, i, 4]
         amp = params[v, i, 5]
-        # the footprint's pixel box with one pixel of slack (the q test decides), in this tile
+        decay = ti.exp(-ca)
+        # the footprint's pixel box with one pixel of slack, in this tile; each row walked
+        # from its peak outwards up to the cutoff, as the forward's render_tiles
         x0, x1, y0, y1 = pixel_rect(c, r, params[v, i, 6], params[v, i, 7], width, height)
         x0 = ti.max(x0 - 1, tx0)
         x1 = ti.min(x1 + 1, tx0 + TILE - 1, width - 1)
@@ -50,15 +53,28 @@ def pair_grads(params: ti.types.ndarray(ndim=3), keys: ti.types.ndarray(ndim=1),
         g = ti.Vector([0.0] * NUM_GRADS)
         for py in range(y0, y1 + 1):
             dy = ti.cast(py, ti.f32) - r
-            for px in range(x0, x1 + 1):
-                dx = ti.cast(px, ti.f32) - c
-                q = ca * dx * dx + 2.0 * cb * dx * dy + cc * dy * dy
-                if q <= cutoff2:
-                    e = ti.exp(-0.5 * q)
-                    gp = grad_image[v, py, px]
-                    w = -0.5 * gp * amp * e  # dL/dq
-                    g += ti.Vector([-2.0 * w * (ca * dx + cb * dy), -2.0 * w * (cb * dx + cc * dy),
-                                    w * dx * dx, 2.0 * w * dx * dy, w * dy * dy, gp * e])
+            peak = row_peak(c, ca, cb, dy, x0, x1)
+            for side in ti.static(range(2)):  # from the peak to the right, then to its left
+                direction = 1 - 2 * side
+                start = peak - side
+                steps = x1 - start + 1 if side == 0 else start - x0 + 1
+                dx, q, dq = row_start(c, ca, cb, cc, dy, start, direction)
+                if steps > 0 and q <= cutoff2:
+                    e, s = ti.exp(-0.5 * q), ti.exp(-0.5 * dq)
+                    px = start
+                    for _step in range(steps):
+                        if q > cutoff2:  # q grows away from the peak: the rest is outside
+                            break
+                        gp = grad_image[v, py, px]
+                        w = -0.5 * gp * amp * e  # dL/dq
+                        g += ti.Vector([-2.0 * w * (ca * dx + cb * dy), -2.0 * w * (cb * dx + cc * dy),
+                                        w * dx * dx, 2.0 * w * dx * dy, w * dy * dy, gp * e])
+                        q += dq
+                        dq += 2.0 * ca
+                        e *= s
+                        s *= decay
+                        dx += ti.cast(direction, ti.f32)
+                        px += direction
         for j in ti.static(range(NUM_GRADS)):
             ti.atomic_add(grad_params[v, i, j], g[j])
 

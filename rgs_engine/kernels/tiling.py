@@ -32,6 +32,31 @@ def pixel_rect(c: ti.f32, r: ti.f32, hx: ti.f32, hy: ti.f32, width: ti.i32, heig
 
 
 @ti.func
+def row_peak(c: ti.f32, ca: ti.f32, cb: ti.f32, dy: ti.f32, x_lo: ti.i32, x_hi: ti.i32) -> ti.i32:
+    """The column nearest the maximum of a footprint along one detector row (offset ``dy``
+    from its centre column ``c``; the conic's ``ca > 0``, ``cb``), clipped to ``x_lo..x_hi``.
+    From there outwards its quadratic form ``q`` only grows: a walk can stop at the first
+    pixel with ``q > cutoff^2`` and step ``exp(-q / 2)`` by multiplications (:func:`row_step`)."""
+    mid = c - cb * dy / ca
+    return ti.cast(ti.min(ti.max(ti.round(mid), ti.cast(x_lo, ti.f32)), ti.cast(x_hi, ti.f32)), ti.i32)
+
+
+@ti.func
+def row_start(c: ti.f32, ca: ti.f32, cb: ti.f32, cc: ti.f32, dy: ti.f32, start: ti.i32,
+              direction: ti.i32):
+    """Where a walk along a row from column ``start`` in ``direction`` (+1 / -1) begins:
+    ``dx = start - c``, the quadratic form ``q`` there and ``dq``, its change at the first
+    step. Each step then does ``q += dq; dq += 2 ca`` and, for ``e = exp(-q / 2)`` and
+    ``s = exp(-dq / 2)``, ``e *= s; s *= exp(-ca)``: two exponentials a row instead of one
+    a pixel. Walking away from the row's peak (:func:`row_peak`) ``e`` only shrinks, so
+    nothing overflows and nothing underflows before ``q`` passes the cutoff."""
+    dx = ti.cast(start, ti.f32) - c
+    q = ca * dx * dx + 2.0 * cb * dx * dy + cc * dy * dy
+    dq = ti.cast(direction, ti.f32) * (2.0 * ca * dx + 2.0 * cb * dy) + ca
+    return dx, q, dq
+
+
+@ti.func
 def tile_count(c: ti.f32, r: ti.f32, hx: ti.f32, hy: ti.f32, amp: ti.f32,
                width: ti.i32, height: ti.i32) -> ti.i32:
     """Number of tiles a footprint overlaps (0 when culled or off the detector)."""
