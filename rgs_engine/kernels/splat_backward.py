@@ -14,7 +14,7 @@ import taichi as ti
 
 from .launch import kernel
 from .splat_projection import NUM_GRADS, load_gaussian, splat_params_vjp
-from .tiling import TILE, pixel_rect, row_peak, row_start
+from .tiling import TILE, pixel_rect, walk_row
 
 vec3 = ti.math.vec3
 vec4 = ti.math.vec4
@@ -52,29 +52,7 @@ def pair_grads(params: ti.types.ndarray(ndim=3), keys: ti.types.ndarray(ndim=1),
         y1 = ti.min(y1 + 1, ty0 + TILE - 1, height - 1)
         g = ti.Vector([0.0] * NUM_GRADS)
         for py in range(y0, y1 + 1):
-            dy = ti.cast(py, ti.f32) - r
-            peak = row_peak(c, ca, cb, dy, x0, x1)
-            for side in ti.static(range(2)):  # from the peak to the right, then to its left
-                direction = 1 - 2 * side
-                start = peak - side
-                steps = x1 - start + 1 if side == 0 else start - x0 + 1
-                dx, q, dq = row_start(c, ca, cb, cc, dy, start, direction)
-                if steps > 0 and q <= cutoff2:
-                    e, s = ti.exp(-0.5 * q), ti.exp(-0.5 * dq)
-                    px = start
-                    for _step in range(steps):
-                        if q > cutoff2:  # q grows away from the peak: the rest is outside
-                            break
-                        gp = grad_image[v, py, px]
-                        w = -0.5 * gp * amp * e  # dL/dq
-                        g += ti.Vector([-2.0 * w * (ca * dx + cb * dy), -2.0 * w * (cb * dx + cc * dy),
-                                        w * dx * dx, 2.0 * w * dx * dy, w * dy * dy, gp * e])
-                        q += dq
-                        dq += 2.0 * ca
-                        e *= s
-                        s *= decay
-                        dx += ti.cast(direction, ti.f32)
-                        px += direction
+            g += walk_row(c, r, ca, cb, cc, amp, decay, v, py, x0, x1, cutoff2, grad_image, True)
         for j in ti.static(range(NUM_GRADS)):
             ti.atomic_add(grad_params[v, i, j], g[j])
 

@@ -10,8 +10,7 @@
    one tile's list together) sums ``amp exp(-q / 2)`` over its tile's Gaussians with
    ``q <= cutoff^2``. :func:`render_tiles` (CPU: one thread per tile) visits only the pixels
    of each footprint's ellipse inside the tile: each row from its peak outwards up to the
-   cutoff, ``exp(-q / 2)`` stepped by multiplications (:func:`.tiling.row_peak`,
-   :func:`.tiling.row_start`), which saves the CPU most of the evaluations and exponentials a
+   cutoff, ``exp(-q / 2)`` stepped by multiplications (:func:`.tiling.walk_row`), which saves the CPU most of the evaluations and exponentials a
    GPU spends on whole tiles. Both write each pixel from one thread in list order: no
    atomics, the same deterministic sum.
 """
@@ -19,7 +18,7 @@ import taichi as ti
 
 from .launch import kernel
 from .splat_projection import NUM_PARAMS, load_gaussian, splat_params
-from .tiling import TILE, pixel_rect, row_peak, row_start, tile_count
+from .tiling import TILE, pixel_rect, tile_count, walk_row
 
 
 @kernel
@@ -98,22 +97,4 @@ def render_tiles(params: ti.types.ndarray(ndim=3), ranges: ti.types.ndarray(ndim
             x_lo = ti.max(x0 - 1, tx0)
             x_hi = ti.min(x1 + 1, tx0 + TILE - 1, width - 1)
             for py in range(ti.max(y0 - 1, ty0), ti.min(y1 + 1, ty0 + TILE - 1, height - 1) + 1):
-                dy = ti.cast(py, ti.f32) - r
-                peak = row_peak(c, ca, cb, dy, x_lo, x_hi)
-                for side in ti.static(range(2)):  # from the peak to the right, then to its left
-                    direction = 1 - 2 * side
-                    start = peak - side
-                    steps = x_hi - start + 1 if side == 0 else start - x_lo + 1
-                    _, q, dq = row_start(c, ca, cb, cc, dy, start, direction)
-                    if steps > 0 and q <= cutoff2:
-                        e, s = ti.exp(-0.5 * q), ti.exp(-0.5 * dq)
-                        px = start
-                        for _step in range(steps):
-                            if q > cutoff2:  # q grows away from the peak: the rest is outside
-                                break
-                            image[v, py, px] = image[v, py, px] + amp * e
-                            q += dq
-                            dq += 2.0 * ca
-                            e *= s
-                            s *= decay
-                            px += direction
+                walk_row(c, r, ca, cb, cc, amp, decay, v, py, x_lo, x_hi, cutoff2, image, False)

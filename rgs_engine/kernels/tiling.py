@@ -8,6 +8,7 @@ Global tile id = ``(view * tiles_y + ty) * tiles_x + tx``.
 import taichi as ti
 
 from .launch import kernel
+from .splat_projection import NUM_GRADS
 
 TILE = 16
 
@@ -54,6 +55,46 @@ def row_start(c: ti.f32, ca: ti.f32, cb: ti.f32, cc: ti.f32, dy: ti.f32, start: 
     q = ca * dx * dx + 2.0 * cb * dx * dy + cc * dy * dy
     dq = ti.cast(direction, ti.f32) * (2.0 * ca * dx + 2.0 * cb * dy) + ca
     return dx, q, dq
+
+
+@ti.func
+def walk_row(c: ti.f32, r: ti.f32, ca: ti.f32, cb: ti.f32, cc: ti.f32, amp: ti.f32, decay: ti.f32,
+             v: ti.i32, py: ti.i32, x_lo: ti.i32, x_hi: ti.i32, cutoff2: ti.f32,
+             image: ti.template(), backward: ti.template()):
+    """One detector row ``py`` of view ``v`` of a footprint (centre ``c, r``, conic ``ca, cb,
+    cc``, amplitude ``amp``, ``decay = exp(-ca)``) between columns ``x_lo..x_hi``: from the
+    row's peak outwards up to the cutoff (:func:`row_peak`, :func:`row_start`). Forward
+    (``backward`` False): adds ``amp exp(-q / 2)`` into ``image`` (V, H, W) and returns zeros;
+    backward: ``image`` is the upstream gradient and it returns this row's ``dL/d(c, r, conic
+    a, b, c, amp)``."""
+    dy = ti.cast(py, ti.f32) - r
+    peak = row_peak(c, ca, cb, dy, x_lo, x_hi)
+    g = ti.Vector([0.0] * NUM_GRADS)
+    for side in ti.static(range(2)):  # from the peak to the right, then to its left
+        direction = 1 - 2 * side
+        start = peak - side
+        steps = x_hi - start + 1 if side == 0 else start - x_lo + 1
+        dx, q, dq = row_start(c, ca, cb, cc, dy, start, direction)
+        if steps > 0 and q <= cutoff2:
+            e, s = ti.exp(-0.5 * q), ti.exp(-0.5 * dq)
+            px = start
+            for _step in range(steps):
+                if q > cutoff2:  # q grows away from the peak: the rest is outside
+                    break
+                if ti.static(backward):
+                    gp = image[v, py, px]
+                    w = -0.5 * gp * amp * e  # dL/dq
+                    g += ti.Vector([-2.0 * w * (ca * dx + cb * dy), -2.0 * w * (cb * dx + cc * dy),
+                                    w * dx * dx, 2.0 * w * dx * dy, w * dy * dy, gp * e])
+                else:
+                    image[v, py, px] = image[v, py, px] + amp * e
+                q += dq
+                dq += 2.0 * ca
+                e *= s
+                s *= decay
+                dx += ti.cast(direction, ti.f32)
+                px += direction
+    return g
 
 
 @ti.func
