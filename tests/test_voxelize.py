@@ -32,15 +32,18 @@ def vjps(fn, params, grid, upstream, **kw):
     return out, torch.autograd.grad((out.double() * upstream).sum(), leaves)
 
 
-@pytest.mark.parametrize("lanes,per_pass", [(1, 1 << 24), (32, 1 << 24), (32, 5)])
+@pytest.mark.parametrize("rows,lanes,per_pass", [(True, 1, 1 << 24), (False, 1, 1 << 24),
+                                                (False, 32, 1 << 24), (False, 32, 5)])
 @pytest.mark.parametrize("grid,cutoff", [
     (GRID, 3.0),
     (GRID.sub_grid((3, 5, 4), (9, 8, 11)), 3.0),
     (GRID, 2.0),
 ])
-def test_matches_reference_with_vjps(device, monkeypatch, lanes, per_pass, grid, cutoff):
-    # lanes=32 runs the CUDA thread layout (one warp per chunk) on any device; a small
+def test_matches_reference_with_vjps(device, monkeypatch, rows, lanes, per_pass, grid, cutoff):
+    # rows: the CPU's kernels (one thread per Gaussian, row walks); otherwise the chunked ones
+    # on any device: lanes=32 runs the CUDA thread layout (one warp per chunk), a small
     # per_pass makes each thread walk several chunks, as for a huge total of chunks
+    monkeypatch.setattr(vox, "_rows", lambda dev: rows)
     monkeypatch.setattr(vox, "_splat_lanes", lambda dev: lanes)
     monkeypatch.setattr(vox.kernels, "CHUNKS_PER_PASS", per_pass)
     params = random_gaussians(24, GRID, device)
@@ -74,6 +77,29 @@ def test_gaussians_outside_and_empty(device):
     assert not grad.any()
     empty = [t[:0] for t in (means, scales, quats, dens)]
     assert not vox.voxelize(*empty, GRID).any()
+
+
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_box_empty_along_one_axis_adds_nothing(device, monkeypatch, rows, axis):
+    """A Gaussian just outside one face, within the grid's span along the other two axes: its
+    cutoff ellipsoid misses the grid (its box is empty along ``axis``) although the voxel one
+    step outside lies within the cutoff. Nothing may be written, there or anywhere."""
+    monkeypatch.setattr(vox, "_rows", lambda dev: rows)
+    lo, hi = GRID.bounds()
+    mean = (torch.as_tensor(lo) + torch.as_tensor(hi)) / 2
+    # sigma 1 mm, cutoff 3: 0.2 mm short of the first voxel centre, while the centre one
+    # step further out (0.4-0.7 mm) lies 2.6-2.9 mm from the mean, within the cutoff
+    mean[axis] = GRID.origin[axis] - 3.2
+    gaussians = [mean[None].to(device), torch.ones(1, 3, dtype=torch.float64, device=device),
+                 torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64, device=device),
+                 torch.ones(1, dtype=torch.float64, device=device)]
+    assert not reference(*gaussians, GRID).any()
+    leaves = [t.clone().requires_grad_() for t in gaussians]
+    out = vox.voxelize(*leaves, GRID)
+    assert not out.any()
+    grads = torch.autograd.grad(out.sum(), leaves)
+    assert not any(g.any() for g in grads)
 
 
 def test_mass_of_one_gaussian(device):
