@@ -32,18 +32,15 @@ def vjps(fn, params, grid, upstream, **kw):
     return out, torch.autograd.grad((out.double() * upstream).sum(), leaves)
 
 
-@pytest.mark.parametrize("rows,lanes,per_pass", [(True, 1, 1 << 24), (False, 1, 1 << 24),
-                                                (False, 32, 1 << 24), (False, 32, 5)])
+@pytest.mark.parametrize("lanes,per_pass", [(1, 1 << 24), (32, 1 << 24), (32, 5)])
 @pytest.mark.parametrize("grid,cutoff", [
     (GRID, 3.0),
     (GRID.sub_grid((3, 5, 4), (9, 8, 11)), 3.0),
     (GRID, 2.0),
 ])
-def test_matches_reference_with_vjps(device, monkeypatch, rows, lanes, per_pass, grid, cutoff):
-    # rows: the CPU's kernels (one thread per Gaussian, row walks); otherwise the chunked ones
-    # on any device: lanes=32 runs the CUDA thread layout (one warp per chunk), a small
+def test_matches_reference_with_vjps(device, monkeypatch, lanes, per_pass, grid, cutoff):
+    # lanes=32 runs the CUDA thread layout (one warp per chunk) on any device; a small
     # per_pass makes each thread walk several chunks, as for a huge total of chunks
-    monkeypatch.setattr(vox, "_rows", lambda dev: rows)
     monkeypatch.setattr(vox, "_splat_lanes", lambda dev: lanes)
     monkeypatch.setattr(vox.kernels, "CHUNKS_PER_PASS", per_pass)
     params = random_gaussians(24, GRID, device)
@@ -79,13 +76,11 @@ def test_gaussians_outside_and_empty(device):
     assert not vox.voxelize(*empty, GRID).any()
 
 
-@pytest.mark.parametrize("rows", [True, False])
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_box_empty_along_one_axis_adds_nothing(device, monkeypatch, rows, axis):
+def test_box_empty_along_one_axis_adds_nothing(device, axis):
     """A Gaussian just outside one face, within the grid's span along the other two axes: its
     cutoff ellipsoid misses the grid (its box is empty along ``axis``) although the voxel one
     step outside lies within the cutoff. Nothing may be written, there or anywhere."""
-    monkeypatch.setattr(vox, "_rows", lambda dev: rows)
     lo, hi = GRID.bounds()
     mean = (torch.as_tensor(lo) + torch.as_tensor(hi)) / 2
     # sigma 1 mm, cutoff 3: 0.2 mm short of the first voxel centre, while the centre one

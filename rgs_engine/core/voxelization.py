@@ -46,12 +46,6 @@ def _splat_lanes(device: torch.device) -> int:
     return 32 if device.type == "cuda" else 1
 
 
-def _rows(device: torch.device) -> bool:
-    """Whether to use the kernels that walk each Gaussian's box row by row, one thread per
-    Gaussian (the CPU), instead of the chunked ones (CUDA)."""
-    return device.type != "cuda"
-
-
 class _Voxelize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, scales, quats, densities, grid: VolumeGrid, cutoff: float):
@@ -69,9 +63,7 @@ class _Voxelize(torch.autograd.Function):
             kernels.prepare(p, s, q, rho, grid.origin, grid.spacing, grid.shape, cutoff,
                             params, ibox, counts)
         ends = torch.cumsum(counts, 0)  # int64 inclusive chunk ends
-        if n and _rows(dev):
-            kernels.splat_rows(params, ibox, grid.spacing, cutoff2, volume)
-        elif n:
+        if n:
             kernels.splat(params, ibox, ends, grid.spacing, cutoff2, volume,
                           kernels.CHUNKS_PER_PASS, _splat_lanes(dev))
         ctx.save_for_backward(s, q, rho, params, ibox, ends)
@@ -88,11 +80,8 @@ class _Voxelize(torch.autograd.Function):
         # moments_to_grads() writes every entry of these
         grads = tuple(torch.empty(n, *tail, dtype=torch.float32, device=dev)
                       for tail in ((3,), (3,), (4,), ()))
-        if n and _rows(dev):
-            kernels.gather_rows(params, ibox, ctx.spacing, ctx.cutoff2, g_vol, moments)
-        elif n:
+        if n:
             kernels.gather_moments(params, ibox, ends, ctx.spacing, ctx.cutoff2, g_vol,
                                    moments, kernels.CHUNKS_PER_PASS)
-        if n:
             kernels.moments_to_grads(s, q, rho, moments, *grads)
         return (*(g.to(ctx.dtype) for g in grads), None, None)

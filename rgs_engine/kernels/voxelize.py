@@ -33,12 +33,6 @@ Design (scatter over box chunks, chosen for the GPU):
   ``g_R = -rho S2 R diag(1/s^2)``, then ``g_q`` through the rotation and the quaternion
   normalisation.
 
-On the CPU, :func:`splat_rows` and :func:`gather_rows` do the same work with one thread per
-Gaussian: each z-row of its box is walked from the voxel nearest the row's peak outwards up to
-the cutoff, ``exp(-m / 2)`` stepped by products, so only the ellipsoid's voxels are visited
-and a row costs two exponentials (a chunk's flat loop evaluates the whole box, one
-exponential a voxel inside).
-
 Limit: the grid must have fewer than 2^31 voxels (int32 voxel indices).
 """
 import taichi as ti
@@ -222,75 +216,6 @@ def gather_moments(params: f32_2d, ibox: i32_2d, ends: i64_1d, spacing: vec3, cu
             for k in ti.static(range(NMOMENT)):
                 ti.atomic_add(moments[g, k], acc[k])
             chunk += stride
-
-
-@ti.func
-def _walk_box(params: ti.template(), ibox: ti.template(), g: ti.i32, spacing: vec3, cutoff2: ti.f32,
-              volume: ti.template(), backward: ti.template()):
-    """Gaussian ``g``'s box, z-row by z-row, each row from the voxel nearest its peak outwards
-    up to the cutoff: along z the Mahalanobis term is ``m(k) = a k^2 + 2 b k + m0`` (voxel
-    ``k`` of the row), so ``exp(-m / 2)`` is stepped by products (two exponentials a row, as
-    the splat's :func:`.tiling.walk_row`) and only the ellipsoid's voxels are visited.
-    Forward: adds ``rho G`` into ``volume`` (atomics: boxes overlap). Backward (``volume`` the
-    upstream gradient): returns the 10 moments of :func:`gather_moments`."""
-    first = ivec3(ibox[g, 0], ibox[g, 1], ibox[g, 2])
-    size = ivec3(ibox[g, 3], ibox[g, 4], ibox[g, 5])
-    d0, prec, rho = _row3(params, g), _sym(params, g, 3), params[g, 9]
-    a = prec[2, 2] * spacing[2] * spacing[2]
-    decay = ti.exp(-a)
-    acc = ti.Vector.zero(ti.f32, NMOMENT)
-    rows_i = size[0] if size[2] > 0 else 0  # a box empty along z has no row to walk
-    for i, j in ti.ndrange(rows_i, size[1]):
-        d = d0 + vec3(ti.cast(i, ti.f32) * spacing[0], ti.cast(j, ti.f32) * spacing[1], 0.0)
-        m0 = d.dot(prec @ d)
-        b = spacing[2] * (prec[2, 0] * d[0] + prec[2, 1] * d[1] + prec[2, 2] * d[2])
-        peak = ti.cast(ti.min(ti.max(ti.round(-b / a), 0.0), ti.cast(size[2] - 1, ti.f32)), ti.i32)
-        for side in ti.static(range(2)):  # from the peak up the row, then down from below it
-            direction = 1 - 2 * side
-            start = peak - side
-            steps = size[2] - start if side == 0 else start + 1
-            k = ti.cast(start, ti.f32)
-            m = a * k * k + 2.0 * b * k + m0
-            dm = ti.cast(direction, ti.f32) * (2.0 * a * k + 2.0 * b) + a
-            if steps > 0 and m <= cutoff2:
-                e, s = ti.exp(-0.5 * m), ti.exp(-0.5 * dm)
-                kk = start
-                for _step in range(steps):
-                    if m > cutoff2:  # m grows away from the peak: the rest is outside
-                        break
-                    voxel = first + ivec3(i, j, kk)
-                    if ti.static(backward):
-                        w = volume[voxel] * e
-                        dz = d[2] + ti.cast(kk, ti.f32) * spacing[2]
-                        acc += w * ti.Vector([1.0, d[0], d[1], dz, d[0] * d[0], d[1] * d[1], dz * dz,
-                                              d[0] * d[1], d[0] * dz, d[1] * dz])
-                    else:
-                        ti.atomic_add(volume[voxel], rho * e)
-                    m += dm
-                    dm += 2.0 * a
-                    e *= s
-                    s *= decay
-                    kk += direction
-    return acc
-
-
-@kernel
-def splat_rows(params: f32_2d, ibox: i32_2d, spacing: vec3, cutoff2: ti.f32, volume: f32_3d):
-    """:func:`splat`'s result with one thread per Gaussian walking its box (:func:`_walk_box`):
-    the CPU's layout, where a chunk's flat voxel loop evaluates the whole box."""
-    for g in range(params.shape[0]):
-        _walk_box(params, ibox, g, spacing, cutoff2, volume, False)
-
-
-@kernel
-def gather_rows(params: f32_2d, ibox: i32_2d, spacing: vec3, cutoff2: ti.f32, grad_volume: f32_3d,
-                moments: f32_2d):
-    """:func:`gather_moments`' result with one thread per Gaussian (:func:`_walk_box`): each
-    row of ``moments`` written once, no atomics."""
-    for g in range(params.shape[0]):
-        acc = _walk_box(params, ibox, g, spacing, cutoff2, grad_volume, True)
-        for k in ti.static(range(NMOMENT)):
-            moments[g, k] = acc[k]
 
 
 @kernel
