@@ -37,7 +37,7 @@ def row_peak(c: ti.f32, ca: ti.f32, cb: ti.f32, dy: ti.f32, x_lo: ti.i32, x_hi: 
     """The column nearest the maximum of a footprint along one detector row (offset ``dy``
     from its centre column ``c``; the conic's ``ca > 0``, ``cb``), clipped to ``x_lo..x_hi``.
     From there outwards its quadratic form ``q`` only grows: a walk can stop at the first
-    pixel with ``q > cutoff^2`` and step ``exp(-q / 2)`` by multiplications (:func:`row_step`)."""
+    pixel with ``q > cutoff^2`` and step ``exp(-q / 2)`` by multiplications (:func:`row_start`)."""
     mid = c - cb * dy / ca
     return ti.cast(ti.min(ti.max(ti.round(mid), ti.cast(x_lo, ti.f32)), ti.cast(x_hi, ti.f32)), ti.i32)
 
