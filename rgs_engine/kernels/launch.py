@@ -42,6 +42,11 @@ def enabled() -> bool:
             and os.environ.get("RGS_TAICHI_LAUNCH", "cached").strip().lower() != "taichi")
 
 
+# a vector argument's element slot -> the launch context's setter for one struct member, and the cast
+_STRUCT_SETTERS = {"float": ("set_struct_arg_float", float), "int": ("set_struct_arg_int", int),
+                   "uint": ("set_struct_arg_uint", int)}
+
+
 def _scalar_slot(dtype):
     """'float', 'int' or 'uint' for a primitive dtype, else None."""
     if dtype in primitive_types.real_types:
@@ -133,9 +138,8 @@ class Kernel:
             elif slot == "uint":
                 ctx.set_arg_uint((index,), int(v))
             else:  # a vector: one struct member per element
-                setter = {"float": ctx.set_struct_arg_float, "int": ctx.set_struct_arg_int,
-                          "uint": ctx.set_struct_arg_uint}[slot[1]]
-                cast = float if slot[1] == "float" else int
+                name, cast = _STRUCT_SETTERS[slot[1]]
+                setter = getattr(ctx, name)
                 for i in range(slot[2]):
                     setter((index, i), cast(v[i]))
             index += 1
