@@ -241,18 +241,25 @@ def test_unvalidated_splat_equals_the_validated_one(device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
 
 
-def test_pixel_and_tile_render_kernels_agree(device):
-    """The GPU (pixel-parallel) and CPU (tile-parallel) forward kernels give the same sums."""
-    from rgs_engine.core import splatting
+def _render_with_both_kernels(binning, geo, device):
+    """The images of the GPU (pixel-parallel) and CPU (tile-parallel) forward kernels for one
+    binning (cutoff 3)."""
     from rgs_engine.kernels import splat_forward
-    geo = GEOMETRIES["cone-tilted"]()
-    params = [t.float() for t in random_gaussians(40, device)]
-    b = splatting._bin(*params, 40, (False, False), geo.kernel_table(device), geo, 3.0)
     images = []
     for render in (splat_forward.render, splat_forward.render_tiles):
         img = torch.zeros(geo.num_views, *geo.det_shape, device=device)
-        render(b.params, b.ranges, b.ids, img, 9.0)
+        render(binning.params, binning.ranges, binning.ids, img, 9.0)
         images.append(img)
+    return images
+
+
+def test_pixel_and_tile_render_kernels_agree(device):
+    """The GPU (pixel-parallel) and CPU (tile-parallel) forward kernels give the same sums."""
+    from rgs_engine.core import splatting
+    geo = GEOMETRIES["cone-tilted"]()
+    params = [t.float() for t in random_gaussians(40, device)]
+    b = splatting._bin(*params, 40, (False, False), geo.kernel_table(device), geo, 3.0)
+    images = _render_with_both_kernels(b, geo, device)
     assert images[0].abs().max() > 0.05
     assert torch.allclose(images[0], images[1], rtol=1e-5, atol=1e-6)
 
@@ -272,7 +279,6 @@ def _extreme_gaussians(device):
 
 def test_row_walks_on_extreme_shapes_match_reference(device):
     from rgs_engine.core import splatting
-    from rgs_engine.kernels import splat_forward
     geo = GEOMETRIES["poses"]()
     params = _extreme_gaussians(device)
     ours = [t.clone().requires_grad_() for t in params]
@@ -284,9 +290,5 @@ def test_row_walks_on_extreme_shapes_match_reference(device):
                            torch.autograd.grad(expect, theirs, up)):
         assert torch.isfinite(a).all() and rel(a, b) < 1e-3, label
     b = splatting._bin(*[t.float() for t in params], len(params[0]), (False, False), geo.kernel_table(device), geo, 3.0)
-    images = []
-    for render in (splat_forward.render, splat_forward.render_tiles):
-        img = torch.zeros(geo.num_views, *geo.det_shape, device=device)
-        render(b.params, b.ranges, b.ids, img, 9.0)
-        images.append(img)
+    images = _render_with_both_kernels(b, geo, device)
     assert torch.allclose(images[0], images[1], rtol=1e-5, atol=1e-6)
