@@ -403,6 +403,14 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             lvl.match(drr)
         return lvl, drr
 
+    def reference_contrast(lvl: _Level, drr: torch.Tensor) -> None:
+        """The global stage's and the basin check's contrast: each candidate's own
+        (:meth:`_Level.match_each`) or the X-rays mapped once to ``drr`` (:meth:`_Level.match`)."""
+        if match_each:
+            lvl.match_each(drr)
+        else:
+            lvl.match(drr)
+
     def final_score(z: torch.Tensor, zc: torch.Tensor | None) -> float:
         lvl, drr = matched_level(1, z, zc, margin_mm)
         with torch.no_grad():
@@ -443,10 +451,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         if match:
             with torch.no_grad():
                 drr0 = moved_drr(coarse, zero, None)
-                if match_each:
-                    coarse.match_each(drr0)
-                else:
-                    coarse.match(drr0)
+                reference_contrast(coarse, drr0)
                 if SHIFT_PEAKS:  # and translations from each view's best image shifts
                     signs = coarse.rank.signs if coarse.rank else polarity(coarse.raw, drr0, coarse.weights)
                     moves = translation_candidates(drr0, coarse.raw, coarse.weights, signs, coarse.geometry,
@@ -528,7 +533,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         with torch.no_grad():
             drr = moved_drr(lvl, z, None)
             if match:
-                lvl.match_each(drr) if match_each else lvl.match(drr)
+                reference_contrast(lvl, drr)
         offs = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), reach_mm, reach_deg, seed + 2)  # row 0: the pose
         probes = delta_matrix(offs, c_pose) @ pose
         sims = score_poses(lvl, probes).mean(axis=1)
