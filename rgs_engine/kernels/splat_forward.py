@@ -10,8 +10,8 @@
    one tile's list together) sums ``amp exp(-q / 2)`` over its tile's Gaussians with
    ``q <= cutoff^2``. :func:`render_tiles` (CPU: one thread per tile) visits only the pixels
    of each footprint's ellipse inside the tile: each row from its peak outwards up to the
-   cutoff, ``exp(-q / 2)`` stepped by multiplications (:func:`.tiling.walk_row`), which saves the CPU most of the evaluations and exponentials a
-   GPU spends on whole tiles. Both write each pixel from one thread in list order: no
+   cutoff, ``exp(-q / 2)`` stepped by multiplications (:func:`.tiling.walk_row`), which
+   saves the CPU most of the evaluations and exponentials a GPU spends on whole tiles. Both write each pixel from one thread in list order: no
    atomics, the same deterministic sum.
 """
 import taichi as ti
