@@ -102,11 +102,12 @@ def _backward(f: _Forward, grad_image: torch.Tensor) -> list[torch.Tensor]:
     """Gradients (float32, the kernels' flattened shapes) of the four inputs of ``f``'s pass."""
     b = f.binning
     num_v, n = b.params.shape[:2]
-    grads = [torch.zeros_like(t) for t in f.inputs]
-    if b.keys.numel():
-        g2d = kernel_output(num_v, n, NUM_GRADS)
-        splat_backward.pair_grads(b.params, b.keys, b.ids, as_float32(grad_image), g2d, f.cutoff * f.cutoff)
-        splat_backward.gaussian_grads(*f.inputs, f.table, g2d, *grads, f.cone, *f.per_view)
+    if not b.keys.numel():  # nothing reached a pixel
+        return [torch.zeros_like(t) for t in f.inputs]
+    grads = [torch.empty_like(t) for t in f.inputs]  # gaussian_grads writes every entry
+    g2d = kernel_output(num_v, n, NUM_GRADS)
+    splat_backward.pair_grads(b.params, b.keys, b.ids, as_float32(grad_image), g2d, f.cutoff * f.cutoff)
+    splat_backward.gaussian_grads(*f.inputs, f.table, g2d, *grads, f.cone, *f.per_view)
     return grads
 
 
