@@ -17,7 +17,7 @@ from registration_case import hu as _hu
 from registration_case import simulate as _simulate
 
 from rgs_engine import VolumeGrid
-from rgs_engine.core import rigid
+from rgs_engine.core import rigid, runtime
 from rgs_engine.core.errors import RgsInputError
 from rgs_engine.core.geometry import Geometry
 from rgs_engine.io import xrays as xray_data
@@ -35,8 +35,12 @@ def test_similarity_pool_and_coarse_geometry():
     a = torch.rand(2, 20, 22, generator=g)
     assert torch.allclose(reg.ncc(a, 3 * a + 1), torch.ones(2), atol=1e-5)
     assert torch.allclose(reg.ncc(a, -a), -torch.ones(2), atol=1e-5)
-    assert torch.allclose(reg.view_similarity(a, 2 * a), torch.ones(2), atol=1e-5)
-    assert float(reg.similarity(a, torch.rand(2, 20, 22, generator=g), (2, 1))) < 0.5
+    on = a.to(runtime.ensure())  # the one-pass similarity runs on the engine's device
+    assert torch.allclose(reg.view_similarity(on, 2 * on).cpu(), torch.ones(2), atol=1e-5)
+    assert float(reg.similarity(on, torch.rand(2, 20, 22, generator=g).to(on.device), (2, 1))) < 0.5
+    if on.device.type != "cpu":
+        with pytest.raises(RgsInputError, match="X-rays is on cpu"):
+            reg.view_similarity(a, 2 * a)
     p = reg.pool(a, 4)
     assert p.shape == (2, 5, 5) and torch.isclose(p[1, 2, 3], a[1, 8:12, 12:16].mean())
     geo = Geometry.biplanar(1000.0, 1500.0, (21, 22), 1.3)
@@ -48,34 +52,48 @@ def test_similarity_pool_and_coarse_geometry():
         windows.coarse_geometry(geo, 16)
 
 
-def test_view_similarity_is_the_mean_of_ncc_and_gradient_ncc():
-    """The one-pass form (three channels, one weighted NCC) equals the definition, in value
-    and in gradient, with and without pixel weights, for batched views."""
+@pytest.mark.parametrize("size", [(17, 11), (1, 9), (70, 93)])
+def test_view_similarity_is_the_mean_of_ncc_and_gradient_ncc(size):
+    """The kernels' one-pass form (three channels, one weighted NCC, float32 with float64 sums)
+    equals the float64 definition, in value and in vector-Jacobian product, with and without
+    pixel weights (0 / 1 and fractional), for batched views; sizes below and above the
+    kernels' pixel chunks."""
     g = torch.Generator().manual_seed(5)
-    drr = torch.rand(3, 2, 17, 11, generator=g, dtype=torch.float64, requires_grad=True)
-    xray = 0.4 * drr.detach() + torch.rand(3, 2, 17, 11, generator=g, dtype=torch.float64)
-    mask = (torch.rand(2, 17, 11, generator=g) > 0.25).double().expand(3, 2, 17, 11)
-    for w in (None, mask):
-        fast = reg.view_similarity(drr, xray, w)
-        slow = 0.5 * (reg.ncc(drr, xray, w) + reg.gradient_ncc(drr, xray, w))
-        assert fast.shape == (3, 2)
-        torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
-        grads = [torch.autograd.grad(v.square().sum(), drr)[0] for v in (fast, slow)]
-        torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=0)
-    # one X-ray pair (V=2) against a batch of DRRs: the target computed once and reused
-    target = similarity.SimilarityTarget(xray[0], mask[0])
-    for _ in range(2):
-        torch.testing.assert_close(target(drr), reg.view_similarity(drr, xray[0].expand_as(drr), mask),
-                                   atol=1e-12, rtol=0)
-    # its closed-form gradient against finite differences, and against autograd of the definition
-    # with the X-ray broadcast over the DRRs' batch
-    small = drr[0, :, :6, :5].detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(similarity.SimilarityTarget(xray[0, :, :6, :5], mask[0, :, :6, :5]), (small,))
+    drr = torch.rand(3, 2, *size, generator=g, dtype=torch.float64, requires_grad=True)
+    xray = 0.4 * drr.detach() + torch.rand(3, 2, *size, generator=g, dtype=torch.float64)
+    mask = (torch.rand(2, *size, generator=g) > 0.25).double().expand(3, 2, *size)
+    soft = mask * torch.rand(3, 2, *size, generator=g, dtype=torch.float64)  # weights other than 0 / 1
     cot = torch.rand(3, 2, generator=g, dtype=torch.float64)
-    fast = torch.autograd.grad((target(drr) * cot).sum(), drr)[0]
+    dev = runtime.ensure()
+
+    def kernel_value_and_vjp(target, drr):
+        d = drr.detach().to(dev).requires_grad_()
+        value = target(d)
+        return value.cpu(), torch.autograd.grad((value * cot.to(dev)).sum(), d)[0].cpu()
+
+    for w in (None, mask, soft):
+        slow = 0.5 * (reg.ncc(drr, xray, w) + reg.gradient_ncc(drr, xray, w))
+        slow_grad = torch.autograd.grad((slow * cot).sum(), drr)[0]
+        fast, fast_grad = kernel_value_and_vjp(similarity.SimilarityTarget(
+            xray.to(dev), None if w is None else w.to(dev)), drr)
+        assert fast.shape == (3, 2) and fast.dtype == torch.float64
+        torch.testing.assert_close(fast, slow.detach(), atol=2e-6, rtol=0)
+        torch.testing.assert_close(fast_grad, slow_grad, atol=2e-6 * float(slow_grad.abs().max()), rtol=0)
+    # one X-ray pair (V=2) against a batch of DRRs: the target computed once and reused
+    target = similarity.SimilarityTarget(xray[0].to(dev), mask[0].to(dev))
     w = mask[0]
-    slow = torch.autograd.grad((0.5 * (reg.ncc(drr, xray[0], w) + reg.gradient_ncc(drr, xray[0], w)) * cot).sum(), drr)[0]
-    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+    slow = 0.5 * (reg.ncc(drr, xray[0], w) + reg.gradient_ncc(drr, xray[0], w))
+    slow_grad = torch.autograd.grad((slow * cot).sum(), drr)[0]
+    for _ in range(2):
+        fast, fast_grad = kernel_value_and_vjp(target, drr)
+        torch.testing.assert_close(fast, slow.detach(), atol=2e-6, rtol=0)
+        torch.testing.assert_close(fast_grad, slow_grad, atol=2e-6 * float(slow_grad.abs().max()), rtol=0)
+    # the closed form without autograd (register's steps) is the same
+    value, saved = target.forward(drr.detach().to(dev))
+    torch.testing.assert_close(target.backward(saved, cot.to(dev)).cpu().double(), slow_grad,
+                               atol=2e-6 * float(slow_grad.abs().max()), rtol=0)
+    with pytest.raises(RgsInputError, match="do not match the X-rays"):
+        target(drr.detach().to(dev)[:, :1])
 
 
 def test_shift_scores_peak_at_the_images_shift():
@@ -193,6 +211,40 @@ def test_rigid_transform_vjp_equals_autograd():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n, k, first", [(2500, 1, 2500), (2500, 2, 800), (7, 2, 0), (0, 1, 0)])
+def test_move_packed_kernels_match_the_torch_rigid_move(n, k, first):
+    """The rigid-move kernels (one launch forward, one for the poses' gradient) against the
+    float64 torch forms per span (rigid_transform_gaussians / rigid_transform_vjp): one pose
+    for all Gaussians or one for the first ``first`` rows and one for the rest, counts above
+    the GPU's and the CPU's chunks, an empty first span and no Gaussians."""
+    rng = np.random.default_rng(11)
+    dev = runtime.ensure()
+    means = torch.as_tensor(rng.normal(size=(n, 3)) * 40)
+    quats = torch.as_tensor(rng.normal(size=(n, 4)))
+    gm, gq = torch.as_tensor(rng.normal(size=(n, 3))), torch.as_tensor(rng.normal(size=(n, 4)))
+    packed = []
+    for _ in range(k):
+        m = rigid.from_axis_angle(rng.normal(size=3), rng.normal(size=3) * 10)
+        r = torch.as_tensor(m[:3, :3])
+        packed.append(torch.cat([r.reshape(9), torch.as_tensor(m[:3, 3]), rigid.rotmat_to_quat(r)]))
+    packed = torch.stack(packed)
+    spans = [(0, first), (first, n)] if k == 2 else [(0, n)]
+    expect_m, expect_q, expect_g = [], [], []
+    for (a, b), p in zip(spans, packed):
+        pose = (p[:9].reshape(3, 3), p[9:12])
+        mm, qq = rigid.rigid_transform_gaussians(means[a:b], quats[a:b], pose, p[12:])
+        expect_m.append(mm)
+        expect_q.append(qq)
+        expect_g.append(torch.cat([g.reshape(-1) for g in rigid.rigid_transform_vjp(means[a:b], quats[a:b], gm[a:b], gq[a:b])]))
+    out_m, out_q = rigid.move_packed(means.to(dev), quats.to(dev), packed.to(dev), first)
+    torch.testing.assert_close(out_m.cpu().double(), torch.cat(expect_m), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out_q.cpu().double(), torch.cat(expect_q), atol=1e-5, rtol=1e-5)
+    grads = rigid.move_packed_vjp(means.to(dev), quats.to(dev), gm.to(dev), gq.to(dev), first, k)
+    assert grads.shape == (k, 16) and grads.dtype == torch.float64
+    expect = torch.stack(expect_g)
+    torch.testing.assert_close(grads.cpu(), expect, atol=1e-5 * (1 + float(expect.abs().max())), rtol=0)
+
+
 @pytest.mark.parametrize("two_poses", [False, True])
 def test_refinement_step_gradient_equals_autograd(params, two_poses):
     """register's step (no autograd: splat_vjp, the similarity's closed form, rigid_transform_vjp)
@@ -211,13 +263,13 @@ def test_refinement_step_gradient_equals_autograd(params, two_poses):
     zs = [torch.as_tensor(rng.normal(size=6) * 0.5) for _ in range(2 if two_poses else 1)]
     up = poses.PoseUpload(zs, scale, np.eye(4), c, q_init, xrays.device, grad=True)
     sim = reg._step(lvl, up, n_struct)
-    up.backward()
     ours = [z.grad.clone() for z in zs]
     for z in zs:
         z.grad = None
     up = poses.PoseUpload(zs, scale, np.eye(4), c, q_init, xrays.device, grad=True)
+    spans = [(0, n_struct), (n_struct, len(pts))] if two_poses else [(0, len(pts))]
     moved = [rigid.rigid_transform_gaussians(lvl.means[a:b], lvl.quats[a:b], rt, q)
-             for (a, b), (rt, q) in zip(reg._spans(len(zs), len(pts), n_struct), up.poses)]
+             for (a, b), (rt, q) in zip(spans, up.poses)]
     drr = lvl.drr(torch.cat([m for m, _ in moved]), torch.cat([q for _, q in moved]))
     expect = lvl.similarity(drr).mean()
     (-expect).backward()

@@ -13,7 +13,7 @@ from rgs_engine.core import rigid
 from rgs_engine.io import xrays as xray_data
 from rgs_engine.registration import confidence, register as reg
 from rgs_engine.registration.masking import exposure_mask
-from rgs_engine.registration.similarity import match_contrast, ncc
+from rgs_engine.registration.similarity import match_contrast, ncc, polarity
 from rgs_engine.sim.radiograph import DetectorSpec, detector_images
 from registration_case import MTRE_OK_MM, simulate as _simulate
 
@@ -47,6 +47,18 @@ def test_match_contrast_undoes_a_monotone_curve():
     bad = d.clone()
     bad[:, :20] = 5.0  # a masked band does not bend the curve
     assert float(ncc(match_contrast(bad, d, w)[:, 20:], d[:, 20:]).min()) > 0.995
+    # views are matched at once but each on its own: other masks, polarities and pixel counts
+    # (one view below the curve's knots is returned as it is) give what each view alone gives
+    w = (torch.rand(3, *d.shape[1:], generator=g) > 0.4).float()
+    w[2] = 0
+    w[2, :4, :10] = 1  # 40 weighted pixels < 65 knots
+    x = torch.stack([d[0] ** 2.0, 1 - d[1] ** 0.5, d[0]])
+    ref = torch.cat([d, d[:1]])
+    both = match_contrast(x, ref, w)
+    torch.testing.assert_close(both[2], x[2], rtol=0, atol=0)
+    for k in range(3):
+        torch.testing.assert_close(both[k], match_contrast(x[k:k + 1], ref[k:k + 1], w[k:k + 1])[0], rtol=0, atol=1e-6)
+    assert polarity(x, ref, w) == [1.0, -1.0, 1.0]
 
 
 def _two_view_score(peak_b_mm: float, width_mm: float = 2.0):

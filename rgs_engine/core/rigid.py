@@ -13,6 +13,8 @@ A transform ``T`` maps a point ``x`` to ``R x + t`` with ``T = [[R, t], [0, 0, 0
 * :func:`rotation_matrix` / :func:`rotation_quat` / :func:`quat_product` — Rodrigues, the
   quaternion of a rotation vector and the Hamilton product in numpy, batched (the host forms
   of the differentiable torch ones below; analytic, so complex-step derivatives work);
+* :func:`move_packed` / :func:`move_packed_vjp` — Gaussians moved by packed poses and the
+  poses' gradient, one kernel launch each (registration's steps);
 * :func:`transform_geometry` — move every view of a :class:`~rgs_engine.core.geometry.Geometry`
   (sources and detector centres as points, ``u``, ``v`` and parallel ray directions as
   directions).
@@ -26,6 +28,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..kernels import rigid_move
+from ..kernels.chunks import chunking
+from .bridge import as_float32, kernel_output, kernel_scratch
 from .errors import RgsInputError, check_tensor
 from .geometry import Geometry
 
@@ -270,6 +275,34 @@ def rigid_transform_vjp(means: torch.Tensor, quats: torch.Tensor, grad_means: to
     d_quat = torch.zeros(4, dtype=g_left.dtype, device=g_left.device).index_add_(
         0, index.reshape(-1), (g_left * sign).reshape(-1))
     return grad_means.T @ means, grad_means.sum(dim=0), d_quat
+
+
+def move_packed(means: torch.Tensor, quats: torch.Tensor, poses: torch.Tensor, first: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussians ``means`` (N, 3) mm / ``quats`` (N, 4) moved by packed poses ``poses`` (K,
+    16: ``R`` row-major, ``t`` mm, the quaternion of ``R``): rows ``[0, first)`` by pose 0,
+    the rest by the last pose. As :func:`rigid_transform_gaussians` per span, in one kernel
+    launch (:mod:`rgs_engine.kernels.rigid_move`); float32 on the runtime device."""
+    m, q = as_float32(means), as_float32(quats)
+    out_m, out_q = kernel_scratch(*m.shape), kernel_scratch(*q.shape)
+    if len(m):
+        rigid_move.move(m, q, as_float32(poses), int(first), out_m, out_q)
+    return out_m, out_q
+
+
+def move_packed_vjp(means: torch.Tensor, quats: torch.Tensor, grad_means: torch.Tensor,
+                    grad_quats: torch.Tensor, first: int, k: int) -> torch.Tensor:
+    """Gradients (K, 16) float64 w.r.t. the ``k`` packed poses of :func:`move_packed`, given
+    ``grad_means`` (N, 3) / ``grad_quats`` (N, 4) w.r.t. its outputs: per pose,
+    :func:`rigid_transform_vjp` of its span (``dR`` row-major, ``dt``, ``dquat``), in one
+    kernel launch."""
+    m = as_float32(means)
+    grads = kernel_output(k, 16, dtype=torch.float64)
+    span = max(int(first), len(m) - int(first)) if k > 1 else len(m)
+    if len(m):
+        rigid_move.move_vjp(m, as_float32(quats), as_float32(grad_means), as_float32(grad_quats), int(first),
+                            grads, *chunking(span, m.is_cuda))
+    return grads
 
 
 def se3_exp(xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,9 +44,10 @@ def _packed_pose(xi: np.ndarray, init: np.ndarray, c: np.ndarray, q_init: np.nda
 
 class PoseUpload:
     """The poses of unit-scaled pose vectors ``zs`` (host float64 tensors (6,); ``xi = z *
-    scale``) on ``device`` in one float32 copy: :attr:`poses` gives each one's ``((R, t),
-    q)``. With ``grad``, the copy is a leaf that collects the DRR's gradient and
-    :meth:`backward` turns it into each vector's ``.grad`` through the Jacobians of
+    scale``) on ``device`` in one float32 copy :attr:`flat` (k, 16: ``R`` row-major, ``t``
+    mm, the quaternion of ``R``; :func:`rgs_engine.core.rigid.move_packed`); :attr:`poses`
+    gives each one's ``((R, t), q)``. With ``grad``, :meth:`backward` turns a gradient
+    w.r.t. the packed poses into each vector's ``.grad`` through the Jacobians of
     :func:`_packed_pose` (complex step on the host, exact to rounding): the pose algebra
     costs no device launch and no autograd graph."""
 
@@ -66,9 +67,10 @@ class PoseUpload:
     def poses(self) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
         return [((f[:9].reshape(3, 3), f[9:12]), f[12:]) for f in self.flat]
 
-    def backward(self) -> None:
-        """Each vector's gradient from the packed poses' (one device-to-host copy)."""
-        g = self.flat.grad.cpu().double().numpy()
+    def backward(self, grad: torch.Tensor | None = None) -> None:
+        """Each vector's gradient from ``grad`` (k, 16), the gradient w.r.t. :attr:`flat`
+        (default: ``flat.grad``, from autograd); one device-to-host copy."""
+        g = (self.flat.grad if grad is None else grad).cpu().double().numpy()
         for z, gk, jk in zip(self.zs, g, self.jac):
             z.grad = torch.from_numpy(jk @ gk)
 

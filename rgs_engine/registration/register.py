@@ -233,37 +233,27 @@ def render(params: dict[str, torch.Tensor], pose, geometry: Geometry) -> torch.T
         return splat(means, p["scales"], quats, p["densities"], geometry, validate=False)  # checked above
 
 
-def _spans(k: int, n: int, n_struct: int) -> list[tuple[int, int]]:
-    """Rows of the ``n`` Gaussians that each of ``k`` poses moves: all of them (``k`` 1), or
-    the structure's ``[0, n_struct)`` and the context's (``k`` 2)."""
-    return [(0, n)] if k == 1 else [(0, n_struct), (n_struct, n)]
-
-
-def _moved(lvl: _Level, poses, n_struct: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lvl``'s Gaussians (means, quats) moved by ``poses`` (:attr:`PoseUpload.poses`; :func:`_spans`)."""
-    out = [rigid.rigid_transform_gaussians(lvl.means[a:b], lvl.quats[a:b], rt, q)
-           for (a, b), (rt, q) in zip(_spans(len(poses), len(lvl.means), n_struct), poses)]
-    return out[0] if len(out) == 1 else (torch.cat([m for m, _ in out]), torch.cat([q for _, q in out]))
+def _moved(lvl: _Level, up: PoseUpload, n_struct: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lvl``'s Gaussians (means, quats) moved by the poses of ``up``: all of them by its one
+    pose, or the structure's first ``n_struct`` by the first and the context's by the second."""
+    return rigid.move_packed(lvl.means, lvl.quats, up.flat, n_struct)
 
 
 def _step(lvl: _Level, up: PoseUpload, n_struct: int, match: bool = False) -> torch.Tensor:
     """One refinement step's similarity (the mean over views, a device scalar) at the poses of
-    ``up`` (uploaded with ``grad``), leaving the gradient of its negative w.r.t. the packed
-    poses in ``up.flat.grad`` (for :meth:`PoseUpload.backward`). No autograd: the splat, the
-    similarity and the rigid move each chain their closed-form adjoint (an autograd graph per
-    step cost more host time than the GPU's work). ``match``: first put the X-rays in the
-    contrast of this DRR (:meth:`_Level.match`)."""
+    ``up``, and the gradient of its negative w.r.t. each pose vector in its ``.grad``
+    (:meth:`PoseUpload.backward`). No autograd: the rigid move, the splat and the similarity
+    each chain their closed-form adjoint (an autograd graph per step cost more host time than
+    the GPU's work). ``match``: first put the X-rays in the contrast of this DRR
+    (:meth:`_Level.match`)."""
     with torch.no_grad():
-        means, quats = _moved(lvl, up.poses, n_struct)
+        means, quats = _moved(lvl, up, n_struct)
         drr, vjp = lvl.drr_vjp(means, quats)
         if match:
             lvl.match(drr)
         sims, saved = lvl.target.forward(drr)
         g_means, _, g_quats, _ = vjp(lvl.target.backward(saved, torch.full_like(sims, -1.0 / sims.numel())))
-        up.flat.grad = torch.stack([
-            torch.cat([g_r.reshape(9), g_t, g_q]) for g_r, g_t, g_q in
-            (rigid.rigid_transform_vjp(lvl.means[a:b], lvl.quats[a:b], g_means[a:b], g_quats[a:b])
-             for a, b in _spans(len(up.zs), len(lvl.means), n_struct))])
+        up.backward(rigid.move_packed_vjp(lvl.means, lvl.quats, g_means, g_quats, n_struct, len(up.zs)))
         return sims.mean()
 
 
@@ -391,7 +381,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
 
     def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
         """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
-        return lvl.drr(*_moved(lvl, upload([z] if zc is None else [z, zc]).poses, n_struct))
+        return lvl.drr(*_moved(lvl, upload([z] if zc is None else [z, zc]), n_struct))
 
     def matched_level(factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float
                       ) -> tuple[_Level, torch.Tensor]:
@@ -504,7 +494,6 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             sim = _step(lvl, up, n_struct, match=it == 0 and match)  # (the scale's start pose's contrast)
             if it == 0:
                 first = float(sim)
-            up.backward()
             opt.step()
             done += 1
             if progress:

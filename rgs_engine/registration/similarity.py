@@ -32,7 +32,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core.stats import quantile
+from ..core import runtime
+from ..core.bridge import as_float32, kernel_input, kernel_output, kernel_scratch
+from ..core.errors import RgsInputError, check_tensor
+from ..kernels import similarity as kernels
+from ..kernels.chunks import chunking
 
 EPS = 1e-8
 QUANTILE_KNOTS = 65  # knots of the piecewise-linear contrast curve of match_contrast
@@ -66,9 +70,6 @@ def gradient_ncc(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None
     return out
 
 
-_CHANNEL_WEIGHTS = (0.5, 0.25, 0.25)  # view_similarity: the image's NCC, each difference's
-
-
 def _channels(x: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W): ``x`` (..., H, W), its column and its row differences (zero-padded to H x W)."""
     return torch.stack([x, F.pad(x.diff(dim=-1), (0, 1)), F.pad(x.diff(dim=-2), (0, 0, 0, 1))], dim=-3)
@@ -87,66 +88,70 @@ def _channel_weights(w: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor
 class SimilarityTarget:
     """The X-ray side of :func:`view_similarity`, computed once for many DRRs: ``xray``
     (..., H, W) and its pixel weights ``w`` (same shape; None: all pixels). Calling it on
-    ``drr`` (..., H, W; leading dims broadcasting against the X-ray's) gives
-    ``view_similarity(drr, xray, w)``: one weighted NCC over the three channels of
-    :func:`_channels` against the X-ray's centred, weighted channels, with a closed-form
-    gradient (:class:`_TargetNCC`)."""
+    ``drr`` (..., H, W), whose leading dims end with the X-ray's, gives ``view_similarity(drr,
+    xray, w)`` per image: one weighted NCC over the three channels of :func:`_channels`
+    (weights :data:`~rgs_engine.kernels.similarity.CHANNEL_WEIGHTS`) against the X-ray's
+    centred, weighted channels, by the kernels of :mod:`rgs_engine.kernels.similarity` (two
+    launches forward, one backward; float64 sums). Differentiable (:class:`_TargetNCC`);
+    :meth:`forward` / :meth:`backward` are the same without autograd. Its definition in plain
+    torch (the tests' float64 reference): ``0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))``."""
 
     def __init__(self, xray: torch.Tensor, w: torch.Tensor | None = None):
-        self.w = _channel_weights(w, xray)  # (..., 3, H, W)
-        b = _channels(xray)
-        self.wsum = self.w.sum(dim=(-2, -1), keepdim=True).clamp_min(EPS)
-        centred = (b - (b * self.w).sum(dim=(-2, -1), keepdim=True) / self.wsum) * self.w
-        self.bw = centred * self.w  # the numerator's weights: w^2 (b - mean)
-        self.norm2 = centred.square().sum(dim=(-2, -1))
-        self.coef = torch.tensor(_CHANNEL_WEIGHTS, dtype=xray.dtype, device=xray.device)
+        x = check_tensor("X-rays", xray, device=runtime.ensure(), finite=False).detach()
+        b = _channels(x)
+        wc = _channel_weights(None if w is None else w.detach().to(x.dtype).expand_as(x), x).expand_as(b)
+        wsum = wc.sum(dim=(-2, -1)).clamp_min(EPS)
+        centred = (b - (b * wc).sum(dim=(-2, -1), keepdim=True) / wsum[..., None, None]) * wc
+        bw = centred * wc  # the numerator's weights: w^2 (b - mean)
+        self.lead, self.size = xray.shape[:-2], xray.shape[-2:]
+        self.w = wc.reshape(-1, 3, *self.size).float().contiguous()
+        self.bw = bw.reshape(-1, 3, *self.size).float().contiguous()
+        # per view and channel: W, sum w^2, sum bw, norm2 (kernels.similarity.channel_stats)
+        self.consts = torch.stack([wsum, wc.square().sum(dim=(-2, -1)), bw.sum(dim=(-2, -1)),
+                                   centred.square().sum(dim=(-2, -1))], dim=-1).reshape(-1, 3, 4).double().contiguous()
 
     def __call__(self, drr: torch.Tensor) -> torch.Tensor:
         return _TargetNCC.apply(drr, self)
 
+    def _flat(self, drr: torch.Tensor) -> torch.Tensor:
+        lead = drr.shape[:-2]
+        if drr.shape[-2:] != self.size or len(lead) < len(self.lead) or lead[len(lead) - len(self.lead):] != self.lead:
+            raise RgsInputError(f"DRRs {tuple(drr.shape)} do not match the X-rays {(*self.lead, *self.size)}: "
+                                "their leading dims must end with the X-rays'")
+        return kernel_input("DRRs", drr).reshape(-1, *self.size)
+
     def forward(self, drr: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """Per-view similarity (...) of ``drr`` (..., H, W), and what :meth:`backward` needs."""
-        a = _channels(drr)
-        a = a - (a * self.w).sum(dim=(-2, -1), keepdim=True) / self.wsum
-        aw = a * self.w
-        num = (a * self.bw).sum(dim=(-2, -1))
-        den = (aw.square().sum(dim=(-2, -1)) * self.norm2 + EPS).sqrt()
-        return (num / den * self.coef).sum(dim=-1), (aw, num, den)
+        """Per-image similarity (...) of ``drr`` (..., H, W), float32, and what
+        :meth:`backward` needs."""
+        flat = self._flat(drr)
+        n = flat.shape[0]
+        sums = kernel_output(n, 3, 4, dtype=torch.float64)
+        kernels.channel_sums(flat, self.w, self.bw, sums, *chunking(flat[0].numel(), flat.is_cuda))
+        sims, stats = kernel_scratch(n), kernel_scratch(n, 3, 4)
+        kernels.channel_stats(sums, self.consts, sims, stats)
+        return sims.reshape(drr.shape[:-2]), (flat, stats, drr.shape)
 
     def backward(self, saved: tuple, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient w.r.t. the DRR (..., H, W) of ``sum(grad * similarity)`` (``grad`` (...)),
-        in closed form: :class:`_TargetNCC`."""
-        aw, num, den = saved
-        k = (grad[..., None] * self.coef / den)[..., None, None]
-        g = self.bw - (num * self.norm2 / den.square())[..., None, None] * aw * self.w
-        ga = k * (g - self.w * g.sum(dim=(-2, -1), keepdim=True) / self.wsum)
-        gd = ga[..., 0, :, :].clone()
-        gx, gy = ga[..., 1, :, :-1], ga[..., 2, :-1, :]  # the differences' adjoint
-        gd[..., :, 1:] += gx
-        gd[..., :, :-1] -= gx
-        gd[..., 1:, :] += gy
-        gd[..., :-1, :] -= gy
-        return gd
+        """The gradient (float32, the DRR's shape) w.r.t. the DRR of ``sum(grad *
+        similarity)`` (``grad`` shaped as the similarity)."""
+        flat, stats, shape = saved
+        out = kernel_scratch(*flat.shape)
+        kernels.channel_vjp(flat, self.w, self.bw, stats, as_float32(grad).reshape(-1), out)
+        return out.reshape(shape)
 
 
 class _TargetNCC(torch.autograd.Function):
-    """``sum_c coef_c NCC_c`` of the channels of ``drr`` against a :class:`SimilarityTarget`,
-    and its gradient in closed form: for one channel with weights ``w`` (sum ``W``), the
-    DRR's weighted-centred values ``a_c``, numerator ``n``, the X-ray's ``norm2`` and
-    denominator ``d``, ``dNCC/da = (g - w sum(g) / W) / d`` with ``g = bw - n norm2 / d^2 w^2
-    a_c``; the channels' differences are then put back on the pixels (their adjoint).
-    About 20 device ops backward instead of autograd's 45."""
+    """Autograd bridge of :class:`SimilarityTarget`'s kernels (the DRR's dtype is kept)."""
 
     @staticmethod
     def forward(ctx, drr: torch.Tensor, t: SimilarityTarget) -> torch.Tensor:
         value, saved = t.forward(drr)
-        ctx.save_for_backward(*saved)
-        ctx.target = t
-        return value
+        ctx.saved, ctx.target, ctx.dtype = saved, t, drr.dtype
+        return value.to(drr.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.target.backward(ctx.saved_tensors, grad), None
+        return ctx.target.backward(ctx.saved, grad).to(ctx.dtype), None
 
 
 def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,27 +184,37 @@ def similarity(drr: torch.Tensor, xrays: torch.Tensor, scales: Sequence[int] = (
     return torch.stack(vals).mean()
 
 
-def _rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman correlation of two 1-D samples."""
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / ((ra.square().sum() * rb.square().sum()).sqrt() + EPS))
+def _selected(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """(V, P) bool: the pixels of each view of ``x`` (V, H, W) that count (weight > 0; all
+    when ``w`` is None)."""
+    flat = x.reshape(x.shape[0], -1)
+    return torch.ones_like(flat, dtype=torch.bool) if w is None else (w > 0).reshape(flat.shape)
 
 
-def _weighted(image: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """The pixels of one view that count: all (``w`` None) or those of weight > 0 (bool mask)."""
-    return torch.ones_like(image, dtype=torch.bool) if w is None else w > 0
+def _ascending(values: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """(V, P): each row's selected values sorted ascending, the others (+inf) after them."""
+    return torch.where(sel, values, torch.inf).sort(dim=1).values
+
+
+def _signs(x: torch.Tensor, d: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """(V,) -1 where the selected pixels of ``x`` and ``d`` (V, P) rank-correlate negatively
+    (Spearman), else 1."""
+    n = sel.sum(dim=1, keepdim=True).double()
+
+    def centred_ranks(v: torch.Tensor) -> torch.Tensor:
+        ranks = torch.where(sel, v, torch.inf).argsort(dim=1).argsort(dim=1).double()  # selected: 0..n-1
+        return torch.where(sel, ranks - (n - 1) / 2, 0.0)
+
+    ra, rb = centred_ranks(x), centred_ranks(d)
+    corr = (ra * rb).sum(dim=1) / ((ra.square().sum(dim=1) * rb.square().sum(dim=1)).sqrt() + EPS)
+    return torch.where(corr < 0, -1.0, 1.0)
 
 
 def polarity(xray: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None = None) -> list[float]:
     """Per view of ``xray`` / ``drr`` (V, H, W): -1 where the weighted pixels rank-correlate
     negatively (inverted polarity), else 1."""
-    out = []
-    for k in range(xray.shape[0]):
-        sel = _weighted(xray[k], None if w is None else w[k])
-        out.append(-1.0 if _rank_correlation(xray[k][sel].float(), drr[k][sel].float()) < 0 else 1.0)
-    return out
+    sel = _selected(xray, w)
+    return _signs(xray.reshape(sel.shape).float(), drr.reshape(sel.shape).float(), sel).tolist()
 
 
 class RankMatch:
@@ -213,9 +228,10 @@ class RankMatch:
     def __init__(self, xray: torch.Tensor, w: torch.Tensor | None, signs: Sequence[float]):
         self.shape, self.signs = xray.shape, list(signs)
         self.index, self.rank = [], []
+        sel = _selected(xray, w)
         for k in range(xray.shape[0]):
             flat = xray[k].reshape(-1).float()
-            idx = _weighted(flat, None if w is None else w[k].reshape(-1)).nonzero()[:, 0]
+            idx = sel[k].nonzero()[:, 0]
             self.index.append(idx)
             self.rank.append((signs[k] * flat[idx]).argsort().argsort())
 
@@ -235,19 +251,26 @@ def match_contrast(xray: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None
     """``xray`` (V, H, W) mapped, per view, through the monotone piecewise-linear curve that
     sends its weighted pixels' quantiles to those of ``drr`` (same shape): the X-ray in the
     DRR's contrast. The curve decreases where the two rank-correlate negatively (inverted
-    polarity). Views with fewer than ``knots`` weighted pixels are returned as they are."""
-    out = xray.clone()
-    q = torch.linspace(0, 1, knots, dtype=torch.float32, device=xray.device)
-    for k in range(xray.shape[0]):
-        sel = _weighted(xray[k], None if w is None else w[k])
-        x, d = xray[k][sel].float(), drr[k][sel].float()
-        if x.numel() < knots:
-            continue
-        sign = polarity(xray[k:k + 1], drr[k:k + 1], None if w is None else w[k:k + 1])[0]
-        xq, dq = quantile(sign * x, q), quantile(d, q)
-        xq = xq + torch.arange(knots, device=xq.device) * 1e-7 * (xq[-1] - xq[0]).abs().clamp_min(EPS)
-        v = (sign * xray[k].float()).clamp(xq[0], xq[-1])
-        i = torch.bucketize(v, xq[1:-1])
-        t = (v - xq[i]) / (xq[i + 1] - xq[i]).clamp_min(EPS)
-        out[k] = (dq[i] + t * (dq[i + 1] - dq[i])).to(out.dtype)
-    return out
+    polarity). Views with fewer than ``knots`` weighted pixels are returned as they are. All
+    views at once (quantiles by linear interpolation between order statistics, as
+    ``torch.quantile``)."""
+    sel = _selected(xray, w)
+    x, d = xray.reshape(sel.shape).float(), drr.reshape(sel.shape).float()
+    n = sel.sum(dim=1, keepdim=True)
+    sx = _signs(x, d, sel)[:, None].float() * x
+    pos = torch.linspace(0, 1, knots, dtype=torch.float32, device=x.device) * (n - 1).clamp_min(0)
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, (n - 1).clamp_min(0))
+
+    def quantiles(v: torch.Tensor) -> torch.Tensor:  # (V, knots)
+        ordered = _ascending(v, sel)
+        low = ordered.gather(1, lo)
+        return low + (ordered.gather(1, hi) - low) * (pos - lo)
+
+    xq, dq = quantiles(sx), quantiles(d)
+    xq = xq + torch.arange(knots, device=x.device) * 1e-7 * (xq[:, -1:] - xq[:, :1]).abs().clamp_min(EPS)
+    v = sx.clamp(xq[:, :1], xq[:, -1:])
+    i = torch.searchsorted(xq[:, 1:-1].contiguous(), v)
+    x0, x1, d0, d1 = xq.gather(1, i), xq.gather(1, i + 1), dq.gather(1, i), dq.gather(1, i + 1)
+    mapped = d0 + (v - x0) / (x1 - x0).clamp_min(EPS) * (d1 - d0)
+    return torch.where(n >= knots, mapped, xray.reshape(sel.shape).float()).reshape(xray.shape).to(xray.dtype)
