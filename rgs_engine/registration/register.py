@@ -11,9 +11,10 @@ with ``c = init(centre)`` the rotation centre in the X-ray frame (``centre`` def
 density-weighted centroid of the Gaussians), ``R`` Rodrigues' rotation
 (:func:`~rgs_engine.core.rigid.rotation_matrix`) of a rotation vector (rad) and ``xi[3:]`` a
 translation (mm) (:mod:`.poses`). Gradients reach the pose's (R, t, q) on the device through
-the closed-form adjoints of the similarity, the splat (:func:`~rgs_engine.core.splatting.splat_vjp`)
-and the rigid move (:func:`~rgs_engine.core.rigid.rigid_transform_vjp`), then ``xi`` through
-the pose's Jacobian on the host (:class:`.poses.PoseUpload`).
+the closed-form adjoints of the similarity (:class:`.similarity.SimilarityTarget`), the splat
+(:func:`~rgs_engine.core.splatting.splat_vjp`) and the rigid move
+(:func:`~rgs_engine.core.rigid.move_packed_vjp`), then ``xi`` through the pose's Jacobian on
+the host (:class:`.poses.PoseUpload`).
 
 Similarity (:func:`similarity`): per view and per scale, the mean of the normalised
 cross-correlation (NCC) of the DRR and the X-ray and the NCC of their finite-difference
