@@ -10,15 +10,15 @@ the NCC and its gradient need are four weighted sums (float64)::
 
 1. :func:`channel_sums`: one thread per (image, chunk of pixels) accumulates the 12 sums of
    its chunk in registers and adds them once (:mod:`.chunks`).
-2. :func:`channel_stats`: one thread per (image, channel) turns the sums into the NCC and
+2. :func:`channel_stats`: one thread per image turns each channel's sums into its NCC and
    the coefficients of its gradient (mean, ``r = num norm2 / den^2``, ``coef / den``,
    ``sum(g) / W``).
 3. :func:`channel_vjp`: one thread per pixel: the gradient w.r.t. the DRR pixel, the
    channels' adjoints gathered from the pixel and its left and upper neighbours.
 
 Images are ``(N, H, W)`` with ``N = B * V``: image ``n`` is compared with the X-ray view
-``n % V``. The plain torch form (and the float64 reference) is
-:meth:`~rgs_engine.registration.similarity.SimilarityTarget.reference`.
+``n % V``. The plain torch definition (the tests' float64 reference): ``0.5 * (ncc +
+gradient_ncc)`` of :mod:`rgs_engine.registration.similarity`.
 """
 import taichi as ti
 
