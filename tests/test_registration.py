@@ -322,6 +322,11 @@ def test_register_recovers_the_pose(ct_path, params, points, tmp_path, mm, deg, 
     refine = [h for h in res.history if h["stage"] == "refine"]  # init and the global stage's best
     assert min(h["start_mtre_mm"] for h in refine) < res.initial_mtre_mm
     assert all(t["at_truth"] is not None and t["first"] is not None for h in refine for t in h["trace"])
+    # when each stage ended, in order, the last at the reported seconds
+    ends = next(h["ends"] for h in res.history if h["stage"] == "timing")
+    assert list(ends) == ["refinement", "final score", "basin check", "confidence"]
+    marks = [glob["t"], *ends.values()]
+    assert marks == sorted(marks) and ends["confidence"] == res.seconds
     json.dumps(res.to_dict())  # JSON-able
 
 

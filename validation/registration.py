@@ -408,6 +408,20 @@ def evaluate(rows: list[dict], records: list[dict]) -> dict:
     }
 
 
+def stage_ends(records: list[dict]) -> dict[str, float]:
+    """Median seconds from each registration's start at the end of its stages (the history's
+    global stage and ``timing`` entry; records from before that entry have none)."""
+    ends: dict[str, list[float]] = {}
+    for rec in records:
+        for h in rec.get("history", []):
+            if h.get("stage") == "global":
+                ends.setdefault("global", []).append(h["t"])
+            elif h.get("stage") == "timing":
+                for k, v in h["ends"].items():
+                    ends.setdefault(k, []).append(v)
+    return {k: float(np.median(v)) for k, v in ends.items()}
+
+
 def markdown(res: dict) -> str:
     s, bars, conv = res["setup"], res["bars"], res["conversion"]
     names = ", ".join(f"{c['name']} ({c['label']})" for c in res["cases"])
@@ -459,7 +473,11 @@ def markdown(res: dict) -> str:
     c = bars["flagged_right"]["counts"]
     out += ["", "CT to Gaussians (per vertebra, on the same device): "
             + (f"fresh fit {conv['fit_seconds_mean']:.2f} s on average, " if conv["fit_seconds_mean"] else "")
-            + f"{conv['gaussians_mean']:.0f} Gaussians, cached load {conv['cached_seconds_mean']:.3f} s.", "",
+            + f"{conv['gaussians_mean']:.0f} Gaussians, cached load {conv['cached_seconds_mean']:.3f} s.", ""]
+    if stages := stage_ends(res["trials"]):
+        out += ["When each stage ended (median seconds from the registration's start, over the registrations "
+                "that ran it): " + ", ".join(f"{k} {v:.3f} s" for k, v in stages.items()) + ".", ""]
+    out += [
             "| bar | measured | target | |", "|---|---:|---:|---|",
             f"| flagged success among right poses, whole sweep | {pct(bars['flagged_right']['value'])} "
             f"({c['right_flagged']} / {c['right']}) | >= {100 * TARGETS['flagged_right']:.0f} % "

@@ -323,6 +323,9 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     stage's ``at_truth`` (the candidates' scale), each refinement scale's ``at_truth`` (that
     scale's window and contrast match; ``first`` / ``similarity`` are the search's first and
     last step there) and a last ``truth`` stage (the full-resolution score ``similarity`` is).
+    The history's ``timing`` stage gives the seconds from the start (as ``seconds`` counts
+    them) at the end of the refinement, the final score, the basin check (when run) and the
+    confidence (the global stage's entry has its own ``t``).
     ``progress(stage, done, total)`` is called as the stages advance.
 
     The measurements behind these defaults (one start, per-candidate contrast match, context
@@ -553,10 +556,13 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         rival = confidence.rival_mm([(r["after_coarsest"], r["from_lead_mm"]) for r in runs])
     for si in range(1, len(scales)):
         climb(lead, si)
+    ends = {"refinement": elapsed()}  # seconds from the start at the end of each later stage
     sim_final = final_score(lead["z"], lead["zc"])
+    ends["final score"] = elapsed()
     if candidates > 1 and lead["zc"] is None:  # basin check around the registered pose
         basin = basin_check(lead["z"])
         history.append({"stage": "basin check", **basin, "t": elapsed()})
+        ends["basin check"] = elapsed()
         rival = max(rival, basin["rival_mm"])
     for run in runs:
         z, zc, x0 = run["z"], run["zc"], run["x0"]
@@ -594,6 +600,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
                                 estimated_error_mm=conf.estimated_error_mm, evidence=conf.evidence,
                                 seconds=elapsed(), initial_similarity=initial,
                                 threshold=threshold, init=init_m, history=history)
+    history.append({"stage": "timing", "ends": {**ends, "confidence": result.seconds}})
     if ground_truth is not None and target_points is not None:
         truth = rigid.check_rigid(ground_truth, "ground truth pose")
         result.mtre_mm = mtre(pose, truth, target_points)
