@@ -127,6 +127,10 @@ def track4d(
     checkpoint_every: Annotated[Optional[int], typer.Option(
         "--checkpoint-every", help=f"Iterations between checkpoints. [default: "
                                    f"{DEFAULT_CHECKPOINT_EVERY}]")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="breathing: override a field of the 4D recipe, or recipe.FIELD of its static stage, "
+             "e.g. --set recipe.rate_scale=1.5; repeatable.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the interrupted run in --out (settings from its config.json).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
@@ -147,5 +151,5 @@ def track4d(
         deformation=deformation and deformation.value, time_input=time_input and time_input.value,
         iterations=iterations, static_iterations=static_iterations, period_init=period_init,
         views=views, times=times, time_smoothness=time_smoothness, seed=seed,
-        checkpoint_every=checkpoint_every, resume=resume, force=force, device=device and device.value)
+        checkpoint_every=checkpoint_every, sets=sets, resume=resume, force=force, device=device and device.value)
     (_dsa_summary if dsa else _breathing_summary)(result.metrics, case, result.files)

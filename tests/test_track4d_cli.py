@@ -64,10 +64,16 @@ def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
 def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, Track4DReconstruction, 25, "signal")  # Ctrl-C during step 25: the run stops after it
-    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--deformation", "anchors")
+    # a --set override (the surrogate's rates: unused by anchors) is kept with the run
+    result = invoke("track4d", case, "--out", out, *SHORT[:4], "--deformation", "anchors",
+                    "--set", "lr_surrogate=[0.002, 0.0002]")
     assert result.exit_code == 130, result.output
-    command = json.loads((out / "config.json").read_text())["command"]
+    config = json.loads((out / "config.json").read_text())
+    command = config["command"]
     assert "--time-input auto" in command and "--period-init" not in command  # the default
+    assert config["config"]["lr_surrogate"] == [0.002, 0.0002] and "lr_surrogate=[0.002, 0.0002]" in command
+    bad = invoke("track4d", case, "--out", out, "--resume", "--set", "lr_surrogate=[0.003, 0.0003]")
+    assert_one_line_error(bad, "--set lr_surrogate [0.003, 0.0003] differs from the run")
     assert "resume with: rgs track4d" in result.stderr and not (out / "metrics.json").exists()
     bad = invoke("track4d", case, "--out", out, "--resume", "--deformation", "kplanes")
     assert_one_line_error(bad, "--deformation kplanes differs from the run")
@@ -76,7 +82,7 @@ def test_track4d_interrupt_then_resume(case, tmp_path, monkeypatch):
     assert "(--period-init default)" in bad.stderr.replace("\n", " ")
     bad = invoke("track4d", case, "--out", out, "--resume", "--time-input", "time")
     assert_one_line_error(bad, "--time-input time differs from the run")
-    result = invoke("track4d", case, "--out", out, "--resume")
+    result = invoke("track4d", case, "--out", out, "--resume", "--set", "lr_surrogate=[0.002, 0.0002]")
     assert result.exit_code == 0, result.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["resumed_from"] == 25 and m["iterations"] == 40
@@ -100,6 +106,15 @@ def test_track4d_bad_input_is_one_line_errors(case, tmp_path):
                           "--period-init -1: give a positive period in seconds, or auto")
     assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--resume"),
                           "there is no run to resume")
+    for sets, message in ((["nonsense=1"], "--set nonsense: no such 4D recipe field"),
+                          (["recipe.iterations=5"], "--set recipe.iterations: use the --static-iterations option"),
+                          (["recipe.rate_scale=fast"], "a value has the wrong type"),
+                          (["rate_scale"], "is not KEY=VALUE")):
+        assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", *[a for s in sets for a in ("--set", s)]),
+                              message)
+    assert_one_line_error(invoke("track4d", case, "--out", tmp_path / "o", "--mode", "dsa", "--set", "iterations=3"),
+                          "--set does not apply to --mode dsa")
+    assert not (tmp_path / "o").exists()  # nothing written
     with open(case, "rb") as f:
         data = pickle.load(f)
     del data["train"]["time"]

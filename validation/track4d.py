@@ -51,6 +51,13 @@ processes running other methods of the same case add to it) and
 ``--report`` writes them in a CPU section, e.g.::
 
     python validation/track4d.py --cpu --device cpu --case amplitude-drift --methods kplanes,kplanes-surrogate,static
+
+``--set KEY=VALUE`` (repeatable) measures a variant of the 4D recipe: every ``rgs track4d``
+run gets the same ``--set`` (a field of ``Track4DConfig``, or ``recipe.FIELD`` of its static
+stage), and the case's results go to their own file (``track4d_CASE-set-KEY=VALUE.json``),
+which ``--report`` leaves out; run the static fit there too to compare in one file::
+
+    python validation/track4d.py --case irregular --methods kplanes-surrogate,static --set recipe.rate_scale=1.5
 """
 from __future__ import annotations
 
@@ -164,6 +171,7 @@ def run_track4d(case_path: Path, method: str, work: Path, args, device: str) -> 
     for option, value in (("--static-iterations", args.static_iterations), ("--iterations", args.iterations)):
         if value is not None:
             cmd += [option, str(value)]
+    cmd += [a for item in args.sets for a in ("--set", item)]
     console.print("$ " + " ".join(cmd))
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -204,11 +212,13 @@ def cycles_mean_s(setup: dict) -> float:
     return float(np.mean(np.diff(np.asarray(starts))))
 
 
-def case_key(case: str, noise, size: str = "gpu") -> str:
+def case_key(case: str, noise, size: str = "gpu", sets: tuple[str, ...] = ()) -> str:
     """``CASE`` with the default noise, ``+ "-noiseless"`` without; ``+ "-cpu48"`` at the
-    CPU size (``--cpu``, 32^3), ``+ "-quick"`` with ``--quick``."""
+    CPU size (``--cpu``, 32^3), ``+ "-quick"`` with ``--quick``; ``+ "-set-KEY=VALUE"`` per
+    ``--set`` (a variant's file, which ``--report`` leaves out)."""
     key = case if noise is not None else f"{case}-noiseless"
-    return key if size == "gpu" else f"{key}-{size}{SIZES[size][0] if size == 'cpu' else ''}"
+    key = key if size == "gpu" else f"{key}-{size}{SIZES[size][0] if size == 'cpu' else ''}"
+    return key + "".join("-set-" + "".join(c if c.isalnum() or c in "._=" else "_" for c in item) for item in sets)
 
 
 def inhale_phases(setup: dict) -> list[bool]:
@@ -237,7 +247,7 @@ def run_case(args, case: str) -> dict:
     dev = runtime.init(args.device)
     spec = sim4d.BreathingSpec(projections=args.projections, det=args.det, noise=args.noise,
                                irregular=case == "irregular", seed=args.seed, **DRIFTS.get(case, {}))
-    key = case_key(case, args.noise, args.size)
+    key = case_key(case, args.noise, args.size, args.sets)
     t0 = time.perf_counter()
     data = sim4d.simulate_breathing_case(CT, args.grid, spec)
     simulate_s = time.perf_counter() - t0
@@ -538,6 +548,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cpu", action="store_true", help="a size a CPU finishes (see the module)")
     ap.add_argument("--static-iterations", type=int, help="4D runs' static steps (default: the size's)")
     ap.add_argument("--iterations", type=int, help="4D runs' deformation steps (default: the size's)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a variant of the 4D recipe: passed to every rgs track4d run as --set (e.g. "
+                         "recipe.rate_scale=1.5); its results go to their own file, which --report leaves out")
     args = ap.parse_args(argv)
     args.noise = parse_noise(args.noise)
     args.methods = [m for m in args.methods.split(",") if m.strip()]
@@ -564,7 +577,7 @@ def main(argv=None) -> int:
         console.print(f"[red]{CT} is missing: run python datasets/fetch_ct.py[/red]")
         return 2
     run_case(args, args.case)
-    console.print(f"wrote {results_path(args.out_dir, case_key(args.case, args.noise, args.size))}")
+    console.print(f"wrote {results_path(args.out_dir, case_key(args.case, args.noise, args.size, args.sets))}")
     return 0
 
 

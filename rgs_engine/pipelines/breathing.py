@@ -47,6 +47,7 @@ period (:mod:`rgs_engine.motion.track4d`). Outputs in ``--out DIR``:
 """
 from __future__ import annotations
 
+import json
 import math
 import shlex
 import time
@@ -62,8 +63,8 @@ from ..io.naf4d import Projection4D
 from ..motion.track4d import PERIOD_MISMATCH_PCT, Track4DConfig, Track4DReconstruction
 from ..recon.gaussian import GSConfig
 from ..sim import breathing_scan, scan
-from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, data_sha256,
-                     require, resume_settings, run_iterations, write_metrics, write_run_config)
+from .common import (ProgressCallback, Reporter, RunResult, StopCheck, built_with_sets, check_new_run, data_sha256,
+                     parse_sets, require, resume_settings, run_iterations, write_metrics, write_run_config)
 from .angiography import check_run_options, dsa
 
 PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
@@ -107,20 +108,49 @@ def _surrogate_report(rec: Track4DReconstruction) -> dict[str, Any]:
             "surrogate_phase_offset_cycles": float(drive.phase_offset.detach().square().mean().sqrt())}
 
 
+# --set keys that have their own option
+_SET_OPTIONS = {"iterations": "--iterations", "deformation": "--deformation", "time_input": "--time-input",
+                "period_init_s": "--period-init", "period_from_projections": "--period-init",
+                "recipe": "--set recipe.FIELD", "recipe.iterations": "--static-iterations",
+                "recipe.seed": "--seed", "recipe.init": "--set recipe.init (fixed: the static stage's)"}
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` overrides of the 4D recipe: a field of
+    :class:`~rgs_engine.motion.track4d.Track4DConfig`, or ``recipe.FIELD`` of its static
+    stage's :class:`~rgs_engine.recon.gaussian.GSConfig` (:func:`~.common.parse_sets`)."""
+    known = [f for f in Track4DConfig().to_dict()] + [f"recipe.{f}" for f in GSConfig().to_dict()]
+    return parse_sets(items, known, _SET_OPTIONS, "4D recipe field (or recipe.FIELD of the static stage)",
+                      "recipe.rate_scale=1.5")
+
+
+def _flat_config(config: Track4DConfig) -> dict[str, Any]:
+    """``config`` as the keys of :func:`_parse_sets` (``recipe.FIELD`` for the static stage)."""
+    d = json.loads(json.dumps(config.to_dict()))  # as --set's JSON values read (lists, not tuples)
+    return {**{k: v for k, v in d.items() if k != "recipe"}, **{f"recipe.{k}": v for k, v in d["recipe"].items()}}
+
+
 def _new_settings(case: Path, deformation: Optional[str], time_input: Optional[str],
                   iterations: Optional[int], static_iterations: Optional[int],
                   period_init: Union[float, str, None], seed: Optional[int],
-                  checkpoint_every: Optional[int]) -> dict[str, Any]:
+                  checkpoint_every: Optional[int], sets: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a new run: the defaults, then ``sets`` (:func:`_parse_sets`), then the
+    options given."""
     base = Track4DConfig()
-    recipe = GSConfig(**{**base.recipe.to_dict(), "seed": 0 if seed is None else seed,
-                         **({} if static_iterations is None else {"iterations": static_iterations})})
-    config = Track4DConfig(**{**base.to_dict(), "recipe": recipe,
-                              "deformation": deformation or base.deformation,
-                              "time_input": time_input or base.time_input,
-                              **({} if iterations is None else {"iterations": iterations}),
-                              **({} if period_init is None else {"period_from_projections": True}
-                                 if period_init == AUTO else {"period_init_s": period_init,
-                                                              "period_from_projections": False})})
+    recipe_sets = {k.removeprefix("recipe."): v for k, v in sets.items() if k.startswith("recipe.")}
+    top_sets = {k: v for k, v in sets.items() if not k.startswith("recipe.")}
+    def build() -> Track4DConfig:
+        recipe = GSConfig(**{**base.recipe.to_dict(), **recipe_sets, "seed": 0 if seed is None else seed,
+                             **({} if static_iterations is None else {"iterations": static_iterations})})
+        return Track4DConfig(**{**base.to_dict(), **top_sets, "recipe": recipe,
+                                "deformation": deformation or base.deformation,
+                                "time_input": time_input or base.time_input,
+                                **({} if iterations is None else {"iterations": iterations}),
+                                **({} if period_init is None else {"period_from_projections": True}
+                                   if period_init == AUTO else {"period_init_s": period_init,
+                                                                "period_from_projections": False})})
+
+    config = built_with_sets(build, sets)
     return {"mode": "breathing", "data": str(case.resolve()), "config": config.to_dict(),
             "checkpoint_every": checkpoint_every or DEFAULT_CHECKPOINT_EVERY}
 
@@ -147,13 +177,14 @@ def _parse_period_init(text: Union[str, float, None]) -> Union[float, str, None]
 
 
 def _known(s: dict) -> dict[str, Any]:
-    """The options of the run whose config.json is ``s``."""
+    """The options of the run whose config.json is ``s`` (``--set KEY`` for each recipe field)."""
     cfg = Track4DConfig.from_dict(s["config"])
     return {"--deformation": cfg.deformation, "--time-input": cfg.time_input,
             "--iterations": cfg.iterations,
             "--static-iterations": cfg.recipe.iterations,
             "--period-init": _period_init(cfg),
-            "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"]}
+            "--seed": cfg.recipe.seed, "--checkpoint-every": s["checkpoint_every"],
+            **{f"--set {k}": v for k, v in _flat_config(cfg).items()}}
 
 
 def _evaluate(rec: Track4DReconstruction, data: Projection4D) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
@@ -221,12 +252,16 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
             period_init: Union[str, float, None] = None, views: Optional[int] = None,
             times: Optional[str] = None, time_smoothness: Optional[float] = None,
             seed: Optional[int] = None, checkpoint_every: Optional[int] = None,
+            sets: Optional[list[str]] = None,
             resume: bool = False, force: bool = False, device: Optional[str] = None,
             progress: Optional[ProgressCallback] = None,
             should_stop: Optional[StopCheck] = None) -> RunResult:
     """``rgs track4d CASE --out OUT``: see the module; ``mode="dsa"`` runs
     :func:`rgs_engine.pipelines.angiography.dsa` (``views``, ``times``, ``time_smoothness``).
     ``None`` options take their defaults; on ``resume`` the options given must match the run's.
+    ``sets`` (breathing): ``KEY=VALUE`` overrides of the 4D recipe, ``KEY`` a field of
+    :class:`~rgs_engine.motion.track4d.Track4DConfig` or ``recipe.FIELD`` of its static stage
+    (VALUE read as JSON when it parses), recorded in config.json's command.
 
     Returns the metrics.json report, the written files, ``volumes["phases"]`` (P, nx, ny, nz)
     attenuation (1/mm) at ``metrics["phase_times_s"]``, the warnings (also sent as progress
@@ -241,7 +276,8 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
     period_init = _parse_period_init(period_init)
     if mode == "dsa":
         for option, value in {"--deformation": deformation, "--time-input": time_input,
-                              "--static-iterations": static_iterations, "--period-init": period_init}.items():
+                              "--static-iterations": static_iterations, "--period-init": period_init,
+                              "--set": sets or None}.items():
             require(value is None, f"{option} does not apply to --mode dsa: drop it")
         return dsa(case, out, views=views, iterations=iterations, seed=seed, time_smoothness=time_smoothness,
                    times=times, checkpoint_every=checkpoint_every, resume=resume, force=force,
@@ -250,12 +286,14 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
     for option, value in {"--views": views, "--times": times}.items():
         require(value is None, f"{option} does not apply to --mode breathing: the whole scan is "
                                "used and phases.nii.gz holds the phase times; drop it")
+    overrides = _parse_sets(sets) if sets else {}
     t_start = time.perf_counter()
     reporter = Reporter(progress, should_stop)
     if resume:
         given = {"--deformation": deformation, "--time-input": time_input, "--iterations": iterations,
                  "--static-iterations": static_iterations, "--period-init": period_init,
-                 "--seed": seed, "--checkpoint-every": checkpoint_every}
+                 "--seed": seed, "--checkpoint-every": checkpoint_every,
+                 **{f"--set {k}": v for k, v in overrides.items()}}
         settings = resume_settings(out, case, "breathing", _known, given)
         require((out / CHECKPOINT).is_file(), f"{out / CHECKPOINT} not found: the run stopped before "
                                               "its first checkpoint; start it again with --force")
@@ -263,7 +301,7 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
     else:
         check_new_run(out, OUTPUTS, force)
         settings = _new_settings(case, deformation, time_input, iterations, static_iterations,
-                                 period_init, seed, checkpoint_every)
+                                 period_init, seed, checkpoint_every, overrides)
     dev = runtime.init(device)
 
     with reporter.stage("load", f"load {case.name}"):
@@ -292,7 +330,8 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
                               "--static-iterations", str(config.recipe.iterations),
                               *(() if period_init == "default" else ("--period-init", str(period_init))),
                               "--seed", str(config.recipe.seed),
-                              "--checkpoint-every", str(settings["checkpoint_every"])])})
+                              "--checkpoint-every", str(settings["checkpoint_every"]),
+                              *[a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]])})
         write_run_config(out, OUTPUTS, settings, force)
         with reporter.stage("initialise", "initialise Gaussians"):
             rec = Track4DReconstruction(*args, config=config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,40 @@ def require(ok: bool, message: str) -> None:
     """Raise :class:`RgsInputError` with ``message`` unless ``ok``."""
     if not ok:
         raise RgsInputError(message)
+
+
+def parse_sets(items: Iterable[str], known: Iterable[str], options: dict[str, str], what: str,
+               example: str) -> dict[str, Any]:
+    """``--set KEY=VALUE`` overrides of a recipe: ``{KEY: VALUE}``, VALUE read as JSON when it
+    parses, else text. ``known`` are the keys ``what`` has (e.g. "Gaussian recipe field");
+    ``options`` maps the keys that have their own command-line option to it (refused here);
+    ``example`` is a valid item for the error messages."""
+    known = set(known)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        require(sep == "=" and key, f"--set {item!r} is not KEY=VALUE: write e.g. --set {example}")
+        require(key in known, f"--set {key}: no such {what}: use one of {', '.join(sorted(known - set(options)))}")
+        require(key not in options, f"--set {key}: use the {options.get(key)} option instead")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def built_with_sets(build: Callable[[], Any], sets: dict[str, Any]) -> Any:
+    """``build()``: a recipe made with the ``--set`` overrides ``sets`` among its values; a
+    value of the wrong type (e.g. ``--set num_init=many``) is raised as one clear error."""
+    try:
+        return build()
+    except RgsInputError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise RgsInputError(f"--set {', '.join(f'{k}={v!r}' for k, v in sets.items())}: a value "
+                            f"has the wrong type ({exc}): give numbers as numbers, pairs as [a, b]"
+                            ) from exc
 
 
 class Reporter:

@@ -46,8 +46,8 @@ from ..io.projections import ProjectionData, load_projections
 from ..recon import fdk as fdk_method, presets, sart as iterative
 from ..recon.gaussian import GaussianReconstruction, GSConfig
 from ..sim import ct as ct_sim
-from .common import (ProgressCallback, Reporter, RunResult, StopCheck, check_new_run, data_sha256, require,
-                     run_iterations, write_metrics, write_run_config)
+from .common import (ProgressCallback, Reporter, RunResult, StopCheck, built_with_sets, check_new_run, data_sha256,
+                     parse_sets, require, run_iterations, write_metrics, write_run_config)
 
 VOLUME, SLICES, METRICS, CONFIG, CHECKPOINT, GAUSSIANS = (
     "volume.nii.gz", "slices.png", "metrics.json", "config.json", "checkpoint.pt", "gaussians.npz")
@@ -64,22 +64,10 @@ LABELS = {"gs": "Gaussians", "fdk": "FDK", "sart": "SART"}
 # Settings: from the options (a new run) or from config.json (--resume)
 # --------------------------------------------------------------------------------------
 def _parse_sets(items: list[str]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` recipe overrides; VALUE is read as JSON when it parses, else text."""
-    known = {f.name for f in fields(GSConfig)}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        require(sep == "=" and key, f"--set {item!r} is not KEY=VALUE: write e.g. --set num_init=20000")
-        require(key in known, f"--set {key}: no such Gaussian recipe field: use one of "
-                              f"{', '.join(sorted(known - {'iterations', 'init', 'seed'}))}")
-        require(key not in ("iterations", "init", "seed"),
-                f"--set {key}: use the --{key} option instead")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
+    """``--set KEY=VALUE`` overrides of the Gaussian recipe (:func:`~.common.parse_sets`)."""
+    return parse_sets(items, (f.name for f in fields(GSConfig)),
+                      {"iterations": "--iterations", "init": "--init", "seed": "--seed"},
+                      "Gaussian recipe field", "num_init=20000")
 
 
 def _new_settings(data_path: Path, views: Optional[int], method: str, init: Optional[str],
@@ -104,16 +92,9 @@ def _new_settings(data_path: Path, views: Optional[int], method: str, init: Opti
         return s
     s["preset"] = presets.check(preset)
     base = {**GSConfig().to_dict(), **presets.overrides(preset)}
-    try:
-        cfg = GSConfig(**{**base, **sets,
-                          "iterations": base["iterations"] if iterations is None else iterations,
-                          "init": init or "auto", "seed": s["seed"]})
-    except RgsInputError:
-        raise
-    except (TypeError, ValueError) as exc:  # e.g. --set num_init=many
-        raise RgsInputError(f"--set {', '.join(f'{k}={v!r}' for k, v in sets.items())}: a value "
-                            f"has the wrong type ({exc}): give numbers as numbers, pairs as [a, b]"
-                            ) from exc
+    cfg = built_with_sets(lambda: GSConfig(**{**base, **sets,
+                                              "iterations": base["iterations"] if iterations is None else iterations,
+                                              "init": init or "auto", "seed": s["seed"]}), sets)
     s["iterations"] = cfg.iterations
     s["gs"] = cfg.to_dict()
     return s
