@@ -42,26 +42,11 @@ MODES = ("back-to-back", "as-sweep", "ground-truth")
 GROUPS = ("clean", "distorted")
 
 
-def stage_ends(res) -> dict[str, float]:
-    """Seconds from the start at the end of each stage of one result."""
-    out = {}
-    for h in res.history:
-        if h["stage"] == "global":
-            out["global"] = h["t"]
-        elif h["stage"] == "timing":
-            out.update(h["ends"])
-    return out
-
-
 def summarise(results: list) -> dict:
-    """Median seconds and stage ends of a list of results."""
-    ends: dict[str, list[float]] = {}
-    for r in results:
-        for k, v in stage_ends(r).items():
-            ends.setdefault(k, []).append(v)
+    """Median seconds and stage ends (:func:`registration.stage_ends`) of a list of results."""
     seconds = [r.seconds for r in results]
     return {"n": len(results), "seconds": seconds, "seconds_median": float(np.median(seconds)),
-            "stage_ends_median": {k: float(np.median(v)) for k, v in ends.items()}}
+            "stage_ends_median": sweep.stage_ends([{"history": r.history} for r in results])}
 
 
 def main(argv=None) -> int:
