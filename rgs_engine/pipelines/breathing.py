@@ -51,6 +51,7 @@ import json
 import math
 import shlex
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -119,7 +120,7 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` overrides of the 4D recipe: a field of
     :class:`~rgs_engine.motion.track4d.Track4DConfig`, or ``recipe.FIELD`` of its static
     stage's :class:`~rgs_engine.recon.gaussian.GSConfig` (:func:`~.common.parse_sets`)."""
-    known = [f for f in Track4DConfig().to_dict()] + [f"recipe.{f}" for f in GSConfig().to_dict()]
+    known = [f.name for f in fields(Track4DConfig)] + [f"recipe.{f.name}" for f in fields(GSConfig)]
     return parse_sets(items, known, _SET_OPTIONS, "4D recipe field (or recipe.FIELD of the static stage)",
                       "recipe.rate_scale=1.5")
 
@@ -139,6 +140,7 @@ def _new_settings(case: Path, deformation: Optional[str], time_input: Optional[s
     base = Track4DConfig()
     recipe_sets = {k.removeprefix("recipe."): v for k, v in sets.items() if k.startswith("recipe.")}
     top_sets = {k: v for k, v in sets.items() if not k.startswith("recipe.")}
+
     def build() -> Track4DConfig:
         recipe = GSConfig(**{**base.recipe.to_dict(), **recipe_sets, "seed": 0 if seed is None else seed,
                              **({} if static_iterations is None else {"iterations": static_iterations})})
