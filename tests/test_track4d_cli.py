@@ -33,8 +33,10 @@ def case(tmp_path_factory) -> Path:
 
 def test_track4d_writes_phases_gif_and_metrics(case, tmp_path):
     out = tmp_path / "run"
-    result = invoke("track4d", case, "--out", out, *SHORT)
+    # the static stage's initialisation can be chosen (GSConfig.motion_start keeps an explicit one)
+    result = invoke("track4d", case, "--out", out, *SHORT, "--set", "recipe.init=sart")
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["config"]["recipe"]["init"] == "sart"
     img = nib.load(out / "phases.nii.gz")
     assert img.shape == (24, 24, 24, 4)
     assert (out / "phases.gif").read_bytes()[:6] == b"GIF89a"

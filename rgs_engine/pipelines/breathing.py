@@ -113,7 +113,7 @@ def _surrogate_report(rec: Track4DReconstruction) -> dict[str, Any]:
 _SET_OPTIONS = {"iterations": "--iterations", "deformation": "--deformation", "time_input": "--time-input",
                 "period_init_s": "--period-init", "period_from_projections": "--period-init",
                 "recipe": "--set recipe.FIELD", "recipe.iterations": "--static-iterations",
-                "recipe.seed": "--seed", "recipe.init": "--set recipe.init (fixed: the static stage's)"}
+                "recipe.seed": "--seed"}
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
