@@ -96,11 +96,12 @@ def test_view_similarity_is_the_mean_of_ncc_and_gradient_ncc(size):
         target(drr.detach().to(dev)[:, :1])
 
 
-def test_shift_scores_peak_at_the_images_shift():
+def test_shift_scores_peak_at_the_images_shift(device):
     """Each view's shift search finds how far the X-ray's anatomy lies from the DRR's, also
-    through a contrast curve and an inverted polarity."""
+    through a contrast curve and an inverted polarity (images on the engine's device)."""
     g = torch.Generator().manual_seed(4)
     big = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 70, 70, generator=g, dtype=torch.float64), 5, 1)[0, 0]
+    big = big.to(device)
     drr = big[10:50, 12:48]
     xray = big[13:53, 10:46]  # the DRR's content moved by (-3, +2) pixels
     w = torch.ones_like(xray)
