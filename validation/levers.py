@@ -47,6 +47,9 @@ LEVERS: dict[str, tuple[list[str], str]] = {
                                     "2026-12-05; SART's is the denoised one)"),
     "tv-0.05": (["--set", "tv_weight=0.05"], "2.5x the TV weight"),
     "tv-0.01": (["--set", "tv_weight=0.01"], "half the TV weight"),
+    "tv-0.04": (["--set", "tv_weight=0.04"], "twice the TV weight"),
+    "tv-0.08": (["--set", "tv_weight=0.08"], "4x the TV weight"),
+    "tv-0": (["--set", "tv_weight=0"], "no TV"),
     "tv-patch-64": (["--set", "tv_size=64"], "TV on a 64^3 sub-grid instead of 32^3"),
     "views-4": (["--set", "views_per_step=4"], "4 views per step instead of 8"),
     "ssim-0.5": (["--set", "ssim_weight=0.5"], "twice the D-SSIM weight"),
@@ -56,8 +59,8 @@ LEVERS: dict[str, tuple[list[str], str]] = {
                                                  "at 256^3) instead of 0.0005"),
     "rates-1x": (["--set", "rate_scale=1"], "the base learning rates (the recipe: 1.5x, since 2026-12-05)"),
     "rates-2x": (["--set", "rate_scale=2"], "2x the base learning rates instead of 1.5x"),
-    "count-100k": (["--set", "num_init=100000"], "100k Gaussians instead of the automatic 50k at 256^3 (rates x1)"),
-    "count-150k": (["--set", "num_init=150000"], "150k Gaussians instead of the automatic 50k at 256^3 (rates x1)"),
+    "count-100k": (["--set", "num_init=100000"], "100k Gaussians instead of the automatic 50k at 256^3"),
+    "count-150k": (["--set", "num_init=150000"], "150k Gaussians instead of the automatic 50k at 256^3"),
 }
 
 
