@@ -35,6 +35,7 @@ Usage::
 
     python validation/profile_recon.py [--size small|full] [--grid N] [--det N] [--views 25]
         [--steps 20] [--device auto|cpu|cuda] [--data FILE.h5] [--json FILE] [--label TEXT]
+        [--preset draft|fast|default]
 
 ``--size small`` (default on a CPU): the README quick start's case (the chest CT on a 64 grid,
 128^2 detector, 25 views, noise 1e4 / 10); ``--size full`` (default on a GPU): issue 18's case
@@ -201,17 +202,17 @@ def profile(args) -> dict:
     from rgs_engine.io import files, images
     from rgs_engine.io.projections import load_projections
     from rgs_engine.pipelines.reconstruct import PSNR_EVERY_GS
-    from rgs_engine.recon import gaussian
+    from rgs_engine.recon import gaussian, presets
     from rgs_engine.recon.gaussian import GaussianReconstruction, GSConfig
 
     dev = runtime.init(None if args.device == "auto" else args.device)
     path = make_data(args)
     data = load_projections(path).select_views(args.views)
-    config = GSConfig(seed=0)
+    config = GSConfig(seed=0, **presets.overrides(args.preset))
     phases = Phases(runtime.sync)
     report: dict = {"device": runtime.describe(dev), "data": str(path), "grid": list(data.grid.shape),
                     "detector": list(data.geometry.det_shape), "views": data.num_views,
-                    "label": args.label, "command": " ".join(sys.argv),
+                    "label": args.label, "preset": args.preset or "default", "command": " ".join(sys.argv),
                     "load_1min_start": round(os.getloadavg()[0], 2)}
 
     # ---- initialisation: cold (first calls in this process) and warm --------------------
@@ -333,6 +334,8 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> None:
+    from rgs_engine.recon.presets import PRESETS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=list(SIZES), default=None,
                    help="small (CPU default) or full (GPU default)")
@@ -346,6 +349,8 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=None, help="profile this .h5 instead of the chest CT case")
     p.add_argument("--json", default=None)
     p.add_argument("--label", default="")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="profile this rgs recon preset's recipe (default: the default's)")
     args = p.parse_args(argv)
     import torch
 
@@ -355,7 +360,8 @@ def main(argv=None) -> None:
     report["size"] = args.size
     print_table(report)
     kind = "cuda" if report["device"].startswith("cuda") else "cpu"
-    path = Path(args.json or ROOT / "validation" / "results" / f"profile_recon_{kind}_{args.size}.json")
+    preset = f"_{args.preset}" if args.preset and args.preset != "default" else ""
+    path = Path(args.json or ROOT / "validation" / "results" / f"profile_recon_{kind}_{args.size}{preset}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))
