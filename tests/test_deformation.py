@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rgs_engine import RgsInputError
-from rgs_engine.motion.deformation import (AnchorDeformation, KPlanesField, LearnedPeriod,
+from rgs_engine.motion.deformation import (AnchorDeformation, KPlanesField, LearnedPeriod, sample_time_plane,
                                     farthest_point_sampling, knn_skinning, periodic_consistency,
                                     phase_harmonics)
 
@@ -150,3 +150,28 @@ def test_period_phase_and_wrapping(gaussians):
         LearnedPeriod(0.0)
     with pytest.raises(RgsInputError, match="time input"):
         make("kplanes", gaussians, "clock")
+
+
+def test_time_plane_sampling_equals_grid_sample():
+    """K-planes' separable time-plane sampling equals ``grid_sample`` (bilinear,
+    align_corners, border) of every space coordinate at every time, in float64: values and
+    gradients w.r.t. the plane, the space coordinates and the times, also at and beyond the
+    plane's edges."""
+    g = torch.Generator().manual_seed(3)
+    plane = torch.randn(1, 5, 9, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.cat([torch.rand(40, generator=g, dtype=torch.float64) * 2 - 1,
+                   torch.tensor([-1.0, 1.0, -1.3, 1.2, 0.0], dtype=torch.float64)]).requires_grad_()
+    t = torch.tensor([-1.0, -0.37, 0.2, 0.999, 1.0, 1.4], dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(5, t.shape[0], x.shape[0], generator=g, dtype=torch.float64)
+
+    def reference():
+        grid = torch.stack([x.expand(t.shape[0], -1), t[:, None].expand(-1, x.shape[0])], -1)
+        return F.grid_sample(plane, grid[None], align_corners=True, padding_mode="border")[0]
+
+    grads = []
+    for fn in (reference, lambda: sample_time_plane(plane, x, t)):
+        out = fn()
+        grads.append((out.detach(), *torch.autograd.grad((out * cot).sum(), (plane, x, t))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+

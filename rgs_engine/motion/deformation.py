@@ -235,6 +235,35 @@ def _scaled(a: torch.Tensor, dpos: torch.Tensor, dlog: torch.Tensor | None, dq: 
 PLANES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))  # xy, xz, yz, xt, yt, zt
 
 
+def _lerp_index(coord: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower cell index (long) and weight of the upper one for coordinates in ``[-1, 1]`` on
+    ``size`` cells (``align_corners=True``: -1 and 1 are the first and last cell; at and
+    beyond them the border cell, with no gradient, as ``grid_sample`` has it)."""
+    u = (coord + 1) * (0.5 * (size - 1))
+    u = torch.where((u > 0) & (u < size - 1), u, u.detach().clamp(0, size - 1))
+    i0 = u.detach().floor().clamp(max=size - 2).long()
+    return i0, u - i0
+
+
+def sample_time_plane(plane: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(F, B, N) bilinear samples of a time plane ``plane`` (1, F, T, R: time rows, space
+    columns) at the N space coordinates ``x`` (N,) for each of the B time coordinates ``t``
+    (B,), both in ``[-1, 1]``: ``F.grid_sample(plane, grid, align_corners=True,
+    padding_mode="border")`` of the grid pairing every ``x`` with every ``t``, computed
+    separably. Every view's N points share one time, so the plane is first interpolated to B
+    rows along time, then those rows to the N points by one matrix product with the (N, R)
+    linear-interpolation weights, which are the same for all B times: the backward pass is
+    matrix products too, where ``grid_sample``'s scatters B x N points into the few cells of
+    each view's time row (on a CPU it was most of a 4D step's deformation time)."""
+    _, channels, rows, cols = plane.shape
+    i, w = _lerp_index(t.to(plane.dtype), rows)
+    lines = plane[0][:, i] * (1 - w)[:, None] + plane[0][:, i + 1] * w[:, None]  # (F, B, R)
+    j, v = _lerp_index(x.to(plane.dtype), cols)
+    weights = torch.zeros(x.shape[0], cols, dtype=plane.dtype, device=plane.device)
+    weights = weights.scatter(1, torch.stack([j, j + 1], 1), torch.stack([1 - v, v], 1))  # (N, R)
+    return (lines.reshape(-1, cols) @ weights.T).reshape(channels, t.shape[0], x.shape[0])
+
+
 class KPlanesField(Deformation):
     """Spatio-temporal K-planes with MLP heads.
 
@@ -277,7 +306,7 @@ class KPlanesField(Deformation):
     def features(self, points: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         """(B, N, features x levels) K-planes features of box coordinates (N, 3) at time
         coordinates (B,)."""
-        n, nb = points.shape[0], time.shape[0]
+        n = points.shape[0]
         tcoord = 2 * time - 1 if self.periodic else time
         out = []
         for level in range(self.levels):
@@ -288,9 +317,7 @@ class KPlanesField(Deformation):
                     spatial = spatial * F.grid_sample(plane, grid, align_corners=True,
                                                       padding_mode="border")[0, :, 0]   # (F, N)
                 else:
-                    grid = torch.stack([points[:, a].expand(nb, n), tcoord[:, None].expand(nb, n)], -1)
-                    temporal = temporal * F.grid_sample(self._time_plane(plane), grid[None],
-                                                        align_corners=True, padding_mode="border")[0]  # (F, B, N)
+                    temporal = temporal * sample_time_plane(self._time_plane(plane), points[:, a], tcoord)  # (F, B, N)
             out.append((spatial[:, None] * temporal).permute(1, 2, 0))
         return torch.cat(out, -1)
 
