@@ -162,11 +162,11 @@ def test_time_plane_sampling_equals_grid_sample():
     x = torch.cat([torch.rand(40, generator=g, dtype=torch.float64) * 2 - 1,
                    torch.tensor([-1.0, 1.0, -1.3, 1.2, 0.0], dtype=torch.float64)]).requires_grad_()
     t = torch.tensor([-1.0, -0.37, 0.2, 0.999, 1.0, 1.4], dtype=torch.float64, requires_grad=True)
-    cot = torch.randn(5, t.shape[0], x.shape[0], generator=g, dtype=torch.float64)
+    cot = torch.randn(t.shape[0], x.shape[0], 5, generator=g, dtype=torch.float64)
 
     def reference():
         grid = torch.stack([x.expand(t.shape[0], -1), t[:, None].expand(-1, x.shape[0])], -1)
-        return F.grid_sample(plane, grid[None], align_corners=True, padding_mode="border")[0]
+        return F.grid_sample(plane, grid[None], align_corners=True, padding_mode="border")[0].permute(1, 2, 0)
 
     grads = []
     for fn in (reference, lambda: sample_time_plane(plane, x, t)):

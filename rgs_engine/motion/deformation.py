@@ -246,22 +246,22 @@ def _lerp_index(coord: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def sample_time_plane(plane: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """(F, B, N) bilinear samples of a time plane ``plane`` (1, F, T, R: time rows, space
+    """(B, N, F) bilinear samples of a time plane ``plane`` (1, F, T, R: time rows, space
     columns) at the N space coordinates ``x`` (N,) for each of the B time coordinates ``t``
     (B,), both in ``[-1, 1]``: ``F.grid_sample(plane, grid, align_corners=True,
-    padding_mode="border")`` of the grid pairing every ``x`` with every ``t``, computed
-    separably. Every view's N points share one time, so the plane is first interpolated to B
+    padding_mode="border")[0].permute(1, 2, 0)`` of the grid pairing every ``x`` with every
+    ``t``, computed separably. Every view's N points share one time, so the plane is first interpolated to B
     rows along time, then those rows to the N points by one matrix product with the (N, R)
     linear-interpolation weights, which are the same for all B times: the backward pass is
     matrix products too, where ``grid_sample``'s scatters B x N points into the few cells of
     each view's time row (on a CPU it was most of a 4D step's deformation time)."""
-    _, channels, rows, cols = plane.shape
+    rows, cols = plane.shape[2:]
     i, w = _lerp_index(t.to(plane.dtype), rows)
     lines = plane[0][:, i] * (1 - w)[:, None] + plane[0][:, i + 1] * w[:, None]  # (F, B, R)
     j, v = _lerp_index(x.to(plane.dtype), cols)
     weights = torch.zeros(x.shape[0], cols, dtype=plane.dtype, device=plane.device)
     weights = weights.scatter(1, torch.stack([j, j + 1], 1), torch.stack([1 - v, v], 1))  # (N, R)
-    return (lines.reshape(-1, cols) @ weights.T).reshape(channels, t.shape[0], x.shape[0])
+    return torch.matmul(weights, lines.permute(1, 2, 0))  # (N, R) @ (B, R, F)
 
 
 class KPlanesField(Deformation):
@@ -317,8 +317,8 @@ class KPlanesField(Deformation):
                     spatial = spatial * F.grid_sample(plane, grid, align_corners=True,
                                                       padding_mode="border")[0, :, 0]   # (F, N)
                 else:
-                    temporal = temporal * sample_time_plane(self._time_plane(plane), points[:, a], tcoord)  # (F, B, N)
-            out.append((spatial[:, None] * temporal).permute(1, 2, 0))
+                    temporal = temporal * sample_time_plane(self._time_plane(plane), points[:, a], tcoord)  # (B, N, F)
+            out.append(spatial.T * temporal)
         return torch.cat(out, -1)
 
     def offsets(self, points, time, index=None):
