@@ -314,16 +314,22 @@ def profile(args) -> dict:
     return report
 
 
+def print_step(r: dict, step: str = "one step", floor: str = "kernels alone", width: int = 40) -> None:
+    """The step's phases (``step_ms``, largest first, with their share) and the floor
+    (``floor_ms``) of a profile report ``r``."""
+    total = r["step_synchronised_ms"]
+    print(f"\n{step}: plain {r['plain_step_ms']:.2f} ms; with synchronised timers {total:.2f} ms")
+    for k, v in sorted(r["step_ms"].items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<{width}s} {v:9.3f} ms  {100 * v / total:5.1f} %")
+    print(f"floor ({floor}):")
+    for k, v in r["floor_ms"].items():
+        print(f"  {k:<{width}s} {v:9.3f} ms")
+
+
 def print_table(r: dict) -> None:
     print(f"device {r['device']}; grid {r['grid']}, detector {r['detector']}, {r['views']} views, "
           f"{r['gaussians']:,} Gaussians, {r['views_per_step']} views per step")
-    total = r["step_synchronised_ms"]
-    print(f"\none step: plain {r['plain_step_ms']:.2f} ms; with synchronised timers {total:.2f} ms")
-    for k, v in sorted(r["step_ms"].items(), key=lambda kv: -kv[1]):
-        print(f"  {k:<40s} {v:9.3f} ms  {100 * v / total:5.1f} %")
-    print("floor (kernels alone):")
-    for k, v in r["floor_ms"].items():
-        print(f"  {k:<40s} {v:9.3f} ms")
+    print_step(r)
     d = r["densify"]
     print(f"densify round: {d['seconds']:.3f} s ({d['gaussians_before']:,} -> {d['gaussians_after']:,})")
     print("warm-up steps (the first compiles the step's kernels): "

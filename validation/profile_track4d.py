@@ -48,7 +48,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_recon import Phases, _time_backward, instrumented, median_seconds  # noqa: E402
+from profile_recon import Phases, _time_backward, instrumented, median_seconds, print_step  # noqa: E402
 from track4d import CT, NOISE, ROOT, SIZES  # noqa: E402
 
 
@@ -172,13 +172,7 @@ def print_table(r: dict) -> None:
           f"{r['deformation']}, {r['time_input']} input")
     print(f"initialise {r['initialise_s']:.2f} s; static step (plain) {r['static_plain_step_ms']:.2f} ms; "
           f"first deformation step (reads the breathing, builds the model) {r['stage2_first_step_s']:.2f} s")
-    total = r["step_synchronised_ms"]
-    print(f"\none deformation step: plain {r['plain_step_ms']:.2f} ms; with synchronised timers {total:.2f} ms")
-    for k, v in sorted(r["step_ms"].items(), key=lambda kv: -kv[1]):
-        print(f"  {k:<44s} {v:9.3f} ms  {100 * v / total:5.1f} %")
-    print("floor (kernels and model alone):")
-    for k, v in r["floor_ms"].items():
-        print(f"  {k:<44s} {v:9.3f} ms")
+    print_step(r, "one deformation step", "kernels and model alone", 44)
     s, d = r["default_steps"]
     print(f"the default's training predicted from the plain steps: {s} x {r['static_plain_step_ms']:.2f} ms + "
           f"{d} x {r['plain_step_ms']:.2f} ms = {r['predicted_training_s']:.1f} s")
