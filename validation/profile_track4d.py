@@ -40,7 +40,6 @@ Results: a table on stdout and ``validation/results/profile_track4d_<device>_<si
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -179,6 +178,8 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from rgs_engine.io.files import save_json
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=tuple(SIZES), default=None, help="default: gpu on a GPU, else cpu")
     ap.add_argument("--case", choices=("regular", "irregular"), default="regular")
@@ -199,10 +200,7 @@ def main(argv=None) -> int:
     print_table(report)
     path = args.json or ROOT / "validation" / "results" / (
         f"profile_track4d_{'cuda' if 'cuda' in report['device'] else 'cpu'}_{report['size']}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    save_json(path, report, force=True)
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0
 
