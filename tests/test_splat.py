@@ -242,8 +242,8 @@ def test_unvalidated_splat_equals_the_validated_one(device):
 
 
 def _render_with_both_kernels(binning, geo, device):
-    """The images of the GPU (pixel-parallel) and CPU (tile-parallel) forward kernels for one
-    binning (cutoff 3)."""
+    """The images of the GPU (pixel-parallel, shared memory: CUDA only) and CPU
+    (tile-parallel) forward kernels for one binning (cutoff 3)."""
     from rgs_engine.kernels import splat_forward
     images = []
     for render in (splat_forward.render, splat_forward.render_tiles):
@@ -253,12 +253,19 @@ def _render_with_both_kernels(binning, geo, device):
     return images
 
 
-def test_pixel_and_tile_render_kernels_agree(device):
-    """The GPU (pixel-parallel) and CPU (tile-parallel) forward kernels give the same sums."""
+@pytest.mark.parametrize("n", [40, 900])
+def test_pixel_and_tile_render_kernels_agree(device, n):
+    """The GPU (pixel-parallel) and CPU (tile-parallel) forward kernels give the same sums; with
+    900 Gaussians some tiles list several shared-memory batches."""
+    if device.type != "cuda":
+        pytest.skip("the pixel-parallel render kernel uses CUDA shared memory")
     from rgs_engine.core import splatting
+    from rgs_engine.kernels.splat_forward import BATCH
     geo = GEOMETRIES["cone-tilted"]()
-    params = [t.float() for t in random_gaussians(40, device)]
-    b = splatting._bin(*params, 40, (False, False), geo.kernel_table(device), geo, 3.0)
+    params = [t.float() for t in random_gaussians(n, device, extent=40.0 if n < 100 else 15.0)]
+    b = splatting._bin(*params, n, (False, False), geo.kernel_table(device), geo, 3.0)
+    per_tile = b.ranges[1:] - b.ranges[:-1]
+    assert n < 100 or int(per_tile.max()) > 2 * BATCH
     images = _render_with_both_kernels(b, geo, device)
     assert images[0].abs().max() > 0.05
     assert torch.allclose(images[0], images[1], rtol=1e-5, atol=1e-6)
@@ -289,6 +296,7 @@ def test_row_walks_on_extreme_shapes_match_reference(device):
     for label, a, b in zip(("means", "scales", "quats", "densities"), torch.autograd.grad(out, ours, up),
                            torch.autograd.grad(expect, theirs, up)):
         assert torch.isfinite(a).all() and rel(a, b) < 1e-3, label
-    b = splatting._bin(*[t.float() for t in params], len(params[0]), (False, False), geo.kernel_table(device), geo, 3.0)
-    images = _render_with_both_kernels(b, geo, device)
-    assert torch.allclose(images[0], images[1], rtol=1e-5, atol=1e-6)
+    if device.type == "cuda":  # the pixel-parallel kernel on the same shapes
+        b = splatting._bin(*[t.float() for t in params], len(params[0]), (False, False), geo.kernel_table(device), geo, 3.0)
+        images = _render_with_both_kernels(b, geo, device)
+        assert torch.allclose(images[0], images[1], rtol=1e-5, atol=1e-6)

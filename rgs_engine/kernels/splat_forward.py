@@ -6,8 +6,8 @@
    given per view (rows ``v * N .. v * N + N - 1`` for view ``v``): a deforming or
    time-varying set of Gaussians renders all its views in one launch.
 2. Binning (:mod:`.tiling`) lists the Gaussians of every tile.
-3. :func:`render` (GPU: one thread per pixel, a thread block per 16x16 tile so a warp walks
-   one tile's list together) sums ``amp exp(-q / 2)`` over its tile's Gaussians with
+3. :func:`render` (GPU: one thread per pixel, a thread block per 16x16 tile that stages its
+   tile's list in shared memory, a batch at a time) sums ``amp exp(-q / 2)`` over its tile's Gaussians with
    ``q <= cutoff^2``. :func:`render_tiles` (CPU: one thread per tile) visits only the pixels
    of each footprint's ellipse inside the tile: each row from its peak outwards up to the
    cutoff, ``exp(-q / 2)`` stepped by multiplications (:func:`.tiling.walk_row`), which
@@ -19,6 +19,9 @@ import taichi as ti
 from .launch import kernel
 from .splat_projection import NUM_PARAMS, load_gaussian, splat_params
 from .tiling import TILE, pixel_rect, tile_count, walk_row
+
+BATCH = TILE * TILE  # footprints a tile's thread block stages in shared memory at a time
+SHARED = 6  # of each footprint's splat parameters: centre (2), conic (3), amplitude
 
 
 @kernel
@@ -44,33 +47,47 @@ def project_gaussians(means: ti.types.ndarray(ndim=2), scales: ti.types.ndarray(
 @kernel
 def render(params: ti.types.ndarray(ndim=3), ranges: ti.types.ndarray(ndim=1),
            ids: ti.types.ndarray(ndim=1), image: ti.types.ndarray(ndim=3), cutoff2: ti.f32):
-    """``image`` (V, H, W): sum of the splats binned to each pixel's tile.
+    """``image`` (V, H, W): sum of the splats binned to each pixel's tile (GPU only).
 
-    ``ranges[t] .. ranges[t + 1]`` indexes ``ids`` for global tile ``t``.
+    ``ranges[t] .. ranges[t + 1]`` indexes ``ids`` for global tile ``t``. A thread block is
+    one tile, a thread one pixel. The block walks its tile's list in batches of
+    ``TILE * TILE``: each thread loads one footprint's centre, conic and amplitude into shared
+    memory, then every thread sums the whole batch from there. Each pixel adds its terms in
+    list order, as :func:`render_tiles`.
     """
     height = image.shape[1]
     width = image.shape[2]
     tiles_x = (width + TILE - 1) // TILE
     tiles_y = (height + TILE - 1) // TILE
-    ti.loop_config(block_dim=TILE * TILE)
-    for idx in range(image.shape[0] * tiles_y * tiles_x * TILE * TILE):
-        tile = idx // (TILE * TILE)
-        local = idx % (TILE * TILE)
+    ti.loop_config(block_dim=BATCH)
+    for idx in range(image.shape[0] * tiles_y * tiles_x * BATCH):
+        tile = idx // BATCH
+        local = idx % BATCH
         v = tile // (tiles_x * tiles_y)
         t = tile % (tiles_x * tiles_y)
         px = (t % tiles_x) * TILE + local % TILE
         py = (t // tiles_x) * TILE + local // TILE
-        if px < width and py < height:
-            fx = ti.cast(px, ti.f32)
-            fy = ti.cast(py, ti.f32)
-            acc = 0.0
-            for k in range(ranges[tile], ranges[tile + 1]):
-                i = ids[k]
-                dx = fx - params[v, i, 0]
-                dy = fy - params[v, i, 1]
-                q = params[v, i, 2] * dx * dx + 2.0 * params[v, i, 3] * dx * dy + params[v, i, 4] * dy * dy
+        fx = ti.cast(px, ti.f32)
+        fy = ti.cast(py, ti.f32)
+        batch = ti.simt.block.SharedArray((SHARED, BATCH), ti.f32)  # centre, conic, amplitude
+        start = ranges[tile]
+        count = ranges[tile + 1] - start
+        acc = 0.0
+        for b in range((count + BATCH - 1) // BATCH):  # the same trip count for the whole block
+            first = b * BATCH
+            if first + local < count:
+                i = ids[start + first + local]
+                for j in ti.static(range(SHARED)):
+                    batch[j, local] = params[v, i, j]
+            ti.simt.block.sync()
+            for m in range(ti.min(BATCH, count - first)):
+                dx = fx - batch[0, m]
+                dy = fy - batch[1, m]
+                q = batch[2, m] * dx * dx + 2.0 * batch[3, m] * dx * dy + batch[4, m] * dy * dy
                 if q <= cutoff2:
-                    acc += params[v, i, 5] * ti.exp(-0.5 * q)
+                    acc += batch[5, m] * ti.exp(-0.5 * q)
+            ti.simt.block.sync()  # before the next batch overwrites this one
+        if px < width and py < height:
             image[v, py, px] = acc
 
 
