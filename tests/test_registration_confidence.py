@@ -92,6 +92,38 @@ def test_views_that_want_different_poses_are_caught(peak_b_mm):
         assert max(abs(o) for row in ev["view_peaks_mm"] for o in row) == pytest.approx(peak_b_mm)
 
 
+def _bells_score(bells):
+    """Both views alike: a sum of translation bells ``(height, centre (3,) mm, width mm)``,
+    rotations costing as a 1 mm shift per degree."""
+    def score(poses):
+        out = []
+        for m in poses:
+            t = m[:3, 3]
+            rot = np.degrees(np.arccos(np.clip((np.trace(m[:3, :3]) - 1) / 2, -1, 1)))
+            s = sum(h * np.exp(-(np.sum((t - np.asarray(c)) ** 2) + rot ** 2) / (2 * w ** 2)) for h, c, w in bells)
+            out.append([s, s])
+        return np.array(out)
+    return score
+
+
+def test_restart_spread_counts_only_restarts_that_end_as_high():
+    pts = np.random.default_rng(0).normal(size=(400, 3)) * 15
+    # a sharp peak at the pose, a low broad hill 6 mm away: the kicked restarts drift onto the
+    # hill and end lower than the pose; they found no better pose and do not count
+    sharp = confidence.assess(_bells_score([(0.5, (0, 0, 0), 0.3), (0.3, (6, 0, 0), 3.0)]),
+                              np.eye(4), pts, similarity=0.9)
+    ev = sharp.evidence
+    assert max(ev["restart_similarity"]) < -confidence.RESTART_TOLERANCE
+    assert ev["restarts_counted"] == 0 and ev["restart_spread_mm"] == 0.0 and sharp.success
+    # a higher peak 5 mm away: restarts that reach it end above the pose and count
+    rival = confidence.assess(_bells_score([(0.5, (0, 0, 0), 0.6), (1.0, (5, 0, 0), 2.0)]),
+                              np.eye(4), pts, similarity=0.9)
+    ev = rival.evidence
+    assert max(ev["restart_similarity"]) > 0.1
+    assert ev["restarts_counted"] == sum(x >= -confidence.RESTART_TOLERANCE for x in ev["restart_similarity"])
+    assert ev["restart_spread_mm"] > confidence.MAX_ERROR_MM and not rival.success
+
+
 def test_probe_steps_follow_the_pitch_only_where_the_peak_is_sharper():
     from rgs_engine.registration import confidence
 
