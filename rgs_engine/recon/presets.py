@@ -6,21 +6,23 @@ defaults, then the preset's overrides, then what the user gave explicitly (``--i
 
 Where the values come from: ``validation/presets.md`` (``python validation/presets.py``: the
 chest CT of ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise;
-one NVIDIA H100, 2026-12-06, with the cached kernel launch). 3D PSNR / SSIM and ``seconds``:
+one NVIDIA H100, 2026-12-06, with the shared-memory render kernel). 3D PSNR / SSIM and
+``seconds``:
 
-* ``draft``: 500 iterations, 31.77 dB / .862 in 11.7 s;
-* ``fast``: 2000 iterations of 4 views (the default: 8), 34.02 dB / .905 in 22.5 s: 0.2 dB
-  below the default in two thirds of the time. Stopped at 1500 iterations it gave 33.75 dB in
-  20.0 s, and 1000 iterations of 8 views 33.44 dB in 14.6 s. Measured on this one case and
-  seed at 25 views only; a four-lever combination that includes it lost 0.27 dB to the
-  recipe at 50 views (``validation/levers.md``);
+* ``draft``: 500 iterations, 31.77 dB / .862 in 9.0 s;
+* ``fast``: 2000 iterations of 4 views (the default: 8), 34.02 dB / .905 in 17.3 s (seed 1:
+  34.04 dB in 19.3 s): 0.2 dB below the default in about half the time. Stopped at 1500
+  iterations it gave 33.74 dB in 17.0 s, at 1750 33.90 / 33.94 dB (seeds 0 / 1) in 19.0 /
+  20.4 s: on one lease the same recipe's step took 7-9 ms, so seconds vary by about 20 %
+  between runs. Measured on this one case at 25 views only; a four-lever combination that
+  includes it lost 0.27 dB to the recipe at 50 views (``validation/levers.md``);
 * ``default``: the recipe as it is (3000 iterations; the automatic count, one Gaussian per
-  20 voxels, 10k..50k), 34.23 dB / .906 in 33.6 s.
+  20 voxels, 10k..50k), 34.24 dB / .906 in 31.2 s.
 
-The same script earlier that day on another H100 machine (the same code but for the cached
-launch of vector arguments and the unchecked ``Geometry.subset``) gave 13.8 / 25.2 / 36.4 s
-for draft / fast / default at the same PSNR: run-to-run differences between machines are of
-that order, so the two are not a measured speed-up.
+Before the shared-memory render kernel (the same script that morning on another H100 lease):
+11.7 / 22.5 / 33.6 s for draft / fast / default at the same PSNR; machines differ by up to
+about that much between leases, so the two are not a measured speed-up (the kernel's own
+A/B is in ``validation/results/render_kernel_ab.json``).
 
 Longer is not better: 5000 iterations gave 33.70 dB / .897 in 95.1 s with the recipe of that
 day (4 densification rounds, where 3000 gave 33.80), so no preset trains longer than the
@@ -44,8 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # one line per preset for the command line's help: what it trades
 TRADES = {
-    "draft": "500 iterations: 31.8 dB in 12 s against the default's 34.2 dB in 34 s (H100, 256^3, 25 views)",
-    "fast": "2000 iterations of 4 views: 34.0 dB in 23 s",
+    "draft": "500 iterations: 31.8 dB in 9 s against the default's 34.2 dB in 31 s (H100, 256^3, 25 views)",
+    "fast": "2000 iterations of 4 views: 34.0 dB in 17 s",
     DEFAULT: "3000 iterations, one Gaussian per 20 voxels",
 }
 
