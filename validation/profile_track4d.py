@@ -27,11 +27,17 @@ static and the deformation stage: what a real run spends per step, so ``static s
 plain + deformation steps x deformation plain`` predicts the training time of a default run.
 The **floor**: the splat forward + backward of a batch of deformed sets, the deformation forward
 + backward alone, and the TV sub-grid's voxelisation forward + backward (medians of repeats).
+``--blocks N`` then runs the rest of the default deformation schedule (5000 steps in all)
+in plain steps timed per N steps, and times one checkpoint save and one training-time PSNR
+evaluation: whether steps slow down as training goes on, and what a real run adds.
+``--model-profile`` adds ``torch.profiler``'s operators of the model's forward + backward
+(device self time on a GPU, host self time on a CPU).
 
 Usage::
 
     python validation/profile_track4d.py [--size gpu|cpu|quick] [--case regular|irregular]
-        [--static-steps N] [--steps 20] [--repeats 5] [--device auto|cpu|cuda] [--json FILE]
+        [--static-steps N] [--steps 20] [--repeats 5] [--device auto|cpu|cuda] [--blocks N]
+        [--model-profile] [--json FILE]
 
 ``--size gpu`` (default on a GPU): ``validation/track4d.py``'s case (256^3-class grid, 300
 projections of 256^2 over 60 s); ``cpu`` (default on a CPU) and ``quick``: its smaller sizes.
@@ -158,11 +164,62 @@ def profile(args) -> dict:
     floor = {k: round(1e3 * v, 3) for k, v in floor.items()}
     floor["floor per step"] = round(sum(floor.values()), 3)
     report["floor_ms"] = floor
+    if args.model_profile:
+        report["model_ops"] = model_ops(deform_fb, args.repeats, dev.type == "cuda")
     s, d = default.recipe.iterations, default.iterations
     report["predicted_training_s"] = round((s * report["static_plain_step_ms"] + d * report["plain_step_ms"]) / 1e3, 1)
+    if args.blocks:
+        report["schedule"] = rest_of_schedule(rec, args.blocks, runtime.sync)
     report["load_1min_end"] = round(os.getloadavg()[0], 2)
     report["versions"] = runtime.versions()
     return report
+
+
+def model_ops(fn, repeats: int, cuda: bool, rows: int = 12) -> list[dict]:
+    """``torch.profiler`` over ``repeats`` calls of ``fn`` (the deformation model's forward +
+    backward): the ``rows`` operators with the most self time on the device (CUDA) or the
+    host, in ms per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return [{"op": e.key, "ms_per_call": round(getattr(e, key) / 1e3 / repeats, 3), "count": e.count // repeats}
+            for e in ops]
+
+
+def rest_of_schedule(rec, block: int, sync) -> dict:
+    """The rest of the deformation stage's schedule in plain steps, timed per ``block`` steps
+    (does a step get slower as training goes on?), and what a real run adds between steps:
+    one checkpoint save and one training-time PSNR evaluation (``rgs track4d`` does them every
+    500 / 250 steps)."""
+    import tempfile
+
+    import torch
+
+    from rgs_engine.core import metrics
+
+    blocks = []
+    end = rec.config.total_iterations
+    while rec.iteration < end:
+        n = min(block, end - rec.iteration)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            rec.step()
+        sync()
+        blocks.append({"until": rec.iteration, "steps": n, "ms_per_step": round(1e3 * (time.perf_counter() - t0) / n, 3)})
+    with tempfile.TemporaryDirectory() as tmp:
+        save_s = median_seconds(lambda: rec.save_checkpoint(Path(tmp) / "checkpoint.pt"), sync, 3)
+    t = float(rec.times[0])
+    reference = rec.volume_at(t).detach()
+    with torch.no_grad():
+        psnr_s = median_seconds(lambda: metrics.psnr_3d(rec.volume_at(t), reference), sync, 3)
+    return {"blocks": blocks, "checkpoint_save_s": round(save_s, 4), "psnr_evaluation_s": round(psnr_s, 4)}
 
 
 def print_table(r: dict) -> None:
@@ -175,6 +232,16 @@ def print_table(r: dict) -> None:
     s, d = r["default_steps"]
     print(f"the default's training predicted from the plain steps: {s} x {r['static_plain_step_ms']:.2f} ms + "
           f"{d} x {r['plain_step_ms']:.2f} ms = {r['predicted_training_s']:.1f} s")
+    if "model_ops" in r:
+        print("the deformation model's forward + backward by operator (self time, ms a call):")
+        for o in r["model_ops"]:
+            print(f"  {o['op'][:60]:60s} {o['ms_per_call']:8.3f} ms  x{o['count']}")
+    if "schedule" in r:
+        sch = r["schedule"]
+        print("the rest of the deformation schedule, ms per plain step: " + ", ".join(
+            f"to {b['until']}: {b['ms_per_step']:.2f}" for b in sch["blocks"]))
+        print(f"a checkpoint save {sch['checkpoint_save_s']:.3f} s, a training-time PSNR evaluation "
+              f"{sch['psnr_evaluation_s']:.3f} s")
 
 
 def main(argv=None) -> int:
@@ -189,13 +256,17 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--blocks", type=int, default=0,
+                    help="then run the rest of the default deformation schedule, timed per this many steps (0: not)")
+    ap.add_argument("--model-profile", action="store_true",
+                    help="torch.profiler table of the deformation model's forward + backward by operator")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if not CT.is_file():
         print(f"{CT} is missing: run python datasets/fetch_ct.py", file=sys.stderr)
         return 2
-    if args.static_steps < 3 or args.steps < 1:
-        ap.error("--static-steps must be at least 3 and --steps at least 1")
+    if args.static_steps < 3 or args.steps < 1 or args.blocks < 0:
+        ap.error("--static-steps must be at least 3, --steps at least 1 and --blocks at least 0")
     report = profile(args)
     print_table(report)
     path = args.json or ROOT / "validation" / "results" / (
