@@ -114,3 +114,42 @@ def test_project_gaussians_cached_equals_taichi(device):
     for params, counts in results[1:]:
         torch.testing.assert_close(params, results[0][0], rtol=0, atol=0)
         torch.testing.assert_close(counts, results[0][1], rtol=0, atol=0)
+
+
+def _wrap_cases() -> list[str]:
+    """Every line of the engine's kernel sources, a ``^^^`` hint under each as Taichi builds
+    it (padded to the line's length), and edge cases around the 80-column width."""
+    import pathlib
+
+    from rgs_engine import kernels
+    lines = [line for path in sorted(pathlib.Path(kernels.__file__).parent.glob("*.py"))
+             for line in path.read_text().splitlines()]
+    hints = [" " * (len(line) - len(line.lstrip())) + "^" * len(line.strip()) for line in lines]
+    hints = [h + " " * (len(line) - len(h)) for h, line in zip(hints, lines)]
+    edges = ["", " ", "   ", "x", " x ", "x" * 80, "x" * 81, " " * 79 + "x", "x" + " " * 90,
+             "a\tb", "tab\t", "a\rb", "a\x0bb", "  a  b   ", "a -- b - c", "\xa0a\xa0 "]
+    return lines + hints + edges
+
+
+def test_source_info_wrapper_equals_textwrap():
+    import textwrap
+
+    from rgs_engine.kernels.source_info import OneLineWrapper
+    ours, theirs = OneLineWrapper(width=80), textwrap.TextWrapper(width=80)
+    cases = _wrap_cases()
+    assert len(cases) > 1000
+    for text in cases:
+        assert ours.wrap(text) == theirs.wrap(text), repr(text)
+
+
+def test_source_info_is_installed_for_this_taichi_only(monkeypatch):
+    from taichi.lang.ast import ast_transformer_utils
+
+    from rgs_engine.kernels import source_info
+    monkeypatch.setattr(ast_transformer_utils, "TextWrapper", ast_transformer_utils.TextWrapper)
+    assert source_info.install() == launch.enabled()
+    assert (ast_transformer_utils.TextWrapper is source_info.OneLineWrapper) == launch.enabled()
+    monkeypatch.setenv("RGS_TAICHI_LAUNCH", "taichi")
+    monkeypatch.setattr(ast_transformer_utils, "TextWrapper", __import__("textwrap").TextWrapper)
+    assert not source_info.install()
+    assert ast_transformer_utils.TextWrapper is not source_info.OneLineWrapper

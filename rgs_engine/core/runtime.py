@@ -57,6 +57,9 @@ def init(device: str | None = None) -> torch.device:
                 f"{want}: start a new process with --device {want}"
             )
         return have
+    from ..kernels import source_info
+
+    source_info.install()  # cheaper source positions at each kernel's first call
     quiet = contextlib.redirect_stdout(io.StringIO())  # ti.init prints "[Taichi] Starting on ..."
     if want == "cuda":
         try:
