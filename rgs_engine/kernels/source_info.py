@@ -17,18 +17,19 @@ written against, and ``RGS_TAICHI_LAUNCH=taichi`` leaves Taichi untouched.
 """
 from __future__ import annotations
 
+import re
 import textwrap
 
 from . import launch
 
-_OTHER_WHITESPACE = "\t\n\x0b\x0c\r"  # what TextWrapper expands or replaces by spaces
+_OTHER_WHITESPACE = re.compile("[\t\n\x0b\x0c\r]")  # what TextWrapper expands or replaces by spaces
 
 
 class OneLineWrapper(textwrap.TextWrapper):
     """``TextWrapper`` with a shortcut for a line that needs no wrapping (see the module)."""
 
     def wrap(self, text: str) -> list[str]:
-        simple = (len(text) <= self.width and not any(c in text for c in _OTHER_WHITESPACE)
+        simple = (len(text) <= self.width and not _OTHER_WHITESPACE.search(text)
                   and self.drop_whitespace and not self.initial_indent and self.max_lines is None)
         if not simple:
             return super().wrap(text)
