@@ -46,7 +46,6 @@ Results: a table on stdout and ``validation/results/profile_recon_<device>_<size
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -340,6 +339,7 @@ def print_table(r: dict) -> None:
 
 
 def main(argv=None) -> None:
+    from rgs_engine.io.files import save_json
     from rgs_engine.recon.presets import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -368,10 +368,7 @@ def main(argv=None) -> None:
     kind = "cuda" if report["device"].startswith("cuda") else "cpu"
     preset = f"_{args.preset}" if args.preset and args.preset != "default" else ""
     path = Path(args.json or ROOT / "validation" / "results" / f"profile_recon_{kind}_{args.size}{preset}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    save_json(path, report, force=True)
     print(f"\nwrote {path}")
 
 
