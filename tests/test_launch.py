@@ -1,4 +1,6 @@
 """The cached kernel launch (rgs_engine.kernels.launch) against Taichi's own launch."""
+import textwrap
+
 import pytest
 import taichi as ti
 import torch
@@ -132,8 +134,6 @@ def _wrap_cases() -> list[str]:
 
 
 def test_source_info_wrapper_equals_textwrap():
-    import textwrap
-
     from rgs_engine.kernels.source_info import OneLineWrapper
     ours, theirs = OneLineWrapper(width=80), textwrap.TextWrapper(width=80)
     cases = _wrap_cases()
@@ -150,6 +150,6 @@ def test_source_info_is_installed_for_this_taichi_only(monkeypatch):
     assert source_info.install() == launch.enabled()
     assert (ast_transformer_utils.TextWrapper is source_info.OneLineWrapper) == launch.enabled()
     monkeypatch.setenv("RGS_TAICHI_LAUNCH", "taichi")
-    monkeypatch.setattr(ast_transformer_utils, "TextWrapper", __import__("textwrap").TextWrapper)
+    monkeypatch.setattr(ast_transformer_utils, "TextWrapper", textwrap.TextWrapper)
     assert not source_info.install()
     assert ast_transformer_utils.TextWrapper is not source_info.OneLineWrapper
