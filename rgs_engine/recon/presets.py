@@ -6,23 +6,23 @@ defaults, then the preset's overrides, then what the user gave explicitly (``--i
 
 Where the values come from: ``validation/presets.md`` (``python validation/presets.py``: the
 chest CT of ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise;
-one NVIDIA H100, 2026-12-06, with the shared-memory render kernel). 3D PSNR / SSIM and
+one NVIDIA H200, 2026-12-06, with the shared-memory render kernel). 3D PSNR / SSIM and
 ``seconds``:
 
-* ``draft``: 500 iterations, 31.77 dB / .862 in 9.0 s;
-* ``fast``: 2000 iterations of 4 views (the default: 8), 34.02 dB / .905 in 17.3 s (seed 1:
-  34.04 dB in 19.3 s): 0.2 dB below the default in about half the time. Stopped at 1500
-  iterations it gave 33.74 dB in 17.0 s, at 1750 33.90 / 33.94 dB (seeds 0 / 1) in 19.0 /
-  20.4 s: on one lease the same recipe's step took 7-9 ms, so seconds vary by about 20 %
-  between runs. Measured on this one case at 25 views only; a four-lever combination that
-  includes it lost 0.27 dB to the recipe at 50 views (``validation/levers.md``);
+* ``draft``: 500 iterations, 31.77 dB / .862 in 7.7 s;
+* ``fast``: 2000 iterations of 4 views (the default: 8), 34.02 dB / .905 in 15.2 s (seeds 1 /
+  2: 34.04 / 33.99 dB in 15.5 / 16.3 s): 0.2 dB below the default in about half the time.
+  Stopped at 1500 iterations it gave 33.75 dB in 14.1 s, at 1750 33.90 / 33.94 / 33.86 dB
+  (seeds 0 / 1 / 2) in 14.3 / 15.1 / 15.2 s: seconds vary by about 1 s between runs of one
+  recipe on one lease. Measured on this one case at 25 views only; a four-lever combination
+  that includes it lost 0.27 dB to the recipe at 50 views (``validation/levers.md``);
 * ``default``: the recipe as it is (3000 iterations; the automatic count, one Gaussian per
-  20 voxels, 10k..50k), 34.24 dB / .906 in 31.2 s.
+  20 voxels, 10k..50k), 34.24 dB / .906 in 27.4 s.
 
-Before the shared-memory render kernel (the same script that morning on another H100 lease):
-11.7 / 22.5 / 33.6 s for draft / fast / default at the same PSNR; machines differ by up to
-about that much between leases, so the two are not a measured speed-up (the kernel's own
-A/B is in ``validation/results/render_kernel_ab.json``).
+The same script on an H100 lease that day: 9.0 / 17.3 / 31.2 s, and that morning, before the
+shared-memory render kernel, on another H100 lease: 11.7 / 22.5 / 33.6 s, at the same PSNR;
+machines differ by up to about that much between leases, so these are not measured speed-ups
+(the kernel's own A/B is in ``validation/results/render_kernel_ab.json``).
 
 Longer is not better: 5000 iterations gave 33.70 dB / .897 in 95.1 s with the recipe of that
 day (4 densification rounds, where 3000 gave 33.80), so no preset trains longer than the
