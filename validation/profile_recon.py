@@ -12,7 +12,8 @@ splatting and voxelisation nodes of the autograd graph. Phases:
   generator, ``Geometry.subset``, the target rows);
 * ``physical``: raw parameters -> means, scales, quaternions, densities;
 * ``splat forward``: the splatting of the batch (binning, its one host sync, rendering);
-  ``L1``, ``D-SSIM``: the image loss terms; ``TV sub-grid``: the random sub-grid and the TV
+  ``L1 + D-SSIM``: the image loss (one kernel call on a GPU, torch's operators on a CPU:
+  :func:`rgs_engine.core.losses.image_loss`); ``TV sub-grid``: the random sub-grid and the TV
   term around ``TV voxelise forward``;
 * ``backward (losses, physical)``: what the backward pass spends outside ``splat backward``
   and ``TV voxelise backward``;
@@ -128,7 +129,7 @@ def instrumented(rec, phases: Phases):
     from rgs_engine.recon import gaussian
 
     splat, voxelize, backward = gaussian.splat, gaussian.voxelize, torch.Tensor.backward
-    saved = {"l1": losses.l1, "dssim": losses.dssim, "tv_3d": losses.tv_3d}
+    saved = {"image_loss": losses.image_loss, "tv_3d": losses.tv_3d}
 
     def timed_splat(*args, **kwargs):
         with phases("splat forward"):
@@ -139,8 +140,7 @@ def instrumented(rec, phases: Phases):
             return _time_backward(phases, voxelize(*args, **kwargs), "TV voxelise backward")
 
     patches = [(gaussian, "splat", timed_splat), (gaussian, "voxelize", timed_voxelize),
-               (losses, "l1", phases.wrap("L1", saved["l1"])),
-               (losses, "dssim", phases.wrap("D-SSIM", saved["dssim"])),
+               (losses, "image_loss", phases.wrap("L1 + D-SSIM", saved["image_loss"])),
                (losses, "tv_3d", phases.wrap("TV sub-grid", saved["tv_3d"])),
                (torch.Tensor, "backward", phases.wrap("backward (losses, physical)", backward))]
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]

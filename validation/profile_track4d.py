@@ -15,7 +15,7 @@ are timed with hooks on their autograd nodes. Phases of a deformation step:
 * ``deformation forward``: the model (K-planes or anchors) moving the canonical Gaussians to
   each view's time, one call for the batch;
 * ``splat forward`` / ``splat backward``: the batch, each view with its own deformed set;
-* ``L1``, ``D-SSIM``, ``image loss (rest)``; ``TV sub-grid`` around ``TV voxelise forward`` /
+* ``L1 + D-SSIM`` and ``image loss (rest)`` (the recipe's ``image_loss`` method around it); ``TV sub-grid`` around ``TV voxelise forward`` /
   ``backward``; ``motion regularisers`` (plane TV, time smoothness, the surrogate's pull);
 * ``backward (deformation, losses, physical)``: the backward pass outside the splat and the
   TV voxelisation;

@@ -1,9 +1,10 @@
 """Differentiable training losses (float32, on the runtime device).
 
 * :func:`l1` — mean absolute error.
-* :func:`dssim` — ``1 - SSIM`` of projection stacks (V, H, W), SSIM as in
+* :func:`image_loss` — ``L1 + w (1 - SSIM)`` of projection stacks (V, H, W); on a GPU in one
+  kernel call forward and one backward (:func:`fused_image_loss`), SSIM as in
   :mod:`rgs_engine.core.metrics` (11x11 Gaussian window, valid region), data range 1: pass
-  projections normalised to about [0, 1]; a fixed target's blurred moments may be passed
+  projections normalised to about [0, 1]; the fixed target's blurred moments may be passed
   precomputed (:func:`~rgs_engine.core.metrics.ssim_moments`).
 * :func:`tv_3d` — anisotropic total variation of a volume: the mean absolute difference of
   neighbouring voxels, summed over the three axes.
@@ -14,20 +15,95 @@ from __future__ import annotations
 
 import math
 
+import functools
+
 import torch
 
-from .metrics import ssim_per_slice
+from ..kernels import image_loss as kernels
+from . import metrics
+from .bridge import as_float32, kernel_input, kernel_scratch
+from .errors import RgsInputError
 
 
 def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).abs().mean()
 
 
-def dssim(pred: torch.Tensor, target: torch.Tensor,
-          target_moments: torch.Tensor | None = None) -> torch.Tensor:
-    """``target_moments``: :func:`~.metrics.ssim_moments` of ``target`` (V, 2, H', W'), which
-    saves two of SSIM's five blurs (and their share of the backward pass)."""
-    return 1.0 - ssim_per_slice(pred, target, 1.0, target_moments).mean()
+def image_loss(pred: torch.Tensor, target: torch.Tensor, target_moments: torch.Tensor | None = None,
+               ssim_weight: float = 0.25) -> torch.Tensor:
+    """``mean |pred - target| + ssim_weight (1 - mean SSIM)`` (0-d, ``pred``'s dtype, on the
+    device) of (V, H, W) stacks; differentiable in ``pred``. ``target_moments``:
+    :func:`~.metrics.ssim_moments` of ``target`` (V, 2, H', W'), computed here when not given.
+
+    On CUDA tensors :func:`fused_image_loss` (the kernels); on CPU tensors torch's operators
+    (:func:`l1` and :func:`~.metrics.ssim_per_slice`, whose blurs are banded matrix products),
+    which are faster there: 8 views of 128^2, forward + backward, 2.8 ms against 8.8 ms for the
+    kernels on the 2-core CI machine. Both are compared with the float64 reference
+    :func:`rgs_engine._torch_impl.image_loss.image_loss` in ``tests/test_image_loss.py``.
+    """
+    if ssim_weight <= 0:
+        return l1(pred, target)
+    if target_moments is None:
+        target_moments = metrics.ssim_moments(target)
+    if pred.is_cuda:
+        return fused_image_loss(pred, target, target_moments, ssim_weight)
+    return l1(pred, target) + ssim_weight * (1.0 - metrics.ssim_per_slice(pred, target, 1.0, target_moments).mean())
+
+
+def fused_image_loss(pred: torch.Tensor, target: torch.Tensor, target_moments: torch.Tensor,
+                     ssim_weight: float) -> torch.Tensor:
+    """:func:`image_loss` by :mod:`rgs_engine.kernels.image_loss` on the runtime device (any
+    backend; the kernels run in float32, float64 inputs are converted as for every kernel).
+    Values are not checked (a host sync): a non-finite prediction gives a non-finite loss."""
+    if pred.dim() != 3 or pred.shape != target.shape:
+        raise RgsInputError(f"image loss: prediction {tuple(pred.shape)} and target {tuple(target.shape)} "
+                            "must be the same (V, H, W) stack")
+    size = metrics.window_size(*pred.shape[1:])
+    expected = (pred.shape[0], 2, pred.shape[1] - size + 1, pred.shape[2] - size + 1)
+    if tuple(target_moments.shape) != expected:
+        raise RgsInputError(f"image loss: target moments {tuple(target_moments.shape)}, expected {expected} "
+                            "(metrics.ssim_moments of the target)")
+    return _ImageLoss.apply(pred, target, target_moments, float(ssim_weight))
+
+
+@functools.lru_cache(maxsize=8)
+def _window(size: int, device: torch.device) -> torch.Tensor:
+    """SSIM's float32 window on ``device`` (cached: the same for every step)."""
+    return metrics.gaussian_window(size, device, torch.float64).to(torch.float32).contiguous()
+
+
+class _ImageLoss(torch.autograd.Function):
+    """Autograd bridge of :mod:`rgs_engine.kernels.image_loss` (``pred``'s dtype is kept)."""
+
+    @staticmethod
+    def forward(ctx, pred: torch.Tensor, target: torch.Tensor, moments: torch.Tensor,
+                ssim_weight: float) -> torch.Tensor:
+        a = kernel_input("prediction", pred)
+        b = kernel_input("target", target)
+        mb = kernel_input("target moments", moments)
+        views, height, width = a.shape
+        win = _window(metrics.window_size(height, width), a.device)
+        valid_h, valid_w = height - win.numel() + 1, width - win.numel() + 1
+        partials = kernel_scratch(views, 3, valid_h, valid_w)
+        l1_blocks = kernel_scratch(views, -(-height // kernels.ROWS), width)
+        ssim_blocks = kernel_scratch(views, -(-valid_h // kernels.ROWS), valid_w)
+        kernels.forward(a, b, mb, win, kernel_scratch(views, 3, height, valid_w), partials, l1_blocks,
+                        ssim_blocks, win.numel())
+        loss = (l1_blocks.sum() / (views * height * width)
+                + ssim_weight * (1.0 - ssim_blocks.sum() / (views * valid_h * valid_w)))
+        ctx.saved = a, b, win, partials
+        ctx.ssim_weight, ctx.dtype = ssim_weight, pred.dtype
+        return loss.to(pred.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b, win, partials = ctx.saved
+        views, height, width = a.shape
+        out = kernel_scratch(views, height, width)
+        kernels.backward(a, b, win, partials, as_float32(grad).reshape(1),
+                         kernel_scratch(views, 3, height, width - win.numel() + 1), out, ctx.ssim_weight,
+                         win.numel())
+        return out.to(ctx.dtype), None, None, None
 
 
 def tv_3d(volume: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ def _psnr(x: torch.Tensor, gt: torch.Tensor, data_range: float) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
-def _gaussian_window(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def gaussian_window(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """SSIM's 1-D window (size,): a Gaussian of sigma :data:`SIGMA` pixels, summing to 1."""
     r = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
     w = torch.exp(-r ** 2 / (2 * SIGMA ** 2))
     return w / w.sum()
@@ -57,7 +58,7 @@ def _blur_matrix(n: int, size: int, device: torch.device, dtype: torch.dtype) ->
     Gaussian window of ``size``. Cached (read-only): a training loss asks for the same
     matrices at every step (built outside inference mode, so autograd may use it later)."""
     with torch.inference_mode(False):
-        w = _gaussian_window(size, device, dtype)
+        w = gaussian_window(size, device, dtype)
         m = torch.zeros(n, n - size + 1, dtype=dtype, device=device)
         cols = torch.arange(n - size + 1, device=device)
         for j in range(size):
@@ -65,13 +66,19 @@ def _blur_matrix(n: int, size: int, device: torch.device, dtype: torch.dtype) ->
     return m
 
 
+def window_size(height: int, width: int) -> int:
+    """SSIM's window size for (height, width) images: :data:`WINDOW`, or the largest odd size
+    that fits a smaller side."""
+    size = min(WINDOW, height, width)
+    return size - (1 - size % 2)
+
+
 def _ssim_blur(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """SSIM's Gaussian blur for images shaped like ``x`` (..., H, W): a function mapping
     (..., H, W) to the 'valid' region (..., H', W'). The separable blur is two matrix
     products with banded matrices (fast on GPUs and CPUs alike, unlike single-channel
     convolutions)."""
-    size = min(WINDOW, x.shape[-2], x.shape[-1])
-    size -= 1 - size % 2
+    size = window_size(x.shape[-2], x.shape[-1])
     blur_w = _blur_matrix(x.shape[-1], size, x.device, x.dtype)
     blur_h = _blur_matrix(x.shape[-2], size, x.device, x.dtype)
     return lambda img: blur_h.transpose(0, 1) @ (img @ blur_w)

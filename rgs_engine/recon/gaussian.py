@@ -372,10 +372,7 @@ class GaussianReconstruction:
                    target_moments: torch.Tensor | None = None) -> torch.Tensor:
         """``L1 + ssim_weight (1 - SSIM)`` of normalised projections (V, H, W);
         ``target_moments``: the targets' SSIM moments if known (see :meth:`batch`)."""
-        loss = losses.l1(pred, target)
-        if self.config.ssim_weight > 0:
-            loss = loss + self.config.ssim_weight * losses.dssim(pred, target, target_moments)
-        return loss
+        return losses.image_loss(pred, target, target_moments, self.config.ssim_weight)
 
     def tv_loss(self, params: tuple[torch.Tensor, ...]) -> torch.Tensor | float:
         """``tv_weight`` x the 3D TV of the field of ``params`` (physical means, scales,
