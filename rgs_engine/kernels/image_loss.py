@@ -31,7 +31,7 @@ import taichi as ti
 
 from .launch import kernel
 
-ROWS = 16  # rows a thread of passes 1 and 2 walks (and sums) down its column
+ROWS = 4  # rows a thread of passes 1 and 2 walks (and sums) down its column: 262k threads at 4 x 512^2
 
 
 @ti.func
@@ -97,10 +97,11 @@ def forward(a: ti.types.ndarray(ndim=3), b: ti.types.ndarray(ndim=3), mb: ti.typ
 @kernel
 def backward(a: ti.types.ndarray(ndim=3), b: ti.types.ndarray(ndim=3), win: ti.types.ndarray(ndim=1),
              partials: ti.types.ndarray(ndim=4), upstream: ti.types.ndarray(ndim=1),
-             spread: ti.types.ndarray(ndim=4), grad: ti.types.ndarray(ndim=3), ssim_weight: ti.f32,
-             size: ti.template()):
-    """``grad`` (V, H, W) = ``upstream[0]`` x d loss / d a. Scratch: ``spread`` (V, 3, H, W'),
-    the moments' gradients after the vertical blur's adjoint."""
+             spread: ti.types.ndarray(ndim=4), grad: ti.types.ndarray(ndim=3), l1_scale: ti.f32,
+             ssim_scale: ti.f32, size: ti.template()):
+    """``grad`` (V, H, W) = ``upstream[0]`` x d loss / d a, with ``l1_scale = 1 / (V H W)`` and
+    ``ssim_scale = -w / (V H' W')`` (float scalars: the counts may pass 2^31 in int32). Scratch:
+    ``spread`` (V, 3, H, W'), the moments' gradients after the vertical blur's adjoint."""
     views = a.shape[0]
     height = a.shape[1]
     width = a.shape[2]
@@ -114,8 +115,6 @@ def backward(a: ti.types.ndarray(ndim=3), b: ti.types.ndarray(ndim=3), win: ti.t
                                            partials[v, 2, i - k, j])
         for c in ti.static(range(3)):
             spread[v, c, i, j] = g[c]
-    l1_scale = upstream[0] / (views * height * width)
-    ssim_scale = -ssim_weight * upstream[0] / (views * valid_h * valid_w)
     for v, i, j in ti.ndrange(views, height, width):
         g = ti.math.vec3(0.0)
         for k in ti.static(range(size)):
@@ -128,4 +127,4 @@ def backward(a: ti.types.ndarray(ndim=3), b: ti.types.ndarray(ndim=3), win: ti.t
             sign = 1.0
         elif x < y:
             sign = -1.0
-        grad[v, i, j] = l1_scale * sign + ssim_scale * (g[0] + 2.0 * x * g[1] + y * g[2])
+        grad[v, i, j] = upstream[0] * (l1_scale * sign + ssim_scale * (g[0] + 2.0 * x * g[1] + y * g[2]))
