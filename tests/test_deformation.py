@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from rgs_engine import RgsInputError
-from rgs_engine.motion.deformation import (AnchorDeformation, KPlanesField, LearnedPeriod, sample_time_plane,
+from rgs_engine.motion import kplanes_features
+from rgs_engine.motion.deformation import (AnchorDeformation, KPlanesField, LearnedPeriod, PLANES, sample_time_plane,
                                     farthest_point_sampling, knn_skinning, periodic_consistency,
                                     phase_harmonics)
 
@@ -174,4 +175,56 @@ def test_time_plane_sampling_equals_grid_sample():
         grads.append((out.detach(), *torch.autograd.grad((out * cot).sum(), (plane, x, t))))
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["time", "phase"])
+@pytest.mark.parametrize("path", ["torch", "kernels"])
+def test_kplanes_features_equal_grid_sample(mode, path):
+    """K-planes' features, by torch's operators (the CPU path) and by the kernels (the GPU
+    path, after the time planes are interpolated to the batch's times), equal the plain
+    definition: the product of ``grid_sample`` (bilinear, align_corners, border) of all six
+    planes per level, the time planes extended by their first row when periodic; values and
+    gradients w.r.t. every plane, the points and the times, also at and beyond the box's edges
+    (the kernels in float32 against float64)."""
+    g = torch.Generator().manual_seed(3)
+    model = KPlanesField([-50.0] * 3, [50.0] * 3, (0.0, 20.0), time_input=mode, resolution=6,
+                         time_resolution=9, multires=(1, 2), features=5, hidden=8).double()
+    with torch.no_grad():
+        for plane in model.planes:
+            plane.add_(0.3 * torch.randn(plane.shape, generator=g, dtype=torch.float64))
+    points = torch.cat([torch.rand(40, 3, generator=g, dtype=torch.float64) * 2 - 1,
+                        torch.tensor([[-1.0, 1.0, 0.0], [1.3, -1.2, 0.5]], dtype=torch.float64)]).requires_grad_()
+    times = (torch.tensor([0.0, 0.37, 0.999, 0.5], dtype=torch.float64) if mode == "phase"
+             else torch.tensor([-1.0, -0.2, 0.6, 1.0], dtype=torch.float64)).requires_grad_()
+    cot = torch.randn(times.shape[0], points.shape[0], 10, generator=g, dtype=torch.float64)
+
+    def reference():
+        tcoord = 2 * times - 1 if mode == "phase" else times
+        out = []
+        for level in range(2):
+            feature = 1.0
+            for (a, b), plane in zip(PLANES, model.planes[6 * level:6 * level + 6]):
+                if b < 3:
+                    grid = points[:, [a, b]][None, None]
+                    feature = feature * F.grid_sample(plane, grid, align_corners=True,
+                                                      padding_mode="border")[0, :, 0].T[None]
+                else:
+                    grid = torch.stack([points[:, a].expand(times.shape[0], -1),
+                                        tcoord[:, None].expand(-1, points.shape[0])], -1)[None]
+                    feature = feature * F.grid_sample(model._time_plane(plane), grid, align_corners=True,
+                                                      padding_mode="border")[0].permute(1, 2, 0)
+            out.append(feature)
+        return torch.cat(out, -1)
+
+    leaves = (*model.planes, points, times)
+    results = []
+    def kernels():
+        tcoord = 2 * times - 1 if mode == "phase" else times
+        return kplanes_features.features(points, [model.level_planes(level, tcoord) for level in range(2)])
+
+    for fn in (reference, kernels if path == "kernels" else lambda: model.features(points, times)):
+        out = fn()
+        results.append((out.detach(), *torch.autograd.grad((out * cot).sum(), leaves)))
+    for tested, ref in zip(results[1], results[0]):
+        assert float((tested - ref).norm() / ref.norm()) < (2e-6 if path == "kernels" else 1e-12)
 
