@@ -9,7 +9,7 @@ from rgs_engine.motion.kplanes_features import features
 
 
 def level(views, channels, size, g):
-    spatial = 0.2 + torch.rand(3, channels, size, size, generator=g, dtype=torch.float64)
+    spatial = 0.2 + torch.rand(3, size, size, channels, generator=g, dtype=torch.float64)
     lines = 0.5 + torch.rand(3, views, size, channels, generator=g, dtype=torch.float64)
     return spatial, lines
 
@@ -47,11 +47,23 @@ def test_float32_and_no_points(device):
     out = features(p, [(spatial, lines)])
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.cpu().double(), reference(p.cpu(), spatial.cpu(), lines.cpu()), rtol=1e-5, atol=1e-6)
-    empty = features(p[:0].requires_grad_(), [(spatial, lines)])
+    empty_points = p[:0].clone().requires_grad_()
+    leaves = [t.clone().requires_grad_() for t in (spatial, lines)]
+    empty = features(empty_points, [tuple(leaves)])
     assert empty.shape == (2, 0, 4)
+    assert all(float(g.abs().sum()) == 0 for g in torch.autograd.grad(empty.sum(), [empty_points, *leaves]))
 
 
-@pytest.mark.parametrize("case", ["points", "square", "lines views", "lines size", "tiny"])
+def test_nan_point_gives_nan_features_not_a_crash(device):
+    g = torch.Generator().manual_seed(4)
+    spatial, lines = (t.to(device) for t in level(2, 3, 5, g))
+    p = points(4, g).to(device)
+    p[1, 0] = float("nan")
+    out = features(p, [(spatial, lines)])
+    assert bool(out[:, 1].isnan().all()) and bool(out[:, 0].isfinite().all())
+
+
+@pytest.mark.parametrize("case", ["points", "square", "lines views", "lines size", "tiny", "no levels"])
 def test_bad_input_is_rejected(device, case):
     g = torch.Generator().manual_seed(2)
     p = points(5, g).to(device)
@@ -59,12 +71,14 @@ def test_bad_input_is_rejected(device, case):
     if case == "points":
         p = p[:, :2]
     elif case == "square":
-        levels[0] = (levels[0][0][:, :, :3], levels[0][1])
+        levels[0] = (levels[0][0][:, :, :3], levels[0][1])  # 4 x 3 cells
     elif case == "lines views":
         levels[1] = (levels[1][0], levels[1][1][:, :1])
     elif case == "lines size":
         levels[1] = (levels[1][0], levels[1][1][:, :, :5])
+    elif case == "tiny":
+        levels = [(levels[0][0][:, :1, :1], levels[0][1][:, :, :1])]
     else:
-        levels = [(levels[0][0][:, :, :1, :1], levels[0][1][:, :, :1])]
+        levels = []
     with pytest.raises(RgsInputError, match="K-planes"):
         features(p, levels)

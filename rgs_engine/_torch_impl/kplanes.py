@@ -11,9 +11,9 @@ from ..kernels.kplanes import SPATIAL_AXES
 
 
 def level_features(points: torch.Tensor, spatial: torch.Tensor, lines: torch.Tensor) -> torch.Tensor:
-    """(B, N, F) features of ``points`` (N, 3) in ``[-1, 1]`` from ``spatial`` (3, F, R, R) and
+    """(B, N, F) features of ``points`` (N, 3) in ``[-1, 1]`` from ``spatial`` (3, R, R, F) and
     ``lines`` (3, B, R, F); see :mod:`rgs_engine.kernels.kplanes`."""
-    p, sp, ln = (t.to(torch.float64) for t in (points, spatial, lines))
+    p, sp, ln = (t.to(torch.float64) for t in (points, spatial.permute(0, 3, 1, 2), lines))
     n = p.shape[0]
     s = 1.0
     for k, (a, b) in enumerate(SPATIAL_AXES):

@@ -1,11 +1,12 @@
 """One K-planes level's features of N points at B times, and the adjoint.
 
-A level has three spatial planes ``spatial`` (3, F, R, R), the xy, xz and yz planes (rows along
-the second axis, columns along the first, as ``grid_sample`` reads them), and three time planes
+A level has three spatial planes ``spatial`` (3, R, R, F), the xy, xz and yz planes (rows along
+the second axis, columns along the first, as ``grid_sample`` reads them; channels last, so the
+threads of a warp, one point's channels, read and add to consecutive addresses), and three time planes
 already interpolated to the batch's B times: ``lines`` (3, B, R, F), plane k's row at time b
 along axis k (x, y, z). For a point ``p`` (box coordinates in ``[-1, 1]``) and channel f::
 
-    S_f(p)    = prod_s bilinear(spatial[s, f], p[a_s], p[b_s])
+    S_f(p)    = prod_s bilinear(spatial[s, :, :, f], p[a_s], p[b_s])
     T_f(p, b) = prod_k linear(lines[k, b, :, f], p[k])
     out[b, n, offset + f] = S_f(p_n) T_f(p_n, b)
 
@@ -16,7 +17,8 @@ the border cell and no gradient (``grid_sample``'s ``padding_mode="border"``).
 time product per view. :func:`backward`, the same threads: the upstream gradient chained into
 ``d spatial`` (atomics into the 4 cells of each sample: the channels of a warp write to
 different planes' cells), ``d lines`` (atomics into the (B, R, F) rows: channels are the
-fastest index) and each thread's share of ``d points`` (N, F, 3), which the caller sums over F.
+fastest index) and each thread's share of ``d points`` (N, F, 3), which the caller sums over
+the channels of all levels.
 Written for GPUs (hardware float atomics); the model uses torch's operators on a CPU.
 The float64 torch definition (``grid_sample`` and
 :func:`rgs_engine.motion.deformation.sample_time_plane`) is
@@ -43,7 +45,7 @@ def _cell(coord, size):
     elif u >= size - 1:
         u = ti.cast(size - 1, ti.f32)
         du = 0.0
-    i = ti.min(ti.cast(ti.floor(u), ti.i32), size - 2)
+    i = ti.max(0, ti.min(ti.cast(ti.floor(u), ti.i32), size - 2))  # NaN: a cell inside, NaN out
     return i, u - i, du
 
 
@@ -51,17 +53,17 @@ def _cell(coord, size):
 def forward(points: ti.types.ndarray(ndim=2), spatial: ti.types.ndarray(ndim=4),
             lines: ti.types.ndarray(ndim=4), out: ti.types.ndarray(ndim=3), offset: ti.i32):
     """``out[:, :, offset:offset + F]`` (B, N, >= offset + F) = the level's features."""
-    channels = spatial.shape[1]
-    size = spatial.shape[2]
+    channels = spatial.shape[3]
+    size = spatial.shape[1]
     views = lines.shape[1]
     for n, f in ti.ndrange(points.shape[0], channels):
         s = 1.0
         for p in ti.static(range(3)):
-            a, b = SPATIAL_AXES[p]
+            a, b = ti.static(SPATIAL_AXES[p])
             x0, wx, _ = _cell(points[n, a], size)
             y0, wy, _ = _cell(points[n, b], size)
-            s *= ((1 - wy) * ((1 - wx) * spatial[p, f, y0, x0] + wx * spatial[p, f, y0, x0 + 1])
-                  + wy * ((1 - wx) * spatial[p, f, y0 + 1, x0] + wx * spatial[p, f, y0 + 1, x0 + 1]))
+            s *= ((1 - wy) * ((1 - wx) * spatial[p, y0, x0, f] + wx * spatial[p, y0, x0 + 1, f])
+                  + wy * ((1 - wx) * spatial[p, y0 + 1, x0, f] + wx * spatial[p, y0 + 1, x0 + 1, f]))
         j0, wj0, _ = _cell(points[n, 0], size)
         j1, wj1, _ = _cell(points[n, 1], size)
         j2, wj2, _ = _cell(points[n, 2], size)
@@ -77,23 +79,24 @@ def backward(points: ti.types.ndarray(ndim=2), spatial: ti.types.ndarray(ndim=4)
              lines: ti.types.ndarray(ndim=4), grad_out: ti.types.ndarray(ndim=3), offset: ti.i32,
              grad_spatial: ti.types.ndarray(ndim=4), grad_lines: ti.types.ndarray(ndim=4),
              grad_points: ti.types.ndarray(ndim=3)):
-    """From ``grad_out`` (B, N, >= offset + F): ``grad_spatial`` (3, F, R, R) and ``grad_lines``
-    (3, B, R, F) += (zero them first), ``grad_points`` (N, F, 3) = each channel's share."""
-    size = spatial.shape[2]
+    """From ``grad_out`` (B, N, >= offset + F): ``grad_spatial`` (3, R, R, F) and ``grad_lines``
+    (3, B, R, F) += (zero them first), ``grad_points[:, offset:offset + F]`` (N, >= offset + F, 3)
+    = each channel's share."""
+    size = spatial.shape[1]
     views = lines.shape[1]
-    for n, f in ti.ndrange(points.shape[0], spatial.shape[1]):
+    for n, f in ti.ndrange(points.shape[0], spatial.shape[3]):
         # the spatial samples and d sample / d (column, row coordinate)
         samples = vec3(0.0)
         dcol = vec3(0.0)
         drow = vec3(0.0)
         for p in ti.static(range(3)):
-            a, b = SPATIAL_AXES[p]
+            a, b = ti.static(SPATIAL_AXES[p])
             x0, wx, dux = _cell(points[n, a], size)
             y0, wy, duy = _cell(points[n, b], size)
-            c00 = spatial[p, f, y0, x0]
-            c01 = spatial[p, f, y0, x0 + 1]
-            c10 = spatial[p, f, y0 + 1, x0]
-            c11 = spatial[p, f, y0 + 1, x0 + 1]
+            c00 = spatial[p, y0, x0, f]
+            c01 = spatial[p, y0, x0 + 1, f]
+            c10 = spatial[p, y0 + 1, x0, f]
+            c11 = spatial[p, y0 + 1, x0 + 1, f]
             samples[p] = (1 - wy) * ((1 - wx) * c00 + wx * c01) + wy * ((1 - wx) * c10 + wx * c11)
             dcol[p] = ((1 - wy) * (c01 - c00) + wy * (c11 - c10)) * dux
             drow[p] = ((1 - wx) * (c10 - c00) + wx * (c11 - c01)) * duy
@@ -119,14 +122,14 @@ def backward(points: ti.types.ndarray(ndim=2), spatial: ti.types.ndarray(ndim=4)
             dp += dt * (hi - lo) * dj
         dsp = vec3(ds * samples[1] * samples[2], ds * samples[0] * samples[2], ds * samples[0] * samples[1])
         for p in ti.static(range(3)):
-            a, b = SPATIAL_AXES[p]
+            a, b = ti.static(SPATIAL_AXES[p])
             x0, wx, _ = _cell(points[n, a], size)
             y0, wy, _ = _cell(points[n, b], size)
-            ti.atomic_add(grad_spatial[p, f, y0, x0], dsp[p] * (1 - wy) * (1 - wx))
-            ti.atomic_add(grad_spatial[p, f, y0, x0 + 1], dsp[p] * (1 - wy) * wx)
-            ti.atomic_add(grad_spatial[p, f, y0 + 1, x0], dsp[p] * wy * (1 - wx))
-            ti.atomic_add(grad_spatial[p, f, y0 + 1, x0 + 1], dsp[p] * wy * wx)
+            ti.atomic_add(grad_spatial[p, y0, x0, f], dsp[p] * (1 - wy) * (1 - wx))
+            ti.atomic_add(grad_spatial[p, y0, x0 + 1, f], dsp[p] * (1 - wy) * wx)
+            ti.atomic_add(grad_spatial[p, y0 + 1, x0, f], dsp[p] * wy * (1 - wx))
+            ti.atomic_add(grad_spatial[p, y0 + 1, x0 + 1, f], dsp[p] * wy * wx)
             dp[a] += dsp[p] * dcol[p]
             dp[b] += dsp[p] * drow[p]
         for k in ti.static(range(3)):
-            grad_points[n, f, k] = dp[k]
+            grad_points[n, offset + f, k] = dp[k]
