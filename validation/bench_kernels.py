@@ -5,7 +5,10 @@ Cases (full size; ``--small`` shrinks them for CPU machines):
 * splat: 100k Gaussians onto 25 views of 512 x 512 (forward; forward + backward);
 * voxelize: 100k Gaussians into 256^3 (forward; forward + backward);
 * project: DRR of a 256^3 volume onto 25 views of 512 x 512 (forward; adjoint = backproject);
-* fdk: 256^3 from 25 views of 512 x 512.
+* fdk: 256^3 from 25 views of 512 x 512;
+* image loss: L1 + D-SSIM of the 25 projections against a perturbed copy (forward + backward);
+* kplanes: the K-planes features (two levels of 32 channels, 32 and 64 cells) of the 100k
+  Gaussians' centres at 8 times (forward + backward), as one 4D training step asks.
 
 Inputs are synthetic but realistic: a 256 mm box on a grid of ``n^3`` voxels, Gaussians
 with centres inside the box, scales 1-3 voxels, random rotations, densities 0.005-0.025
@@ -41,14 +44,17 @@ from rich.table import Table
 
 import rgs_engine
 from rgs_engine.sim import ct
-from rgs_engine.core import runtime
+from rgs_engine.core import losses, metrics, runtime
 from rgs_engine.io import files as volume_io
 from rgs_engine._torch_impl import fdk as ref_fdk
+from rgs_engine._torch_impl import image_loss as ref_image_loss
+from rgs_engine._torch_impl import kplanes as ref_kplanes
 from rgs_engine._torch_impl import projector as ref_projector
 from rgs_engine._torch_impl import splat as ref_splat
 from rgs_engine._torch_impl import voxelize as ref_voxelize
 from rgs_engine.core.errors import RgsDeviceError, RgsInputError
 from rgs_engine.core.geometry import VolumeGrid
+from rgs_engine.motion import kplanes_features
 
 BOX_MM = 256.0
 DSO, DSD = 1000.0, 1500.0
@@ -71,7 +77,10 @@ REFERENCE = Size(grid=32, gaussians=500, views=4, det=48)
 TARGETS_MS: dict[str, float | None] = {
     "splat fwd": None, "splat fwd+bwd": 50.0, "voxelize fwd": 20.0, "voxelize fwd+bwd": 60.0,
     "project fwd": 1.0 * FULL.views, "project adjoint": None, "fdk": None,
+    "image loss fwd+bwd": None, "kplanes fwd+bwd": None,
 }
+KPLANES_TIMES = 8  # views of a 4D training step
+KPLANES_LEVELS = ((32, 32), (32, 64))  # (channels, cells per axis) of the default model's levels
 
 
 class Scene:
@@ -93,6 +102,13 @@ class Scene:
         self.projections = rgs_engine.project(self.volume, self.grid, self.geometry)
         self.upstream_proj = torch.randn(self.projections.shape, generator=gen).to(device)
         self.upstream_vol = torch.randn(self.volume.shape, generator=gen).to(device)
+        target = self.projections / self.projections.max()
+        self.loss_pair = (target * (1 + 0.05 * torch.randn(target.shape, generator=gen).to(device)), target,
+                          metrics.ssim_moments(target))
+        self.kplanes = [(self.gaussians[0] / (BOX_MM / 2)).clamp(-1, 1)]
+        for channels, cells in KPLANES_LEVELS:
+            self.kplanes += [(0.1 + 0.4 * rand(3, cells, cells, channels)).to(device),
+                             (0.5 + rand(3, KPLANES_TIMES, cells, channels)).to(device)]
 
     def as_float64(self) -> "Scene":
         """A copy of this scene with float64 tensors (the references' inputs)."""
@@ -100,12 +116,29 @@ class Scene:
         other.gaussians = [t.double() for t in self.gaussians]
         for name in ("volume", "projections", "upstream_proj", "upstream_vol"):
             setattr(other, name, getattr(self, name).double())
+        other.loss_pair = [t.double() for t in self.loss_pair]
+        other.kplanes = [t.double() for t in self.kplanes]
         return other
 
 
 def _fwd_bwd(fn: Callable, leaves: list[torch.Tensor], upstream: torch.Tensor, *args) -> None:
     leaves = [t.detach().requires_grad_() for t in leaves]
     torch.autograd.grad(fn(*leaves, *args), leaves, upstream)
+
+
+def _loss_fwd_bwd(s: Scene, reference: bool) -> None:
+    pred, target, moments = s.loss_pair
+    pred = pred.detach().requires_grad_()
+    loss = ref_image_loss.image_loss(pred, target, 0.25) if reference else losses.fused_image_loss(pred, target, moments, 0.25)
+    torch.autograd.grad(loss, pred)
+
+
+def _kplanes_fwd_bwd(s: Scene, reference: bool) -> None:
+    leaves = [t.detach().requires_grad_() for t in s.kplanes]
+    levels = list(zip(leaves[1::2], leaves[2::2]))
+    out = (torch.cat([ref_kplanes.level_features(leaves[0], *lv) for lv in levels], -1) if reference
+           else kplanes_features.features(leaves[0], levels))
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
 
 
 # case -> (engine op, reference op); each takes a Scene and runs once
@@ -125,6 +158,8 @@ CASES: dict[str, tuple[Callable[[Scene], object], Callable[[Scene], object]]] = 
                                            s.grid, s.geometry)),
     "fdk": (lambda s: rgs_engine.fdk(s.projections, s.geometry, s.grid),
             lambda s: ref_fdk.fdk(s.projections, s.geometry, s.grid)),
+    "image loss fwd+bwd": (lambda s: _loss_fwd_bwd(s, False), lambda s: _loss_fwd_bwd(s, True)),
+    "kplanes fwd+bwd": (lambda s: _kplanes_fwd_bwd(s, False), lambda s: _kplanes_fwd_bwd(s, True)),
 }
 
 
