@@ -12,12 +12,13 @@ slices are the same size, so the mean of the per-slice means).
 
 1. thread per (view, block of :data:`ROWS` rows, column): the block's ``|a - b|`` sum and,
    for columns inside the valid width, the horizontal blurs of ``a``, ``a^2`` and ``a b``;
-2. thread per (view, block of rows, valid column): the vertical blurs give ``mu_a``,
-   ``E[a^2]`` and ``E[ab]``; the SSIM map's value is summed over the block and its partial
-   derivatives with respect to those three moments are kept for the backward pass.
+2. thread per (view, block of rows, valid column): the column's horizontal blurs loaded once,
+   the vertical blurs give ``mu_a``, ``E[a^2]`` and ``E[ab]``; the SSIM map's value is summed
+   over the block and its partial derivatives with respect to those three moments are kept
+   for the backward pass.
 
-The caller sums the block sums (torch's reductions: a fixed order, so the loss is the same
-from run to run) into the loss.
+The caller turns the block sums into the loss by one dot product with the means' weights
+(a fixed order, so the loss is the same from run to run).
 
 :func:`backward`: the adjoint of the two blurs (the window is symmetric, so each adjoint is
 the same window run the other way over the valid positions), then the chain through
@@ -53,18 +54,22 @@ def _ssim_and_partials(mu_a, ea2, eab, mu_b, eb2, c1, c2):
 @kernel
 def forward(a: ti.types.ndarray(ndim=3), b: ti.types.ndarray(ndim=3), mb: ti.types.ndarray(ndim=4),
             win: ti.types.ndarray(ndim=1), blurred: ti.types.ndarray(ndim=4), partials: ti.types.ndarray(ndim=4),
-            l1_blocks: ti.types.ndarray(ndim=3), ssim_blocks: ti.types.ndarray(ndim=3), size: ti.template()):
-    """The block sums ``l1_blocks`` (V, ceil(H / ROWS), W) of ``|a - b|`` and ``ssim_blocks``
-    (V, ceil(H' / ROWS), W') of the SSIM map, and ``partials`` (V, 3, H', W'): dSSIM / d(mu_a,
-    E[a^2], E[ab]). Scratch: ``blurred`` (V, 3, H, W'). ``size``: the window's (odd)."""
+            sums: ti.types.ndarray(ndim=1), size: ti.template()):
+    """``sums`` (n1 + n2 + 1,): the block sums of ``|a - b|`` ((V, ceil(H / ROWS), W) flattened,
+    n1 of them), those of the SSIM map ((V, ceil(H' / ROWS), W') flattened, n2) and a 1 (for the
+    caller's one dot product with the means' weights and the constant); ``partials`` (V, 3,
+    H', W'): dSSIM / d(mu_a, E[a^2], E[ab]). Scratch: ``blurred`` (V, 3, H, W'). ``size``: the
+    window's (odd)."""
     views = a.shape[0]
     height = a.shape[1]
     width = a.shape[2]
     valid_h = height - size + 1
     valid_w = width - size + 1
+    blocks = (height + ROWS - 1) // ROWS
+    valid_blocks = (valid_h + ROWS - 1) // ROWS
     c1 = 0.01 ** 2
     c2 = 0.03 ** 2
-    for v, blk, j in ti.ndrange(views, l1_blocks.shape[1], width):
+    for v, blk, j in ti.ndrange(views, blocks, width):
         acc = 0.0
         for t in range(ROWS):
             i = blk * ROWS + t
@@ -77,21 +82,29 @@ def forward(a: ti.types.ndarray(ndim=3), b: ti.types.ndarray(ndim=3), mb: ti.typ
                         h += win[k] * ti.math.vec3(x, x * x, x * b[v, i, j + k])
                     for c in ti.static(range(3)):
                         blurred[v, c, i, j] = h[c]
-        l1_blocks[v, blk, j] = acc
-    for v, blk, j in ti.ndrange(views, ssim_blocks.shape[1], valid_w):
+        sums[(v * blocks + blk) * width + j] = acc
+    n1 = views * blocks * width
+    for v, blk, j in ti.ndrange(views, valid_blocks, valid_w):
+        # the column's ROWS + size - 1 horizontal blurs, each loaded once
+        i0 = blk * ROWS
+        col = ti.Matrix([[0.0] * 3 for _ in ti.static(range(ROWS + size - 1))])
+        for r in ti.static(range(ROWS + size - 1)):
+            if i0 + r < height:
+                for c in ti.static(range(3)):
+                    col[r, c] = blurred[v, c, i0 + r, j]
         acc = 0.0
-        for t in range(ROWS):
-            i = blk * ROWS + t
+        for t in ti.static(range(ROWS)):
+            i = i0 + t
             if i < valid_h:
                 m = ti.math.vec3(0.0)
                 for k in ti.static(range(size)):
-                    m += win[k] * ti.math.vec3(blurred[v, 0, i + k, j], blurred[v, 1, i + k, j],
-                                               blurred[v, 2, i + k, j])
+                    m += win[k] * ti.math.vec3(col[t + k, 0], col[t + k, 1], col[t + k, 2])
                 r = _ssim_and_partials(m[0], m[1], m[2], mb[v, 0, i, j], mb[v, 1, i, j], c1, c2)
                 for c in ti.static(range(3)):
                     partials[v, c, i, j] = r[c + 1]
                 acc += r[0]
-        ssim_blocks[v, blk, j] = acc
+        sums[n1 + (v * valid_blocks + blk) * valid_w + j] = acc
+    sums[sums.shape[0] - 1] = 1.0
 
 
 @kernel
