@@ -32,6 +32,11 @@ the kernels or loads them from its offline cache; until 2026-12-05 the first
 (the first compiles the backward and TV kernels). Writing times each output of
 ``rgs recon`` in a temporary folder.
 
+On a GPU, ``device_busy`` is the device's own kernel time over the same number of plain steps
+under ``torch.profiler`` (torch's and Taichi's kernels), per step and as a fraction of the plain
+step, with the kernel launches per step and the largest kernels: near 1 the step waits on the
+GPU, well below it on the host (launches, Python, the splat's one host sync). ``None`` on a CPU.
+
 Usage::
 
     python validation/profile_recon.py [--size small|full] [--grid N] [--det N] [--views 25]
@@ -174,6 +179,40 @@ def median_seconds(fn, sync, repeats: int) -> float:
     return statistics.median(out)
 
 
+def device_busy(step, steps: int, plain_ms: float) -> dict | None:
+    """GPU kernel time of ``steps`` plain steps under ``torch.profiler`` (the device's own
+    kernel events: torch's and Taichi's launches alike), per step and as a fraction of the
+    plain step ``plain_ms`` (timed without the profiler): near 1, the step waits on the GPU's
+    kernels; well below, on the host (launches, Python, host syncs). None on a CPU."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    # the device's own events only: a CPU range (e.g. an autograd Function) also carries the
+    # device time of the kernels launched inside it, which would count them twice
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
+    return {"kernel_ms_per_step": round(kernel_ms, 3), "busy_fraction": round(kernel_ms / plain_ms, 3),
+            "launches_per_step": round(sum(e.count for e in kernels) / steps, 1),
+            "top_kernels": [{"kernel": e.key[:90], "ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3),
+                             "launches_per_step": round(e.count / steps, 1)} for e in top]}
+
+
+def print_busy(busy: dict | None) -> None:
+    if busy is not None:
+        print(f"GPU kernels {busy['kernel_ms_per_step']:.2f} ms a plain step ({100 * busy['busy_fraction']:.0f} % of it), "
+              f"{busy['launches_per_step']:.0f} kernel launches; largest: "
+              + ", ".join(f"{k['kernel'][:40]} {k['ms_per_step']:.2f} ms x{k['launches_per_step']:g}"
+                          for k in busy["top_kernels"][:4]))
+
+
 def make_data(args) -> Path:
     """The profiled scan: ``--data`` or the chest CT simulated once into runs/profile/."""
     if args.data:
@@ -246,6 +285,7 @@ def profile(args) -> dict:
                                 for _ in range(args.warmup)]
     report["plain_step_ms"] = round(1e3 * median_seconds(
         lambda: [rec.step() for _ in range(args.steps)], runtime.sync, 1) / args.steps, 3)
+    report["device_busy"] = device_busy(rec.step, args.steps, report["plain_step_ms"])
     phases.reset()
     with instrumented(rec, phases), phases("step (synchronised phases)"):
         for _ in range(args.steps):
@@ -329,6 +369,7 @@ def print_table(r: dict) -> None:
     print(f"device {r['device']}; grid {r['grid']}, detector {r['detector']}, {r['views']} views, "
           f"{r['gaussians']:,} Gaussians, {r['views_per_step']} views per step")
     print_step(r)
+    print_busy(r.get("device_busy"))
     d = r["densify"]
     print(f"densify round: {d['seconds']:.3f} s ({d['gaussians_before']:,} -> {d['gaussians_after']:,})")
     print("warm-up steps (the first compiles the step's kernels): "

@@ -53,7 +53,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_recon import Phases, _time_backward, instrumented, median_seconds, print_step  # noqa: E402
+from profile_recon import (Phases, _time_backward, device_busy, instrumented, median_seconds,  # noqa: E402
+                           print_busy, print_step)
 from track4d import CT, NOISE, ROOT, SIZES  # noqa: E402
 
 
@@ -107,6 +108,7 @@ def profile(args) -> dict:
     report["warmup_steps_s"] = [round(median_seconds(rec.step, runtime.sync, 1), 4) for _ in range(args.warmup)]
     report["plain_step_ms"] = round(1e3 * median_seconds(
         lambda: [rec.step() for _ in range(args.steps)], runtime.sync, 1) / args.steps, 3)
+    report["device_busy"] = device_busy(rec.step, args.steps, report["plain_step_ms"])
 
     # ---- one deformation step in phases ----------------------------------------------------
     def timed_splat(*a, **k):
@@ -229,6 +231,7 @@ def print_table(r: dict) -> None:
     print(f"initialise {r['initialise_s']:.2f} s; static step (plain) {r['static_plain_step_ms']:.2f} ms; "
           f"first deformation step (reads the breathing, builds the model) {r['stage2_first_step_s']:.2f} s")
     print_step(r, "one deformation step", "kernels and model alone", 44)
+    print_busy(r.get("device_busy"))
     s, d = r["default_steps"]
     print(f"the default's training predicted from the plain steps: {s} x {r['static_plain_step_ms']:.2f} ms + "
           f"{d} x {r['plain_step_ms']:.2f} ms = {r['predicted_training_s']:.1f} s")
