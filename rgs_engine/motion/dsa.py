@@ -103,7 +103,7 @@ from ..core import losses, runtime
 from ..core.adam import Adam
 from ..core.errors import RgsInputError
 from ..core.geometry import Geometry, VolumeGrid
-from ..recon.gaussian import GaussianReconstruction, GSConfig, Recipe, load_state, save_state, to_cpu
+from ..recon.gaussian import GaussianReconstruction, GSConfig, Recipe, gather_rows, load_state, save_state, to_cpu
 from ..io.mesh import isosurface
 from ..io.projections import ProjectionData
 from ..core.splatting import splat
@@ -273,7 +273,7 @@ class DsaReconstruction:
             group["lr"] = losses.log_linear(cfg.lr_field, frac)
         idx, geo, target, moments = gs.batch()
         params = gs.gaussians.physical()
-        pred = splat(*params[:3], self.densities(params, self.times[idx.to(self.device)]), geo,
+        pred = splat(*params[:3], self.densities(params, gather_rows(self.times, idx)), geo,
                      validate=False)  # the loop watches the loss
         loss = gs.image_loss(pred / gs.proj_scale, target, moments) + gs.tv_loss(params)
         if cfg.time_smoothness_weight > 0:

@@ -181,6 +181,7 @@ from ..recon.gaussian import (
     GaussianReconstruction,
     GSConfig,
     Recipe,
+    gather_rows,
     load_state,
     save_state,
     to_cpu,
@@ -551,7 +552,7 @@ class Track4DReconstruction:
         cfg, static = self.config, self.static
         self._set_lrs(min((self.iteration - cfg.recipe.iterations) / max(cfg.iterations - 1, 1), 1.0))
         idx, geo, target, moments = static.batch()
-        times = self.times[idx.to(self.device)]
+        times = gather_rows(self.times, idx)
         params = static.gaussians.physical()
         pred = self._splat(params, times, geo, validate=False)  # the loop watches the loss
         loss = static.image_loss(pred / static.proj_scale, target, moments)

@@ -343,18 +343,16 @@ class GaussianReconstruction:
     def batch(self) -> tuple[torch.Tensor, Geometry, torch.Tensor, torch.Tensor | None]:
         """The next step's views: their indices (CPU, long, from :meth:`view_batch`), geometry,
         normalised targets (V, H, W) and the targets' SSIM moments (V, 2, H', W'; None without
-        SSIM), for :meth:`image_loss`. The rows are gathered on the device (no host-to-device
-        copy, so no stream sync on a GPU) and the geometry's kernel table comes from the full
-        geometry's cached one. The 4D and DSA models draw their batches here too."""
+        SSIM), for :meth:`image_loss`. The rows are gathered on the device (:func:`gather_rows`:
+        no host-to-device copy, so no stream sync on a GPU) and the geometry's kernel table
+        comes from the full geometry's cached one. The 4D and DSA models draw their batches
+        here too, and gather their views' times the same way."""
         idx = self.view_batch()
         moments = self._target_moments() if self.config.ssim_weight > 0 else None
         if idx.numel() == self.data.geometry.num_views:
             return idx, self.data.geometry, self.target, moments
-        rows = idx.tolist()
-
-        def gather(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else torch.stack([t[i] for i in rows])
-        return idx, self.data.geometry.subset(idx), gather(self.target), gather(moments)
+        return (idx, self.data.geometry.subset(idx), gather_rows(self.target, idx),
+                None if moments is None else gather_rows(moments, idx))
 
     def _target_moments(self) -> torch.Tensor:
         """:func:`~rgs_engine.core.metrics.ssim_moments` of all normalised targets (V, 2, H',
@@ -559,6 +557,13 @@ class GaussianReconstruction:
         rec.grad_accum, rec.grad_count = state["grad_accum"].to(dev), state["grad_count"].to(dev)
         rec.generator.set_state(state["generator"])
         return rec
+
+
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]`` for CPU indices ``idx`` (B,) into ``t``'s first dimension, gathered where ``t``
+    lives: one stack of row views, no host-to-device copy of ``idx`` (a blocking copy waits for
+    the GPU's queued work: a host sync per training step)."""
+    return torch.stack([t[i] for i in idx.tolist()])
 
 
 def save_state(path, state: dict, force: bool = True) -> None:
