@@ -188,8 +188,13 @@ def model_ops(fn, repeats: int, cuda: bool, rows: int = 12) -> list[dict]:
     with profile(activities=activities) as prof:
         for _ in range(repeats):
             fn()
+    from torch.autograd import DeviceType
+
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:rows]
+    # the operators (host events, with the device time of the kernels each launched itself),
+    # not also the kernels' own device events, which would list each kernel twice
+    operators = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    ops = sorted(operators, key=lambda e: getattr(e, key), reverse=True)[:rows]
     return [{"op": e.key, "ms_per_call": round(getattr(e, key) / 1e3 / repeats, 3), "count": e.count // repeats}
             for e in ops]
 
