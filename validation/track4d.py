@@ -274,6 +274,7 @@ def run_case(args, case: str) -> dict:
             res["methods"] = {m: {"device": old["device"], "date": old["date"], **row}
                               for m, row in old["methods"].items()}
             res["slices"] = old["slices"] | res["slices"]
+    args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         case_path = work / f"{case}.pickle"
