@@ -49,6 +49,18 @@ def _cell(coord, size):
     return i, u - i, du
 
 
+@ti.func
+def _cells(p, size):
+    """:func:`_cell` of a point's three coordinates ``p`` (3-vector) (every plane of a level has ``size``
+    cells per axis): lower cells, weights and d weight / d coord, each a 3-vector."""
+    j = ti.Vector([0, 0, 0])
+    wj = vec3(0.0)
+    dj = vec3(0.0)
+    for k in ti.static(range(3)):
+        j[k], wj[k], dj[k] = _cell(p[k], size)
+    return j, wj, dj
+
+
 @kernel
 def forward(points: ti.types.ndarray(ndim=2), spatial: ti.types.ndarray(ndim=4),
             lines: ti.types.ndarray(ndim=4), out: ti.types.ndarray(ndim=3), offset: ti.i32):
@@ -57,20 +69,17 @@ def forward(points: ti.types.ndarray(ndim=2), spatial: ti.types.ndarray(ndim=4),
     size = spatial.shape[1]
     views = lines.shape[1]
     for n, f in ti.ndrange(points.shape[0], channels):
+        j, wj, _ = _cells(vec3(points[n, 0], points[n, 1], points[n, 2]), size)
         s = 1.0
         for p in ti.static(range(3)):
             a, b = ti.static(SPATIAL_AXES[p])
-            x0, wx, _ = _cell(points[n, a], size)
-            y0, wy, _ = _cell(points[n, b], size)
+            x0, wx, y0, wy = j[a], wj[a], j[b], wj[b]
             s *= ((1 - wy) * ((1 - wx) * spatial[p, y0, x0, f] + wx * spatial[p, y0, x0 + 1, f])
                   + wy * ((1 - wx) * spatial[p, y0 + 1, x0, f] + wx * spatial[p, y0 + 1, x0 + 1, f]))
-        j0, wj0, _ = _cell(points[n, 0], size)
-        j1, wj1, _ = _cell(points[n, 1], size)
-        j2, wj2, _ = _cell(points[n, 2], size)
         for v in range(views):
-            t = ((1 - wj0) * lines[0, v, j0, f] + wj0 * lines[0, v, j0 + 1, f]) \
-                * ((1 - wj1) * lines[1, v, j1, f] + wj1 * lines[1, v, j1 + 1, f]) \
-                * ((1 - wj2) * lines[2, v, j2, f] + wj2 * lines[2, v, j2 + 1, f])
+            t = 1.0
+            for k in ti.static(range(3)):
+                t *= (1 - wj[k]) * lines[k, v, j[k], f] + wj[k] * lines[k, v, j[k] + 1, f]
             out[v, n, offset + f] = s * t
 
 
@@ -85,14 +94,14 @@ def backward(points: ti.types.ndarray(ndim=2), spatial: ti.types.ndarray(ndim=4)
     size = spatial.shape[1]
     views = lines.shape[1]
     for n, f in ti.ndrange(points.shape[0], spatial.shape[3]):
+        j, wj, dj = _cells(vec3(points[n, 0], points[n, 1], points[n, 2]), size)
         # the spatial samples and d sample / d (column, row coordinate)
         samples = vec3(0.0)
         dcol = vec3(0.0)
         drow = vec3(0.0)
         for p in ti.static(range(3)):
             a, b = ti.static(SPATIAL_AXES[p])
-            x0, wx, dux = _cell(points[n, a], size)
-            y0, wy, duy = _cell(points[n, b], size)
+            x0, wx, dux, y0, wy, duy = j[a], wj[a], dj[a], j[b], wj[b], dj[b]
             c00 = spatial[p, y0, x0, f]
             c01 = spatial[p, y0, x0 + 1, f]
             c10 = spatial[p, y0 + 1, x0, f]
@@ -101,11 +110,6 @@ def backward(points: ti.types.ndarray(ndim=2), spatial: ti.types.ndarray(ndim=4)
             dcol[p] = ((1 - wy) * (c01 - c00) + wy * (c11 - c10)) * dux
             drow[p] = ((1 - wx) * (c10 - c00) + wx * (c11 - c01)) * duy
         s = samples[0] * samples[1] * samples[2]
-        j = ti.Vector([0, 0, 0])
-        wj = vec3(0.0)
-        dj = vec3(0.0)
-        for k in ti.static(range(3)):
-            j[k], wj[k], dj[k] = _cell(points[n, k], size)
         ds = 0.0
         dp = vec3(0.0)
         for v in range(views):
@@ -123,8 +127,7 @@ def backward(points: ti.types.ndarray(ndim=2), spatial: ti.types.ndarray(ndim=4)
         dsp = vec3(ds * samples[1] * samples[2], ds * samples[0] * samples[2], ds * samples[0] * samples[1])
         for p in ti.static(range(3)):
             a, b = ti.static(SPATIAL_AXES[p])
-            x0, wx, _ = _cell(points[n, a], size)
-            y0, wy, _ = _cell(points[n, b], size)
+            x0, wx, y0, wy = j[a], wj[a], j[b], wj[b]
             ti.atomic_add(grad_spatial[p, y0, x0, f], dsp[p] * (1 - wy) * (1 - wx))
             ti.atomic_add(grad_spatial[p, y0, x0 + 1, f], dsp[p] * (1 - wy) * wx)
             ti.atomic_add(grad_spatial[p, y0 + 1, x0, f], dsp[p] * wy * (1 - wx))
