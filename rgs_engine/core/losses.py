@@ -110,7 +110,8 @@ class _ImageLoss(torch.autograd.Function):
         partials = kernel_scratch(views, 3, valid_h, valid_w)
         weights = _sum_weights(views, height, width, win.numel(), ssim_weight, a.device)
         sums = kernel_scratch(weights.numel())
-        kernels.forward(a, b, mb, win, kernel_scratch(views, 3, height, valid_w), partials, sums, win.numel())
+        kernels.forward(a, b, mb, win, kernel_scratch(views, 3, height, valid_w), partials, sums,
+                        metrics.K1 ** 2, metrics.K2 ** 2, win.numel())
         loss = torch.dot(sums, weights)
         ctx.save_for_backward(a, b, win, partials)  # in-place changes before backward are caught
         ctx.ssim_weight, ctx.dtype = ssim_weight, pred.dtype

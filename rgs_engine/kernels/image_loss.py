@@ -54,12 +54,13 @@ def _ssim_and_partials(mu_a, ea2, eab, mu_b, eb2, c1, c2):
 @kernel
 def forward(a: ti.types.ndarray(ndim=3), b: ti.types.ndarray(ndim=3), mb: ti.types.ndarray(ndim=4),
             win: ti.types.ndarray(ndim=1), blurred: ti.types.ndarray(ndim=4), partials: ti.types.ndarray(ndim=4),
-            sums: ti.types.ndarray(ndim=1), size: ti.template()):
+            sums: ti.types.ndarray(ndim=1), c1: ti.f32, c2: ti.f32, size: ti.template()):
     """``sums`` (n1 + n2 + 1,): the block sums of ``|a - b|`` ((V, ceil(H / ROWS), W) flattened,
     n1 of them), those of the SSIM map ((V, ceil(H' / ROWS), W') flattened, n2) and a 1 (for the
     caller's one dot product with the means' weights and the constant); ``partials`` (V, 3,
-    H', W'): dSSIM / d(mu_a, E[a^2], E[ab]). Scratch: ``blurred`` (V, 3, H, W'). ``size``: the
-    window's (odd)."""
+    H', W'): dSSIM / d(mu_a, E[a^2], E[ab]). Scratch: ``blurred`` (V, 3, H, W'). ``c1``, ``c2``:
+    SSIM's stabilising constants for data range 1 (``K1^2``, ``K2^2`` of
+    :mod:`rgs_engine.core.metrics`). ``size``: the window's (odd)."""
     views = a.shape[0]
     height = a.shape[1]
     width = a.shape[2]
@@ -67,8 +68,6 @@ def forward(a: ti.types.ndarray(ndim=3), b: ti.types.ndarray(ndim=3), mb: ti.typ
     valid_w = width - size + 1
     blocks = (height + ROWS - 1) // ROWS
     valid_blocks = (valid_h + ROWS - 1) // ROWS
-    c1 = 0.01 ** 2
-    c2 = 0.03 ** 2
     for v, blk, j in ti.ndrange(views, blocks, width):
         acc = 0.0
         for t in range(ROWS):
