@@ -178,6 +178,26 @@ def test_recipe_resolves_by_grid_size():
         GSConfig(rate_factor=-1.0)
 
 
+def test_count_follows_the_pixels_when_asked():
+    """``pixels_per_gaussian`` (the 4D static stage's recipe): above the 50k cap the count
+    rises to one Gaussian per that many measured pixels, at most one per 20 voxels."""
+    rule = GSConfig(pixels_per_gaussian=131.0)
+    grid4d, px4d = 256 * 256 * 237, 300 * 256 ** 2  # track4d.py's full-size case
+    assert rule.resolved(grid4d, px4d).num_init == px4d // 131 == 150_082
+    assert rule.resolved(grid4d, px4d).max_gaussians == 6 * 150_082
+    assert GSConfig().resolved(grid4d, px4d).num_init == 50_000  # rgs recon's recipe: off
+    # never below the automatic count, never above one per 20 voxels
+    assert rule.resolved(256 ** 3, 10 * 512 ** 2).num_init == 50_000
+    assert rule.resolved(128 ** 3, 10 ** 9).num_init == 128 ** 3 // 20
+    assert rule.resolved(64 ** 3, 300 * 64 ** 2).num_init == 64 ** 3 // 20  # small grids unchanged
+    # an explicit count wins; resolving is idempotent
+    assert GSConfig(pixels_per_gaussian=131.0, num_init=7000).resolved(grid4d, px4d).num_init == 7000
+    once = rule.resolved(grid4d, px4d)
+    assert once.resolved(grid4d, px4d) == once
+    with pytest.raises(RgsInputError, match="pixels_per_gaussian"):
+        GSConfig(pixels_per_gaussian=float("nan"))
+
+
 def test_densification_follows_the_pixels_per_gaussian():
     """Automatic densification: 4 rounds from 200 measured pixels per initial Gaussian."""
     base = GSConfig()

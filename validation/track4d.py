@@ -55,7 +55,8 @@ processes running other methods of the same case add to it) and
 ``--set KEY=VALUE`` (repeatable) measures a variant of the 4D recipe: every ``rgs track4d``
 run gets the same ``--set`` (a field of ``Track4DConfig``, or ``recipe.FIELD`` of its static
 stage), and the case's results go to their own file (``track4d_CASE-set-KEY=VALUE.json``),
-which ``--report`` leaves out; run the static fit there too to compare in one file::
+which ``--report`` lists under "Variants" (not in the bars); run the static fit there too to
+compare in one file::
 
     python validation/track4d.py --case irregular --methods kplanes-surrogate,static --set recipe.rate_scale=1.5
 """
@@ -215,7 +216,7 @@ def cycles_mean_s(setup: dict) -> float:
 def case_key(case: str, noise, size: str = "gpu", sets: tuple[str, ...] = ()) -> str:
     """``CASE`` with the default noise, ``+ "-noiseless"`` without; ``+ "-cpu48"`` at the
     CPU size (``--cpu``, 32^3), ``+ "-quick"`` with ``--quick``; ``+ "-set-KEY=VALUE"`` per
-    ``--set`` (a variant's file, which ``--report`` leaves out)."""
+    ``--set`` (a variant's file, which ``--report`` lists apart from the bars)."""
     key = case if noise is not None else f"{case}-noiseless"
     key = key if size == "gpu" else f"{key}-{size}{SIZES[size][0] if size == 'cpu' else ''}"
     return key + "".join("-set-" + "".join(c if c.isalnum() or c in "._=" else "_" for c in item) for item in sets)
@@ -394,7 +395,8 @@ def measured(result: dict, row: dict) -> str:
 
 
 def markdown(results: dict[str, dict], heading: str = "# 4D breathing reconstruction (rgs track4d) "
-             "on a real chest CT", picture: bool = True) -> str:
+             "on a real chest CT", picture: bool = True,
+             variants: dict[tuple[str, str], dict] | None = None) -> str:
     first = next(iter(results.values()))
     s = first["setup"]
     lines = [heading, "",
@@ -410,8 +412,8 @@ def markdown(results: dict[str, dict], heading: str = "# 4D breathing reconstruc
              "same projections; static methods give one volume, scored against every phase.", "",
              "| case | method | input (phase wander) | period (s) | period error | period from the "
              "projections (s) | motion (mm) | PSNR 3D mean (dB) | inhale / exhale (dB) | SSIM 3D mean | "
-             "vs static (dB) | seconds | measured |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "vs static (dB) | Gaussians | seconds | measured |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for case, r in results.items():
         static = r["methods"].get("static", {}).get("psnr_3d_mean")
         for method in sorted(r["methods"], key=METHODS.index):
@@ -424,7 +426,8 @@ def markdown(results: dict[str, dict], heading: str = "# 4D breathing reconstruc
             lines.append(f"| {case} | {LABELS[method]} | {time_input(method, row)} | {period} | {error} | "
                          f"{estimate} | {motion} | "
                          f"{row['psnr_3d_mean']:.2f} | {'{:.2f} / {:.2f}'.format(*inhale_exhale(r['setup'], row))} | "
-                         f"{row['ssim_3d_mean']:.4f} | {gain} | {row['seconds']:.1f} | {measured(r, row)} |")
+                         f"{row['ssim_3d_mean']:.4f} | {gain} | {gaussians(row)} | {row['seconds']:.1f} | "
+                         f"{measured(r, row)} |")
     irregular = next((r["setup"] for r in results.values() if r["setup"]["irregular"]), None)
     drawn = "" if irregular is None else (
         f"; its cycles over the scan average {cycles_mean_s(irregular):.3f} s")
@@ -440,7 +443,11 @@ def markdown(results: dict[str, dict], heading: str = "# 4D breathing reconstruc
               "the estimate `rgs track4d` reports (and starts the period from with phase input or "
               "`--period-init auto`; time input otherwise starts at X2-Gaussian's 2.8 s); `motion`: "
               "the learned motion's size (`motion_mm` of `metrics.json`, 99th percentile over the "
-              "Gaussians); `-` where the run predates the column. `inhale / exhale`: the mean PSNR "
+              "Gaussians); `Gaussians`: the 4D runs' count at the end (the static stage's "
+              "densification included; the static stage's automatic count follows the data since "
+              "2026-12-06, one initial Gaussian per "
+              f"{DEFAULT_4D.recipe.pixels_per_gaussian:g} measured pixels, 150k at this size: rows "
+              "measured earlier started from 50k); `-` where the run predates the column. `inhale / exhale`: the mean PSNR "
               "over the phases whose diaphragm amplitude is at least / below halfway between the "
               "phases' smallest and largest (the inhale phases are where cycles of other depth "
               "differ most).", "",
@@ -453,8 +460,39 @@ def markdown(results: dict[str, dict], heading: str = "# 4D breathing reconstruc
               "## Bars", "",
               "| bar | result | measured |", "|---|---|---|"]
     lines += [f"| {b} | {v} | {m} |" for b, v, m in bars(results)]
+    if variants:
+        lines += ["", "## Variants (`--set`)", "",
+                  "Each row: one run of a method with `--set` options (its own results file); `vs "
+                  "static` against the static row of the same case (this file's, else the table's). "
+                  "Not bars: a variant becomes the default only when it pays on every case.", "",
+                  "| case | options | method | Gaussians | PSNR 3D mean (dB) | inhale / exhale (dB) | "
+                  "vs static (dB) | seconds | measured |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+        for (case, options), r in variants.items():
+            static = r["methods"].get("static", results.get(case, {}).get("methods", {}).get("static"))
+            for method in sorted(r["methods"], key=METHODS.index):
+                row = r["methods"][method]
+                gain = "-" if static is None or method == "static" else f"{row['psnr_3d_mean'] - static['psnr_3d_mean']:+.2f}"
+                lines.append(f"| {case} | {options} | {LABELS[method]} | {gaussians(row)} | "
+                             f"{row['psnr_3d_mean']:.2f} | {'{:.2f} / {:.2f}'.format(*inhale_exhale(r['setup'], row))} | "
+                             f"{gain} | {row['seconds']:.1f} | {measured(r, row)} |")
     lines += ["", "![per-phase PSNR and coronal slices](track4d.png)", ""] if picture else [""]
     return "\n".join(lines)
+
+
+def gaussians(row: dict) -> str:
+    """A row's final Gaussian count, ``-`` where it has none (static, FDK)."""
+    return f"{row['num_gaussians']:,}" if row.get("num_gaussians") else "-"
+
+
+def find_variants(out_dir: Path, results: dict[str, dict]) -> dict[tuple[str, str], dict]:
+    """The ``--set`` variants' results of the cases in ``results``: ``(case, "--set K=V ...")``
+    -> the file's results (``track4d_CASE-set-K=V.json``, :func:`case_key`)."""
+    found = {}
+    for case in results:
+        for path in sorted((out_dir / "results").glob(f"track4d_{case}-set-*.json")):
+            sets = path.stem.removeprefix(f"track4d_{case}").split("-set-")[1:]
+            found[(case, " ".join(f"--set {item}" for item in sets))] = load_results(out_dir, path.stem.removeprefix("track4d_"))
+    return found
 
 
 def plot(results: dict[str, dict], path: Path) -> Path | None:
@@ -518,7 +556,7 @@ def report(out_dir: Path) -> int:
     if not results:
         console.print(f"[red]no results under {out_dir / 'results'}: run a case first[/red]")
         return 2
-    text = markdown(results)
+    text = markdown(results, variants=find_variants(out_dir, results))
     if cpu:
         first = next(iter(cpu.values()))["setup"]
         text += "\n" + markdown(cpu, f"## CPU, a smaller size: {first['grid'][0]}^3-class grid, "

@@ -1,7 +1,7 @@
 """Continuous-time 4D reconstruction (breathing): canonical Gaussians + a learned deformation.
 
 (This module is over 500 lines because this docstring keeps the measurements behind each
-default, about 150 lines; the code itself is one class and its recipe, about 420 lines; the
+default, about 165 lines; the code itself is one class and its recipe, about 420 lines; the
 surrogate's maths live in :mod:`rgs_engine.motion.surrogate`.)
 
 X2-Gaussian's scenario: every projection has its own acquisition time (seconds); the
@@ -156,6 +156,19 @@ case at full size (H100): +2.86 dB (37.29 dB, period 0.04 % off, 246 s), where p
 gave +3.15 dB on the H200 (37.58 dB, 224 s).
 Anchors keep the phase / time choice: surrogate input with anchors is unmeasured.
 
+**The static stage's count follows the data** (``recipe.pixels_per_gaussian``,
+:data:`STATIC_PIXELS_PER_GAUSSIAN`): one initial Gaussian per 131 measured pixels, the ratio
+of ``rgs recon``'s 50k Gaussians at 25 views of 512^2, where that passes the automatic 50k
+(grids above about 100^3; at most one per 20 voxels): 150k at the validation cases' 300
+projections of 256^2, unchanged at the CPU sizes. NVIDIA H100, ``validation/track4d.py``
+(one run each, 2026-12-06): with ``--set recipe.num_init=150000`` regular 37.53 dB (+3.10 over
+the static fit), irregular 36.93 (+2.34), amplitude-drift 37.78 (+2.99), baseline-shift 37.62
+dB (+2.42), each +0.16 to +0.27 dB over the 50k default's row, in 124-128 s; 250k gave 37.62 /
+37.61 dB on the two drift cases (no further gain, 159-161 s). The rule as the default: 37.79
+(+3.00), 37.73 (+2.53) and 36.91 dB (+2.32) on amplitude-drift, baseline-shift and irregular
+in 124-131 s. ``rgs recon``'s static recipe keeps it off: at 25 views, 100k / 150k Gaussians
+lost 0.11 / 0.19 dB (``validation/levers.md``).
+
 **Densifying in stage 2** by the deformed renderings' position gradients (recon.gaussian's clone /
 split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of
 stage 2) and 35.60 dB (3 rounds over 40-70 %) against 35.87 dB without, and each round cut
@@ -205,10 +218,17 @@ PERIOD_MISMATCH_PCT = 5.0  # a learned period further from the projections' esti
 MOTION_FLOOR_VOXELS = 0.5  # learned motion under this many voxels is no motion (a static fit)
 
 
+STATIC_PIXELS_PER_GAUSSIAN = 131.0  # rgs recon's ratio at 25 views of 512^2 (50k Gaussians)
+
+
 def _static_recipe() -> GSConfig:
     """The static stage as measured: 1000 steps, densification on (4 rounds) and the rates
-    without ``rate_scale`` (rgs recon's recipe changed both after these models' measurements)."""
-    return GSConfig(iterations=1000, densify_rounds=4, rate_scale=1.0)
+    without ``rate_scale`` (rgs recon's recipe changed both after these models' measurements);
+    the count follows the data: one initial Gaussian per :data:`STATIC_PIXELS_PER_GAUSSIAN`
+    measured pixels where that passes the automatic 50k (the module docstring's last
+    section: 150k at 300 views of 256^2)."""
+    return GSConfig(iterations=1000, densify_rounds=4, rate_scale=1.0,
+                    pixels_per_gaussian=STATIC_PIXELS_PER_GAUSSIAN)
 
 
 @dataclass

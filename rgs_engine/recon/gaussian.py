@@ -138,6 +138,8 @@ class GSConfig(Recipe):
     seed: int = 0
     num_init: int = 0                  # initial Gaussians; 0: by grid size (resolved), 10k..50k
     voxels_per_gaussian: float = 20.0  # the automatic count (num_init=0): one per this many voxels
+    pixels_per_gaussian: float = 0.0   # > 0: the automatic count rises above 50k to one per this many
+                                       # measured detector pixels (at most one per voxels_per_gaussian)
     max_gaussians: int = 0             # cap; 0: 6 x num_init
     views_per_step: int = 8            # 0: all training views in every step
     init_threshold: float = 0.05       # fdk / sart init: sample voxels above this fraction of the max
@@ -166,8 +168,8 @@ class GSConfig(Recipe):
     def __post_init__(self) -> None:
         if self.init not in ("auto", "fdk", "sart", "random"):
             raise RgsInputError(f"init must be auto, fdk, sart or random, got {self.init!r}")
-        if self.iterations < 0 or self.num_init < 0 or self.max_gaussians < 0:
-            raise RgsInputError("need iterations, num_init and max_gaussians >= 0")
+        if self.iterations < 0 or self.num_init < 0 or self.max_gaussians < 0 or not self.pixels_per_gaussian >= 0:
+            raise RgsInputError("need iterations, num_init, max_gaussians and pixels_per_gaussian >= 0")
         if self.num_init and self.max_gaussians and self.max_gaussians < self.num_init:
             raise RgsInputError("need num_init <= max_gaussians")
         if not self.voxels_per_gaussian > 0:
@@ -206,7 +208,11 @@ class GSConfig(Recipe):
         64^3 and below). Automatic count (``num_init=0``): one Gaussian per
         ``voxels_per_gaussian`` (20) voxels, 10k..50k; automatic rates (``rate_factor=0``): ``edge_ratio^(1/2)`` (1 at 256^3, 2 at
         64^3) when the count is automatic too, else 1 (a recipe that fixes its count keeps its
-        rates as written).
+        rates as written). With ``pixels_per_gaussian`` > 0 the automatic count rises to
+        ``min(pixels / pixels_per_gaussian, voxels / voxels_per_gaussian)`` where that is
+        larger: only grids whose voxel count passes the 50k cap (about 100^3 and above) and
+        data holding more pixels per Gaussian than that ratio (the 4D recipe's, where it was
+        measured; ``rgs recon``'s recipe leaves it off).
         At 256^3 and above this gives exactly the recipe measured there (50k Gaussians,
         cap 300k, rates x1). Measurements: ``validation/small_grid.md``.
         Automatic densification (``densify_rounds=-1``): 4 rounds where the data hold at least
@@ -215,6 +221,8 @@ class GSConfig(Recipe):
         """
         ratio = round(min(max(256.0 / max(voxels, 1) ** (1 / 3), 1.0), 4.0), 6)
         n = self.num_init or int(min(max(voxels // self.voxels_per_gaussian, 10_000), 50_000))
+        if not self.num_init and self.pixels_per_gaussian > 0:
+            n = max(n, int(min(pixels // self.pixels_per_gaussian, voxels // self.voxels_per_gaussian)))
         rate_factor = self.rate_factor or (ratio ** 0.5 if self.num_init == 0 else 1.0)
         rounds = self.densify_rounds
         if rounds < 0:
