@@ -38,8 +38,8 @@ def image_loss(pred: torch.Tensor, target: torch.Tensor, target_moments: torch.T
     On CUDA tensors :func:`fused_image_loss` (the kernels); on CPU tensors torch's operators
     (:func:`l1` and :func:`~.metrics.ssim_per_slice`, whose blurs are banded matrix products),
     which are faster there: 8 views of 128^2, forward + backward, 2.7-4.2 ms against 12-14 ms for the
-    kernels on the 2-core CI machine; on an H100 the kernels take 0.93 ms against torch's 1.94
-    ms at 8 x 512^2 (``validation/results/image_loss_ab.json``). Both are compared with the float64 reference
+    kernels on the 2-core CI machine; on an H100 the kernels take 0.58 ms against torch's 1.44
+    ms at 8 x 512^2 (``validation/results/image_loss_ab.json``; 0.93 against 1.94 ms on another). Both are compared with the float64 reference
     :func:`rgs_engine._torch_impl.image_loss.image_loss` in ``tests/test_image_loss.py``.
     """
     if ssim_weight <= 0:

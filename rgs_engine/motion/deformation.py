@@ -320,8 +320,8 @@ class KPlanesField(Deformation):
         by torch's operators (``grid_sample``
         and :func:`sample_time_plane`), faster there: 11k points at 8 times, forward +
         backward, 118 ms against 188 ms for the kernels on the 2-core CI machine. On an H100,
-        55.8k points at 8 times: features 10.9 -> 4.1 ms, the whole model 12.2 -> 5.2 ms, forward +
-        backward (``validation/results/kplanes_ab.json``)."""
+        55.8k points at 8 times: features 9.7 -> 3.5 ms, the whole model 11.5 -> 4.5 ms, forward +
+        backward (``validation/results/kplanes_ab.json``; 10.9 -> 4.1 and 12.2 -> 5.2 ms on another)."""
         tcoord = 2 * time - 1 if self.periodic else time
         if points.is_cuda:
             return kplanes_features.features(points, [self.level_planes(level, tcoord) for level in range(self.levels)])
