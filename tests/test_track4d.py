@@ -197,8 +197,9 @@ def test_the_default_surrogate_input_on_regular_breathing(case, device):
     assert 0.7 < float(drive.amplitude.min()) <= 1.0 <= float(drive.amplitude.max()) < 1.3
 
 
-def test_surrogate_checkpoint_resume_continues_the_same_run(case, tmp_path):
-    cfg = config("kplanes", 6, 8, time_input="surrogate")
+@pytest.mark.parametrize("baseline", [False, True])
+def test_surrogate_checkpoint_resume_continues_the_same_run(case, tmp_path, baseline):
+    cfg = config("kplanes", 6, 8, time_input="surrogate", surrogate_baseline=baseline)
     straight = Track4DReconstruction(*case, cfg)
     for i in range(14):
         straight.step()
@@ -212,6 +213,8 @@ def test_surrogate_checkpoint_resume_continues_the_same_run(case, tmp_path):
     a, b = straight.model.surrogate, resumed.model.surrogate
     assert float(a.phase_offset.detach().abs().max()) > 0  # trained from period_start on
     torch.testing.assert_close(a.measured_phase, b.measured_phase)
+    torch.testing.assert_close(a.measured_baseline, b.measured_baseline)
+    assert b.has_baseline == baseline and (resumed.model.baseline_field is not None) == baseline
     torch.testing.assert_close(a.phase_offset, b.phase_offset, rtol=1e-3, atol=1e-6)
     assert math.isclose(resumed.period_s, straight.period_s, rel_tol=1e-4)
     va, vb = straight.volume_at(2.0), resumed.volume_at(2.0)
