@@ -230,3 +230,27 @@ def test_kplanes_features_equal_grid_sample(device, mode, path):
         exact = path == "dispatch" and device.type == "cpu"  # torch's operators in float64
         assert float((tested - ref).norm() / ref.norm()) < (1e-12 if exact else 2e-6)
 
+
+
+def test_the_baseline_field_adds_the_drive_baseline_times_a_learned_displacement(gaussians):
+    """A drive with a baseline gives the model a displacement field (zero at the start, in the
+    'network' group) that moves every Gaussian by ``baseline_at(t)`` times its value there."""
+    from rgs_engine.motion.surrogate import SurrogateDrive
+    times = torch.linspace(0.0, 20.0, 50, dtype=torch.float64)
+    drive = SurrogateDrive(times, times / 3.5, torch.full((50,), 2.0), 4.0 * times / 20.0)
+    model = make("kplanes", gaussians, "surrogate", surrogate=drive)
+    means, scales, quats = gaussians
+    t = torch.tensor([2.0, 18.0], dtype=torch.float64)
+    start = model(means, scales, quats, t)
+    torch.testing.assert_close(start.means, means.expand(2, -1, -1))  # identity at init
+    assert any(p is model.baseline_field for p in model.param_groups()["network"])
+    with torch.no_grad():
+        model.baseline_field[:, 2] = 0.1  # +0.1 box units along z everywhere
+    moved = model(means, scales, quats, t).means - means
+    shift = drive.baseline_at(t).float()[:, None] * 0.1 * model.half_extent[2]
+    torch.testing.assert_close(moved[..., 2], shift.expand(2, N))
+    torch.testing.assert_close(moved[..., :2], torch.zeros(2, N, 2))
+    moved.sum().backward()
+    assert model.baseline_field.grad.abs().sum() > 0
+    plain = make("kplanes", gaussians, "surrogate", surrogate=SurrogateDrive(times, times / 3.5, torch.ones(50)))
+    assert plain.baseline_field is None

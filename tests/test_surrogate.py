@@ -70,6 +70,28 @@ def test_baseline_shift():
     assert math.isclose(float(phase_period_s(TIMES, s.phase)), PERIOD_S, rel_tol=2e-3)
 
 
+def test_the_end_exhale_level_follows_the_resting_position_only():
+    # sin^4 breathing rests at 0 (end-exhale): a drift of the resting position moves the
+    # exhale level with it (to 0.1 pixels inside), a breath of falling depth or cycles of
+    # jittered depth do not (the mean level B moves with them)
+    breath = torch.from_numpy(lujan(TIMES.numpy() / PERIOD_S))
+    drift = 2.0 * TIMES / TIMES[-1]
+    shifted = measure_surrogate(TIMES, 6.0 * breath + drift, PERIOD_S)
+    assert float((shifted.exhale - drift)[INNER].abs().max()) < 0.1
+    depth = 1 - 0.3 * TIMES / TIMES[-1]
+    shallower = measure_surrogate(TIMES, 6.0 * depth * breath, PERIOD_S)
+    assert float(shallower.exhale[INNER].abs().max()) < 0.05
+    assert float(shallower.baseline[INNER].max() - shallower.baseline[INNER].min()) > 0.4
+    cycle = torch.floor(TIMES / PERIOD_S).long()
+    peaks = 1 + 0.3 * torch.randn(int(cycle.max()) + 1, generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.float64)
+    jittered = measure_surrogate(TIMES, 6.0 * peaks[cycle] * breath, PERIOD_S)
+    assert float(jittered.exhale[INNER].abs().max()) < 0.05
+    # breathing that rests at its top (a flipped sign of the row shift) is read from above
+    flipped = measure_surrogate(TIMES, -6.0 * breath - drift, PERIOD_S)
+    assert float((flipped.exhale + drift)[INNER].abs().max()) < 0.1
+
+
 def test_uneven_unsorted_views_and_noise():
     gen = torch.Generator().manual_seed(0)
     times = TIMES + 0.05 * torch.rand(VIEWS, generator=gen, dtype=torch.float64)
@@ -99,6 +121,22 @@ def test_drive_interpolates_refines_and_bins():
     with torch.no_grad():
         drive.phase_offset.fill_(0.1)
     assert float(drive.regulariser()) == pytest.approx(0.01)
+
+
+def test_drive_baseline_relative_centred_and_interpolated():
+    # a baseline of 1 -> 3 pixels over the scan with 2-pixel amplitudes: relative to the
+    # amplitude (/2) and centred on its median (2 pixels)
+    drift = 1.0 + 2.0 * TIMES / TIMES[-1]
+    drive = SurrogateDrive(TIMES.flip(0), (TIMES / PERIOD_S).flip(0), torch.full((VIEWS,), 2.0), drift.flip(0))
+    assert drive.has_baseline
+    at = torch.tensor([-5.0, 0.0, float(TIMES[-1]) / 2, float(TIMES[-1]), 1e3], dtype=torch.float64)
+    expected = ((1.0 + 2.0 * at.clamp(0, float(TIMES[-1])) / TIMES[-1]) - float(drift.median())) / 2.0
+    torch.testing.assert_close(drive.baseline_at(at), expected)  # the ends held beyond the views
+    plain = SurrogateDrive(TIMES, TIMES / PERIOD_S, torch.full((VIEWS,), 2.0))
+    assert not plain.has_baseline and float(plain.baseline_at(at).abs().max()) == 0.0
+    assert SurrogateDrive.placeholder(TIMES, baseline=True).has_baseline
+    with pytest.raises(RgsInputError, match="baselines must be finite"):
+        SurrogateDrive(TIMES, TIMES, torch.ones(VIEWS), torch.full((VIEWS,), float("nan")))
 
 
 def test_bad_input():

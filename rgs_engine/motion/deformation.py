@@ -27,7 +27,10 @@ Time enters in one of three ways (``time_input``):
   sees ``frac(phase)`` as in phase mode and its offsets are scaled by the relative amplitude
   (positions and log scales times ``a``, rotations' vector parts times ``a``: the rotation
   angle scaled to first order), so cycles of other depth and length are the same motion
-  met at another pace and depth. The period is the surrogate phase's mean period.
+  met at another pace and depth. The period is the surrogate phase's mean period. A drive
+  with a baseline (the end-exhale level) also adds ``baseline_at(t)`` times a learned
+  displacement field on a :data:`BASELINE_CELLS`^3 grid (zero at the start): a drift of the
+  resting position.
 
 Models:
 
@@ -62,6 +65,7 @@ from . import kplanes_features
 from .surrogate import SurrogateDrive
 
 TIME_INPUTS = ("time", "phase", "surrogate")
+BASELINE_CELLS = 16  # the baseline drift's displacement grid, cells per box axis
 
 
 class Deformed(NamedTuple):
@@ -148,6 +152,10 @@ class Deformation(nn.Module, abc.ABC):
         self.periodic = time_input != "time"
         self.period = LearnedPeriod(period_s)
         self.surrogate = surrogate
+        # the baseline drift's displacement per unit of the surrogate's baseline (box units),
+        # a coarse grid over the box, zero at the start (only with a drive that has a baseline)
+        self.baseline_field = nn.Parameter(torch.zeros(1, 3, *(BASELINE_CELLS,) * 3)) \
+            if surrogate is not None and surrogate.has_baseline else None
 
     @property
     def period_s(self) -> torch.Tensor:
@@ -200,11 +208,20 @@ class Deformation(nn.Module, abc.ABC):
         dpos, dlog, dq = self.offsets(self.normalise(means), self.time_coordinate(t.reshape(-1)), index)
         if self.surrogate is not None:
             dpos, dlog, dq = _scaled(self.surrogate(t.reshape(-1))[1].float()[:, None, None], dpos, dlog, dq)
+        if self.baseline_field is not None:
+            dpos = dpos + self.surrogate.baseline_at(t.reshape(-1)).float()[:, None, None] * \
+                self.baseline_displacement(self.normalise(means))[None]
         new_means = means + dpos * self.half_extent
         new_scales = scales * dlog.exp() if dlog is not None else scales.expand_as(new_means)
         new_quats = quat_multiply(F.normalize(dq, dim=-1), F.normalize(quats, dim=-1))
         out = Deformed(new_means, new_scales, new_quats)
         return Deformed(*(x[0] for x in out)) if single else out
+
+    def baseline_displacement(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, 3) box units: the baseline field at ``points`` (N, 3) in box coordinates
+        (trilinear; the grid's axes (z, y, x) as ``grid_sample`` reads them)."""
+        grid = points.to(self.baseline_field.dtype).reshape(1, 1, 1, -1, 3)
+        return F.grid_sample(self.baseline_field, grid, align_corners=True, padding_mode="border")[0, :, 0, 0].T
 
     def regularisers(self) -> dict[str, torch.Tensor]:
         """Named regularisation terms of the model's own parameters (none by default)."""

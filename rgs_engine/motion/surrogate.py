@@ -9,6 +9,11 @@ polar form (:func:`measure_surrogate`):
 * ``baseline`` ``B(t)`` (pixels): the moving average of ``s`` over one period ``P`` (a boxcar
   of one period cancels the breathing cycle and its harmonics and keeps slower drifts of
   the mean position);
+* ``exhale`` ``E(t)`` (pixels): the end-exhale level, the :data:`EXHALE_QUANTILE` quantile of
+  ``s`` over :data:`EXHALE_PERIODS` periods on the side where the breathing dwells (the side
+  of ``s - B`` its median lies on: breathing rests at end-exhale). A deeper or shallower
+  breath moves the mean ``B`` but not ``E``; a drift of the resting position, the clinical
+  baseline drift, moves both;
 * the fundamental ``x(t)``: ``s - B`` band-passed to ``[BAND[0] f, BAND[1] f]`` around
   ``f = 1 / P`` (zero-phase Butterworth of order :data:`FILTER_ORDER`);
 * ``amplitude`` ``A(t) = |z(t)|`` (pixels) and ``phase`` ``phi(t) = arg z(t) / 2 pi``
@@ -41,18 +46,22 @@ from ..core.errors import RgsInputError
 BAND = (0.5, 1.5)  # the fundamental's band, in multiples of 1 / period
 ROLL_OFF = 0.25  # width of the band's raised-cosine edges, in multiples of 1 / period
 PAD_PERIODS = 2.0  # periods of continued signal padded at each end against edge effects
+EXHALE_PERIODS = 1.5  # the end-exhale level's window, periods (one trough even in a cycle 1.5x the mean)
+EXHALE_QUANTILE = 0.1  # the end-exhale level: this quantile of the window, on the dwell side
 
 
 class Surrogate(NamedTuple):
     """Per-view surrogate, each (N,) float64 in the views' order: ``signal`` (the row shifts,
     pixels), ``baseline`` (pixels), ``amplitude`` (pixels, >= 0), ``phase`` (cycles,
-    unwrapped); ``period_s`` the period (s) the filters were centred on."""
+    unwrapped); ``period_s`` the period (s) the filters were centred on; ``exhale`` (pixels)
+    the end-exhale level."""
 
     signal: torch.Tensor
     baseline: torch.Tensor
     amplitude: torch.Tensor
     phase: torch.Tensor
     period_s: float
+    exhale: torch.Tensor
 
 
 def measure_surrogate(times_s: torch.Tensor, signal: torch.Tensor, period_s: float) -> Surrogate:
@@ -75,12 +84,14 @@ def measure_surrogate(times_s: torch.Tensor, signal: torch.Tensor, period_s: flo
     uniform = np.interp(grid, ts, ys)
     pad, padded = _pad_periodic(uniform, period_s / dt)
     baseline = _moving_average(padded, period_s / dt)
+    exhale = _exhale_level(padded, padded - baseline, EXHALE_PERIODS * period_s / dt)
     analytic = _analytic_band(padded, dt, period_s)[pad:pad + grid.size]
     phase = np.unwrap(np.angle(analytic)) / (2 * np.pi)
     back = np.empty_like(order)
     back[order] = np.arange(order.size)
-    at_views = [np.interp(ts, grid, v)[back] for v in (baseline[pad:pad + grid.size], np.abs(analytic), phase)]
-    return Surrogate(torch.from_numpy(y.copy()), *(torch.from_numpy(v) for v in at_views), float(period_s))
+    at_views = [torch.from_numpy(np.interp(ts, grid, v)[back])
+                for v in (baseline[pad:pad + grid.size], np.abs(analytic), phase, exhale[pad:pad + grid.size])]
+    return Surrogate(torch.from_numpy(y.copy()), *at_views[:3], float(period_s), at_views[3])
 
 
 def _moving_average(y: np.ndarray, width: float) -> np.ndarray:
@@ -93,6 +104,17 @@ def _moving_average(y: np.ndarray, width: float) -> np.ndarray:
     kernel = np.concatenate([[end], np.ones(n), [end]]) / width
     half = kernel.size // 2
     return np.convolve(np.pad(y, half, mode="edge"), kernel, mode="valid")
+
+
+def _exhale_level(y: np.ndarray, breathing: np.ndarray, width: float) -> np.ndarray:
+    """(M,) the end-exhale level of ``y`` (M,): its :data:`EXHALE_QUANTILE` quantile over a
+    centred window of ``width`` samples (the ends repeat the border), from below where
+    ``breathing`` (``y`` less its mean level) has a negative median, else from above."""
+    n = max(1, math.floor(width))
+    n -= 1 - n % 2
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(y, n // 2, mode="edge"), n)
+    below = np.median(breathing) < 0
+    return np.quantile(windows, EXHALE_QUANTILE if below else 1 - EXHALE_QUANTILE, axis=-1)
 
 
 def _analytic_band(y: np.ndarray, dt: float, period_s: float) -> np.ndarray:
@@ -146,31 +168,44 @@ class SurrogateDrive(nn.Module):
     ``log_amplitude_offset`` (N,) start at 0. :meth:`forward` gives the (unwrapped) phase and
     relative amplitude at any times: linear interpolation between the views' times, beyond
     them the end amplitude and the phase continued at the mean rate.
+
+    ``baseline`` (N,), optional, in ``amplitude``'s unit: the slow drift of the mean position
+    (:class:`Surrogate`'s). Stored relative to the median amplitude and centred on its own
+    median; :meth:`baseline_at` interpolates it (the end values beyond the views), and a
+    deformation given such a drive adds ``baseline_at(t)`` times a learned displacement field
+    (:class:`~rgs_engine.motion.deformation.Deformation`). :attr:`has_baseline` says whether
+    it was given (a drive without one moves nothing by it).
     """
 
-    def __init__(self, times_s: torch.Tensor, phase: torch.Tensor, amplitude: torch.Tensor):
+    def __init__(self, times_s: torch.Tensor, phase: torch.Tensor, amplitude: torch.Tensor,
+                 baseline: torch.Tensor | None = None):
         super().__init__()
         t = torch.as_tensor(times_s, dtype=torch.float64).reshape(-1)
         phase = torch.as_tensor(phase, dtype=torch.float64).reshape(-1)
         amplitude = torch.as_tensor(amplitude, dtype=torch.float64).reshape(-1)
-        if not (t.numel() >= 2 and phase.shape == t.shape == amplitude.shape and float(t.max()) > float(t.min())):
-            raise RgsInputError("a surrogate drive needs one phase and one amplitude per view and "
-                                "views at two times at least")
-        if not bool(torch.isfinite(phase).all() and (amplitude > 0).all() and torch.isfinite(amplitude).all()):
-            raise RgsInputError("surrogate phases must be finite and amplitudes finite and > 0")
+        drift = torch.zeros_like(t) if baseline is None else torch.as_tensor(baseline, dtype=torch.float64).reshape(-1)
+        if not (t.numel() >= 2 and phase.shape == t.shape == amplitude.shape == drift.shape
+                and float(t.max()) > float(t.min())):
+            raise RgsInputError("a surrogate drive needs one phase, one amplitude (and one baseline, "
+                                "if any) per view and views at two times at least")
+        if not bool(torch.isfinite(phase).all() and (amplitude > 0).all() and torch.isfinite(amplitude).all()
+                    and torch.isfinite(drift).all()):
+            raise RgsInputError("surrogate phases and baselines must be finite and amplitudes finite and > 0")
         order = torch.argsort(t, stable=True)
         relative = amplitude[order] / amplitude.median()
+        self.has_baseline = baseline is not None
         self.register_buffer("times_s", t[order])
         self.register_buffer("measured_phase", phase[order])
         self.register_buffer("measured_log_amplitude", relative.log())
+        self.register_buffer("measured_baseline", (drift[order] - drift.median()) / amplitude.median())
         self.phase_offset = nn.Parameter(torch.zeros_like(t))
         self.log_amplitude_offset = nn.Parameter(torch.zeros_like(t))
 
     @classmethod
-    def placeholder(cls, times_s: torch.Tensor) -> SurrogateDrive:
-        """A drive of the right shapes whose state a checkpoint then loads."""
+    def placeholder(cls, times_s: torch.Tensor, baseline: bool = False) -> SurrogateDrive:
+        """A drive of the right shapes (with a baseline or not) whose state a checkpoint then loads."""
         t = torch.as_tensor(times_s, dtype=torch.float64).reshape(-1)
-        return cls(t, torch.zeros_like(t), torch.ones_like(t))
+        return cls(t, torch.zeros_like(t), torch.ones_like(t), torch.zeros_like(t) if baseline else None)
 
     @property
     def phase(self) -> torch.Tensor:
@@ -189,16 +224,27 @@ class SurrogateDrive(nn.Module):
 
     def forward(self, t_seconds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(phase (B,) cycles unwrapped, relative amplitude (B,)), float64, at ``t_seconds`` (B,)."""
+        t, inside, i, w = self._bracket(t_seconds)
+        phase, log_amp = self.phase, self.measured_log_amplitude + self.log_amplitude_offset
+        beyond = (t - inside) / self.period_s.detach()
+        return (phase[i - 1] * (1 - w) + phase[i] * w + beyond,
+                (log_amp[i - 1] * (1 - w) + log_amp[i] * w).exp())
+
+    def baseline_at(self, t_seconds: torch.Tensor) -> torch.Tensor:
+        """(B,) float64: the relative baseline at ``t_seconds`` (B,) (zero without one)."""
+        _, _, i, w = self._bracket(t_seconds)
+        b = self.measured_baseline
+        return b[i - 1] * (1 - w) + b[i] * w
+
+    def _bracket(self, t_seconds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(t, t clamped to the views' times, index of the view after it, weight of that
+        view)`` for linear interpolation between the views, each (B,)."""
         ts = self.times_s
         t = torch.as_tensor(t_seconds, dtype=torch.float64, device=ts.device).reshape(-1)
         inside = t.clamp(ts[0], ts[-1])
         i = torch.searchsorted(ts, inside).clamp(1, ts.numel() - 1)
         t0, t1 = ts[i - 1], ts[i]
-        w = ((inside - t0) / (t1 - t0).clamp_min(1e-12)).clamp(0, 1)
-        phase, log_amp = self.phase, self.measured_log_amplitude + self.log_amplitude_offset
-        beyond = (t - inside) / self.period_s.detach()
-        return (phase[i - 1] * (1 - w) + phase[i] * w + beyond,
-                (log_amp[i - 1] * (1 - w) + log_amp[i] * w).exp())
+        return t, inside, i, ((inside - t0) / (t1 - t0).clamp_min(1e-12)).clamp(0, 1)
 
     def regulariser(self) -> torch.Tensor:
         """0-d: how far the refinement strays from the measurement, the mean square of the
