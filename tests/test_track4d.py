@@ -240,6 +240,8 @@ def test_bad_input(case, tmp_path):
         Track4DConfig(deformation="splines")
     with pytest.raises(RgsInputError, match="unknown 4D recipe keys"):
         Track4DConfig.from_dict({"bogus": 1})
+    with pytest.raises(RgsInputError, match="surrogate_baseline must be true or false"):
+        Track4DConfig(surrogate_baseline="flase")  # e.g. a mistyped --set value
     assert Track4DConfig.from_dict(config("anchors", 3, 4).to_dict()) == config("anchors", 3, 4)
     bad = tmp_path / "ck.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -330,6 +330,8 @@ class Track4DConfig(Recipe):
             raise RgsInputError(f"time input must be time, phase, surrogate or auto, got {self.time_input!r}")
         if isinstance(self.recipe, dict):
             self.recipe = GSConfig.from_dict(self.recipe)
+        if not isinstance(self.surrogate_baseline, bool):
+            raise RgsInputError(f"surrogate_baseline must be true or false, got {self.surrogate_baseline!r}")
         if self.iterations < 0 or not (math.isfinite(self.period_init_s) and self.period_init_s > 0):
             raise RgsInputError("need iterations >= 0 and a positive initial period (s)")
         if min(self.consistency_weight, self.plane_tv_weight, self.time_smoothness_weight, self.surrogate_weight,
