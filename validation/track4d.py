@@ -543,7 +543,7 @@ def plot(results: dict[str, dict], path: Path) -> Path | None:
                 if col == 1 and k == 0:
                     ax.set_ylabel(name, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)  # a slice panel (3.2 in) gets 256 px: twice the stored slices' 128
     plt.close(fig)
     return path
 
