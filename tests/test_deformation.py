@@ -11,6 +11,7 @@ from rgs_engine.motion import kplanes_features
 from rgs_engine.motion.deformation import (AnchorDeformation, KPlanesField, LearnedPeriod, PLANES, sample_time_plane,
                                     farthest_point_sampling, knn_skinning, periodic_consistency,
                                     phase_harmonics)
+from rgs_engine.motion.surrogate import SurrogateDrive
 
 LO, HI, WINDOW = (-48.0, -40.0, -44.0), (48.0, 40.0, 44.0), (0.0, 20.0)
 N = 300
@@ -231,11 +232,9 @@ def test_kplanes_features_equal_grid_sample(device, mode, path):
         assert float((tested - ref).norm() / ref.norm()) < (1e-12 if exact else 2e-6)
 
 
-
 def test_the_baseline_field_adds_the_drive_baseline_times_a_learned_displacement(gaussians):
     """A drive with a baseline gives the model a displacement field (zero at the start, in the
     'network' group) that moves every Gaussian by ``baseline_at(t)`` times its value there."""
-    from rgs_engine.motion.surrogate import SurrogateDrive
     times = torch.linspace(0.0, 20.0, 50, dtype=torch.float64)
     drive = SurrogateDrive(times, times / 3.5, torch.full((50,), 2.0), 4.0 * times / 20.0)
     model = make("kplanes", gaussians, "surrogate", surrogate=drive)

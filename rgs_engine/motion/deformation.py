@@ -205,12 +205,13 @@ class Deformation(nn.Module, abc.ABC):
         check_tensor("quats", quats, (means.shape[0], 4), finite=False)
         t = torch.as_tensor(t_seconds, device=means.device)
         single = t.dim() == 0
-        dpos, dlog, dq = self.offsets(self.normalise(means), self.time_coordinate(t.reshape(-1)), index)
+        points = self.normalise(means)
+        dpos, dlog, dq = self.offsets(points, self.time_coordinate(t.reshape(-1)), index)
         if self.surrogate is not None:
             dpos, dlog, dq = _scaled(self.surrogate(t.reshape(-1))[1].float()[:, None, None], dpos, dlog, dq)
         if self.baseline_field is not None:
             dpos = dpos + self.surrogate.baseline_at(t.reshape(-1)).float()[:, None, None] * \
-                self.baseline_displacement(self.normalise(means))[None]
+                self.baseline_displacement(points)[None]
         new_means = means + dpos * self.half_extent
         new_scales = scales * dlog.exp() if dlog is not None else scales.expand_as(new_means)
         new_quats = quat_multiply(F.normalize(dq, dim=-1), F.normalize(quats, dim=-1))

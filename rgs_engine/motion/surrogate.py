@@ -94,12 +94,18 @@ def measure_surrogate(times_s: torch.Tensor, signal: torch.Tensor, period_s: flo
     return Surrogate(torch.from_numpy(y.copy()), *at_views[:3], float(period_s), at_views[3])
 
 
+def _odd_window(width: float) -> int:
+    """A centred window's sample count for ``width`` samples: ``floor(width)`` (at least 1),
+    less one where that is even."""
+    n = max(1, math.floor(width))
+    return n - (1 - n % 2)
+
+
 def _moving_average(y: np.ndarray, width: float) -> np.ndarray:
     """(M,) the mean of ``y`` (M,) over a centred window of ``width`` samples (fractional:
     ``n = floor(width)`` odd-centred samples at weight 1, the two beyond at half the rest;
     the ends repeat the border)."""
-    n = max(1, math.floor(width))
-    n -= 1 - n % 2                                           # odd, so the window is centred
+    n = _odd_window(width)
     end = (width - n) / 2
     kernel = np.concatenate([[end], np.ones(n), [end]]) / width
     half = kernel.size // 2
@@ -110,8 +116,7 @@ def _exhale_level(y: np.ndarray, breathing: np.ndarray, width: float) -> np.ndar
     """(M,) the end-exhale level of ``y`` (M,): its :data:`EXHALE_QUANTILE` quantile over a
     centred window of ``width`` samples (the ends repeat the border), from below where
     ``breathing`` (``y`` less its mean level) has a negative median, else from above."""
-    n = max(1, math.floor(width))
-    n -= 1 - n % 2
+    n = _odd_window(width)
     windows = np.lib.stride_tricks.sliding_window_view(np.pad(y, n // 2, mode="edge"), n)
     below = np.median(breathing) < 0
     return np.quantile(windows, EXHALE_QUANTILE if below else 1 - EXHALE_QUANTILE, axis=-1)

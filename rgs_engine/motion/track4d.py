@@ -233,8 +233,6 @@ CHECKPOINT_FORMAT = "rgs-track4d"
 ESTIMATE_VIEWS_PER_CALL = 32  # views per splat call when rendering all of them for the estimate
 PERIOD_MISMATCH_PCT = 5.0  # a learned period further from the projections' estimate is suspect
 MOTION_FLOOR_VOXELS = 0.5  # learned motion under this many voxels is no motion (a static fit)
-
-
 STATIC_PIXELS_PER_GAUSSIAN = 131.0  # rgs recon's ratio at 25 views of 512^2 (50k Gaussians)
 
 
@@ -242,8 +240,8 @@ def _static_recipe() -> GSConfig:
     """The static stage as measured: 1000 steps, densification on (4 rounds) and the rates
     without ``rate_scale`` (rgs recon's recipe changed both after these models' measurements);
     the count follows the data: one initial Gaussian per :data:`STATIC_PIXELS_PER_GAUSSIAN`
-    measured pixels where that passes the automatic 50k (the module docstring's last
-    section: 150k at 300 views of 256^2)."""
+    measured pixels where that passes the automatic 50k (the module docstring's section on
+    the count: 150k at 300 views of 256^2)."""
     return GSConfig(iterations=1000, densify_rounds=4, rate_scale=1.0,
                     pixels_per_gaussian=STATIC_PIXELS_PER_GAUSSIAN)
 
