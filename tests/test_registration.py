@@ -96,6 +96,36 @@ def test_view_similarity_is_the_mean_of_ncc_and_gradient_ncc(size):
         target(drr.detach().to(dev)[:, :1])
 
 
+def test_channel_weights_per_view_and_structure_coefs():
+    """Other channel weights per X-ray view (``coefs``) equal ``coef_0 ncc + 2 coef_1
+    gradient_ncc`` of the float64 definition, in value and vector-Jacobian product, also for a
+    batch of DRRs against one X-ray pair; :func:`similarity.structure_coefs` gives the default's
+    weights where the DRR is all structure, and weights that add up to 1 per view."""
+    g = torch.Generator().manual_seed(7)
+    drr = torch.rand(3, 2, 19, 23, generator=g, dtype=torch.float64, requires_grad=True)
+    xray = 0.4 * drr.detach()[0] + torch.rand(2, 19, 23, generator=g, dtype=torch.float64)
+    mask = (torch.rand(2, 19, 23, generator=g) > 0.25).double()
+    coefs = torch.tensor([[0.2, 0.4, 0.4], [0.7, 0.15, 0.15]], dtype=torch.float64)
+    cot = torch.rand(3, 2, generator=g, dtype=torch.float64)
+    dev = runtime.ensure()
+    slow = coefs[:, 0] * reg.ncc(drr, xray, mask) + 2 * coefs[:, 1] * reg.gradient_ncc(drr, xray, mask)
+    slow_grad = torch.autograd.grad((slow * cot).sum(), drr)[0]
+    d = drr.detach().to(dev).requires_grad_()
+    fast = similarity.SimilarityTarget(xray.to(dev), mask.to(dev), coefs.to(dev))(d)
+    fast_grad = torch.autograd.grad((fast * cot.to(dev)).sum(), d)[0].cpu()
+    torch.testing.assert_close(fast.detach().cpu(), slow.detach(), atol=2e-6, rtol=0)
+    torch.testing.assert_close(fast_grad, slow_grad, atol=2e-6 * float(slow_grad.abs().max()), rtol=0)
+    torch.testing.assert_close(reg.view_similarity(d.detach(), xray.to(dev), mask.to(dev), coefs.to(dev)).cpu(),
+                               slow.detach(), atol=2e-6, rtol=0)
+    image = drr.detach()[0]
+    same = similarity.structure_coefs(image, image, mask)
+    torch.testing.assert_close(same, torch.tensor([[0.5, 0.25, 0.25]] * 2, dtype=torch.float64))
+    smooth = torch.linspace(0, 1, 23, dtype=torch.float64).expand(2, 19, 23)  # context: a ramp, no edges
+    part = similarity.structure_coefs(0.1 * image, 0.1 * image + 5 * smooth, mask)
+    torch.testing.assert_close(part.sum(dim=1), torch.ones(2, dtype=torch.float64))
+    assert (part[:, 0] < 0.25).all() and (part[:, 1] == part[:, 2]).all()
+
+
 def test_shift_scores_peak_at_the_images_shift(device):
     """Each view's shift search finds how far the X-ray's anatomy lies from the DRR's, also
     through a contrast curve and an inverted polarity (images on the engine's device)."""
@@ -339,6 +369,28 @@ def test_refinement_alone_and_init(ct_path, params, points, tmp_path):
                        target_points=points)
     assert res.initial_mtre_mm > 3.0 and res.mtre_mm < MTRE_OK_MM and res.success
     assert not any(h["stage"] == "global" for h in res.history)
+
+
+def test_structure_weights_with_a_context(ct_path, params, points, tmp_path):
+    """``structure_weights``: the toy's Gaussians split into a structure (those within 20 mm of
+    their centroid) and its context, which the channel weights tell apart; the weighted
+    similarity recovers the pose too, and without a context it is the default similarity."""
+    xs = _simulate(ct_path, tmp_path / "x", 5.0, 3.0, 0)
+    means = params["means"].double()
+    near = (means - means.mean(dim=0)).norm(dim=1) < 20.0
+    assert 0 < int(near.sum()) < len(means)
+    part = {k: v[near] for k, v in params.items()}
+    rest = {k: v[~near] for k, v in params.items()}
+    res = reg.register(xs, part, context=rest, structure_weights=True, ground_truth=xs.ground_truth,
+                       target_points=points)
+    assert res.mtre_mm < MTRE_OK_MM, res.to_dict()
+    # this split weighs the channels otherwise than the default's 0.5 / 0.25 / 0.25
+    coefs = similarity.structure_coefs(reg.render(part, xs.ground_truth, xs.geometry),
+                                       reg.render(params, xs.ground_truth, xs.geometry))
+    assert (coefs[:, 0] - 0.5).abs().min() > 0.02, coefs
+    alone = reg.register(xs, params, candidates=0, steps=(2,), structure_weights=True)
+    default = reg.register(xs, params, candidates=0, steps=(2,))
+    assert abs(alone.similarity - default.similarity) < 1e-4  # (a GPU's float atomics: not bitwise)
 
 
 def test_several_starts_climb_the_coarsest_scale_and_one_goes_on(ct_path, params, points, tmp_path):

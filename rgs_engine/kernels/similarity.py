@@ -75,16 +75,18 @@ def channel_sums(drr: ti.types.ndarray(ndim=3), w: ti.types.ndarray(ndim=4), bw:
 
 @kernel
 def channel_stats(sums: ti.types.ndarray(dtype=ti.f64, ndim=3), target: ti.types.ndarray(dtype=ti.f64, ndim=3),
-                  sims: ti.types.ndarray(ndim=1), stats: ti.types.ndarray(ndim=3)):
-    """Per image ``n``: ``sims[n] = sum_c coef_c NCC_c`` (``coef``: :data:`CHANNEL_WEIGHTS`) and ``stats`` (N, 3, 4) = (mean,
-    ``r``, ``coef_c / den``, ``sum(g) / W``) per channel, from ``sums`` and the X-ray's
-    ``target`` (V, 3, 4) = (W = sum w (clamped to EPS), W2 = sum w^2, B1 = sum bw, norm2)."""
+                  coefs: ti.types.ndarray(dtype=ti.f64, ndim=2), sims: ti.types.ndarray(ndim=1),
+                  stats: ti.types.ndarray(ndim=3)):
+    """Per image ``n``: ``sims[n] = sum_c coef_c NCC_c`` (``coefs`` (V, 3) per X-ray view: usually
+    :data:`CHANNEL_WEIGHTS`) and ``stats`` (N, 3, 4) = (mean, ``r``, ``coef_c / den``, ``sum(g) / W``)
+    per channel, from ``sums`` and the X-ray's ``target`` (V, 3, 4) = (W = sum w (clamped to
+    EPS), W2 = sum w^2, B1 = sum bw, norm2)."""
     views = target.shape[0]
     for n in range(sums.shape[0]):
         v = n % views
         total = ti.cast(0.0, ti.f64)
         for c in ti.static(range(3)):
-            coef = CHANNEL_WEIGHTS[c]
+            coef = coefs[v, c]
             s1, s2, s3, s4 = sums[n, c, 0], sums[n, c, 1], sums[n, c, 2], sums[n, c, 3]
             wsum, w2, b1, norm2 = target[v, c, 0], target[v, c, 1], target[v, c, 2], target[v, c, 3]
             mean = s1 / wsum

@@ -81,6 +81,7 @@ from .similarity import (  # noqa: F401 (API)
     pool,
     pool_weights,
     similarity,
+    structure_coefs,
     view_similarity,
 )
 from .windows import EPS, Crop, coarse_geometry
@@ -135,6 +136,8 @@ class _Level:
         self.xrays = self.raw
         self.rank: RankMatch | None = None
         self._target: SimilarityTarget | None = None  # the X-rays' side of the similarity
+        self.coefs: torch.Tensor | None = None  # channel weights per view (:meth:`weigh`; None: the default's)
+        self.structure: torch.Tensor | None = None  # the structure's DRR that set them
         self.weights = pool_weights(crop.images(weights), factor)
         self.means, self.quats = params["means"], params["quats"]
         blur_mm = blur * _object_pitch(self.geometry, centre_xray) if factor > 1 else 0.0
@@ -148,6 +151,16 @@ class _Level:
     def drr_vjp(self, means: torch.Tensor, quats: torch.Tensor):
         """:meth:`drr` without autograd: ``(drr, vjp)`` of :func:`~rgs_engine.core.splatting.splat_vjp`."""
         return splat_vjp(means, self.scales, quats, self.densities, self.geometry, validate=False)
+
+    def weigh(self, means: torch.Tensor, quats: torch.Tensor, drr: torch.Tensor, n_struct: int) -> None:
+        """Weigh each view's channels by what it shows of the structure
+        (:func:`.similarity.structure_coefs`): ``means`` / ``quats`` are this level's Gaussians
+        moved to a reference pose (the structure's first ``n_struct``), ``drr`` their DRR."""
+        n = n_struct
+        self.structure = splat(means[:n], self.scales[:n], quats[:n], self.densities[:n], self.geometry,
+                               validate=False)
+        self.coefs = structure_coefs(self.structure, drr.detach(), self.weights)
+        self._target = None
 
     def match(self, drr: torch.Tensor) -> None:
         """Map the X-rays through the monotone contrast curve that matches them to ``drr``
@@ -164,13 +177,13 @@ class _Level:
     def target(self) -> SimilarityTarget:
         """The X-rays' side of the similarity (as matched last)."""
         if self._target is None:
-            self._target = SimilarityTarget(self.xrays, self.weights)
+            self._target = SimilarityTarget(self.xrays, self.weights, self.coefs)
         return self._target
 
     def similarity(self, drr: torch.Tensor) -> torch.Tensor:
         """Per-view :func:`view_similarity` of ``drr`` (..., V, h, w) and the X-rays (...,  V)."""
         if self.rank is not None:
-            return view_similarity(drr, self.rank(drr.detach()), self.weights.expand_as(drr))
+            return view_similarity(drr, self.rank(drr.detach()), self.weights.expand_as(drr), self.coefs)
         return self.target(drr)
 
 
@@ -240,18 +253,21 @@ def _moved(lvl: _Level, up: PoseUpload, n_struct: int) -> tuple[torch.Tensor, to
     return rigid.move_packed(lvl.means, lvl.quats, up.flat, n_struct)
 
 
-def _step(lvl: _Level, up: PoseUpload, n_struct: int, match: bool = False) -> torch.Tensor:
+def _step(lvl: _Level, up: PoseUpload, n_struct: int, match: bool = False, weigh: bool = False) -> torch.Tensor:
     """One refinement step's similarity (the mean over views, a device scalar) at the poses of
     ``up``, and the gradient of its negative w.r.t. each pose vector in its ``.grad``
     (:meth:`PoseUpload.backward`). No autograd: the rigid move, the splat and the similarity
     each chain their closed-form adjoint (an autograd graph per step cost more host time than
     the GPU's work). ``match``: first put the X-rays in the contrast of this DRR
-    (:meth:`_Level.match`)."""
+    (:meth:`_Level.match`); ``weigh``: and weigh its channels by the structure there
+    (:meth:`_Level.weigh`)."""
     with torch.no_grad():
         means, quats = _moved(lvl, up, n_struct)
         drr, vjp = lvl.drr_vjp(means, quats)
         if match:
             lvl.match(drr)
+        if weigh:
+            lvl.weigh(means, quats, drr, n_struct)
         sims, saved = lvl.target.forward(drr)
         g_means, _, g_quats, _ = vjp(lvl.target.backward(saved, torch.full_like(sims, -1.0 / sims.numel())))
         up.backward(rigid.move_packed_vjp(lvl.means, lvl.quats, g_means, g_quats, n_struct, len(up.zs)))
@@ -283,7 +299,8 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
              lr_mm: float = 2.0, lr_deg: float = 1.0, blur: float = 0.5, margin_mm: float = 10.0,
              context_margin_mm: float = 30.0, threshold: float = SUCCESS_THRESHOLD,
              ground_truth=None, target_points=None, seed: int = 0, mask: bool = True,
-             match: bool = True, match_each: bool = True, progress: Callable[[str, int, int], None] | None = None) -> RegistrationResult:
+             match: bool = True, match_each: bool = True, structure_weights: bool = False,
+             progress: Callable[[str, int, int], None] | None = None) -> RegistrationResult:
     """Register the Gaussians ``params`` (CT world mm) to ``xrays``: a :class:`RegistrationResult`.
 
     ``init`` (4x4, default identity) is the starting ``ct_to_xray``. ``scales`` are the detector
@@ -301,6 +318,13 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     stage, with ``match_each``, in each candidate's own contrast (:class:`.similarity.RankMatch`;
     without it, in the contrast of the DRR at ``init``, which distorts the X-rays when
     ``init`` is far off).
+
+    ``structure_weights`` (with a ``context``): each view's similarity weighs its intensity
+    NCC and its gradient NCC by the structure's share of the DRR's signal in each
+    (:func:`.similarity.structure_coefs`), computed once per level at its reference pose (each
+    scale's start, the global stage's ``init``, the scored pose of the final score and the
+    confidence probe) instead of 1/2 each. Off by default (measured:
+    ``validation/registration_design.md``, "Weighing each view by what it shows of the structure").
 
     ``context`` (optional, same dict form): Gaussians of everything around the structure
     that ``params`` describes, e.g. the rest of the CT around one vertebra
@@ -387,14 +411,24 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
         return lvl.drr(*_moved(lvl, upload([z] if zc is None else [z, zc]), n_struct))
 
+    weighted = structure_weights and ctx is not None
+
+    def weigh(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None, drr: torch.Tensor) -> None:
+        """With ``structure_weights``: weigh ``lvl``'s channels by the structure at ``z``."""
+        if weighted:
+            with torch.no_grad():
+                lvl.weigh(*_moved(lvl, upload([z] if zc is None else [z, zc]), n_struct), drr, n_struct)
+
     def matched_level(factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float
                       ) -> tuple[_Level, torch.Tensor]:
-        """:func:`level` at the pose ``z`` with its X-rays matched to the DRR there, and that DRR."""
+        """:func:`level` at the pose ``z`` with its X-rays matched to the DRR there (and its
+        channels weighed there), and that DRR."""
         lvl = level(factor, pose_of(z), margin)
         with torch.no_grad():
             drr = moved_drr(lvl, z, zc)
         if match:
             lvl.match(drr)
+        weigh(lvl, z, zc, drr)
         return lvl, drr
 
     def reference_contrast(lvl: _Level, drr: torch.Tensor) -> None:
@@ -408,7 +442,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     def final_score(z: torch.Tensor, zc: torch.Tensor | None) -> float:
         lvl, drr = matched_level(1, z, zc, margin_mm)
         with torch.no_grad():
-            return float(similarity(drr, lvl.xrays, FINAL_SCALES, lvl.weights))
+            return float(similarity(drr, lvl.xrays, FINAL_SCALES, lvl.weights, lvl.structure))
 
     # the ground truth's unit-scaled pose vector: diagnostics in the history only
     z_truth = None
@@ -446,6 +480,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             with torch.no_grad():
                 drr0 = moved_drr(coarse, zero, None)
                 reference_contrast(coarse, drr0)
+                weigh(coarse, zero, None, drr0)
                 if SHIFT_PEAKS:  # and translations from each view's best image shifts
                     signs = coarse.rank.signs if coarse.rank else polarity(coarse.raw, drr0, coarse.weights)
                     moves = translation_candidates(drr0, coarse.raw, coarse.weights, signs, coarse.geometry,
@@ -495,7 +530,8 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             for g in opt.param_groups:  # cosine-ish decay within the scale
                 g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
             up = upload([z] if zc is None else [z, zc], grad=True)
-            sim = _step(lvl, up, n_struct, match=it == 0 and match)  # (the scale's start pose's contrast)
+            sim = _step(lvl, up, n_struct, match=it == 0 and match,  # (the scale's start pose's contrast)
+                        weigh=it == 0 and weighted)
             if it == 0:
                 first = float(sim)
             opt.step()
@@ -527,6 +563,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
             drr = moved_drr(lvl, z, None)
             if match:
                 reference_contrast(lvl, drr)
+        weigh(lvl, z, None, drr)
         offs = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), reach_mm, reach_deg, seed + 2)  # row 0: the pose
         probes = delta_matrix(offs, c_pose) @ pose
         sims = score_poses(lvl, probes).mean(axis=1)

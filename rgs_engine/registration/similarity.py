@@ -94,9 +94,13 @@ class SimilarityTarget:
     centred, weighted channels, by the kernels of :mod:`rgs_engine.kernels.similarity` (two
     launches forward, one backward; float64 sums). Differentiable (:class:`_TargetNCC`);
     :meth:`forward` / :meth:`backward` are the same without autograd. Its definition in plain
-    torch (the tests' float64 reference): ``0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))``."""
+    torch (the tests' float64 reference): ``0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))``.
 
-    def __init__(self, xray: torch.Tensor, w: torch.Tensor | None = None):
+    ``coefs`` (..., 3), one row per X-ray image (the X-ray's leading dims, or broadcast to
+    them): other weights of the three channels per view (the similarity is then ``coef_0 ncc +
+    (coef_1 + coef_2) / 2 gradient_ncc`` when ``coef_1 == coef_2``; :func:`structure_coefs`)."""
+
+    def __init__(self, xray: torch.Tensor, w: torch.Tensor | None = None, coefs: torch.Tensor | None = None):
         x = check_tensor("X-rays", xray, device=runtime.ensure(), finite=False).detach()
         b = _channels(x)
         wc = _channel_weights(None if w is None else w.detach().to(x.dtype).expand_as(x), x).expand_as(b)
@@ -109,6 +113,9 @@ class SimilarityTarget:
         # per view and channel: W, sum w^2, sum bw, norm2 (kernels.similarity.channel_stats)
         self.consts = torch.stack([wsum, wc.square().sum(dim=(-2, -1)), bw.sum(dim=(-2, -1)),
                                    centred.square().sum(dim=(-2, -1))], dim=-1).reshape(-1, 3, 4).double().contiguous()
+        base = torch.tensor(kernels.CHANNEL_WEIGHTS, dtype=torch.float64, device=x.device)
+        c = base if coefs is None else torch.as_tensor(coefs, dtype=torch.float64, device=x.device)
+        self.coefs = c.expand(*self.lead, 3).reshape(-1, 3).contiguous()
 
     def __call__(self, drr: torch.Tensor) -> torch.Tensor:
         return _TargetNCC.apply(drr, self)
@@ -128,7 +135,7 @@ class SimilarityTarget:
         sums = kernel_output(n, 3, 4, dtype=torch.float64)
         kernels.channel_sums(flat, self.w, self.bw, sums, *chunking(flat[0].numel(), flat.is_cuda))
         sims, stats = kernel_scratch(n), kernel_scratch(n, 3, 4)
-        kernels.channel_stats(sums, self.consts, sims, stats)
+        kernels.channel_stats(sums, self.consts, self.coefs, sims, stats)
         return sims.reshape(drr.shape[:-2]), (flat, stats, drr.shape)
 
     def backward(self, saved: tuple, grad: torch.Tensor) -> torch.Tensor:
@@ -154,11 +161,46 @@ class _TargetNCC(torch.autograd.Function):
         return ctx.target.backward(ctx.saved, grad).to(ctx.dtype), None
 
 
-def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | None = None,
+                    coefs: torch.Tensor | None = None) -> torch.Tensor:
     """(NCC + gradient NCC) / 2 per view: (..., H, W) -> (...). The same value as
     ``0.5 * (ncc(drr, xray, w) + gradient_ncc(drr, xray, w))``, computed in one pass
-    (:class:`SimilarityTarget`; reuse one for many DRRs of the same X-rays)."""
-    return SimilarityTarget(xray, None if w is None else w.expand(torch.broadcast_shapes(w.shape, xray.shape)))(drr)
+    (:class:`SimilarityTarget`; reuse one for many DRRs of the same X-rays). ``coefs``: other
+    channel weights per X-ray image (:class:`SimilarityTarget`)."""
+    return SimilarityTarget(xray, None if w is None else w.expand(torch.broadcast_shapes(w.shape, xray.shape)),
+                            coefs)(drr)
+
+
+def _weighted_var(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted variance over the last two dims: (..., H, W) -> (...)."""
+    wsum = w.sum(dim=(-2, -1)).clamp_min(EPS)
+    mean = (x * w).sum(dim=(-2, -1), keepdim=True) / wsum[..., None, None]
+    return ((x - mean).square() * w).sum(dim=(-2, -1)) / wsum
+
+
+def structure_coefs(structure: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Channel weights (V, 3) of :class:`SimilarityTarget` by what each view's DRR shows of the
+    structure: ``structure`` (V, H, W) is the DRR of the structure alone, ``drr`` the DRR of
+    everything (structure and context) at the same pose, ``w`` the X-rays' pixel weights. Per
+    view, the structure's share of the DRR's signal in the intensity channel (``s_i``: the
+    ratio of their weighted variances) and in the difference channels (``s_g``: the ratio of
+    their finite differences' weighted energies), each clipped to [0, 1]; the intensity NCC
+    gets ``s_i / (s_i + s_g)``, each difference ``s_g / (2 (s_i + s_g))`` (a view's weights add
+    up to 1, as the default's 0.5 / 0.25 / 0.25 do). Where the structure is a small part of the
+    DRR's intensities but most of its edges (a vertebra among the ribs, the shoulders and the
+    soft tissue), the gradient NCC then counts most."""
+    s, d = structure.double(), drr.double()
+    wt = torch.ones_like(d) if w is None else w.double().expand_as(d)
+    s_i = _weighted_var(s, wt) / _weighted_var(d, wt).clamp_min(EPS)
+    num = den = 0.0
+    for dim in (-1, -2):
+        wd = wt.narrow(dim, 1, wt.shape[dim] - 1) * wt.narrow(dim, 0, wt.shape[dim] - 1)
+        num = num + _weighted_var(s.diff(dim=dim), wd)
+        den = den + _weighted_var(d.diff(dim=dim), wd)
+    s_g = num / den.clamp_min(EPS)
+    s_i, s_g = s_i.clamp(0, 1), s_g.clamp(0, 1)
+    total = (s_i + s_g).clamp_min(EPS)
+    return torch.stack([s_i / total, 0.5 * s_g / total, 0.5 * s_g / total], dim=-1)
 
 
 def pool(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -177,10 +219,15 @@ def pool_weights(w: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def similarity(drr: torch.Tensor, xrays: torch.Tensor, scales: Sequence[int] = (1,),
-               w: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over views and ``scales`` of :func:`view_similarity` of the pooled images."""
-    vals = [view_similarity(pool(drr, f), pool(xrays, f), None if w is None else pool_weights(w, f)).mean()
-            for f in scales]
+               w: torch.Tensor | None = None, structure: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over views and ``scales`` of :func:`view_similarity` of the pooled images; with
+    ``structure`` (the DRR of the structure alone at the same pose), each pooling's channels
+    weighted by :func:`structure_coefs` of the pooled images."""
+    vals = []
+    for f in scales:
+        wf = None if w is None else pool_weights(w, f)
+        coefs = None if structure is None else structure_coefs(pool(structure, f), pool(drr, f), wf)
+        vals.append(view_similarity(pool(drr, f), pool(xrays, f), wf, coefs).mean())
     return torch.stack(vals).mean()
 
 
