@@ -6,23 +6,23 @@ defaults, then the preset's overrides, then what the user gave explicitly (``--i
 
 Where the values come from: ``validation/presets.md`` (``python validation/presets.py``: the
 chest CT of ``datasets/fetch_ct.py`` at 256^3, 25 circular views of 512^2, R2-Gaussian's noise;
-one NVIDIA H200, 2026-12-06, with the shared-memory render kernel). 3D PSNR / SSIM and
-``seconds``:
+one NVIDIA H200, 2026-12-06, with the shared-memory render kernel and the fused L1 + D-SSIM
+kernel). 3D PSNR / SSIM and ``seconds``:
 
-* ``draft``: 500 iterations, 31.77 dB / .862 in 7.7 s;
-* ``fast``: 2000 iterations of 4 views (the default: 8), 34.02 dB / .905 in 15.2 s (seeds 1 /
-  2: 34.04 / 33.99 dB in 15.5 / 16.3 s): 0.2 dB below the default in about half the time.
-  Stopped at 1500 iterations it gave 33.75 dB in 14.1 s, at 1750 33.90 / 33.94 / 33.86 dB
-  (seeds 0 / 1 / 2) in 14.3 / 15.1 / 15.2 s: seconds vary by about 1 s between runs of one
-  recipe on one lease. Measured on this one case at 25 views only; a four-lever combination
-  that includes it lost 0.27 dB to the recipe at 50 views (``validation/levers.md``);
+* ``draft``: 500 iterations, 31.77 dB / .862 in 7.6 s;
+* ``fast``: 2000 iterations of 4 views (the default: 8), 34.02 dB / .905 in 12.6 s: 0.2 dB
+  below the default in about 60 % of the time. Before the fused loss kernel, on an H200 lease
+  that morning: 15.2 s (seeds 1 / 2: 34.04 / 33.99 dB in 15.5 / 16.3 s; seconds vary by about
+  1 s between runs of one recipe on one lease). Measured on this one case at 25 views only; a
+  four-lever combination that includes it lost 0.27 dB to the recipe at 50 views
+  (``validation/levers.md``);
 * ``default``: the recipe as it is (3000 iterations; the automatic count, one Gaussian per
-  20 voxels, 10k..50k), 34.24 dB / .906 in 27.4 s.
+  20 voxels, 10k..50k), 34.24 dB / .906 in 22.0 s.
 
-The same script on an H100 lease that day: 9.0 / 17.3 / 31.2 s, and that morning, before the
-shared-memory render kernel, on another H100 lease: 11.7 / 22.5 / 33.6 s, at the same PSNR;
-machines differ by up to about that much between leases, so these are not measured speed-ups
-(the kernel's own A/B is in ``validation/results/render_kernel_ab.json``).
+On an H100 lease with the same code (``validation/presets_h100/presets.md``): 10.3 / 11.7 /
+22.2 s at the same PSNR; machines differ between leases, so these are not measured speed-ups
+(the kernels' own A/Bs are in ``validation/results/render_kernel_ab.json`` and
+``image_loss_ab.json``).
 
 Longer is not better: 5000 iterations gave 33.70 dB / .897 in 95.1 s with the recipe of that
 day (4 densification rounds, where 3000 gave 33.80), so no preset trains longer than the
@@ -46,8 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # one line per preset for the command line's help: what it trades
 TRADES = {
-    "draft": "500 iterations: 31.8 dB in 8 s against the default's 34.2 dB in 27 s (H200, 256^3, 25 views)",
-    "fast": "2000 iterations of 4 views: 34.0 dB in 15 s",
+    "draft": "500 iterations: 31.8 dB in 8 s against the default's 34.2 dB in 22 s (H200, 256^3, 25 views)",
+    "fast": "2000 iterations of 4 views: 34.0 dB in 13 s",
     DEFAULT: "3000 iterations, one Gaussian per 20 voxels",
 }
 
