@@ -183,8 +183,10 @@ level, hence the end-exhale level. Real CT (``validation/track4d.py --cpu``, 32^
 each, a 3-period window then): 29.26 / 29.41 / 29.36 / 29.29 dB (irregular, baseline-shift,
 amplitude-drift, regular) against the default's 29.30-29.33 / 29.44 / 29.44 / 29.34 dB; at
 64^3 (300 projections of 64^2, 300 + 1000 steps, baseline-shift) 34.86 dB against 34.80 dB.
-There the 4.5 mm drift is under a voxel; the full-size case (1.4 mm voxels), where
-baseline-shift is 0.5 dB short of issue 20's bar, is unmeasured, so it stays off.
+There the 4.5 mm drift is under a voxel. At full size (``validation/track4d.md``'s variants,
+H200, one run each): baseline-shift 37.92 dB (+2.72 over static) against the default's 37.73
+(+2.54, H100), but irregular 36.48 dB (+1.89, period 2.92 % off the draw's 3.5 s) against
+36.91 (+2.32): the deeper breath's end-exhale level is read as a drift. So it stays off.
 
 **Densifying in stage 2** by the deformed renderings' position gradients (recon.gaussian's clone /
 split rules) was measured and left out: anchors 35.76 dB (5 rounds of 10 % over 5-50 % of
