@@ -299,7 +299,7 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
              lr_mm: float = 2.0, lr_deg: float = 1.0, blur: float = 0.5, margin_mm: float = 10.0,
              context_margin_mm: float = 30.0, threshold: float = SUCCESS_THRESHOLD,
              ground_truth=None, target_points=None, seed: int = 0, mask: bool = True,
-             match: bool = True, match_each: bool = True, structure_weights: bool = False,
+             match: bool = True, match_each: bool = True, structure_weights: bool = True,
              progress: Callable[[str, int, int], None] | None = None) -> RegistrationResult:
     """Register the Gaussians ``params`` (CT world mm) to ``xrays``: a :class:`RegistrationResult`.
 
@@ -323,8 +323,14 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     NCC and its gradient NCC by the structure's share of the DRR's signal in each
     (:func:`.similarity.structure_coefs`), computed once per level at its reference pose (each
     scale's start, the global stage's ``init``, the scored pose of the final score and the
-    confidence probe) instead of 1/2 each. Off by default (measured:
-    ``validation/registration_design.md``, "Weighing each view by what it shows of the structure").
+    confidence probe) instead of 1/2 each. On by default: on the full-size GPU sweep
+    (``validation/registration.md``, NVIDIA H200, 220 registrations, against the unweighted
+    similarity on the same lease) 184 of 189 right poses flagged against 174 of 187, 0 of 31
+    wrong poses flagged against 1 of 33 (a distorted T10 pose 2.08 mm off, estimated 0.73 mm;
+    weighted, that trial ended 1.98 mm off, flagged: a near miss either way), worst distorted
+    bin 90 % against 80 %, median mTRE 0.42 against 0.41 mm
+    (``validation/registration_design.md``, "Weighing each view by what it shows of the
+    structure"). Without a ``context`` it changes nothing.
 
     ``context`` (optional, same dict form): Gaussians of everything around the structure
     that ``params`` describes, e.g. the rest of the CT around one vertebra
