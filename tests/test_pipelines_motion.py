@@ -5,6 +5,7 @@ stop request and a resume. Tiny sizes: these run on 2 CPU cores in CI."""
 import json
 import pickle
 
+import numpy as np
 import pytest
 
 from chest_phantom import write_chest_nifti
@@ -61,6 +62,25 @@ def test_track4d_breathing_python_api_without_period_s(tmp_path):
     # plain-string options are checked as the command line checks its choices
     with pytest.raises(RgsInputError, match="--deformation splines: use kplanes or anchors"):
         pipelines.track4d(case, tmp_path / "bad", deformation="splines")
+
+
+def test_track4d_writes_the_surrogate_it_used(tmp_path):
+    ct = write_chest_nifti(tmp_path / "chest.nii.gz")
+    case = pipelines.simulate4d(ct, tmp_path / "case.pickle", grid=16, projections=24, val_projections=2,
+                                det=16, scan_seconds=15.0, period=3.7, phases=4).out
+    result = pipelines.track4d(case, tmp_path / "run", static_iterations=4, iterations=4,
+                               time_input="surrogate")
+    assert result.metrics["time_input"] == "surrogate"
+    path = tmp_path / "run" / "surrogate.csv"
+    assert path in result.files
+    lines = path.read_text().splitlines()
+    assert lines[0] == "time_s,phase_measured_cycles,phase_cycles,depth_measured,depth"
+    rows = np.array([[float(x) for x in line.split(",")] for line in lines[1:]])
+    drive = result.extra["reconstruction"].surrogate
+    assert rows.shape == (drive.times_s.numel(), 5) and np.all(np.diff(rows[:, 0]) > 0)
+    assert np.allclose(rows[:, 3], drive.measured_log_amplitude.exp().numpy(), rtol=1e-5)
+    low, high = result.metrics["surrogate_amplitude_range"]
+    assert rows[:, 4].min() == pytest.approx(low, rel=1e-4) and rows[:, 4].max() == pytest.approx(high, rel=1e-4)
 
 
 def test_dsa_python_api_stop_and_resume(tmp_path, monkeypatch):

@@ -206,6 +206,19 @@ class SurrogateDrive(nn.Module):
         self.phase_offset = nn.Parameter(torch.zeros_like(t))
         self.log_amplitude_offset = nn.Parameter(torch.zeros_like(t))
 
+    def table(self) -> dict[str, np.ndarray]:
+        """The drive per view, sorted by time: (N,) float64 arrays ``time_s``,
+        ``phase_measured_cycles`` / ``phase_cycles`` (unwrapped, as measured / refined),
+        ``depth_measured`` / ``depth`` (relative to the measurement's median) and, with a
+        baseline, ``baseline`` (relative, centred)."""
+        with torch.no_grad():
+            cols = {"time_s": self.times_s, "phase_measured_cycles": self.measured_phase,
+                    "phase_cycles": self.phase, "depth_measured": self.measured_log_amplitude.exp(),
+                    "depth": (self.measured_log_amplitude + self.log_amplitude_offset).exp()}
+            if self.has_baseline:
+                cols["baseline"] = self.measured_baseline
+            return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in cols.items()}
+
     @classmethod
     def placeholder(cls, times_s: torch.Tensor, baseline: bool = False) -> SurrogateDrive:
         """A drive of the right shapes (with a baseline or not) whose state a checkpoint then loads."""

@@ -11,6 +11,11 @@ period (:mod:`rgs_engine.motion.track4d`). Outputs in ``--out DIR``:
   phase passes the centres of 10 equal phase bins); ``phase_times_s`` in ``metrics.json``
   says which;
 * ``phases.gif``: central coronal and sagittal slices over those times (truth above when known);
+* ``surrogate.csv`` (surrogate input only): the breathing the projections show, one row per
+  view in time order: ``time_s``, the phase in cycles as measured and as refined in training
+  (``phase_measured_cycles``, ``phase_cycles``; unwrapped, one per breath), the relative depth
+  (``depth_measured``, ``depth``; 1 = the median breath) and, with ``surrogate_baseline``,
+  ``baseline``;
 * ``metrics.json``: ``period_s``, ``period_truth_s`` and ``period_error_pct`` with
   ``period_truth_source``: ``"file"`` (its ``period_s``), ``"phase_times_s"`` (derived from
   the file's phase times when those are the evenly spaced bins of one cycle, see
@@ -68,9 +73,9 @@ from .common import (ProgressCallback, Reporter, RunResult, StopCheck, built_wit
                      parse_sets, require, resume_settings, run_iterations, write_metrics, write_run_config)
 from .angiography import check_run_options, dsa
 
-PHASES, GIF, METRICS, CONFIG, CHECKPOINT = (
-    "phases.nii.gz", "phases.gif", "metrics.json", "config.json", "checkpoint.pt")
-OUTPUTS = (PHASES, GIF, METRICS, CONFIG, CHECKPOINT)
+PHASES, GIF, SURROGATE, METRICS, CONFIG, CHECKPOINT = (
+    "phases.nii.gz", "phases.gif", "surrogate.csv", "metrics.json", "config.json", "checkpoint.pt")
+OUTPUTS = (PHASES, GIF, SURROGATE, METRICS, CONFIG, CHECKPOINT)  # surrogate.csv with surrogate input only
 DEFAULT_PHASES = 10  # volumes over one learned cycle when the data have no ground truth
 DEFAULT_CHECKPOINT_EVERY = 500
 AUTO = "auto"  # --period-init: the period estimated from the projections
@@ -356,6 +361,8 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
                          frame_seconds=float(steps.mean()) if even else None)
         series = ({"ground truth": data.phases} if data.phases is not None else {}) | {"rgs": volumes.cpu()}
         images.slices_gif(out / GIF, series, data.grid, force=True)
+        if rec.time_input == "surrogate" and rec.surrogate is not None:
+            _write_surrogate(out / SURROGATE, rec.surrogate)
     report.update({"mode": "breathing", "deformation": config.deformation, "views": data.num_views,
                    "scan_seconds": data.scan_seconds, "conventions": data.conventions,
                    "iterations": rec.iteration, "num_gaussians": len(rec.static.gaussians),
@@ -363,8 +370,16 @@ def track4d(case: Union[str, Path], out: Union[str, Path], *, mode: str = "breat
     write_metrics(out / METRICS, report, dev, t_start, reporter.seconds, settings)
     for message in suspect_warnings(report, rec.period_from_projections):
         reporter.warn(message)
-    return RunResult(out, report, [out / f for f in OUTPUTS], volumes={"phases": volumes},
+    return RunResult(out, report, [out / f for f in OUTPUTS if (out / f).is_file()], volumes={"phases": volumes},
                      warnings=reporter.warnings, extra={"reconstruction": rec})
+
+
+def _write_surrogate(path: Path, drive) -> None:
+    """``surrogate.csv``: one row per view of :meth:`~rgs_engine.motion.surrogate.SurrogateDrive.table`
+    (the breathing the projections show, as measured and as refined), written atomically."""
+    cols = drive.table()
+    rows = [",".join(cols)] + [",".join(f"{x:.6g}" for x in row) for row in zip(*cols.values())]
+    files.write_bytes(path, ("\n".join(rows) + "\n").encode(), force=True)
 
 
 # --------------------------------------------------------------------------------------
