@@ -181,6 +181,10 @@ def run_track4d(case_path: Path, method: str, work: Path, args, device: str) -> 
         raise SystemExit(f"rgs track4d failed ({done.returncode}):\n{done.stderr[-3000:]}")
     report = load_json(out / "metrics.json")
     report["wall_seconds"] = wall
+    if (out / "surrogate.csv").is_file():  # surrogate input: the per-view breathing it used
+        lines = (out / "surrogate.csv").read_text().splitlines()
+        columns = list(zip(*(map(float, line.split(",")) for line in lines[1:])))
+        report["surrogate"] = dict(zip(lines[0].split(","), map(list, columns)))
     phases = torch.from_numpy(np.asarray(nib.load(out / "phases.nii.gz").get_fdata(dtype=np.float32)))
     return report, phases.permute(3, 0, 1, 2)
 
@@ -289,6 +293,11 @@ def run_case(args, case: str) -> dict:
                                               "ssim_2d_test", "seconds", "seconds_by_stage",
                                               "iterations", "num_gaussians", "motion_mm",
                                               "time_input", "phase_wander_cycles", "wall_seconds")}
+                if "surrogate" in report:  # beside the simulated diaphragm amplitude at the same times
+                    times = torch.tensor(report["surrogate"]["time_s"], dtype=torch.float64)
+                    truth_si = motion_amplitudes(times, spec.period_s, spec.irregular, spec.seed,
+                                                 **DRIFTS.get(case, {}), horizon_s=spec.scan_seconds)[:, 2]
+                    row["surrogate"] = report["surrogate"] | {"truth_si_amplitude": truth_si.tolist()}
                 res["slices"][method] = [coronal(phases[i_a]), coronal(phases[i_b])]
             elif method == "ceiling":
                 row = ceiling(spec, args, dev)
