@@ -46,7 +46,8 @@ def register(
     The CT becomes radiative Gaussians (cached next to the CT); with --mask/--label the
     structure (one vertebra) and, as its context, the rest of the CT: the pose is found for
     the structure, with the comparison restricted to a window of the views around it. A global search within --capture-mm / --capture-deg of --init is
-    followed by a coarse-to-fine gradient refinement of the similarity (NCC + gradient NCC).
+    followed by a coarse-to-fine gradient refinement of the similarity (NCC + gradient NCC;
+    with --mask/--label each view weighs the two by the structure's share of its DRR's signal).
     pose.json holds ct_to_xray (CT world mm -> X-ray frame), similarity, success, the
     estimated error (mm) and the evidence behind it (restarts from perturbed poses, the
     similarity's peak per axis, AP and lateral each alone, a rival basin near the pose that
