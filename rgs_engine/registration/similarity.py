@@ -226,8 +226,9 @@ def similarity(drr: torch.Tensor, xrays: torch.Tensor, scales: Sequence[int] = (
     vals = []
     for f in scales:
         wf = None if w is None else pool_weights(w, f)
-        coefs = None if structure is None else structure_coefs(pool(structure, f), pool(drr, f), wf)
-        vals.append(view_similarity(pool(drr, f), pool(xrays, f), wf, coefs).mean())
+        drr_f = pool(drr, f)
+        coefs = None if structure is None else structure_coefs(pool(structure, f), drr_f, wf)
+        vals.append(view_similarity(drr_f, pool(xrays, f), wf, coefs).mean())
     return torch.stack(vals).mean()
 
 
