@@ -74,6 +74,7 @@ numbers that mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import importlib.util
 import json
@@ -249,10 +250,14 @@ def result_fields(res) -> dict:
 
 
 def trial_xrays(seed: int, group: str, b: int, j: int, lo: float, hi: float, case: dict, geo: Geometry,
-                volume: torch.Tensor, vgrid, other: tuple[torch.Tensor, np.ndarray]) -> tuple[XRaySet, dict]:
+                volume: torch.Tensor, vgrid, other: tuple[torch.Tensor, np.ndarray], noise_seed: int | None = None,
+                detector: dict | None = None) -> tuple[XRaySet, dict]:
     """One trial's X-rays (seed ``(seed, group, b, j)``; ``other``: the other-patient CT and this
     case's shift, :func:`other_patient`) with the true pose as ground truth, and the trial's
-    extra record fields (shift, move, detector)."""
+    extra record fields (shift, move, detector). For diagnostics (the same pose and detector
+    draw, one thing changed): ``noise_seed`` replaces the seed of the noise's draw,
+    ``detector`` overrides fields of a distorted / processed trial's detector
+    (:class:`~rgs_engine.sim.radiograph.DetectorSpec` names, e.g. ``{"scatter": 0.0}``)."""
     rng = np.random.default_rng([seed, GROUPS.index(group), b, j])
     truth = true_pose(lo, hi, case["centre"], rng)
     extra: dict = {}
@@ -266,10 +271,12 @@ def trial_xrays(seed: int, group: str, b: int, j: int, lo: float, hi: float, cas
                                                 - rigid.apply(truth, case["points"]), axis=1).mean())
     else:
         clean = sim.project_views(volume, vgrid, rigid.transform_geometry(geo, rigid.invert(truth)))
-    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
+    drawn = int(rng.integers(1 << 31))
+    gen = torch.Generator().manual_seed(drawn if noise_seed is None else noise_seed)
     images, _ = sim.add_noise(clean, *NOISE, model="tigre", generator=gen)
     if group in ("distorted", "processed"):
         spec = random_detector(rng, geo.det_shape[0], geo.num_views, processed=group == "processed")
+        spec = dataclasses.replace(spec, **(detector or {}))
         images = radiograph.detector_images(images, spec)
         extra["detector"] = spec.to_dict()
     return XRaySet(images, geo, ["ap", "lateral"], truth), extra

@@ -29,6 +29,7 @@ Usage::
 
     python validation/registration_diag.py --trials clean:30:2,clean:20:3,distorted:10:4
         [--labels 32,34,36,38,40] [--seed 0] [--size full] [--variants JSON] [--out FILE.json]
+        [--noise-seed N] [--detector scatter=0,blur=0]
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ import numpy as np
 import registration as sweep
 
 from rgs_engine.core import runtime
+from rgs_engine.core.errors import RgsInputError
 from rgs_engine.io.files import load_nifti, save_json
 from rgs_engine.registration import register as reg
-from rgs_engine.sim import ct
+from rgs_engine.sim import ct, radiograph
 
 
 def summary(res) -> dict:
@@ -77,7 +79,8 @@ def line(name: str, s: dict) -> str:
     sc = " ".join(f"s{t['scale']}: {t['similarity']:.4f}/{t['at_truth']:.4f}" for t in s["scales"]
                   if t["similarity"] is not None)
     return (f"  {name:14s} {s['initial_mtre_mm']:.2f} -> {s['mtre_mm']:.2f} mm  {g}{sc} (found/truth); "
-            f"final {s['similarity']:.4f} vs truth {s['truth_similarity']:.4f}; {s['seconds']:.1f} s")
+            f"final {s['similarity']:.4f} vs truth {s['truth_similarity']:.4f}; "
+            f"{'flagged' if s['flagged'] else 'refused'}, estimated {s['estimated_error_mm']:.2f} mm; {s['seconds']:.1f} s")
 
 
 def main(argv=None) -> int:
@@ -92,7 +95,17 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=sweep.ROOT / ".cache" / "registration")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every run")
     ap.add_argument("--device", default="cpu", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--noise-seed", type=int, default=None,
+                    help="another draw of the X-rays' noise (same pose and detector draw)")
+    ap.add_argument("--detector", default="",
+                    help="override the distorted / processed trials' detector draw, e.g. scatter=0,blur=0")
     args = ap.parse_args(argv)
+    given = [item.partition("=")[0].strip() for item in args.detector.split(",") if item.strip()]
+    try:
+        spec = radiograph.DetectorSpec.parse(args.detector)
+    except RgsInputError as e:
+        ap.error(str(e))
+    detector = {k: getattr(spec, k) for k in given}
     labels = [int(v) for v in args.labels.split(",")]
     bins = [float(v) for v in args.bins.split(",")]
     trials = [(g, float(lo), int(j)) for g, lo, j in (t.split(":") for t in args.trials.split(","))]
@@ -118,7 +131,7 @@ def main(argv=None) -> int:
         other = (sweep.other_patient_input(volume, vgrid, labels, label) if group == "other-patient"
                  else (None, None))
         xs, _ = sweep.trial_xrays(args.seed, group, b, j, lo, hi, case, sweep.case_views(size, case["centre"]),
-                                  volume, vgrid, other)
+                                  volume, vgrid, other, noise_seed=args.noise_seed, detector=detector)
         print(f"{group} {lo:g}-{hi:g} mm trial {j} ({case['name']}, X-rays {time.perf_counter() - t:.0f} s)",
               flush=True)
         for name, variant in args.variants.items():
@@ -136,7 +149,8 @@ def main(argv=None) -> int:
             s = summary(res)
             print(line(name, s), flush=True)
             records.append({"group": group, "bin": [lo, hi], "trial": j, "label": label, "variant": name,
-                            "register": variant, **s, "pose": np.asarray(res.pose).tolist()})
+                            "register": variant, "noise_seed": args.noise_seed, "detector": detector,
+                            **s, "pose": np.asarray(res.pose).tolist()})
             if args.out:
                 save_json(args.out, {"size": args.size, "seed": args.seed, "runs": records}, force=True)
     return 0
