@@ -100,12 +100,11 @@ def main(argv=None) -> int:
     ap.add_argument("--detector", default="",
                     help="override the distorted / processed trials' detector draw, e.g. scatter=0,blur=0")
     args = ap.parse_args(argv)
-    given = [item.partition("=")[0].strip() for item in args.detector.split(",") if item.strip()]
     try:
-        spec = radiograph.DetectorSpec.parse(args.detector)
+        detector = radiograph.DetectorSpec.items(args.detector)
+        radiograph.DetectorSpec(**detector)  # the fields' ranges, before the CT loads
     except RgsInputError as e:
         ap.error(str(e))
-    detector = {k: getattr(spec, k) for k in given}
     labels = [int(v) for v in args.labels.split(",")]
     bins = [float(v) for v in args.bins.split(",")]
     trials = [(g, float(lo), int(j)) for g, lo, j in (t.split(":") for t in args.trials.split(","))]

@@ -101,6 +101,12 @@ class DetectorSpec:
     def parse(cls, text: str) -> "DetectorSpec":
         """``"gamma=0.6,scatter=0.2,blur=1.2,collimation=14,label=AP"`` -> a spec (keys are the
         field names; ``label`` takes the rest of its item, without commas)."""
+        return cls(**cls.items(text))
+
+    @classmethod
+    def items(cls, text: str) -> dict:
+        """The fields that :meth:`parse`'s ``text`` gives, typed (only those: overrides of
+        another spec), unchecked against the fields' ranges."""
         kinds = {f.name: f.type for f in fields(cls)}
         values: dict = {}
         for item in (s.strip() for s in text.split(",")):
@@ -115,7 +121,7 @@ class DetectorSpec:
                 values[key] = {"float": float, "int": int, "str": str}[kinds[key]](value.strip())
             except ValueError:
                 raise RgsInputError(f"detector item {item!r}: {key} takes a {kinds[key]}") from None
-        return cls(**values)
+        return values
 
     def to_dict(self) -> dict:
         return asdict(self)
