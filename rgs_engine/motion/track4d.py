@@ -225,7 +225,7 @@ from .deformation import (
     KPlanesField,
     periodic_consistency,
 )
-from .period_estimate import PeriodEstimate, estimate_period, phase_wander, row_shifts
+from .period_estimate import PeriodEstimate, RowTerms, estimate_period, phase_wander, row_terms, shifts_of
 from .surrogate import SurrogateDrive, measure_surrogate
 
 DEFORMATIONS = ("kplanes", "anchors")
@@ -386,11 +386,11 @@ class Track4DReconstruction:
     def row_shifts(self) -> torch.Tensor:
         """(N,) float64: each view's row shift (pixels) against the current static Gaussians'
         rendering, the breathing surrogate of :mod:`rgs_engine.motion.period_estimate`."""
-        shifts = []
+        terms = []
         for chunk in torch.arange(self.data.num_views).split(ESTIMATE_VIEWS_PER_CALL):
             reference = self.static.render(self.data.geometry.subset(chunk))
-            shifts.append(row_shifts(self.data.projections[chunk].to(self.device), reference))
-        return torch.cat(shifts)
+            terms.append(row_terms(self.data.projections[chunk].to(self.device), reference))
+        return shifts_of(RowTerms.cat(terms))
 
     def _read_breathing(self) -> None:
         """Set :attr:`period_estimate` and :attr:`phase_wander` (the standard deviation,
