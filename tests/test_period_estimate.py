@@ -59,6 +59,8 @@ def test_row_shift_of_a_shifted_image():
     got = row_shifts(measured, reference, fraction=1.0)
     assert got[:3].tolist() == pytest.approx(shifts, rel=0.05, abs=1e-12)
     assert float(got[3]) == 0.0  # no row gradient: no shift
+    # shifts spanning under LINEAR_SWING_PX: the default sums every row as well
+    assert torch.equal(row_shifts(measured, reference), got)
 
 
 def test_motion_rows_keep_a_deep_breath_linear():

@@ -7,8 +7,9 @@ training: each case of ``validation/track4d.py`` is simulated by ``rgs simulate4
 (:func:`rgs_engine.sim.breathing_scan.simulate_breathing`, TIGRE noise), the reference of
 every view is the projection of the scan's time-averaged volume (the motion-blurred volume
 that the static fit approximates), and the surrogate is measured with the row shifts over
-all interior rows (``fraction 1``, the estimate before the motion rows) and over the motion
-rows (the default fraction). Per breathing cycle of the simulation: the true depth (the SI
+all interior rows (``all rows``, the estimate before the motion rows) and by the default
+(``default``: the motion rows, or all rows where the motion rows' shifts span under
+:data:`~rgs_engine.motion.period_estimate.LINEAR_SWING_PX`). Per breathing cycle of the simulation: the true depth (the SI
 amplitude's swing over the cycle) against the mean measured amplitude over the cycle's
 views, both relative to their medians; reported: the slope and correlation of measured on
 true depth, and the deepest cycle's true and measured depth.
@@ -111,10 +112,11 @@ def run_case(name: str, volume: torch.Tensor, grid: VolumeGrid, args) -> dict:
         period = estimate_period(times, shifts).period_s
         amplitude = measure_surrogate(times, shifts, period).amplitude.numpy()
         read = depth_read(cycle_depths(spec, times.numpy(), amplitude))
-        out[f"fraction {fraction:g}"] = {"period_s": period, **read}
+        out["all rows" if fraction >= 1 else f"fraction {fraction:g}"] = {"period_s": period, **read}
         slope = "n/a" if read["slope"] is None else f"{read['slope']:.2f}"
         corr = "n/a" if read["correlation"] is None else f"{read['correlation']:.2f}"
-        console.print(f"{name:16s} rows {fraction:<5g} period {period:.3f} s  slope {slope}  corr {corr}  "
+        label = "all rows" if fraction >= 1 else "default" if fraction == MOTION_ROW_FRACTION else f"rows {fraction:g}"
+        console.print(f"{name:16s} {label:9s} period {period:.3f} s  slope {slope}  corr {corr}  "
                       f"deepest {read['deepest_true']:.2f} read {read['deepest_read']:.2f}  "
                       f"spread {read['read_spread']:.3f}")
     out["seconds"] = time.perf_counter() - t0

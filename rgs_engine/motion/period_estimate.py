@@ -17,7 +17,11 @@ of every view (e.g. a static fit of all projections):
   carry the most residual energy and stay linear. On the 128^3 chest cases of
   ``validation/surrogate_depth.py`` (150 views of 256^2, TIGRE noise) the irregular case's
   deepest breath (1.52 x the median depth) reads 1.26 over all rows and 1.46 over the
-  motion rows (slope of the read on the true depth 0.42 and 0.78). :func:`row_terms` gives
+  motion rows (slope of the read on the true depth 0.42 and 0.78). Where the motion rows'
+  shifts span under :data:`LINEAR_SWING_PX` (coarse pixels: 0.16 px at 32^3 / 32^2, 0.77 px
+  at 64^3 / 128^2, against 2.7 px at 128^3 and 256^3 / 256^2) every row stays linear and all
+  rows are used: there the motion rows read no better (64^3) or over-read (32^3: slope
+  1.14 against 0.98). :func:`row_terms` gives
   each view's per-row sums, so views rendered in chunks combine before the rows are chosen
   (:func:`shifts_of`);
 * :func:`periodogram`: the floating-mean Lomb-Scargle periodogram of the shifts at their
@@ -54,6 +58,7 @@ CYCLE_WINDOW = 1.5  # periods of signal matched around each cycle
 CYCLE_SHIFTS = 101  # trial shifts of the mean cycle per window, over one period
 MOTION_ROW_FRACTION = 0.15  # the share of detector rows whose shift is the surrogate (see the module)
 MIN_MOTION_ROWS = 8  # motion rows at the least (small detectors)
+LINEAR_SWING_PX = 1.5  # motion rows' shift range (pixels) below which all rows are used (see shifts_of)
 
 
 class PeriodEstimate(NamedTuple):
@@ -110,11 +115,22 @@ def motion_rows(energy: torch.Tensor, fraction: float = MOTION_ROW_FRACTION) -> 
 
 
 def shifts_of(terms: RowTerms, fraction: float = MOTION_ROW_FRACTION) -> torch.Tensor:
-    """(N,) float64 row shifts (pixels) over the :func:`motion_rows` of ``terms``; 0 for a
-    view whose reference has no row gradient there. ``fraction=1`` sums all interior rows."""
+    """(N,) float64 row shifts (pixels) over the :func:`motion_rows` of ``terms``, or over
+    all interior rows where the motion rows' shifts span less than
+    :data:`LINEAR_SWING_PX` (5-95 % range: a motion of a pixel or two keeps every row's
+    first-order shift linear, and more rows average more noise); 0 for a view whose
+    reference has no row gradient there. ``fraction=1`` sums all interior rows."""
+    def over(rows: torch.Tensor) -> torch.Tensor:
+        num, norm = terms.correlation[:, rows].sum(1), terms.gradient[:, rows].sum(1)
+        return torch.where(norm > 0, -num / norm.clamp_min(1e-300), 0.0)
+
+    every = torch.ones(terms.energy.shape[1], dtype=torch.bool, device=terms.energy.device)
     rows = motion_rows(terms.energy, fraction)
-    num, norm = terms.correlation[:, rows].sum(1), terms.gradient[:, rows].sum(1)
-    return torch.where(norm > 0, -num / norm.clamp_min(1e-300), 0.0)
+    if bool(rows.all()):
+        return over(every)
+    shifts = over(rows)
+    swing = torch.quantile(shifts, 0.95) - torch.quantile(shifts, 0.05) if shifts.numel() > 1 else 0.0
+    return shifts if float(swing) >= LINEAR_SWING_PX else over(every)
 
 
 def row_shifts(measured: torch.Tensor, reference: torch.Tensor,
