@@ -21,6 +21,9 @@ Usage::
     python validation/surrogate_depth.py --grid 256   # the track4d cases' grid: ~25 min on 2 CPU cores
 
 Writes ``validation/results/surrogate_depth_<grid>.json`` (``--out``; kept unless ``--force``).
+``--track4d FILE.json`` instead reads a ``track4d.py`` results file and prints the same
+per-cycle figures for the depth its surrogate runs stored (measured and refined), e.g.
+``python validation/surrogate_depth.py --track4d validation/results/track4d_irregular.json``.
 """
 from __future__ import annotations
 
@@ -123,6 +126,27 @@ def run_case(name: str, volume: torch.Tensor, grid: VolumeGrid, args) -> dict:
     return out
 
 
+def stored_read(path: Path) -> None:
+    """Print :func:`depth_read` of the measured and refined depth stored by each surrogate
+    run of a ``track4d.py`` results file, per cycle of its simulation."""
+    from rgs_engine.io.files import load_json
+
+    res = load_json(path)
+    setup = res["setup"]
+    spec = sim4d.BreathingSpec(scan_seconds=setup["scan_seconds"], period_s=setup["period_s"],
+                               irregular=setup["irregular"], seed=setup["seed"],
+                               **{k: setup[k] for k in ("depth_drift", "baseline_shift") if k in setup})
+    for method, row in res["methods"].items():
+        if "surrogate" not in row:
+            continue
+        table = row["surrogate"]
+        for key in ("depth_measured", "depth"):
+            read = depth_read(cycle_depths(spec, np.asarray(table["time_s"]), np.asarray(table[key])))
+            console.print(f"{res['case']} {method} {key}: slope {read['slope']:.2f}  corr {read['correlation']:.2f}  "
+                          f"deepest {read['deepest_true']:.2f} read {read['deepest_read']:.2f}  ({row.get('device', '')}, "
+                          f"{row.get('date', '')})")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--grid", type=int, default=128)
@@ -136,7 +160,11 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--out", default=None, help="results JSON (default validation/results/surrogate_depth_GRID.json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing results file")
+    p.add_argument("--track4d", default=None, help="print the depth read stored in this track4d.py results JSON")
     args = p.parse_args(argv)
+    if args.track4d:
+        stored_read(Path(args.track4d))
+        return
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(CASES))
     out = Path(args.out) if args.out else ROOT / "validation" / "results" / f"surrogate_depth_{args.grid}.json"
