@@ -385,7 +385,8 @@ class Track4DReconstruction:
     # ---- the deformation model -----------------------------------------------------------
     def row_shifts(self) -> torch.Tensor:
         """(N,) float64: each view's row shift (pixels) against the current static Gaussians'
-        rendering, the breathing surrogate of :mod:`rgs_engine.motion.period_estimate`."""
+        rendering over the motion rows of all views, the breathing surrogate of
+        :mod:`rgs_engine.motion.period_estimate`."""
         terms = []
         for chunk in torch.arange(self.data.num_views).split(ESTIMATE_VIEWS_PER_CALL):
             reference = self.static.render(self.data.geometry.subset(chunk))
