@@ -124,13 +124,10 @@ def shifts_of(terms: RowTerms, fraction: float = MOTION_ROW_FRACTION) -> torch.T
         num, norm = terms.correlation[:, rows].sum(1), terms.gradient[:, rows].sum(1)
         return torch.where(norm > 0, -num / norm.clamp_min(1e-300), 0.0)
 
-    every = torch.ones(terms.energy.shape[1], dtype=torch.bool, device=terms.energy.device)
     rows = motion_rows(terms.energy, fraction)
-    if bool(rows.all()):
-        return over(every)
     shifts = over(rows)
     swing = torch.quantile(shifts, 0.95) - torch.quantile(shifts, 0.05) if shifts.numel() > 1 else 0.0
-    return shifts if float(swing) >= LINEAR_SWING_PX else over(every)
+    return shifts if float(swing) >= LINEAR_SWING_PX else over(torch.ones_like(rows))
 
 
 def row_shifts(measured: torch.Tensor, reference: torch.Tensor,
