@@ -51,10 +51,10 @@ from rgs_engine.motion.surrogate import measure_surrogate  # noqa: E402
 from rgs_engine.sim import breathing_scan as sim4d  # noqa: E402
 from rgs_engine.sim import scan as sim  # noqa: E402
 from rgs_engine.sim.breathing import breathing_cycles, displacement_field, motion_amplitudes, warp  # noqa: E402
+from track4d import CT, DRIFTS  # noqa: E402  (validation/track4d.py: its cases)
+from track4d import CASES as TRACK4D_CASES  # noqa: E402
 
-CT = ROOT / ".cache" / "ct" / "cxr.nii.gz"
-CASES = {"irregular": {"irregular": True}, "regular": {},
-         "amplitude-drift": {"depth_drift": 0.3}, "baseline-shift": {"baseline_shift": 0.3}}
+CASES = {case: {"irregular": case == "irregular", **DRIFTS.get(case, {})} for case in TRACK4D_CASES}
 FINE_STEP_S = 0.02  # sampling of the true curve within a cycle (s)
 console = Console(highlight=False, soft_wrap=True)
 
@@ -101,6 +101,14 @@ def depth_read(depths: np.ndarray) -> dict:
             "read_spread": float(read.std()), "cycles": len(depths)}
 
 
+def read_text(read: dict) -> str:
+    """A :func:`depth_read` as one line (slope and correlation n/a where the true depth does
+    not vary)."""
+    slope, corr = ("n/a" if read[k] is None else f"{read[k]:.2f}" for k in ("slope", "correlation"))
+    return (f"slope {slope}  corr {corr}  deepest {read['deepest_true']:.2f} read {read['deepest_read']:.2f}  "
+            f"spread {read['read_spread']:.3f}")
+
+
 def run_case(name: str, volume: torch.Tensor, grid: VolumeGrid, args) -> dict:
     spec = sim4d.BreathingSpec(projections=args.projections, val_projections=0, det=args.det,
                                noise=sim.parse_noise(args.noise), seed=args.seed, **CASES[name])
@@ -116,12 +124,8 @@ def run_case(name: str, volume: torch.Tensor, grid: VolumeGrid, args) -> dict:
         amplitude = measure_surrogate(times, shifts, period).amplitude.numpy()
         read = depth_read(cycle_depths(spec, times.numpy(), amplitude))
         out["all rows" if fraction >= 1 else f"fraction {fraction:g}"] = {"period_s": period, **read}
-        slope = "n/a" if read["slope"] is None else f"{read['slope']:.2f}"
-        corr = "n/a" if read["correlation"] is None else f"{read['correlation']:.2f}"
         label = "all rows" if fraction >= 1 else "default" if fraction == MOTION_ROW_FRACTION else f"rows {fraction:g}"
-        console.print(f"{name:16s} {label:9s} period {period:.3f} s  slope {slope}  corr {corr}  "
-                      f"deepest {read['deepest_true']:.2f} read {read['deepest_read']:.2f}  "
-                      f"spread {read['read_spread']:.3f}")
+        console.print(f"{name:16s} {label:9s} period {period:.3f} s  {read_text(read)}")
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -142,8 +146,7 @@ def stored_read(path: Path) -> None:
         table = row["surrogate"]
         for key in ("depth_measured", "depth"):
             read = depth_read(cycle_depths(spec, np.asarray(table["time_s"]), np.asarray(table[key])))
-            console.print(f"{res['case']} {method} {key}: slope {read['slope']:.2f}  corr {read['correlation']:.2f}  "
-                          f"deepest {read['deepest_true']:.2f} read {read['deepest_read']:.2f}  ({row.get('device', '')}, "
+            console.print(f"{res['case']} {method} {key}: {read_text(read)}  ({row.get('device', '')}, "
                           f"{row.get('date', '')})")
 
 
@@ -179,9 +182,9 @@ def main(argv=None) -> None:
     except (RgsInputError, ValueError) as exc:
         console.print(f"error: {exc}")
         raise SystemExit(2) from None
-    runtime.init(args.device)
-    volume, grid = sim.load_ct_volume(CT, args.grid, runtime.ensure())
-    results = {"device": runtime.device_name(runtime.describe(runtime.ensure())), "grid": list(grid.shape), "det": args.det,
+    dev = runtime.init(args.device)
+    volume, grid = sim.load_ct_volume(CT, args.grid, dev)
+    results = {"device": runtime.device_name(runtime.describe(dev)), "grid": list(grid.shape), "det": args.det,
                "projections": args.projections, "noise": args.noise, "seed": args.seed,
                "reference": "projection of the time-averaged volume", "cases": {}}
     for name in cases:
