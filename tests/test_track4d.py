@@ -180,7 +180,9 @@ def test_checkpoint_resume_continues_the_same_run(case, tmp_path):
 # surrogate input (the default with K-planes: auto), measured on CPU (loaded): period 3.508 s
 # (from the estimate's 3.505 s), +6.9 dB over the static fit (phase input on the same case:
 # +7.2 dB), 13.9 mm of motion, per-view phase corrections of 0.005 cycles RMS, relative depths
-# 0.91-1.07
+# 0.91-1.07; with the refinement's rates of 2026-12-07 (weight 0.01, rates 1e-2 to 1e-3):
+# +11.4 dB (40.92 against 29.50; the old rates 40.78), phase corrections 0.038 cycles RMS (max
+# 0.13), log-depth corrections 0.049 RMS (max 0.14), relative depths 0.86-1.18
 def test_the_default_surrogate_input_on_regular_breathing(case, device):
     rec, dynamic, static, start = fit_after_static(case, device, "kplanes")
     assert rec.config.time_input == "auto"
@@ -191,10 +193,11 @@ def test_the_default_surrogate_input_on_regular_breathing(case, device):
     assert rec.period_s == float(drive.period_s)
     assert dynamic > static + 4.0, (dynamic, static)
     assert 5.0 < rec.motion_mm(cycle()) < 18.0
-    # refined, and not far from the measurement: the corrections are small
-    offsets = drive.phase_offset.detach()
-    assert 0 < float(offsets.abs().max()) < 0.1
-    assert 0.7 < float(drive.amplitude.min()) <= 1.0 <= float(drive.amplitude.max()) < 1.3
+    # refined (the offsets move), and not far from the measurement: a tenth of a cycle and of
+    # the depth at most in RMS
+    for offsets in (drive.phase_offset.detach(), drive.log_amplitude_offset.detach()):
+        assert 0.01 < float(offsets.abs().max()) and float(offsets.square().mean().sqrt()) < 0.1
+    assert 0.7 < float(drive.amplitude.min()) <= 1.0 <= float(drive.amplitude.max()) < 1.4
 
 
 @pytest.mark.parametrize("baseline", [False, True])
@@ -266,10 +269,12 @@ def test_a_motion_step_asks_for_no_value_checks(case, monkeypatch):
 
 
 
-# measured on CPU (seeds 1-3, 100 + 200 steps, mean PSNR at 9 times over the whole scan): with
-# a 16 mm drift 36.53-37.21 dB with the end-exhale baseline against 35.21-35.99 dB without (+1.06 to
-# +1.32; seed 0, this test: +0.56); no drift -0.16 and -0.21 dB (seeds 1, 2)
-def test_the_surrogate_baseline_follows_a_drifting_mean_position(device):
+# measured on CPU (100 + 200 steps, mean PSNR at 9 times over the whole scan), a 16 mm drift:
+# with the refinement's rates of 2026-12-07 (weight 0.01, rates 1e-2 to 1e-3) 40.25 dB without
+# the end-exhale baseline and 40.17 dB with it (this test, seed 0). With the rates before
+# (weight 1, 1e-3 to 1e-4) 34.92 / 35.64 dB, seeds 1-3 35.21-35.99 / 36.53-37.21 dB: the
+# baseline was what followed the drift then; the free per-view phase and depth now do.
+def test_a_drifting_mean_position_is_followed_with_or_without_the_baseline(device):
     case = make_case(device, drift_mm=16.0)
     grid, times = case[2], [1.0 + 2.0 * k for k in range(9)]
     scores = {}
@@ -280,7 +285,7 @@ def test_the_surrogate_baseline_follows_a_drifting_mean_position(device):
         assert rec.time_input == "surrogate" and rec.model.surrogate.has_baseline == baseline
         scores[baseline] = sum(metrics.psnr_3d(rec.volume_at(t), phantom(grid, t, drift_mm=16.0).to(device))
                                for t in times) / len(times)
-    assert scores[True] > scores[False] + 0.3, scores
+    assert min(scores.values()) > 38.0 and abs(scores[True] - scores[False]) < 1.0, scores
     b = rec.model.surrogate.measured_baseline
     # the drift seen, in units of the breath's amplitude (+-12 mm): 0.51 measured here, 0.13
     # without a drift
