@@ -259,7 +259,7 @@ def run_case(args, case: str) -> dict:
     truth = data.phases.to(dev)
     i_a, i_b = 0, int(data.phases.shape[0]) // 2  # the phases shown in the picture
     res = {"case": key, "date": _dt.date.today().isoformat(), "device": runtime.describe(dev),
-           "versions": runtime.versions(), "quick": args.quick,
+           "versions": runtime.versions(), "quick": args.quick, **({"sets": list(args.sets)} if args.sets else {}),
            "setup": {"ct": str(CT.relative_to(ROOT)), "grid": list(data.grid.shape),
                      "spacing_mm": float(data.grid.spacing[0]), "projections": spec.projections,
                      "det": spec.det, "scan_seconds": spec.scan_seconds, "period_s": spec.period_s,
@@ -495,12 +495,14 @@ def gaussians(row: dict) -> str:
 
 def find_variants(out_dir: Path, results: dict[str, dict]) -> dict[tuple[str, str], dict]:
     """The ``--set`` variants' results of the cases in ``results``: ``(case, "--set K=V ...")``
-    -> the file's results (``track4d_CASE-set-K=V.json``, :func:`case_key`)."""
+    -> the file's results (``track4d_CASE-set-K=V.json``, :func:`case_key`; the options as the
+    run stored them in ``sets``, else as its file name spells them)."""
     found = {}
     for case in results:
         for path in sorted((out_dir / "results").glob(f"track4d_{case}-set-*.json")):
-            sets = path.stem.removeprefix(f"track4d_{case}").split("-set-")[1:]
-            found[(case, " ".join(f"--set {item}" for item in sets))] = load_results(out_dir, path.stem.removeprefix("track4d_"))
+            res = load_results(out_dir, path.stem.removeprefix("track4d_"))
+            sets = res.get("sets") or path.stem.removeprefix(f"track4d_{case}").split("-set-")[1:]  # the file name's, sanitised, before 2026-12-07
+            found[(case, " ".join(f"--set {item}" for item in sets))] = res
     return found
 
 
