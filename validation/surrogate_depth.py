@@ -45,7 +45,7 @@ from rgs_engine.core import runtime  # noqa: E402
 from rgs_engine.core.errors import RgsInputError  # noqa: E402
 from rgs_engine.core.geometry import VolumeGrid  # noqa: E402
 from rgs_engine.core.projector import project  # noqa: E402
-from rgs_engine.io.files import save_json  # noqa: E402
+from rgs_engine.io.files import load_json, save_json  # noqa: E402
 from rgs_engine.motion.period_estimate import MOTION_ROW_FRACTION, estimate_period, row_shifts  # noqa: E402
 from rgs_engine.motion.surrogate import measure_surrogate  # noqa: E402
 from rgs_engine.sim import breathing_scan as sim4d  # noqa: E402
@@ -133,8 +133,6 @@ def run_case(name: str, volume: torch.Tensor, grid: VolumeGrid, args) -> dict:
 def stored_read(path: Path) -> None:
     """Print :func:`depth_read` of the measured and refined depth stored by each surrogate
     run of a ``track4d.py`` results file, per cycle of its simulation."""
-    from rgs_engine.io.files import load_json
-
     res = load_json(path)
     setup = res["setup"]
     spec = sim4d.BreathingSpec(scan_seconds=setup["scan_seconds"], period_s=setup["period_s"],
