@@ -166,7 +166,9 @@ rms log error against the simulation fell from 0.052 to 0.007. NVIDIA H100, one 
 :mod:`~rgs_engine.motion.period_estimate`). CPU, 64^3 with 300 views of 64^2 (300 + 1000
 steps): irregular 34.58 against 33.57 dB, regular 34.71 against 34.69 dB. Freer still
 (weight 0.001, rates 2e-2 to 2e-3): irregular 37.37 dB (+2.78) but its inhale phases 1.26 dB
-under the exhale ones (0.88 at 0.01); not run on the other cases.
+under the exhale ones (0.88 at 0.01); baseline-shift 37.83 dB, 0.25 under the default.
+Against ``rgs recon`` re-run on the same projections on 2026-12-07 (0.18-0.27 dB above the
+static fits quoted here) the default's margins are +3.50 / +3.10 / +2.61 / +2.05 dB.
 Anchors keep the phase / time choice: surrogate input with anchors is unmeasured.
 
 **The static stage's count follows the data** (``recipe.pixels_per_gaussian``,
@@ -255,10 +257,11 @@ STATIC_PIXELS_PER_GAUSSIAN = 131.0  # rgs recon's ratio at 25 views of 512^2 (50
 
 def _static_recipe() -> GSConfig:
     """The static stage as measured: 1000 steps, densification on (4 rounds) and the rates
-    without ``rate_scale`` (rgs recon's recipe changed both after these models' measurements);
-    the count follows the data: one initial Gaussian per :data:`STATIC_PIXELS_PER_GAUSSIAN`
-    measured pixels where that passes the automatic 50k (the module docstring's section on
-    the count: 150k at 300 views of 256^2)."""
+    without ``rate_scale`` (rgs recon's recipe changed both after these models' measurements;
+    its rates with densification by the data gained 0.40-0.53 dB at 64^3 on the CPU but lost
+    0.70 dB at full size, ``validation/README.md``); the count follows the data: one initial
+    Gaussian per :data:`STATIC_PIXELS_PER_GAUSSIAN` measured pixels where that passes the
+    automatic 50k (the module docstring's section on the count: 150k at 300 views of 256^2)."""
     return GSConfig(iterations=1000, densify_rounds=4, rate_scale=1.0,
                     pixels_per_gaussian=STATIC_PIXELS_PER_GAUSSIAN)
 
