@@ -269,9 +269,11 @@ def test_fused_adam_state_survives_densify_and_checkpoints(circular, tmp_path, m
         for group in rec.optimizer.param_groups:
             st = rec.optimizer.state[group["params"][0]]
             assert float(st["step"]) == 3 and st["exp_avg"].shape == group["params"][0].shape
-    # the same arithmetic up to float rounding (and atomics' order in the kernels)
+    # the same arithmetic up to float rounding (and atomics' order in the kernels, which Adam's
+    # normalisation amplifies where a gradient is near zero): measured 1.6e-4 on the CPU and
+    # 1.3e-3 on an H100; zeroing the fused path's moments after densification gives 2.9e-2
     a, b = plain.volume(), fused.volume()
-    assert float((a - b).norm() / a.norm()) < 1e-3
+    assert float((a - b).norm() / a.norm()) < 5e-3
     fused.save_checkpoint(tmp_path / "fused.pt")
     plain.save_checkpoint(tmp_path / "plain.pt")
     for name, path in (("plain", True), ("fused", False)):  # each resumes on the other path

@@ -78,7 +78,7 @@ def test_track4d_writes_the_surrogate_it_used(tmp_path):
     rows = np.array([[float(x) for x in line.split(",")] for line in lines[1:]])
     drive = result.extra["reconstruction"].surrogate
     assert rows.shape == (drive.times_s.numel(), 5) and np.all(np.diff(rows[:, 0]) > 0)
-    assert np.allclose(rows[:, 3], drive.measured_log_amplitude.exp().numpy(), rtol=1e-5)
+    assert np.allclose(rows[:, 3], drive.measured_log_amplitude.exp().cpu().numpy(), rtol=1e-5)
     low, high = result.metrics["surrogate_amplitude_range"]
     assert rows[:, 4].min() == pytest.approx(low, rel=1e-4) and rows[:, 4].max() == pytest.approx(high, rel=1e-4)
 
