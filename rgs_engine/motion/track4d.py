@@ -168,7 +168,9 @@ steps): irregular 34.58 against 33.57 dB, regular 34.71 against 34.69 dB. Freer 
 (weight 0.001, rates 2e-2 to 2e-3): irregular 37.37 dB (+2.78) but its inhale phases 1.26 dB
 under the exhale ones (0.88 at 0.01); baseline-shift 37.83 dB, 0.25 under the default.
 Against ``rgs recon`` re-run on the same projections on 2026-12-07 (0.18-0.27 dB above the
-static fits quoted here) the default's margins are +3.50 / +3.10 / +2.61 / +2.05 dB.
+static fits quoted here) the default's margins are +3.50 / +3.10 / +2.61 / +2.05 dB (a second
+irregular run the same day: 36.66 dB, +1.89). ``recipe.rate_scale=1.5`` alone: +0.50 dB at 64^3
+(300 + 1000 steps), -0.04 / -0.14 / -0.06 dB at full size (regular, amplitude-drift, irregular).
 Anchors keep the phase / time choice: surrogate input with anchors is unmeasured.
 
 **The static stage's count follows the data** (``recipe.pixels_per_gaussian``,
