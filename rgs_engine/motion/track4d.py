@@ -170,7 +170,9 @@ under the exhale ones (0.88 at 0.01); baseline-shift 37.83 dB, 0.25 under the de
 Against ``rgs recon`` re-run on the same projections on 2026-12-07 (0.18-0.27 dB above the
 static fits quoted here) the default's margins are +3.50 / +3.10 / +2.61 / +2.05 dB (a second
 irregular run the same day: 36.66 dB, +1.89). ``recipe.rate_scale=1.5`` alone: +0.50 dB at 64^3
-(300 + 1000 steps), -0.04 / -0.14 / -0.06 dB at full size (regular, amplitude-drift, irregular).
+(300 + 1000 steps), -0.04 / -0.14 / -0.06 dB at full size (regular, amplitude-drift, irregular),
+and -0.30 dB at 64^3 with this recipe's 1000 + 5000 steps (34.01 against 34.31 dB; 300 + 1000
+steps with the rates: 35.08): at 64^3 the long schedule overfits the noise.
 Anchors keep the phase / time choice: surrogate input with anchors is unmeasured.
 
 **The static stage's count follows the data** (``recipe.pixels_per_gaussian``,
