@@ -262,8 +262,9 @@ STATIC_PIXELS_PER_GAUSSIAN = 131.0  # rgs recon's ratio at 25 views of 512^2 (50
 def _static_recipe() -> GSConfig:
     """The static stage as measured: 1000 steps, densification on (4 rounds) and the rates
     without ``rate_scale`` (rgs recon's recipe changed both after these models' measurements;
-    its rates with densification by the data gained 0.40-0.57 dB at 64^3 on the CPU but lost
-    0.70 dB at full size, ``validation/README.md``); the count follows the data: one initial
+    its rates gained 0.40-0.57 dB at 64^3 on the CPU with 300 + 1000 steps, but lost 0.30 dB
+    there with this recipe's 1000 + 5000 steps and 0.04-0.70 dB at full size,
+    ``validation/README.md``); the count follows the data: one initial
     Gaussian per :data:`STATIC_PIXELS_PER_GAUSSIAN` measured pixels where that passes the
     automatic 50k (the module docstring's section on the count: 150k at 300 views of 256^2)."""
     return GSConfig(iterations=1000, densify_rounds=4, rate_scale=1.0,
