@@ -10,8 +10,10 @@ project's own CLI):
    TIGRE's model), noiseless test views. Two files: a circular orbit with 75 training
    views and 25 arbitrary C-arm poses (``--orbit arbitrary``), each with 25 test views.
 2. ``rgs recon`` of the circular file at 75 / 50 / 25 views (evenly spread) with FDK, SART
-   and Gaussians (``--init fdk``), and of the arbitrary file at 25 views with SART and
-   Gaussians (``--init sart``, what ``--init auto`` picks there; FDK needs a circular orbit).
+   and Gaussians, and of the arbitrary file at 25 views with SART and Gaussians (FDK needs a
+   circular orbit). The Gaussians start from SART (``--init sart``, what ``--init auto``
+   picks on every orbit since 2026-12-05; the tables before that date started the circular
+   runs from FDK).
    Same ``--seed`` everywhere.
    Each run has its own folder under the work dir; a run with a ``metrics.json`` is reused
    (``--force`` runs it again), an interrupted gs / sart run is continued with
@@ -148,7 +150,7 @@ class Run:
     def init(self) -> str | None:
         if self.method != "gs":
             return None
-        return "fdk" if self.orbit == "circular" else "sart"
+        return "sart"
 
 
 def plan(gs_iterations: int | None) -> list[Run]:
@@ -475,9 +477,9 @@ def markdown(res: dict) -> str:
     if res.get("gs_recipe_overrides"):
         gs_note += ", " + ", ".join(f"{k}={v}" for k, v in res["gs_recipe_overrides"].items())
     lines.append(f"* **Methods:** FDK (ramp filter), SART (OS-SART, defaults), rgs Gaussians "
-                 f"({gs_note}; `--init fdk` on the circular orbit, the start `--init auto` "
-                 f"chose there until 2026-12-05 (auto now starts from SART everywhere; 0.04 dB apart at 25 "
-                 f"views, `levers.md`), SART initialisation for arbitrary poses, where FDK does not apply). Seed {res['seed']} everywhere.")
+                 f"({gs_note}; started from SART, `--init auto`'s choice on every orbit; tables before "
+                 f"2026-12-05 started the circular runs from FDK, 0.04 dB apart at 25 views, `levers.md`). "
+                 f"Seed {res['seed']} everywhere.")
     lines.append("")
 
     def table(psnr: str, ssim: str, with_time: bool) -> list[str]:
