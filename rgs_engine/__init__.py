@@ -18,9 +18,16 @@ function per ``rgs`` command; the sub-packages ``core``, ``io``, ``sim``, ``reco
 ``registration``, ``motion`` and ``batch`` hold the rest (README, "Architecture").
 """
 import os
+import warnings
 
 # Taichi prints a banner on import; rgs reports its own device (``rgs info``).
 os.environ.setdefault("ENABLE_TAICHI_HEADER_PRINT", "false")
+# Taichi 1.7.4's sources hold invalid escape sequences: where its bytecode was not compiled at
+# install time (an unpacked site, ``pip install --no-compile``), Python >= 3.12 prints a
+# SyntaxWarning for them on the first import, on stderr above rgs' own one-line errors.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", SyntaxWarning)
+    import taichi  # noqa: E402, F401
 
 from .core import runtime  # noqa: E402
 from .core.errors import RgsDeviceError, RgsInputError  # noqa: E402
