@@ -52,6 +52,16 @@ processes running other methods of the same case add to it) and
 
     python validation/track4d.py --cpu --device cpu --case amplitude-drift --methods kplanes,kplanes-surrogate,static
 
+``--grid N`` runs the full-size scan (the same 300 projections over 60 s, the same noise) on
+an N^3-class grid with N^2 detector pixels and the default 4D steps: where the 4D default's
+lead over ``rgs recon`` goes on small grids (results in ``track4d_CASE-gridN.json``; ``--report``
+lists them in a section of their own). At any size, 4D steps other than the size's
+(``--static-iterations`` / ``--iterations``) put the results in a file of their own
+(``track4d_CASE[-gridN]-stepsS-I.json``), so the default's rows are never replaced by them::
+
+    python validation/track4d.py --grid 64 --case irregular --methods static,kplanes-surrogate
+    python validation/track4d.py --grid 64 --case irregular --methods kplanes-surrogate --static-iterations 300 --iterations 1000
+
 ``--set KEY=VALUE`` (repeatable) measures a variant of the 4D recipe: every ``rgs track4d``
 run gets the same ``--set`` (a field of ``Track4DConfig``, or ``recipe.FIELD`` of its static
 stage), and the case's results go to their own file (``track4d_CASE-set-KEY=VALUE.json``),
@@ -217,12 +227,16 @@ def cycles_mean_s(setup: dict) -> float:
     return float(np.mean(np.diff(np.asarray(starts))))
 
 
-def case_key(case: str, noise, size: str = "gpu", sets: tuple[str, ...] = ()) -> str:
-    """``CASE`` with the default noise, ``+ "-noiseless"`` without; ``+ "-cpu48"`` at the
-    CPU size (``--cpu``, 32^3), ``+ "-quick"`` with ``--quick``; ``+ "-set-KEY=VALUE"`` per
-    ``--set`` (a variant's file, which ``--report`` lists apart from the bars)."""
+def case_key(case: str, noise, size: str = "gpu", sets: tuple[str, ...] = (), grid: int | None = None,
+             steps: tuple[int, int] | None = None) -> str:
+    """``CASE`` with the default noise, ``+ "-noiseless"`` without; ``+ "-cpu32"`` at the
+    CPU size (``--cpu``, 32^3), ``+ "-quick"`` with ``--quick``, ``+ "-gridN"`` with ``--grid
+    N``; ``+ "-stepsS-I"`` with 4D steps other than the size's (``--static-iterations S
+    --iterations I``); ``+ "-set-KEY=VALUE"`` per ``--set`` (a variant's file, which
+    ``--report`` lists apart from the bars)."""
     key = case if noise is not None else f"{case}-noiseless"
-    key = key if size == "gpu" else f"{key}-{size}{SIZES[size][0] if size == 'cpu' else ''}"
+    key += {"gpu": "", "cpu": f"-cpu{SIZES['cpu'][0]}", "quick": "-quick", "grid": f"-grid{grid}"}[size]
+    key += "" if steps is None else f"-steps{steps[0]}-{steps[1]}"
     return key + "".join("-set-" + "".join(c if c.isalnum() or c in "._=" else "_" for c in item) for item in sets)
 
 
@@ -252,7 +266,7 @@ def run_case(args, case: str) -> dict:
     dev = runtime.init(args.device)
     spec = sim4d.BreathingSpec(projections=args.projections, det=args.det, noise=args.noise,
                                irregular=case == "irregular", seed=args.seed, **DRIFTS.get(case, {}))
-    key = case_key(case, args.noise, args.size, args.sets)
+    key = case_key(case, args.noise, args.size, args.sets, args.grid, args.custom_steps)
     t0 = time.perf_counter()
     data = sim4d.simulate_breathing_case(CT, args.grid, spec)
     simulate_s = time.perf_counter() - t0
@@ -268,7 +282,8 @@ def run_case(args, case: str) -> dict:
                      "phases": int(data.phases.shape[0]),
                      "phase_times_s": data.phase_times_s.tolist(), "slice_phases": [i_a, i_b],
                      "seed": spec.seed, **DRIFTS.get(case, {}),
-                     **({} if args.size == "gpu" else {"iterations_4d": [args.static_iterations, args.iterations]}),
+                     **({} if args.size == "gpu" and args.custom_steps is None
+                        else {"iterations_4d": [args.static_iterations, args.iterations]}),
                      "simulate_seconds": simulate_s},
            "slices": {"truth": [coronal(data.phases[i_a]), coronal(data.phases[i_b])]},
            "methods": {}}
@@ -506,6 +521,42 @@ def find_variants(out_dir: Path, results: dict[str, dict]) -> dict[tuple[str, st
     return found
 
 
+def grid_markdown(out_dir: Path) -> str:
+    """A section for the ``--grid N`` runs (``track4d_CASE-gridN*.json``): one row per run and
+    method, ``vs static`` against the static row of the same case and grid; empty without any."""
+    files = sorted(p for p in (out_dir / "results").glob("track4d_*-grid*.json"))
+    if not files:
+        return ""
+    found = {p.stem.removeprefix("track4d_"): load_results(out_dir, p.stem.removeprefix("track4d_")) for p in files}
+    lines = ["## Smaller grids (`--grid N`)", "",
+             f"The full-size scan ({PROJECTIONS} projections over the same 60 s, the same noise) on an "
+             "N^3-class grid with N^2 detector pixels: where the default's lead over `rgs recon` goes "
+             "on small grids, and what the 4D steps and `--set` options do there. `vs static`: "
+             "against `rgs recon`'s default on the same case and grid.", "",
+             "| case | grid | 4D steps | options | method | PSNR 3D mean (dB) | inhale / exhale (dB) | "
+             "vs static (dB) | seconds | measured |", "|---|---:|---|---|---|---:|---:|---:|---:|---|"]
+    def order(item):  # case, grid, then the default steps before others, without --set first
+        key, r = item
+        steps = r["setup"]["iterations_4d"]
+        return key.split("-grid")[0], r["setup"]["grid"][0], steps[0] is not None, steps, r.get("sets", [])
+
+    for key, r in sorted(found.items(), key=order):
+        case, grid = key.split("-grid")[0], r["setup"]["grid"][0]
+        base = found.get(f"{case}-grid{key.split('-grid')[1].split('-')[0]}", {})
+        static = base.get("methods", {}).get("static")
+        steps = r["setup"]["iterations_4d"]
+        steps = (f"{DEFAULT_4D.recipe.iterations} + {DEFAULT_4D.iterations} (default)" if steps[0] is None
+                 else f"{steps[0]} + {steps[1]}")
+        for method in sorted(r["methods"], key=METHODS.index):
+            row = r["methods"][method]
+            gain = "-" if static is None or method == "static" else f"{row['psnr_3d_mean'] - static['psnr_3d_mean']:+.2f}"
+            lines.append(f"| {case} | {grid} | {steps if method in TRACK4D else '-'} | "
+                         f"{' '.join(f'--set {item}' for item in r.get('sets', [])) or '-'} | {LABELS[method]} | "
+                         f"{row['psnr_3d_mean']:.2f} | {'{:.2f} / {:.2f}'.format(*inhale_exhale(r['setup'], row))} | "
+                         f"{gain} | {row['seconds']:.1f} | {measured(r, row)} |")
+    return "\n".join(lines + [""])
+
+
 def plot(results: dict[str, dict], path: Path) -> Path | None:
     if importlib.util.find_spec("matplotlib") is None:
         console.print("matplotlib is missing: no track4d.png (pip install '.[validation]')")
@@ -568,6 +619,8 @@ def report(out_dir: Path) -> int:
         console.print(f"[red]no results under {out_dir / 'results'}: run a case first[/red]")
         return 2
     text = markdown(results, variants=find_variants(out_dir, results))
+    grids = grid_markdown(out_dir)
+    text += "\n" + grids if grids else ""
     if cpu:
         first = next(iter(cpu.values()))["setup"]
         text += "\n" + markdown(cpu, f"## CPU, a smaller size: {first['grid'][0]}^3-class grid, "
@@ -596,6 +649,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--noise", default=NOISE, help="PHOTONS,SIGMA (TIGRE's model) or none")
     ap.add_argument("--quick", action="store_true", help="tiny CPU check of the script")
     ap.add_argument("--cpu", action="store_true", help="a size a CPU finishes (see the module)")
+    ap.add_argument("--grid", type=int, metavar="N", help="the full-size scan on an N^3-class grid with "
+                    "N^2 detector pixels and the default 4D steps (see the module)")
     ap.add_argument("--static-iterations", type=int, help="4D runs' static steps (default: the size's)")
     ap.add_argument("--iterations", type=int, help="4D runs' deformation steps (default: the size's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -609,13 +664,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"unknown methods {sorted(unknown)}: use {', '.join(METHODS)}")
     if not args.report and args.case is None:
         ap.error("pass --case CASE or --report")
-    args.size = "quick" if args.quick else "cpu" if args.cpu else "gpu"
-    grid, projections, det, static_iterations, iterations = SIZES[args.size]
+    if args.grid is not None and (args.quick or args.cpu or args.grid < 16):
+        ap.error("--grid N takes N >= 16 and neither --cpu nor --quick")
+    args.size = "quick" if args.quick else "cpu" if args.cpu else "gpu" if args.grid is None else "grid"
+    grid, projections, det, static_iterations, iterations = (
+        (args.grid, PROJECTIONS, args.grid, None, None) if args.size == "grid" else SIZES[args.size])
     args.grid, args.projections, args.det = grid, projections, det
-    args.static_iterations = static_iterations if args.static_iterations is None else args.static_iterations
-    args.iterations = iterations if args.iterations is None else args.iterations
     if (args.static_iterations is None) != (args.iterations is None):
         ap.error("give both --static-iterations and --iterations, or neither")
+    default = (static_iterations, iterations)
+    if static_iterations is None and args.iterations is not None:  # the recipe's own steps
+        default = (DEFAULT_4D.recipe.iterations, DEFAULT_4D.iterations)
+    given = (args.static_iterations, args.iterations)
+    args.custom_steps = None if args.iterations is None or given == default else given
+    args.static_iterations, args.iterations = given if args.custom_steps else (static_iterations, iterations)
     return args
 
 
@@ -627,7 +689,8 @@ def main(argv=None) -> int:
         console.print(f"[red]{CT} is missing: run python datasets/fetch_ct.py[/red]")
         return 2
     run_case(args, args.case)
-    console.print(f"wrote {results_path(args.out_dir, case_key(args.case, args.noise, args.size, args.sets))}")
+    key = case_key(args.case, args.noise, args.size, args.sets, args.grid, args.custom_steps)
+    console.print(f"wrote {results_path(args.out_dir, key)}")
     return 0
 
 
