@@ -172,7 +172,10 @@ static fits quoted here) the default's margins are +3.50 / +3.10 / +2.61 / +2.05
 irregular run the same day: 36.66 dB, +1.89). ``recipe.rate_scale=1.5`` alone: +0.50 dB at 64^3
 (300 + 1000 steps), -0.04 / -0.14 / -0.06 dB at full size (regular, amplitude-drift, irregular),
 and -0.30 dB at 64^3 with this recipe's 1000 + 5000 steps (34.01 against 34.31 dB; 300 + 1000
-steps with the rates: 35.08): at 64^3 the long schedule overfits the noise.
+steps with the rates: 35.08). On an H100 at 64^3 / 128^3 (``validation/track4d.py --grid N``)
+300 + 1000 steps with the rates beat these steps on irregular breathing (34.98 / 35.91 against
+33.98 / 35.36 dB) and lost on regular breathing (35.20 / 35.99 against 35.55 / 36.71): what the
+long schedule overfits is irregular motion, at any grid, so these steps stay.
 Anchors keep the phase / time choice: surrogate input with anchors is unmeasured.
 
 **The static stage's count follows the data** (``recipe.pixels_per_gaussian``,
