@@ -524,10 +524,10 @@ def find_variants(out_dir: Path, results: dict[str, dict]) -> dict[tuple[str, st
 def grid_markdown(out_dir: Path) -> str:
     """A section for the ``--grid N`` runs (``track4d_CASE-gridN*.json``): one row per run and
     method, ``vs static`` against the static row of the same case and grid; empty without any."""
-    files = sorted(p for p in (out_dir / "results").glob("track4d_*-grid*.json"))
-    if not files:
+    keys = [p.stem.removeprefix("track4d_") for p in (out_dir / "results").glob("track4d_*-grid*.json")]
+    if not keys:
         return ""
-    found = {p.stem.removeprefix("track4d_"): load_results(out_dir, p.stem.removeprefix("track4d_")) for p in files}
+    found = {key: load_results(out_dir, key) for key in keys}
     lines = ["## Smaller grids (`--grid N`)", "",
              f"The full-size scan ({PROJECTIONS} projections over the same 60 s, the same noise) on an "
              "N^3-class grid with N^2 detector pixels: where the default's lead over `rgs recon` goes "
@@ -535,15 +535,15 @@ def grid_markdown(out_dir: Path) -> str:
              "against `rgs recon`'s default on the same case and grid.", "",
              "| case | grid | 4D steps | options | method | PSNR 3D mean (dB) | inhale / exhale (dB) | "
              "vs static (dB) | seconds | measured |", "|---|---:|---|---|---|---:|---:|---:|---:|---|"]
-    def order(item):  # case, grid, then the default steps before others, without --set first
-        key, r = item
-        steps = r["setup"]["iterations_4d"]
-        return key.split("-grid")[0], r["setup"]["grid"][0], steps[0] is not None, steps, r.get("sets", [])
+    def order(key):  # case, grid, then the default steps before others, without --set first
+        case, rest = key.split("-grid")
+        steps = found[key]["setup"]["iterations_4d"]
+        return case, int(rest.split("-")[0]), steps[0] is not None, steps, found[key].get("sets", [])
 
-    for key, r in sorted(found.items(), key=order):
-        case, grid = key.split("-grid")[0], r["setup"]["grid"][0]
-        base = found.get(f"{case}-grid{key.split('-grid')[1].split('-')[0]}", {})
-        static = base.get("methods", {}).get("static")
+    for key in sorted(found, key=order):
+        r = found[key]
+        case, grid = order(key)[:2]
+        static = found.get(f"{case}-grid{grid}", {}).get("methods", {}).get("static")
         steps = r["setup"]["iterations_4d"]
         steps = (f"{DEFAULT_4D.recipe.iterations} + {DEFAULT_4D.iterations} (default)" if steps[0] is None
                  else f"{steps[0]} + {steps[1]}")
@@ -688,9 +688,8 @@ def main(argv=None) -> int:
     if not CT.is_file():
         console.print(f"[red]{CT} is missing: run python datasets/fetch_ct.py[/red]")
         return 2
-    run_case(args, args.case)
-    key = case_key(args.case, args.noise, args.size, args.sets, args.grid, args.custom_steps)
-    console.print(f"wrote {results_path(args.out_dir, key)}")
+    res = run_case(args, args.case)
+    console.print(f"wrote {results_path(args.out_dir, res['case'])}")
     return 0
 
 
