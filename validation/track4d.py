@@ -54,10 +54,11 @@ processes running other methods of the same case add to it) and
 
 ``--grid N`` runs the full-size scan (the same 300 projections over 60 s, the same noise) on
 an N^3-class grid with N^2 detector pixels and the default 4D steps: where the 4D default's
-lead over ``rgs recon`` goes on small grids (results in ``track4d_CASE-gridN.json``; ``--report``
-lists them in a section of their own). At any size, 4D steps other than the size's
+lead over ``rgs recon`` goes on small grids (results in ``track4d_CASE-gridN.json``). At any size, 4D steps other than the size's
 (``--static-iterations`` / ``--iterations``) put the results in a file of their own
-(``track4d_CASE[-gridN]-stepsS-I.json``), so the default's rows are never replaced by them::
+(``track4d_CASE[-gridN]-stepsS-I.json``), and so does another draw of a case (``--seed S``:
+other noise and, irregular, other cycles; ``track4d_CASE-seedS.json``), so the default's
+rows are never replaced by them; ``--report`` lists them all in a section of their own::
 
     python validation/track4d.py --grid 64 --case irregular --methods static,kplanes-surrogate
     python validation/track4d.py --grid 64 --case irregular --methods kplanes-surrogate --static-iterations 300 --iterations 1000
@@ -76,6 +77,7 @@ import argparse
 import datetime as _dt
 import importlib.util
 import io
+import re
 import subprocess
 import sys
 import tempfile
@@ -228,14 +230,16 @@ def cycles_mean_s(setup: dict) -> float:
 
 
 def case_key(case: str, noise, size: str = "gpu", sets: tuple[str, ...] = (), grid: int | None = None,
-             steps: tuple[int, int] | None = None) -> str:
+             steps: tuple[int, int] | None = None, seed: int = 0) -> str:
     """``CASE`` with the default noise, ``+ "-noiseless"`` without; ``+ "-cpu32"`` at the
     CPU size (``--cpu``, 32^3), ``+ "-quick"`` with ``--quick``, ``+ "-gridN"`` with ``--grid
-    N``; ``+ "-stepsS-I"`` with 4D steps other than the size's (``--static-iterations S
-    --iterations I``); ``+ "-set-KEY=VALUE"`` per ``--set`` (a variant's file, which
-    ``--report`` lists apart from the bars)."""
+    N``; ``+ "-seedS"`` with ``--seed S`` other than 0 (another draw of the case: its noise,
+    and the irregular case's cycles); ``+ "-stepsS-I"`` with 4D steps other than the size's
+    (``--static-iterations S --iterations I``); ``+ "-set-KEY=VALUE"`` per ``--set`` (a
+    variant's file, which ``--report`` lists apart from the bars)."""
     key = case if noise is not None else f"{case}-noiseless"
     key += {"gpu": "", "cpu": f"-cpu{SIZES['cpu'][0]}", "quick": "-quick", "grid": f"-grid{grid}"}[size]
+    key += f"-seed{seed}" if seed else ""
     key += "" if steps is None else f"-steps{steps[0]}-{steps[1]}"
     return key + "".join("-set-" + "".join(c if c.isalnum() or c in "._=" else "_" for c in item) for item in sets)
 
@@ -266,7 +270,7 @@ def run_case(args, case: str) -> dict:
     dev = runtime.init(args.device)
     spec = sim4d.BreathingSpec(projections=args.projections, det=args.det, noise=args.noise,
                                irregular=case == "irregular", seed=args.seed, **DRIFTS.get(case, {}))
-    key = case_key(case, args.noise, args.size, args.sets, args.grid, args.custom_steps)
+    key = case_key(case, args.noise, args.size, args.sets, args.grid, args.custom_steps, args.seed)
     t0 = time.perf_counter()
     data = sim4d.simulate_breathing_case(CT, args.grid, spec)
     simulate_s = time.perf_counter() - t0
@@ -521,36 +525,48 @@ def find_variants(out_dir: Path, results: dict[str, dict]) -> dict[tuple[str, st
     return found
 
 
-def grid_markdown(out_dir: Path) -> str:
-    """A section for the ``--grid N`` runs (``track4d_CASE-gridN*.json``): one row per run and
-    method, ``vs static`` against the static row of the same case and grid; empty without any."""
-    keys = [p.stem.removeprefix("track4d_") for p in (out_dir / "results").glob("track4d_*-grid*.json")]
-    if not keys:
+OTHER_RUN = re.compile(r"-(grid\d+|seed\d+|steps\d+-\d+)")  # a results key off the table's protocol
+
+
+def other_runs_markdown(out_dir: Path) -> str:
+    """A section for the runs off the main table's protocol (:func:`case_key`): other grids
+    (``--grid N``), other draws (``--seed S``) and other 4D steps, with or without ``--set``.
+    One row per run and method; ``vs static`` against ``rgs recon``'s row of the same case,
+    grid and seed (the run's own file, else the file without steps and options). Empty
+    without any."""
+    paths = [p for p in sorted((out_dir / "results").glob("track4d_*.json")) if OTHER_RUN.search(p.stem)]
+    if not paths:
         return ""
-    found = {key: load_results(out_dir, key) for key in keys}
-    lines = ["## Smaller grids (`--grid N`)", "",
-             f"The full-size scan ({PROJECTIONS} projections over the same 60 s, the same noise) on an "
-             "N^3-class grid with N^2 detector pixels: where the default's lead over `rgs recon` goes "
-             "on small grids, and what the 4D steps and `--set` options do there. `vs static`: "
-             "against `rgs recon`'s default on the same case and grid.", "",
-             "| case | grid | 4D steps | options | method | PSNR 3D mean (dB) | inhale / exhale (dB) | "
-             "vs static (dB) | seconds | measured |", "|---|---:|---|---|---|---:|---:|---:|---:|---|"]
-    def order(key):  # case, grid, then the default steps before others, without --set first
-        case, rest = key.split("-grid")
-        steps = found[key]["setup"]["iterations_4d"]
-        return case, int(rest.split("-")[0]), steps[0] is not None, steps, found[key].get("sets", [])
+    found = {p.stem.removeprefix("track4d_"): load_results(out_dir, p.stem.removeprefix("track4d_")) for p in paths}
+    lines = ["## Other grids, draws and step counts", "",
+             f"The scan of the table ({PROJECTIONS} projections over the same 60 s, the same noise) "
+             "with one thing changed: the grid (`--grid N`: an N^3-class grid with N^2 detector "
+             "pixels; the table's is 256), the draw (`--seed S`: other noise and, in the irregular "
+             "case, other cycles; the table's is 0) or the 4D steps (`--static-iterations S "
+             "--iterations I`). `vs static`: against `rgs recon`'s default on the same case, grid "
+             "and draw.", "",
+             "| case | grid | seed | 4D steps | options | method | PSNR 3D mean (dB) | inhale / exhale (dB) | "
+             "vs static (dB) | seconds | measured |", "|---|---:|---:|---|---|---|---:|---:|---:|---:|---|"]
+
+    def order(key):  # case, grid, seed, then the default steps before others, without --set first
+        setup = found[key]["setup"]
+        steps = setup.get("iterations_4d", [None, None])
+        case = next(c for c in sorted(CASES, key=len, reverse=True) if key.startswith(c))
+        return case, setup["grid"][0], setup["seed"], steps[0] is not None, [x or 0 for x in steps], found[key].get("sets", [])
 
     for key in sorted(found, key=order):
         r = found[key]
-        case, grid = order(key)[:2]
-        static = found.get(f"{case}-grid{grid}", {}).get("methods", {}).get("static")
-        steps = r["setup"]["iterations_4d"]
+        case, grid, seed = order(key)[:3]
+        base = key.split("-steps")[0].split("-set-")[0]
+        static = r["methods"].get("static") or (load_results(out_dir, base)["methods"].get("static")
+                                                 if results_path(out_dir, base).is_file() else None)
+        steps = r["setup"].get("iterations_4d", [None, None])
         steps = (f"{DEFAULT_4D.recipe.iterations} + {DEFAULT_4D.iterations} (default)" if steps[0] is None
                  else f"{steps[0]} + {steps[1]}")
         for method in sorted(r["methods"], key=METHODS.index):
             row = r["methods"][method]
             gain = "-" if static is None or method == "static" else f"{row['psnr_3d_mean'] - static['psnr_3d_mean']:+.2f}"
-            lines.append(f"| {case} | {grid} | {steps if method in TRACK4D else '-'} | "
+            lines.append(f"| {case} | {grid} | {seed} | {steps if method in TRACK4D else '-'} | "
                          f"{' '.join(f'--set {item}' for item in r.get('sets', [])) or '-'} | {LABELS[method]} | "
                          f"{row['psnr_3d_mean']:.2f} | {'{:.2f} / {:.2f}'.format(*inhale_exhale(r['setup'], row))} | "
                          f"{gain} | {row['seconds']:.1f} | {measured(r, row)} |")
@@ -619,8 +635,8 @@ def report(out_dir: Path) -> int:
         console.print(f"[red]no results under {out_dir / 'results'}: run a case first[/red]")
         return 2
     text = markdown(results, variants=find_variants(out_dir, results))
-    grids = grid_markdown(out_dir)
-    text += "\n" + grids if grids else ""
+    others = other_runs_markdown(out_dir)
+    text += "\n" + others if others else ""
     if cpu:
         first = next(iter(cpu.values()))["setup"]
         text += "\n" + markdown(cpu, f"## CPU, a smaller size: {first['grid'][0]}^3-class grid, "
