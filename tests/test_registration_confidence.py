@@ -92,6 +92,47 @@ def test_views_that_want_different_poses_are_caught(peak_b_mm):
         assert max(abs(o) for row in ev["view_peaks_mm"] for o in row) == pytest.approx(peak_b_mm)
 
 
+def _rotvec_deg(m: np.ndarray) -> np.ndarray:
+    """The rotation vector (deg) of a 4x4 rigid matrix's rotation."""
+    r = m[:3, :3]
+    angle = np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    return np.degrees(angle) * axis / max(np.linalg.norm(axis), 1e-12)
+
+
+def _blind_combination_score(bump: float):
+    """View A sees the structure's translation x / z and the rotations sharply, except along
+    one combination, a z shift with a tilt about x (1 mm with 0.5 deg: the scans' units),
+    where it is broad and, with ``bump`` > 0, peaks 8 mm-equivalent away (a patient moved
+    along the direction the anatomy dominating A hides); view B peaks at the identity."""
+    def score(poses):
+        out = []
+        for m in poses:
+            t, r = m[:3, 3], _rotvec_deg(m)
+            along, across = (t[2] + 2 * r[0]) / np.sqrt(2), (t[2] - 2 * r[0]) / np.sqrt(2)
+            a = np.exp(-(across ** 2 + t[0] ** 2 + 0.05 * t[1] ** 2 + (2 * r[1]) ** 2 + (2 * r[2]) ** 2) / 8)
+            a *= 0.8 + bump * np.exp(-(along - 8) ** 2 / 8) - 1e-4 * along ** 2
+            b = np.exp(-(0.05 * t[0] ** 2 + t[1] ** 2 + t[2] ** 2 + np.sum((2 * r) ** 2)) / 8)
+            out.append([a, b])
+        return np.array(out)
+    return score
+
+
+@pytest.mark.parametrize("bump", [0.0, 0.2])
+def test_a_view_preferring_a_combined_move_is_caught(bump):
+    # single-axis scans see view A peak at the pose; only the combined scan finds its own pose
+    pts = np.random.default_rng(0).normal(size=(400, 3)) * 15
+    conf = confidence.assess(_blind_combination_score(bump), np.eye(4), pts, similarity=0.9)
+    ev = conf.evidence
+    assert not any(o for row in ev["view_peaks_mm"] for o in row)
+    combined = np.array(ev["combined_view_peaks_mm"])  # (views, 12): tz + rx is direction 8
+    if bump == 0:
+        assert conf.success and not combined.any()
+    else:
+        assert combined[0, 8] == pytest.approx(8.0) and not np.delete(combined[0], 8).any() and not combined[1].any()
+        assert not conf.success and ev["view_disagreement_mm"] > 4.0
+
+
 def _bells_score(bells):
     """Both views alike: a sum of translation bells ``(height, centre (3,) mm, width mm)``,
     rotations costing as a 1 mm shift per degree."""

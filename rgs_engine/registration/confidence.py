@@ -30,7 +30,16 @@ batched splats (the views move, the Gaussians stay: a handful of launches) and m
   wanting to be elsewhere. (Two earlier forms missed moved patients: a parabola per view
   through the probes at the pose, where the view whose peak lies beyond the bell's
   inflection curves up and the axis was dropped; and each view climbing from the pose, which
-  stalled on the broad, bumpy superior-inferior profile of the AP view.)
+  stalled on the broad, bumpy superior-inferior profile of the AP view.) The views are also
+  scanned along 12 combined directions (:func:`_scan_directions`: a translation with a
+  rotation about another axis, 1 mm with :data:`SCAN_DEG_PER_MM` degrees, the tilt that keeps
+  anatomy about 115 mm from the structure in place): a view dominated by such anatomy (the
+  heart in the AP view of T10) barely sees the structure move along them, so its range there
+  is small; it counts from :data:`COMBINED_AXIS_FRACTION` of the other view's range where its
+  own peak beats the pose by :data:`COMBINED_GAIN_FRACTION` of its range and the direction's
+  translation lies in the view's plane (the view constrains that axis), and the
+  displacement under each counting combined peak joins the largest. Measured offline
+  (``validation/registration_design.md``, "Combined scans"); on this branch until a GPU sweep.
 * ``curvature``: minus the joint similarity's second derivative along each axis at the pose
   (rotations about the X-ray frame's axes through the structure, per rad^2; translations
   along them, per mm^2): how sharply each axis is determined (evidence only).
@@ -114,9 +123,9 @@ wrong anatomy that the kicked restarts cannot climb back to is left to the view
 disagreement, the peak offset and the similarity floor; offline on the held-out runs the rule
 lowered the closest wrong estimates by up to 0.5 mm (2.62 to 2.10 mm).
 
-Cost: ``polish_steps`` x (``restarts`` + 1) x 13 + 6 x (2 :data:`SCAN_MM` / :data:`SCAN_STEP_MM`
-+ 1) + ``restarts`` + 1 scored poses (343 by default) in batched splats, at a detector pooled to about 0.8 mm at
-the object.
+Cost: ``polish_steps`` x (``restarts`` + 1) x 13 + 18 x (2 :data:`SCAN_MM` / :data:`SCAN_STEP_MM`
++ 1) + ``restarts`` + 1 scored poses (499 by default; 343 before the combined scans) in batched
+splats, at a detector pooled to about 0.8 mm at the object.
 """
 from __future__ import annotations
 
@@ -139,6 +148,8 @@ SCAN_STEP_MM = 2.0
 SCAN_DEG_PER_MM = 0.5  # rotation scans: degrees per mm of the scan
 RESTART_TOLERANCE = 1e-3  # a restart ending this far below the pose's own end or higher counts in the spread
 SCAN_GAIN_FRACTION = 0.05  # a view's own peak counts where it beats the pose by this part of its range
+COMBINED_AXIS_FRACTION = 0.1  # combined scans: a view counts where its range is this part of the other's ...
+COMBINED_GAIN_FRACTION = 0.2  # ... and its own peak beats the pose by this part of its range
 MAX_ERROR_MM = 1.5  # the decision's bound on the estimate (module docstring: measurements)
 SIMILARITY_FLOOR = 0.3
 MAX_POINTS = 2000
@@ -208,24 +219,50 @@ def _moved_about(poses, moves: np.ndarray, centre_ct: np.ndarray) -> np.ndarray:
     return rigid.from_axis_angle(moves[:, :3], moves[:, 3:], centres) @ poses
 
 
-def _view_peaks(profiles: np.ndarray, offsets_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each view's own peak along each axis from 1-D scans, and whether it counts.
+def _scan_directions() -> np.ndarray:
+    """(18, 6) unit pose directions (rotation rad, translation mm in scan units: see
+    :data:`SCAN_DEG_PER_MM`) of the views' 1-D scans: the 6 axes, then each translation
+    combined with a rotation about another axis, both signs ((t_i +- r_j) / sqrt 2, i != j).
+    A combined direction is what a view barely sees when the anatomy that dominates it lies
+    off the structure: a shift along one axis with the tilt that keeps anatomy one lever arm
+    away in place (the moved-patient pairs of the module docstring)."""
+    out = list(np.eye(6))
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                for sign in (1.0, -1.0):
+                    d = np.zeros(6)
+                    d[3 + i], d[j] = math.sqrt(0.5), sign * math.sqrt(0.5)
+                    out.append(d)
+    return np.array(out)
 
-    ``profiles`` (6, S, V): each view's similarity at ``offsets_mm`` (S,) along each axis (the
-    pose at offset 0). Returns the offsets (V, 6, mm-equivalent) of each view's maximum and a
-    (V, 6) mask: the axis counts for a view where the view constrains it (its similarity's
-    range over the scan at least :data:`VIEW_AXIS_FRACTION` of the other views' largest: a
-    view's depth axis does not) and the maximum beats the pose by at least
-    :data:`SCAN_GAIN_FRACTION` of that range (a real preference, not noise)."""
-    span = profiles.max(axis=1) - profiles.min(axis=1)  # (6, V)
+
+def _view_peaks(profiles: np.ndarray, offsets_mm: np.ndarray, axis_fraction: float = VIEW_AXIS_FRACTION,
+                gain_fraction: float = SCAN_GAIN_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Each view's own peak along each scanned direction from 1-D scans, and whether it counts.
+
+    ``profiles`` (D, S, V): each view's similarity at ``offsets_mm`` (S,) along each direction
+    (the pose at offset 0). Returns the offsets (V, D, mm-equivalent) of each view's maximum
+    and a (V, D) mask: the direction counts for a view where the view constrains it (its
+    similarity's range over the scan at least ``axis_fraction`` of the other views' largest:
+    a view's depth axis does not) and the maximum beats the pose by at least
+    ``gain_fraction`` of that range (a real preference, not noise)."""
+    span = profiles.max(axis=1) - profiles.min(axis=1)  # (D, V)
     at_pose = profiles[:, int(np.argmin(np.abs(offsets_mm))), :]
     gain = profiles.max(axis=1) - at_pose
-    peaks = offsets_mm[profiles.argmax(axis=1)]  # (6, V)
-    views = profiles.shape[2]
-    others = np.stack([np.delete(span, v, axis=1).max(axis=1) if views > 1 else np.zeros(6)
-                       for v in range(views)], axis=1)
-    counts = (span >= VIEW_AXIS_FRACTION * others) & (gain >= SCAN_GAIN_FRACTION * span) & (span > 0)
+    peaks = offsets_mm[profiles.argmax(axis=1)]  # (D, V)
+    counts = _constrains(profiles, axis_fraction) & (gain >= gain_fraction * span) & (span > 0)
     return peaks.T, counts.T
+
+
+def _constrains(profiles: np.ndarray, axis_fraction: float = VIEW_AXIS_FRACTION) -> np.ndarray:
+    """(D, V): whether each view's similarity ranges over a scan (``profiles`` (D, S, V)) at
+    least ``axis_fraction`` of the other views' largest range (a view's depth axis does not)."""
+    span = profiles.max(axis=1) - profiles.min(axis=1)
+    views = profiles.shape[2]
+    others = np.stack([np.delete(span, v, axis=1).max(axis=1) if views > 1 else np.zeros(len(span))
+                       for v in range(views)], axis=1)
+    return span >= axis_fraction * others
 
 
 def rival_mm(starts: list[tuple[float, float]]) -> float:
@@ -284,13 +321,20 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
             first = s[0]  # (13, V) around the pose
         joint = _moved_about(joint, _climb_moves(s.mean(axis=2), step), centre_ct)
         step = step / 2
-    # each view's own preference: 1-D scans along the 6 axes through the pose
+    # each view's own preference: 1-D scans along the 6 axes and the combined directions
     offsets = np.arange(-SCAN_MM, SCAN_MM + 1e-9, SCAN_STEP_MM)
     scale = np.array([math.radians(SCAN_DEG_PER_MM)] * 3 + [1.0] * 3)
-    xis = (np.eye(6) * scale)[:, None, :] * offsets[None, :, None]  # (6, S, 6): axis, offset
+    directions = _scan_directions() * scale  # (D, 6)
+    xis = directions[:, None, :] * offsets[None, :, None]  # (D, S, 6): direction, offset
     scan = _moved_about([pose] * xis.shape[0] * xis.shape[1], xis.reshape(-1, 6), centre_ct)
-    profiles = np.asarray(score(scan), dtype=np.float64).reshape(6, len(offsets), -1)  # (6, S, V)
-    view_peaks, view_counts = _view_peaks(profiles, offsets)
+    profiles = np.asarray(score(scan), dtype=np.float64).reshape(len(directions), len(offsets), -1)  # (D, S, V)
+    view_peaks, view_counts = _view_peaks(profiles[:6], offsets)
+    combined_peaks, combined_counts = _view_peaks(profiles[6:], offsets, COMBINED_AXIS_FRACTION,
+                                                  COMBINED_GAIN_FRACTION)
+    # a combined direction counts for a view only where its translation lies in that view's
+    # plane (the view constrains that axis): a depth shift with a tilt is mostly the tilt
+    in_plane = _constrains(profiles[3:6])[np.argmax(np.abs(_scan_directions()[6:, 3:]), axis=1)]  # (12, V)
+    combined_counts = combined_counts & in_plane.T
 
     pts_x, centre_x = rigid.apply(joint[0], pts), rigid.apply(joint[0], centre_ct)  # X-ray frame
     ends = np.asarray(score(list(joint)), dtype=np.float64).mean(axis=1)  # (K,): where each start ended
@@ -303,11 +347,16 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     peak_mm = _displacement(offset, pts_x, centre_x)
     view_mm = max((_displacement(np.where(c, o, 0.0) * scale, pts_x, centre_x)
                    for o, c in zip(view_peaks, view_counts)), default=0.0)
+    view_mm = max([view_mm] + [_displacement(o * d, pts_x, centre_x)  # each counting combined peak alone
+                               for peaks_v, counts_v in zip(combined_peaks, combined_counts)
+                               for o, c, d in zip(peaks_v, counts_v, directions[6:]) if c])
     est = float(math.sqrt(spread ** 2 + peak_mm ** 2 + view_mm ** 2 + rival ** 2))
     success = bool(est <= max_error_mm and not not_max and similarity >= similarity_floor)
     evidence = {"restart_spread_mm": spread, "peak_offset_mm": peak_mm, "view_disagreement_mm": view_mm,
                 "rival_basin_mm": rival,
-                "view_peaks_mm": np.where(view_counts, view_peaks, 0.0).tolist(), "not_maximum_axes": not_max, "curvature": (-h).tolist(),
+                "view_peaks_mm": np.where(view_counts, view_peaks, 0.0).tolist(),
+                "combined_view_peaks_mm": np.where(combined_counts, combined_peaks, 0.0).tolist(),
+                "not_maximum_axes": not_max, "curvature": (-h).tolist(),
                 "restart_similarity": (ends[1:] - ends[0]).tolist(), "restarts_counted": len(counted),
                 "similarity": similarity, "restarts": restarts, "restart_mm": restart_mm,
                 "restart_deg": restart_deg, "step_mm": step_mm, "max_error_mm": max_error_mm,
