@@ -15,7 +15,7 @@ def dirvec(n):
     if len(n) == 2:
         d[("rx", "ry", "rz", "tx", "ty", "tz").index(n)] = 1; return d
     d[3 + "xyz".index(n[1])] = 1 / math.sqrt(2); d["xyz".index(n[4])] = (1 if n[2] == "+" else -1) / math.sqrt(2); return d
-variants = {"V5 diag(0.1,0.2) in-plane t": (0.1, 0.2, "inplane"), "V6 diag(0.1,0.1) in-plane t": (0.1, 0.1, "inplane"), "V7 diag(0.1,0.05) in-plane t": (0.1, 0.05, "inplane"), "V1 diag(0.1,0.05)": (0.1, 0.05, False), "V2 diag(0.1,0.2)": (0.1, 0.2, False), "V2b diag(0.1,0.1)": (0.1, 0.1, False),
+variants = {"V8 diag(0.1,0.25) in-plane t": (0.1, 0.25, "inplane"), "V9 diag(0.1,0.3) in-plane t": (0.1, 0.3, "inplane"), "V5 diag(0.1,0.2) in-plane t": (0.1, 0.2, "inplane"), "V6 diag(0.1,0.1) in-plane t": (0.1, 0.1, "inplane"), "V7 diag(0.1,0.05) in-plane t": (0.1, 0.05, "inplane"), "V1 diag(0.1,0.05)": (0.1, 0.05, False), "V2 diag(0.1,0.2)": (0.1, 0.2, False), "V2b diag(0.1,0.1)": (0.1, 0.1, False),
             "V4 diag(0.15,0.05)": (0.15, 0.05, False), "V3 all18(0.1,0.05)": (0.1, 0.05, True)}
 for name, (f, gmin, alld) in variants.items():
     stats = {"right_flag_before": 0, "right_flag_after": 0, "right": 0, "wrong_flag_before": 0, "wrong_flag_after": 0, "wrong": 0}
