@@ -1,4 +1,4 @@
-"""Offline check of the confidence's combined scans (branch combined-scans): the decision each rule
+"""Offline check of the confidence's combined scans: the decision each rule
 would take on a sweep's stored poses, from the scans of validation/combined_scans_probe.py.
 Usage: python validation/combined_scans_rules.py RESULTS.json SCANS.json"""
 import json, sys, math, numpy as np
