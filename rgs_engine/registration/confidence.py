@@ -253,18 +253,25 @@ def _view_peaks(profiles: np.ndarray, offsets_mm: np.ndarray, axis_fraction: flo
     at_pose = profiles[:, int(np.argmin(np.abs(offsets_mm))), :]
     gain = profiles.max(axis=1) - at_pose
     peaks = offsets_mm[profiles.argmax(axis=1)]  # (D, V)
-    counts = _constrains(profiles, axis_fraction) & (gain >= gain_fraction * span) & (span > 0)
+    counts = _constrains(span, axis_fraction) & (gain >= gain_fraction * span) & (span > 0)
     return peaks.T, counts.T
 
 
-def _constrains(profiles: np.ndarray, axis_fraction: float = VIEW_AXIS_FRACTION) -> np.ndarray:
-    """(D, V): whether each view's similarity ranges over a scan (``profiles`` (D, S, V)) at
-    least ``axis_fraction`` of the other views' largest range (a view's depth axis does not)."""
-    span = profiles.max(axis=1) - profiles.min(axis=1)
-    views = profiles.shape[2]
+def _constrains(span: np.ndarray, axis_fraction: float = VIEW_AXIS_FRACTION) -> np.ndarray:
+    """(D, V): whether each view's similarity range over a scan (``span`` (D, V)) is at least
+    ``axis_fraction`` of the other views' largest (a view's depth axis is not)."""
+    views = span.shape[1]
     others = np.stack([np.delete(span, v, axis=1).max(axis=1) if views > 1 else np.zeros(len(span))
                        for v in range(views)], axis=1)
     return span >= axis_fraction * others
+
+
+def _in_plane(translation_span: np.ndarray) -> np.ndarray:
+    """(12, V): whether each combined direction's translation (:func:`_scan_directions`) lies in
+    each view's plane, i.e. the view constrains that axis (:func:`_constrains` of the
+    translation scans' ranges ``translation_span`` (3, V)): a depth shift with a tilt is mostly
+    the tilt."""
+    return _constrains(translation_span)[np.argmax(np.abs(_scan_directions()[6:, 3:]), axis=1)]
 
 
 def rival_mm(starts: list[tuple[float, float]]) -> float:
@@ -333,10 +340,7 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     view_peaks, view_counts = _view_peaks(profiles[:6], offsets)
     combined_peaks, combined_counts = _view_peaks(profiles[6:], offsets, COMBINED_AXIS_FRACTION,
                                                   COMBINED_GAIN_FRACTION)
-    # a combined direction counts for a view only where its translation lies in that view's
-    # plane (the view constrains that axis): a depth shift with a tilt is mostly the tilt
-    in_plane = _constrains(profiles[3:6])[np.argmax(np.abs(_scan_directions()[6:, 3:]), axis=1)]  # (12, V)
-    combined_counts = combined_counts & in_plane.T
+    combined_counts = combined_counts & _in_plane(np.ptp(profiles[3:6], axis=1)).T
 
     pts_x, centre_x = rigid.apply(joint[0], pts), rigid.apply(joint[0], centre_ct)  # X-ray frame
     ends = np.asarray(score(list(joint)), dtype=np.float64).mean(axis=1)  # (K,): where each start ended
