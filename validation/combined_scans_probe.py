@@ -38,7 +38,7 @@ def direction_names() -> list[str]:
 def main(argv: list[str]) -> int:
     results, specs, out_path = Path(argv[0]), argv[1].split(","), Path(argv[2])
     runtime.init("cpu")
-    res = json.loads(results.read_text())
+    res = sweep.load_results(results)
     scene = rc.Scene(res, sweep.ROOT / ".cache" / "registration")
     offsets = np.arange(-cf.SCAN_MM, cf.SCAN_MM + 1e-9, cf.SCAN_STEP_MM)
     scale = np.array([np.radians(cf.SCAN_DEG_PER_MM)] * 3 + [1.0] * 3)

@@ -31,7 +31,7 @@ VARIANTS = {"diag(0.1,0.25) in-plane t": (0.1, 0.25, "in-plane"), "diag(0.1,0.3)
 
 
 def main(argv: list[str]) -> int:
-    res, rows = json.loads(Path(argv[0]).read_text()), json.loads(Path(argv[1]).read_text())
+    res, rows = sweep.load_results(Path(argv[0])), json.loads(Path(argv[1]).read_text())
     recs = {f"{x['group']}:{x['bin'][0]:g}:{x['trial']}": x for x in res["trials"]}
     scale = np.array([math.radians(cf.SCAN_DEG_PER_MM)] * 3 + [1.0] * 3)
     order = direction_names()  # the decision's direction order: 6 axes, then 12 combined

@@ -63,7 +63,7 @@ Usage::
     python datasets/fetch_ct.py           # once
     python validation/registration.py [--device auto|cuda|cpu] [--trials 20] [--wrong-trials 20]
         [--labels 32,34,36,38,40] [--groups clean,distorted,...] [--size full|cpu|quick]
-        [--out-dir validation] [--quick]
+        [--out-dir validation] [--budget-s S] [--resume OUT/results/registration.json] [--quick]
 
 ``--size cpu`` (160^2 views of 1.6 mm over the same field, vertebra / context fits of 32 / 64
 voxels along their boxes, taken from the cache when there) is the size a CPU calibration run
@@ -76,6 +76,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import gzip
 import importlib.util
 import json
 import math
@@ -282,8 +283,9 @@ def trial_xrays(seed: int, group: str, b: int, j: int, lo: float, hi: float, cas
     return XRaySet(images, geo, ["ap", "lateral"], truth), extra
 
 
-def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry]) -> list[dict]:
-    """Every registration of every group: a list of records."""
+def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry], done: list[dict]) -> list[dict]:
+    """Every registration of every group not in ``done`` (records of an earlier run): a list of
+    records, ``done``'s first."""
     mirrored, shifts = other_patient(volume, vgrid, cases)
 
     def one(group: str, b: int, j: int, lo: float, hi: float, keep_images: bool = False) -> dict:
@@ -316,16 +318,21 @@ def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry]) -> 
         if g not in args.groups:
             continue
         plan += [(g, 0, j, lo, hi) for j in range(args.wrong_trials)]
+    have = {(r["group"], tuple(r["bin"]), r["trial"]) for r in done}
+    if have - {(g, (lo, hi), j) for g, _, j, lo, hi in plan}:
+        raise SystemExit("--resume: the file holds trials this sweep does not plan (other bins or trial "
+                         "counts): rerun without --resume")
+    plan = [t for t in plan if (t[0], (t[3], t[4]), t[2]) not in have]
     plan.sort(key=lambda t: t[2])  # trial by trial over every bin: a time budget trims all bins alike
     example = ("distorted", 1, 0)
     one("clean", 0, 0, *args.bins[:2])  # warm-up: compiles the kernels
-    records = []
+    records = list(done)
     t0 = time.perf_counter()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("registrations", total=len(plan))
         for g, b, j, lo, hi in plan:
             if args.budget_s and time.perf_counter() - t0 > args.budget_s:
-                console.print(f"time budget of {args.budget_s:g} s spent: {len(records)} of {len(plan)} "
+                console.print(f"time budget of {args.budget_s:g} s spent: {len(records) - len(done)} of {len(plan)} "
                               "registrations run")
                 break
             rec = one(g, b, j, lo, hi, keep_images=(g, b, j) == example)
@@ -437,6 +444,9 @@ def markdown(res: dict) -> str:
     out = ["# Vertebra-level CT-to-X-ray registration (`validation/registration.py`)", "",
            f"Measured {res['date']} on **{res['device']}** with rgs {res['versions'].get('rgs', '')}"
            f"{SIZES[s.get('size', 'full')]['note']}.", "",
+           *([f"Two device calls: the first {s['resumed']['trials']} trials from `{s['resumed']['file']}` "
+              f"({s['resumed']['device']}, {s['resumed']['date']}), the rest run here with `--resume` "
+              "(the same sweep: the same draws per trial).", ""] if s.get("resumed") else []),
            f"- CT: {s['ct']} (real chest CT, {s['ct_shape']} voxels of {s['ct_spacing']} mm); "
            f"X-rays rendered from it on a {s['drr_grid']} grid of {s['drr_spacing']:.3g} mm.",
            f"- Cases: the vertebrae {names}; each registration uses that vertebra's Gaussians "
@@ -592,6 +602,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="image and fit sizes: full (the GPU sweep), cpu (160^2 views, coarser fits: a "
                          "CPU calibration run), quick (coarse fits: a check of the script)")
     ap.add_argument("--groups", default=",".join(GROUPS), help="the groups of trials to run")
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="results JSON of an earlier run of the same sweep cut short by --budget-s: its "
+                         "trials are kept and only the missing ones run (a sweep over several device calls)")
     ap.add_argument("--quick", action="store_true",
                     help="CPU check of the script (a few minutes): --size quick, 2 vertebrae, fewer trials")
     args = ap.parse_args(argv)
@@ -612,6 +625,36 @@ def output_stem(size: str, register: dict) -> str:
     (``registration_keep3`` for ``{"keep": 3}``), so a variant never overwrites the default's."""
     stem = SIZES[size]["stem"]
     return stem + "".join(f"_{k}{v}" for k, v in sorted(register.items()))
+
+
+def load_results(path: Path) -> dict:
+    """A results JSON written by this script, plain or gzip-compressed (``.json.gz``: the larger
+    committed sweeps)."""
+    data = path.read_bytes()
+    return json.loads(gzip.decompress(data) if path.suffix == ".gz" else data)
+
+
+SAME_SWEEP = ("ct", "trials", "wrong_trials", "seed", "size", "groups", "dso", "dsd", "det", "pixel", "register",
+              "collimation_px")  # what --resume's file must share with this run
+
+
+def resumed(args, setup: dict) -> tuple[list[dict], float]:
+    """The records and trial seconds of ``--resume``'s file (none without it), checked to be the
+    same sweep (:data:`SAME_SWEEP` and the labels; :func:`run_trials` checks its trials are
+    planned); notes the file in ``setup``."""
+    if args.resume is None:
+        return [], 0.0
+    if not args.resume.is_file():
+        raise SystemExit(f"--resume {args.resume}: not found (give the results JSON of the earlier run)")
+    old = load_results(args.resume)
+    differ = [k for k in SAME_SWEEP if old["setup"].get(k) != setup[k]]
+    if [c["label"] for c in old["cases"]] != args.labels:
+        differ.append("labels")
+    if differ:
+        raise SystemExit(f"--resume {args.resume}: another sweep ({', '.join(differ)} differ): rerun without --resume")
+    setup["resumed"] = {"file": str(args.resume), "trials": len(old["trials"]), "device": old["device"],
+                        "date": old["date"]}
+    return old["trials"], float(old["wall_seconds"])
 
 
 def main(argv=None) -> int:
@@ -647,8 +690,9 @@ def main(argv=None) -> int:
                       f"Gaussians (vertebra + context), cached load {c['cached_seconds']:.3f} s, "
                       f"{len(case['points'])} target points")
 
+    done, wall_before = resumed(args, setup)
     t0 = time.perf_counter()
-    records = run_trials(args, volume, vgrid, cases, geos)
+    records = run_trials(args, volume, vgrid, cases, geos, done)
     rows = summarise(records)
     example = next((r.pop("_example") for r in records if "_example" in r), None)
     fit = [c["fit_seconds"] for c in conv if c["fit_seconds"] is not None]
@@ -660,7 +704,7 @@ def main(argv=None) -> int:
                           "cached_seconds_mean": float(np.mean([c["cached_seconds"] for c in conv])),
                           "gaussians_mean": float(np.mean([c["gaussians"] for c in conv]))},
            "has_estimate": any(x.get("estimated_error_mm") is not None for x in records),
-           "bins": rows, "bars": evaluate(rows, records), "wall_seconds": time.perf_counter() - t0,
+           "bins": rows, "bars": evaluate(rows, records), "wall_seconds": wall_before + time.perf_counter() - t0,
            "trials": records}
     out = args.out_dir
     stem = setup["stem"]

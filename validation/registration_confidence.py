@@ -163,7 +163,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     runtime.init(args.device)
-    res = json.loads(args.results.read_text())
+    res = sweep.load_results(args.results)
     scene = Scene(res, args.cache)
     out = []
     for spec in args.trials.split(","):
