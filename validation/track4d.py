@@ -554,12 +554,15 @@ def other_runs_markdown(out_dir: Path) -> str:
         case = next(c for c in sorted(CASES, key=len, reverse=True) if key.startswith(c))
         return case, setup["grid"][0], setup["seed"], steps[0] is not None, [x or 0 for x in steps], found[key].get("sets", [])
 
+    statics: dict[str, dict | None] = {}  # each base file's static row, read once
     for key in sorted(found, key=order):
         r = found[key]
         case, grid, seed = order(key)[:3]
         base = key.split("-steps")[0].split("-set-")[0]
-        static = r["methods"].get("static") or (load_results(out_dir, base)["methods"].get("static")
-                                                 if results_path(out_dir, base).is_file() else None)
+        if base not in statics:
+            statics[base] = (load_json(results_path(out_dir, base))["methods"].get("static")
+                             if results_path(out_dir, base).is_file() else None)
+        static = r["methods"].get("static") or statics[base]
         steps = r["setup"].get("iterations_4d", [None, None])
         steps = (f"{DEFAULT_4D.recipe.iterations} + {DEFAULT_4D.iterations} (default)" if steps[0] is None
                  else f"{steps[0]} + {steps[1]}")
