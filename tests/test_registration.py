@@ -502,6 +502,7 @@ def test_cli_register_end_to_end(ct_path, tmp_path):
     assert doc["success"] is True and doc["mtre_mm"] < MTRE_OK_MM
     assert doc["estimated_error_mm"] < 1.0 and doc["evidence"]["view_disagreement_mm"] >= 0
     assert f"estimated error {doc['estimated_error_mm']:.2f} mm" in res.output
+    assert "caveat" in res.output  # the known gap (a moved patient), said next to the decision
     assert doc["similarity"] > doc["initial_similarity"]
     rigid.check_rigid(doc["ct_to_xray"])
     png = (out / "overlay.png").read_bytes()
