@@ -283,6 +283,24 @@ def trial_xrays(seed: int, group: str, b: int, j: int, lo: float, hi: float, cas
     return XRaySet(images, geo, ["ap", "lateral"], truth), extra
 
 
+def planned(args) -> list[tuple]:
+    """Every registration of the sweep: ``(group, bin index, trial, lo mm, hi mm)``."""
+    plan = []
+    for g in [g for g in IMAGE_GROUPS if g in args.groups]:
+        edges = group_edges(g, args.bins)
+        for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+            plan += [(g, b, j, lo, hi) for j in range(args.trials)]
+    for g, (lo, hi) in WRONG_GROUPS.items():
+        if g in args.groups:
+            plan += [(g, 0, j, lo, hi) for j in range(args.wrong_trials)]
+    return plan
+
+
+def trial_key(group: str, edges, trial: int) -> tuple:
+    """What names one registration of the sweep: group, start bin (lo, hi mm), trial."""
+    return group, tuple(float(e) for e in edges), int(trial)
+
+
 def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry], done: list[dict]) -> list[dict]:
     """Every registration of every group not in ``done`` (records of an earlier run): a list of
     records, ``done``'s first."""
@@ -309,20 +327,8 @@ def run_trials(args, volume, vgrid, cases: list[dict], geos: list[Geometry], don
             rec["_example"] = (xs, res, case)
         return rec
 
-    plan = []
-    for g in [g for g in IMAGE_GROUPS if g in args.groups]:
-        edges = group_edges(g, args.bins)
-        for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-            plan += [(g, b, j, lo, hi) for j in range(args.trials)]
-    for g, (lo, hi) in WRONG_GROUPS.items():
-        if g not in args.groups:
-            continue
-        plan += [(g, 0, j, lo, hi) for j in range(args.wrong_trials)]
-    have = {(r["group"], tuple(r["bin"]), r["trial"]) for r in done}
-    if have - {(g, (lo, hi), j) for g, _, j, lo, hi in plan}:
-        raise SystemExit("--resume: the file holds trials this sweep does not plan (other bins or trial "
-                         "counts): rerun without --resume")
-    plan = [t for t in plan if (t[0], (t[3], t[4]), t[2]) not in have]
+    have = {trial_key(r["group"], r["bin"], r["trial"]) for r in done}
+    plan = [t for t in planned(args) if trial_key(t[0], t[3:], t[2]) not in have]
     plan.sort(key=lambda t: t[2])  # trial by trial over every bin: a time budget trims all bins alike
     example = ("distorted", 1, 0)
     one("clean", 0, 0, *args.bins[:2])  # warm-up: compiles the kernels
@@ -638,20 +644,27 @@ SAME_SWEEP = ("ct", "trials", "wrong_trials", "seed", "size", "groups", "dso", "
               "collimation_px")  # what --resume's file must share with this run
 
 
+class ResumeError(ValueError):
+    """A ``--resume`` file that is missing or of another sweep."""
+
+
 def resumed(args, setup: dict) -> tuple[list[dict], float]:
     """The records and trial seconds of ``--resume``'s file (none without it), checked to be the
-    same sweep (:data:`SAME_SWEEP` and the labels; :func:`run_trials` checks its trials are
-    planned); notes the file in ``setup``."""
+    same sweep (:data:`SAME_SWEEP`, the labels, and its trials among :func:`planned`'s); notes
+    the file in ``setup``."""
     if args.resume is None:
         return [], 0.0
     if not args.resume.is_file():
-        raise SystemExit(f"--resume {args.resume}: not found (give the results JSON of the earlier run)")
+        raise ResumeError(f"--resume {args.resume}: not found (give the results JSON of the earlier run)")
     old = load_results(args.resume)
     differ = [k for k in SAME_SWEEP if old["setup"].get(k) != setup[k]]
     if [c["label"] for c in old["cases"]] != args.labels:
         differ.append("labels")
+    if not {trial_key(r["group"], r["bin"], r["trial"]) for r in old["trials"]} <= {
+            trial_key(t[0], t[3:], t[2]) for t in planned(args)}:
+        differ.append("planned trials")
     if differ:
-        raise SystemExit(f"--resume {args.resume}: another sweep ({', '.join(differ)} differ): rerun without --resume")
+        raise ResumeError(f"--resume {args.resume}: another sweep ({', '.join(differ)} differ): rerun without --resume")
     setup["resumed"] = {"file": str(args.resume), "trials": len(old["trials"]), "device": old["device"],
                         "date": old["date"]}
     return old["trials"], float(old["wall_seconds"])
@@ -669,6 +682,11 @@ def main(argv=None) -> int:
              "seed": args.seed, "size": args.size, "groups": args.groups, "budget_s": args.budget_s, "dso": DSO, "dsd": DSD, "det": det,
              "pixel": size["pixel"], "register": args.register, "stem": output_stem(args.size, args.register),
              "collimation_px": max(1, round(COLLIMATION_PX * det / 512))}
+    try:
+        done, wall_before = resumed(args, setup)
+    except ResumeError as e:
+        console.print(f"[red]{e}[/red]")
+        return 2
     hu, ct_grid = load_nifti(CT)
     setup["ct_shape"] = "x".join(map(str, ct_grid.shape))
     setup["ct_spacing"] = "x".join(f"{v:.3g}" for v in ct_grid.spacing)
@@ -690,7 +708,6 @@ def main(argv=None) -> int:
                       f"Gaussians (vertebra + context), cached load {c['cached_seconds']:.3f} s, "
                       f"{len(case['points'])} target points")
 
-    done, wall_before = resumed(args, setup)
     t0 = time.perf_counter()
     records = run_trials(args, volume, vgrid, cases, geos, done)
     rows = summarise(records)
