@@ -131,6 +131,14 @@ def test_a_view_preferring_a_combined_move_is_caught(bump):
     else:
         assert combined[0, 8] == pytest.approx(8.0) and not np.delete(combined[0], 8).any() and not combined[1].any()
         assert not conf.success and ev["view_disagreement_mm"] > 4.0
+    # every scan's statistics are in the evidence (direction by direction, view by view), and
+    # the counted peaks are read from them
+    scans = ev["scans"]
+    assert scans["directions"][:6] == ["rx", "ry", "rz", "tx", "ty", "tz"] and scans["directions"][6 + 8] == "tz+rx"
+    span, gain, peak = (np.array(scans[k]) for k in ("span", "gain", "peak_mm"))
+    assert span.shape == gain.shape == peak.shape == (18, 2) and (gain >= 0).all() and (gain <= span + 1e-9).all()
+    assert peak[14, 0] == (8.0 if bump else 0.0) and gain[14, 0] >= (0.25 * span[14, 0] if bump else 0.0)
+    np.testing.assert_allclose(np.where(combined != 0, peak[6:].T, 0.0), combined)
 
 
 def _bells_score(bells):

@@ -4,7 +4,9 @@ scanned at the trial's stored pose along the 18 directions of the success decisi
 shift-with-tilt combinations), with the decision's own probe rebuilt on this device
 (``registration_confidence.probe_score``). Per trial and view: each direction's similarity
 range (span), the gain of the view's own maximum over the pose, and that maximum's offset (mm
-equivalent), saved as JSON for ``combined_scans_rules.py``.
+equivalent), saved as JSON for ``combined_scans_rules.py``. (Runs of ``registration.py`` since
+2026-12-07 keep the same statistics of the device's own scans in each trial's evidence,
+``scans``, where ``combined_scans_rules.py`` reads them without this probe.)
 
 Usage::
 
@@ -22,18 +24,6 @@ import registration_confidence as rc
 from rgs_engine.core import runtime
 from rgs_engine.registration import confidence as cf
 
-AXES = ("rx", "ry", "rz", "tx", "ty", "tz")
-
-
-def direction_names() -> list[str]:
-    """A name per row of ``cf._scan_directions()``: an axis (``tz``), or a translation with a
-    signed rotation (``tz-rx``: +z with -x)."""
-    names = []
-    for d in cf._scan_directions():
-        nz = np.nonzero(d)[0]
-        names.append(AXES[nz[0]] if len(nz) == 1 else f"{AXES[nz[1]]}{'+' if d[nz[0]] > 0 else '-'}{AXES[nz[0]]}")
-    return names
-
 
 def main(argv: list[str]) -> int:
     results, specs, out_path = Path(argv[0]), argv[1].split(","), Path(argv[2])
@@ -42,7 +32,7 @@ def main(argv: list[str]) -> int:
     scene = rc.Scene(res, sweep.ROOT / ".cache" / "registration")
     offsets = np.arange(-cf.SCAN_MM, cf.SCAN_MM + 1e-9, cf.SCAN_STEP_MM)
     scale = np.array([np.radians(cf.SCAN_DEG_PER_MM)] * 3 + [1.0] * 3)
-    directions, names = cf._scan_directions() * scale, direction_names()
+    directions, names = cf._scan_directions() * scale, cf.scan_direction_names()
     out = []
     for spec in specs:
         group, lo, j = spec.split(":")
@@ -54,9 +44,7 @@ def main(argv: list[str]) -> int:
         xis = directions[:, None, :] * offsets[None, :, None]
         scan = cf._moved_about([pose] * xis.shape[0] * xis.shape[1], xis.reshape(-1, 6), pts.mean(axis=0))
         prof = np.asarray(score(scan), dtype=np.float64).reshape(len(directions), len(offsets), -1)  # (D, S, V)
-        span = np.ptp(prof, axis=1)
-        gain = prof.max(axis=1) - prof[:, len(offsets) // 2]
-        peak = offsets[prof.argmax(axis=1)]
+        span, gain, peak = cf._scan_stats(prof, offsets)
         out.append({"spec": spec, "name": rec["name"], "mtre": rec["mtre_mm"], "flag": rec["flagged_success"],
                     "wrong": rec["wrong_input"], "right": rec["success"], "names": names,
                     "span": span.tolist(), "gain": gain.tolist(), "peak": peak.tolist()})

@@ -4,11 +4,12 @@ scans. The view disagreement becomes the larger of the stored one and the struct
 displacement under each counting combined peak; the estimate and the decision are recomputed
 from the stored evidence (the scans only add to it, so a refused pose stays refused). The
 counting rule is the decision's own (``confidence._constrains``, ``_in_plane``) with each
-variant's fractions.
+variant's fractions. Without SCANS.json the scans are each trial's own, from its evidence
+(``scans``: runs since 2026-12-07, scanned on the device that registered), for every trial.
 
 Usage::
 
-    python validation/combined_scans_rules.py RESULTS.json SCANS.json
+    python validation/combined_scans_rules.py RESULTS.json [SCANS.json]
 """
 import json
 import math
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import registration as sweep  # validation/ (this folder is on sys.path when run)
-from combined_scans_probe import direction_names
 
 from rgs_engine.core import rigid
 from rgs_engine.registration import confidence as cf, report
@@ -31,10 +31,14 @@ VARIANTS = {"diag(0.1,0.25) in-plane t": (0.1, 0.25, "in-plane"), "diag(0.1,0.3)
 
 
 def main(argv: list[str]) -> int:
-    res, rows = sweep.load_results(Path(argv[0])), json.loads(Path(argv[1]).read_text())
+    res = sweep.load_results(Path(argv[0]))
     recs = {f"{x['group']}:{x['bin'][0]:g}:{x['trial']}": x for x in res["trials"]}
+    rows = json.loads(Path(argv[1]).read_text()) if len(argv) > 1 else [
+        {"spec": spec, "names": x["evidence"]["scans"]["directions"], "span": x["evidence"]["scans"]["span"],
+         "gain": x["evidence"]["scans"]["gain"], "peak": x["evidence"]["scans"]["peak_mm"]}
+        for spec, x in recs.items() if "scans" in x["evidence"]]
     scale = np.array([math.radians(cf.SCAN_DEG_PER_MM)] * 3 + [1.0] * 3)
-    order = direction_names()  # the decision's direction order: 6 axes, then 12 combined
+    order = cf.scan_direction_names()  # the decision's direction order: 6 axes, then 12 combined
     directions = cf._scan_directions() * scale
     points = {}
     for name, (fraction, gain_fraction, which) in VARIANTS.items():

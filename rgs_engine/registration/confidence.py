@@ -41,7 +41,10 @@ batched splats (the views move, the Gaussians stay: a handful of launches) and m
   displacement under each counting combined peak joins the largest. Measured offline on
   the stored poses of the seed-1 GPU sweep (``validation/registration_design.md``, "Combined
   scans"): it refuses its one flagged wrong pose (a moved-patient T10 pair 6.65 mm off) and 2
-  of its 366 flagged right poses (distorted T4).
+  of its 366 flagged right poses (distorted T4). Every scan's range, gain and peak offset per
+  view are kept in the evidence (``scans``, directions named by :func:`scan_direction_names`),
+  so a counting rule can be re-evaluated offline on the scans of the device that registered
+  (``validation/combined_scans_rules.py``).
 * ``curvature``: minus the joint similarity's second derivative along each axis at the pose
   (rotations about the X-ray frame's axes through the structure, per rad^2; translations
   along them, per mm^2): how sharply each axis is determined (evidence only).
@@ -239,22 +242,33 @@ def _scan_directions() -> np.ndarray:
     return np.array(out)
 
 
-def _view_peaks(profiles: np.ndarray, offsets_mm: np.ndarray, axis_fraction: float = VIEW_AXIS_FRACTION,
-                gain_fraction: float = SCAN_GAIN_FRACTION) -> tuple[np.ndarray, np.ndarray]:
-    """Each view's own peak along each scanned direction from 1-D scans, and whether it counts.
+def scan_direction_names() -> list[str]:
+    """A name per row of :func:`_scan_directions`: an axis (``tz``: translation along the X-ray
+    frame's z; ``rx``: rotation about x), or a translation with a signed rotation (``tz-rx``)."""
+    axes = ("rx", "ry", "rz", "tx", "ty", "tz")
+    names = []
+    for d in _scan_directions():
+        nz = np.nonzero(d)[0]
+        names.append(axes[nz[0]] if len(nz) == 1 else f"{axes[nz[1]]}{'+' if d[nz[0]] > 0 else '-'}{axes[nz[0]]}")
+    return names
 
-    ``profiles`` (D, S, V): each view's similarity at ``offsets_mm`` (S,) along each direction
-    (the pose at offset 0). Returns the offsets (V, D, mm-equivalent) of each view's maximum
-    and a (V, D) mask: the direction counts for a view where the view constrains it (its
-    similarity's range over the scan at least ``axis_fraction`` of the other views' largest:
-    a view's depth axis does not) and the maximum beats the pose by at least
-    ``gain_fraction`` of that range (a real preference, not noise)."""
-    span = profiles.max(axis=1) - profiles.min(axis=1)  # (D, V)
-    at_pose = profiles[:, int(np.argmin(np.abs(offsets_mm))), :]
-    gain = profiles.max(axis=1) - at_pose
-    peaks = offsets_mm[profiles.argmax(axis=1)]  # (D, V)
-    counts = _constrains(span, axis_fraction) & (gain >= gain_fraction * span) & (span > 0)
-    return peaks.T, counts.T
+
+def _scan_stats(profiles: np.ndarray, offsets_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each view's similarity range over each 1-D scan, the gain of its maximum over the pose
+    and the maximum's offset, each (D, V), from ``profiles`` (D, S, V) at ``offsets_mm`` (S,)."""
+    span = profiles.max(axis=1) - profiles.min(axis=1)
+    gain = profiles.max(axis=1) - profiles[:, int(np.argmin(np.abs(offsets_mm))), :]
+    return span, gain, offsets_mm[profiles.argmax(axis=1)]
+
+
+def _view_counts(span: np.ndarray, gain: np.ndarray, axis_fraction: float = VIEW_AXIS_FRACTION,
+                 gain_fraction: float = SCAN_GAIN_FRACTION) -> np.ndarray:
+    """Whether each view's own peak along each scanned direction counts, (D, V), from
+    :func:`_scan_stats`' ``span`` and ``gain``: where the view constrains the direction (its
+    similarity's range over the scan at least ``axis_fraction`` of the other views' largest: a
+    view's depth axis does not) and its maximum beats the pose by at least ``gain_fraction`` of
+    that range (a real preference, not noise)."""
+    return _constrains(span, axis_fraction) & (gain >= gain_fraction * span) & (span > 0)
 
 
 def _constrains(span: np.ndarray, axis_fraction: float = VIEW_AXIS_FRACTION) -> np.ndarray:
@@ -337,10 +351,11 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     xis = directions[:, None, :] * offsets[None, :, None]  # (D, S, 6): direction, offset
     scan = _moved_about([pose] * xis.shape[0] * xis.shape[1], xis.reshape(-1, 6), centre_ct)
     profiles = np.asarray(score(scan), dtype=np.float64).reshape(len(directions), len(offsets), -1)  # (D, S, V)
-    view_peaks, view_counts = _view_peaks(profiles[:6], offsets)
-    combined_peaks, combined_counts = _view_peaks(profiles[6:], offsets, COMBINED_AXIS_FRACTION,
-                                                  COMBINED_GAIN_FRACTION)
-    combined_counts = combined_counts & _in_plane(np.ptp(profiles[3:6], axis=1)).T
+    span, gain, peak = _scan_stats(profiles, offsets)  # (D, V) each
+    view_peaks, view_counts = peak[:6].T, _view_counts(span[:6], gain[:6]).T  # (V, 6)
+    combined_peaks = peak[6:].T  # (V, 12)
+    combined_counts = (_view_counts(span[6:], gain[6:], COMBINED_AXIS_FRACTION, COMBINED_GAIN_FRACTION)
+                       & _in_plane(span[3:6])).T
 
     pts_x, centre_x = rigid.apply(joint[0], pts), rigid.apply(joint[0], centre_ct)  # X-ray frame
     ends = np.asarray(score(list(joint)), dtype=np.float64).mean(axis=1)  # (K,): where each start ended
@@ -362,6 +377,8 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
                 "rival_basin_mm": rival,
                 "view_peaks_mm": np.where(view_counts, view_peaks, 0.0).tolist(),
                 "combined_view_peaks_mm": np.where(combined_counts, combined_peaks, 0.0).tolist(),
+                "scans": {"directions": scan_direction_names(), "span": np.round(span, 5).tolist(),
+                          "gain": np.round(gain, 5).tolist(), "peak_mm": peak.tolist()},
                 "not_maximum_axes": not_max, "curvature": (-h).tolist(),
                 "restart_similarity": (ends[1:] - ends[0]).tolist(), "restarts_counted": len(counted),
                 "similarity": similarity, "restarts": restarts, "restart_mm": restart_mm,
