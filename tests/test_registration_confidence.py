@@ -245,7 +245,8 @@ def test_error_estimate_grows_with_the_true_error(ct_path, params, points, tmp_p
 
 def test_moved_patient_is_not_flagged(ct_path, params, points, tmp_path):
     """The lateral view taken after an 8 mm move along the axis both views see: no pose
-    explains both, the registration must not be flagged."""
+    explains both, the registration must not be flagged; the views' shifts along that axis
+    (:mod:`rgs_engine.registration.consistency`) measure the move."""
     xs = _simulate(ct_path, tmp_path / "x", 5.0, 3.0, 1)
     move = rigid.from_axis_angle([0, 0, 0], [0, 0, 8.0])
     lat = reg.render(params, move @ xs.ground_truth, xs.geometry.subset([1]))
@@ -254,3 +255,27 @@ def test_moved_patient_is_not_flagged(ct_path, params, points, tmp_path):
     res = reg.register(moved, params, ground_truth=xs.ground_truth, target_points=points)
     assert not res.success, res.evidence
     assert res.estimated_error_mm > reg.confidence.MAX_ERROR_MM
+    # the views' own whole-window shifts disagree by the move along the axis they share (z);
+    # measured 8.07 mm here, and 0.10 mm for the same views without the move
+    assert abs(res.evidence["view_shift_mm"] - 8.0) < 1.5, res.evidence["view_shifts_mm"]
+    assert res.estimated_error_mm >= res.evidence["view_shift_mm"]
+    right = reg.register(xs, params, ground_truth=xs.ground_truth, target_points=points)
+    assert right.evidence["view_shift_mm"] < 1.0 and right.success, right.evidence
+
+
+def test_view_shift_disagreement_is_the_shared_axis_difference():
+    """Biplanar views (depth axes x and y: they share z): translations that differ only along
+    a view's own depth axis agree; a difference along z is measured as it is."""
+    from rgs_engine.core.geometry import Geometry
+    from rgs_engine.registration import consistency
+
+    geo = Geometry.biplanar(1000.0, 1500.0, (64, 64), 1.0)
+    centre = np.zeros(3)
+    jac = consistency.shift_jacobian(geo, centre)
+    depth = np.cross(jac[:, 0], jac[:, 1])
+    depth /= np.linalg.norm(depth, axis=1, keepdims=True)
+    assert abs(np.cross(depth[0], depth[1]) @ [0, 0, 1]) > 0.99  # the views share z
+    same = np.array([[1.0, 0.0, 5.0], [0.0, 2.0, 5.0]])  # each view's in-plane part of one move (1, 2, 5)
+    assert consistency.view_shift_disagreement(same, geo, centre) < 1e-6
+    moved = np.array([[1.0, 0.0, 5.0], [0.0, 2.0, 1.0]])
+    assert abs(consistency.view_shift_disagreement(moved, geo, centre) - 4.0) < 1e-6

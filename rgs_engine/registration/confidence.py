@@ -54,9 +54,13 @@ batched splats (the views move, the Gaussians stay: a handful of launches) and m
   the two apart; and, from ``register``'s basin check (its global-stage pass repeated around
   the registered pose at the coarsest scale), the distance to a pose that scores above the
   registered one there: the scales disagree on the basin (the larger of the two).
+* ``view_shift_mm``: from ``register``, how far the views' own whole-window image shifts
+  disagree along the axis they share (:mod:`.consistency`: a patient who moved between the
+  exposures); up to :data:`VIEW_SHIFT_MM` it is the right poses' spread and counts for
+  nothing, beyond it in full.
 
 ``estimated_error_mm`` is the root sum of squares of the spread, the peak offset, the view
-disagreement and the rival basin. The decision (``success``) needs all of: estimated error <= ``max_error_mm``, a
+disagreement, the rival basin and the view shift beyond its bound. The decision (``success``) needs all of: estimated error <= ``max_error_mm``, a
 maximum along every axis, and ``similarity`` >= ``similarity_floor`` (:data:`SIMILARITY_FLOOR`;
 below it the images do not show the anatomy at all).
 
@@ -160,6 +164,7 @@ SIMILARITY_FLOOR = 0.3
 MAX_POINTS = 2000
 RIVAL_SIMILARITY = 0.005  # another start's coarse end scoring within this of the lead's is a rival ...
 RIVAL_MM = 2.0  # ... where it lies further than this from the lead's (another basin)
+VIEW_SHIFT_MM = 3.0  # the views' shifts along their shared axis may disagree by this much (:mod:`.consistency`)
 
 
 def for_pitch(pitch_mm: float) -> dict:
@@ -314,7 +319,7 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
            similarity: float, restarts: int = RESTARTS, restart_mm: float = RESTART_MM,
            restart_deg: float = RESTART_DEG, polish_steps: int = POLISH_STEPS, step_mm: float = STEP_MM,
            max_error_mm: float = MAX_ERROR_MM, similarity_floor: float = SIMILARITY_FLOOR,
-           seed: int = 0, rival: float = 0.0) -> Confidence:
+           seed: int = 0, rival: float = 0.0, view_shift: float = 0.0) -> Confidence:
     """Assess ``pose`` (4x4 CT -> X-ray): a :class:`Confidence` (module docstring).
 
     ``score(poses)`` gives the (P, V) per-view similarity of a list of 4x4 poses;
@@ -322,7 +327,9 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     displacement); ``similarity`` is the pose's reported similarity; ``step_mm`` the first
     probe step (translations mm, rotations ``step_mm`` / the points' rms radius, rad);
     ``rival`` the distance (mm) to a rival basin of several starts (:func:`rival_mm`), part of
-    the estimate."""
+    the estimate; ``view_shift`` how far (mm) the views' own image shifts disagree along the
+    axis they share (:func:`.consistency.view_shift_disagreement`): over
+    :data:`VIEW_SHIFT_MM` it refuses the pose and joins the estimate."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if pts.shape[0] > MAX_POINTS:
         pts = pts[np.random.default_rng(seed).choice(pts.shape[0], MAX_POINTS, replace=False)]
@@ -371,10 +378,11 @@ def assess(score: Callable[[list[np.ndarray]], np.ndarray], pose: np.ndarray, po
     view_mm = max([view_mm] + [_displacement(o * d, pts_x, centre_x)  # each counting combined peak alone
                                for peaks_v, counts_v in zip(combined_peaks, combined_counts)
                                for o, c, d in zip(peaks_v, counts_v, directions[6:]) if c])
-    est = float(math.sqrt(spread ** 2 + peak_mm ** 2 + view_mm ** 2 + rival ** 2))
+    shift_mm = view_shift if view_shift > VIEW_SHIFT_MM else 0.0  # within it: the right poses' spread
+    est = float(math.sqrt(spread ** 2 + peak_mm ** 2 + view_mm ** 2 + rival ** 2 + shift_mm ** 2))
     success = bool(est <= max_error_mm and not not_max and similarity >= similarity_floor)
     evidence = {"restart_spread_mm": spread, "peak_offset_mm": peak_mm, "view_disagreement_mm": view_mm,
-                "rival_basin_mm": rival,
+                "rival_basin_mm": rival, "view_shift_mm": view_shift,
                 "view_peaks_mm": np.where(view_counts, view_peaks, 0.0).tolist(),
                 "combined_view_peaks_mm": np.where(combined_counts, combined_peaks, 0.0).tolist(),
                 "scans": {"directions": scan_direction_names(), "span": np.round(span, 5).tolist(),

@@ -46,7 +46,8 @@ X-rays are mapped through the monotone curve matching them to the DRR (:mod:`.si
 a detector or display contrast curve, inverted polarity).
 
 ``success`` and ``estimated_error_mm`` come from :func:`.confidence.assess` (restart
-agreement, peak offset, per-view agreement; ``threshold`` is only its similarity floor).
+agreement, peak offset, per-view agreement, the basin check, and the views' whole-window shifts
+along their shared axis from :mod:`.consistency`; ``threshold`` is only its similarity floor).
 Measurements: ``validation/registration.md`` (the sweep), ``validation/registration_design.md``
 (what chose the defaults).
 """
@@ -67,7 +68,7 @@ from ..core.gaussians import check_params
 from ..core.geometry import Geometry
 from ..core.splatting import splat, splat_vjp
 from ..io.xrays import XRaySet
-from . import confidence
+from . import confidence, consistency
 from .masking import exposure_mask
 from .poses import PoseUpload, delta_matrix, delta_xi, mtre, sobol_offsets  # noqa: F401 (API)
 from .shift_search import translation_candidates
@@ -88,6 +89,9 @@ from .windows import EPS, Crop, coarse_geometry
 
 SUCCESS_THRESHOLD = confidence.SIMILARITY_FLOOR  # the decision's similarity floor
 CONFIDENCE_PITCH_MM = 0.8  # the confidence probes pool the detector up to this pitch at the object
+CONSISTENCY_PITCH_MM = 1.33  # the views' whole-window shifts (:mod:`.consistency`): about this pitch,
+CONSISTENCY_MARGIN_MM = 60.0  # ... a window this much wider than the structure (context included),
+CONSISTENCY_REACH_MM = 16.0  # ... shifts up to this far
 DEFAULT_SCALES = (4, 2, 1)
 LR_DECAY = 0.5  # Adam's learning rate at each finer refinement scale: this times the coarser one's
 LOCAL_SEEDS = 4  # the global stage searches again around this many of its best candidates
@@ -631,9 +635,16 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     with torch.no_grad():
         factor = max(1, int(CONFIDENCE_PITCH_MM // pitch))
         probe = matched_level(factor, z, zc, margin_mm)[0]
+        wide = level(max(1, round(CONSISTENCY_PITCH_MM / pitch)), pose, CONSISTENCY_MARGIN_MM)
+        wide_drr = moved_drr(wide, z, zc)
+        shifts = consistency.view_shifts(wide_drr, wide.raw, wide.weights, polarity(wide.raw, wide_drr, wide.weights),
+                                         wide.geometry, rigid.apply(pose, centre), CONSISTENCY_REACH_MM)
         conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
                                  similarity_floor=threshold, seed=seed, rival=rival,
+                                 view_shift=consistency.view_shift_disagreement(shifts, wide.geometry,
+                                                                                rigid.apply(pose, centre)),
                                  **confidence.for_pitch(factor * pitch))
+    conf.evidence["view_shifts_mm"] = np.round(shifts, 3).tolist()
     runtime.sync()
     conf.evidence["seconds"] = time.perf_counter() - t_conf
     if progress:
