@@ -16,13 +16,14 @@ axis, the null direction of ``J_v``). A rigid pose error moves both views alike 
 ``n``; a patient who moved between the exposures does not. :func:`view_shift_disagreement` is
 ``|n . (t_a - t_b)|`` in mm, the largest over pairs of views.
 
-Measured offline (2026-12-07, this 2-core CPU, the stored poses of the held-out seed-1 H100
-sweep rebuilt with the CPU's Gaussians; a 60 mm window at 1.33 mm per pixel, reach 16 mm;
-``validation/registration_design.md``, "The views' shifts along their shared axis"): the 20
+Measured offline (2026-12-07, a 2-core CPU, ``validation/view_shift_probe.py`` at the stored
+poses of the held-out seed-1 H100 sweep rebuilt with the CPU's Gaussians; a 60 mm window at
+1.33 mm per pixel, reach 16 mm; ``validation/registration_design.md``, "The views' shifts
+along their shared axis"): the 20
 moved-patient pairs 3.8-10.6 mm, 79 right poses (clean, detector-like and edge-enhanced, every
 vertebra) at most 2.3 mm (95 % under 1.4 mm). Held out (the seed-0 H200 sweep): its 10 moved
 pairs 5.8-9.7 mm, 59 right poses at most 1.6 mm. (Another patient's X-rays measure anything from
-0.05 to 21 mm: the other evidence refuses those.) Over :data:`.confidence.VIEW_SHIFT_MM` the
+0.3 to 21 mm: the other evidence refuses those.) Over :data:`.confidence.VIEW_SHIFT_MM` the
 success decision refuses the pose.
 """
 from __future__ import annotations
