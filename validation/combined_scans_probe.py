@@ -35,8 +35,7 @@ def main(argv: list[str]) -> int:
     directions, names = cf._scan_directions() * scale, cf.scan_direction_names()
     out = []
     for spec in specs:
-        group, lo, j = spec.split(":")
-        rec = next(r for r in res["trials"] if r["group"] == group and r["bin"][0] == float(lo) and r["trial"] == int(j))
+        rec = scene.record(spec)
         t0 = time.time()
         xs, case, pose = scene.xrays(rec), scene.case(rec["label"]), np.array(rec["pose"])
         score, points = rc.probe_score(xs, case, pose)

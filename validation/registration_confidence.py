@@ -79,6 +79,12 @@ class Scene:
             self._volume = ct.attenuation_volume(hu.to(runtime.ensure()), ct_grid, n_drr, str(sweep.CT))
         return self._volume
 
+    def record(self, spec: str) -> dict | None:
+        """The stored trial ``GROUP:LO:J`` (the start bin's lower edge in mm), None if the run has none."""
+        group, lo, j = spec.split(":")
+        return next((r for r in self.res["trials"]
+                     if r["group"] == group and r["bin"][0] == float(lo) and r["trial"] == int(j)), None)
+
     def xrays(self, rec: dict) -> XRaySet:
         """The trial's X-rays, from the cache or made again as the sweep made them."""
         group, lo, j = rec["group"], rec["bin"][0], rec["trial"]
@@ -98,16 +104,22 @@ class Scene:
         return xs
 
 
-def probe_score(xs: XRaySet, case: dict, pose: np.ndarray, margin_mm: float = 10.0, blur: float = 0.5):
-    """The confidence probe of :func:`reg.register` at ``pose`` (its defaults, identity start,
-    structure and context moving together): ``(score(poses) -> (P, V), structure means (N, 3))``."""
+def register_inputs(xs: XRaySet, case: dict) -> tuple[dict, np.ndarray, np.ndarray, torch.Tensor]:
+    """What :func:`reg.register` works on for a stored trial: all Gaussians (structure, then
+    context), the structure's means (N, 3), its density-weighted centre (register's default
+    rotation centre) and the X-rays on the Gaussians' device."""
     p, ctx = reg._check_params(case["params"]), reg._check_params(case["context"])
-    means_np = p["means"].double().cpu().numpy()
     wts = (p["densities"] * p["scales"].prod(dim=1)).double()
     centre = ((p["means"].double() * wts[:, None]).sum(0) / wts.sum()).cpu().numpy()
     images = xs.images.to(device=p["means"].device, dtype=torch.float32)
+    return {k: torch.cat([p[k], ctx[k]]) for k in p}, p["means"].double().cpu().numpy(), centre, images
+
+
+def probe_score(xs: XRaySet, case: dict, pose: np.ndarray, margin_mm: float = 10.0, blur: float = 0.5):
+    """The confidence probe of :func:`reg.register` at ``pose`` (its defaults, identity start,
+    structure and context moving together): ``(score(poses) -> (P, V), structure means (N, 3))``."""
+    gauss, means_np, centre, images = register_inputs(xs, case)
     pitch = reg._object_pitch(xs.geometry, centre)
-    gauss = {k: torch.cat([p[k], ctx[k]]) for k in p}
     crop = Crop.around(xs.geometry, rigid.apply(pose, means_np), margin_mm / pitch)
     probe = reg._Level(max(1, int(reg.CONFIDENCE_PITCH_MM // pitch)), xs.geometry, images, exposure_mask(images),
                        crop, gauss, centre, blur)
@@ -167,12 +179,10 @@ def main(argv=None) -> int:
     scene = Scene(res, args.cache)
     out = []
     for spec in args.trials.split(","):
-        group, lo, j = spec.split(":")
-        found = [r for r in res["trials"] if r["group"] == group and r["bin"][0] == float(lo) and r["trial"] == int(j)]
-        if not found:
+        rec = scene.record(spec)
+        if rec is None:
             sweep.console.print(f"[red]{spec}: no such trial in {args.results}[/red]")
             return 2
-        rec = found[0]
         xs = scene.xrays(rec)
         if not np.allclose(xs.ground_truth, np.array(rec["truth"]), atol=1e-9):
             sweep.console.print(f"[red]{spec}: the regenerated true pose differs from the stored one[/red]")

@@ -33,20 +33,15 @@ def main(argv: list[str]) -> int:
     scene = rc.Scene(res, sweep.ROOT / ".cache" / "registration")
     out = []
     for spec in specs:
-        group, lo, j = spec.split(":")
-        rec = next(r for r in res["trials"] if r["group"] == group and r["bin"][0] == float(lo) and r["trial"] == int(j))
+        rec = scene.record(spec)
         t0 = time.time()
         xs, case, pose = scene.xrays(rec), scene.case(rec["label"]), np.array(rec["pose"])
-        p, ctx = reg._check_params(case["params"]), reg._check_params(case["context"])
-        means = p["means"].double().cpu().numpy()
-        wts = (p["densities"] * p["scales"].prod(dim=1)).double()
-        centre = ((p["means"].double() * wts[:, None]).sum(0) / wts.sum()).cpu().numpy()  # register's default
+        gauss, means, centre, images = rc.register_inputs(xs, case)
         centre_x = rigid.apply(pose, centre)
-        images = xs.images.to(device=p["means"].device, dtype=torch.float32)
         pitch = reg._object_pitch(xs.geometry, centre_x)
         crop = Crop.around(xs.geometry, rigid.apply(pose, means), reg.CONSISTENCY_MARGIN_MM / pitch)
         wide = reg._Level(max(1, round(reg.CONSISTENCY_PITCH_MM / pitch)), xs.geometry, images, exposure_mask(images),
-                          crop, {k: torch.cat([p[k], ctx[k]]) for k in p}, centre, 0.5)
+                          crop, gauss, centre, 0.5)
         with torch.no_grad():
             drr = wide.drr(*rigid.rigid_transform_gaussians(wide.means, wide.quats,
                                                             torch.as_tensor(pose, dtype=torch.float32)))
