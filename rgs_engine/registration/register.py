@@ -636,13 +636,12 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         factor = max(1, int(CONFIDENCE_PITCH_MM // pitch))
         probe = matched_level(factor, z, zc, margin_mm)[0]
         wide = level(max(1, round(CONSISTENCY_PITCH_MM / pitch)), pose, CONSISTENCY_MARGIN_MM)
-        wide_drr = moved_drr(wide, z, zc)
+        wide_drr, c_pose = moved_drr(wide, z, zc), rigid.apply(pose, centre)
         shifts = consistency.view_shifts(wide_drr, wide.raw, wide.weights, polarity(wide.raw, wide_drr, wide.weights),
-                                         wide.geometry, rigid.apply(pose, centre), CONSISTENCY_REACH_MM)
+                                         wide.geometry, c_pose, CONSISTENCY_REACH_MM)
         conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
                                  similarity_floor=threshold, seed=seed, rival=rival,
-                                 view_shift=consistency.view_shift_disagreement(shifts, wide.geometry,
-                                                                                rigid.apply(pose, centre)),
+                                 view_shift=consistency.view_shift_disagreement(shifts, wide.geometry, c_pose),
                                  **confidence.for_pitch(factor * pitch))
     conf.evidence["view_shifts_mm"] = np.round(shifts, 3).tolist()
     runtime.sync()
