@@ -537,7 +537,7 @@ def other_runs_markdown(out_dir: Path) -> str:
     paths = [p for p in sorted((out_dir / "results").glob("track4d_*.json")) if OTHER_RUN.search(p.stem)]
     if not paths:
         return ""
-    found = {p.stem.removeprefix("track4d_"): load_results(out_dir, p.stem.removeprefix("track4d_")) for p in paths}
+    found = {p.stem.removeprefix("track4d_"): load_json(p) for p in paths}  # (no slices: the rows need none)
     lines = ["## Other grids, draws and step counts", "",
              f"The scan of the table ({PROJECTIONS} projections over the same 60 s, the same noise) "
              "with one thing changed: the grid (`--grid N`: an N^3-class grid with N^2 detector "
@@ -554,14 +554,15 @@ def other_runs_markdown(out_dir: Path) -> str:
         case = next(c for c in sorted(CASES, key=len, reverse=True) if key.startswith(c))
         return case, setup["grid"][0], setup["seed"], steps[0] is not None, [x or 0 for x in steps], found[key].get("sets", [])
 
-    statics: dict[str, dict | None] = {}  # each base file's static row, read once
+    statics: dict[str, dict | None] = {}  # each base file's static row, read once (if not among found)
     for key in sorted(found, key=order):
         r = found[key]
         case, grid, seed = order(key)[:3]
         base = key.split("-steps")[0].split("-set-")[0]
         if base not in statics:
-            statics[base] = (load_json(results_path(out_dir, base))["methods"].get("static")
-                             if results_path(out_dir, base).is_file() else None)
+            base_res = found.get(base) or (load_json(results_path(out_dir, base))
+                                           if results_path(out_dir, base).is_file() else None)
+            statics[base] = base_res and base_res["methods"].get("static")
         static = r["methods"].get("static") or statics[base]
         steps = r["setup"].get("iterations_4d", [None, None])
         steps = (f"{DEFAULT_4D.recipe.iterations} + {DEFAULT_4D.iterations} (default)" if steps[0] is None
