@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         xs, case, pose = scene.xrays(rec), scene.case(rec["label"]), np.array(rec["pose"])
         gauss, means, centre, images = rc.register_inputs(xs, case)
         centre_x = rigid.apply(pose, centre)
-        pitch = reg._object_pitch(xs.geometry, centre_x)
+        pitch = reg._object_pitch(xs.geometry, centre)  # as register's, at its (identity) start
         crop = Crop.around(xs.geometry, rigid.apply(pose, means), reg.CONSISTENCY_MARGIN_MM / pitch)
         wide = reg._Level(max(1, round(reg.CONSISTENCY_PITCH_MM / pitch)), xs.geometry, images, exposure_mask(images),
                           crop, gauss, centre, 0.5)
