@@ -12,7 +12,7 @@ from rich.table import Table
 
 from rgs_engine import pipelines
 from rgs_engine.core import rigid
-from rgs_engine.registration import register as reg
+from rgs_engine.registration import confidence, register as reg
 
 from .common import DeviceOption, app, handle_errors, out_console, run_pipeline
 
@@ -54,10 +54,10 @@ def register(
     the coarse search prefers), seconds and mtre_mm when the
     X-ray folder has a ground truth. Success needs an estimated error within the calibrated
     bound, a maximum on every axis and a similarity of at least --threshold; otherwise the
-    pose is reported as a failure (exit status 1, pose.json says success false). Known gap:
-    a patient who moved between the exposures can be reported as a success (the held-out GPU
-    sweep: 1 of 20 such pairs, before the check of the views' shifts along their shared axis,
-    which refused all 30 moved pairs of two sweeps offline and is not yet measured on a GPU).
+    pose is reported as a failure (exit status 1, pose.json says success false). A patient
+    who moved between the exposures is refused when the two views' own image shifts along the
+    axis both see differ by over 3 mm (the held-out GPU sweep: all 20 pairs moved 6-10 mm
+    refused, measuring 3.5-10.6 mm); a smaller move, or one a view cannot see, can pass.
     """
     r = run_pipeline(pipelines.register, stages=4, xrays=xrays, ct=ct, out=out, mask=mask, label=label,
                      init=init, grid=grid, gaussians=gaussians, fit_iterations=fit_iterations,
@@ -71,8 +71,14 @@ def register(
                   f"[red]FAILED[/red] ({err}: do not use this pose)")
     if result.success:  # the one wrong input the decision is known to pass (validation/registration_design.md)
         table.add_row("caveat", "a patient who moved between the exposures is refused when the views' shifts "
-                                "along their shared axis differ by over 3 mm (measured offline only); a "
-                                "smaller move, or one a view cannot see, can pass")
+                                "along their shared axis differ by over 3 mm; a smaller move, or one a view "
+                                "cannot see, can pass")
+    shift = result.evidence.get("view_shift_mm", 0.0)
+    if shift > confidence.VIEW_SHIFT_MM:
+        table.add_row("views disagree", f"their shifts along the shared axis differ by {shift:.1f} mm: did the "
+                                        "patient move between the exposures? (near the search's "
+                                        f"{reg.CONSISTENCY_REACH_MM:g} mm: no clear match in a "
+                                        "view, e.g. heavy scatter)")
     if result.evidence.get("rival_basin_mm"):
         table.add_row("rival basin", f"{result.evidence['rival_basin_mm']:.1f} mm away scores as well or better")
     table.add_row("similarity", f"{result.initial_similarity:.4f} -> {result.similarity:.4f}")

@@ -263,6 +263,29 @@ def test_moved_patient_is_not_flagged(ct_path, params, points, tmp_path):
     assert right.evidence["view_shift_mm"] < 1.0 and right.success, right.evidence
 
 
+
+def test_cli_register_says_why_a_moved_pair_is_refused(ct_path, params, tmp_path):
+    """``rgs register`` on a pair whose lateral view was taken after an 8 mm move: exit status
+    1, pose.json says no success, and the table names the views' disagreement in mm."""
+    import json
+
+    from cli_helpers import invoke
+
+    xs = _simulate(ct_path, tmp_path / "x", 5.0, 3.0, 1)
+    lat = reg.render(params, rigid.from_axis_angle([0, 0, 0], [0, 0, 8.0]) @ xs.ground_truth,
+                     xs.geometry.subset([1]))
+    ap = reg.render(params, xs.ground_truth, xs.geometry.subset([0]))
+    xray_data.save_xrays(tmp_path / "moved", xray_data.XRaySet(torch.cat([ap, lat]).cpu(), xs.geometry,
+                                                                xs.files, xs.ground_truth))
+    out = tmp_path / "out"
+    res = invoke("register", tmp_path / "moved", "--ct", ct_path, "--out", out, "--grid", 32,
+                 "--gaussians", 2000, "--fit-iterations", 150)
+    assert res.exit_code == 1, res.output
+    doc = json.loads((out / "pose.json").read_text())
+    assert doc["success"] is False and doc["evidence"]["view_shift_mm"] > confidence.VIEW_SHIFT_MM
+    assert "views disagree" in res.output and f"{doc['evidence']['view_shift_mm']:.1f} mm" in res.output
+    assert "caveat" not in res.output
+
 def test_view_shift_disagreement_is_the_shared_axis_difference():
     """Biplanar views (depth axes x and y: they share z): translations that differ only along
     a view's own depth axis agree; a difference along z is measured as it is."""
