@@ -351,7 +351,9 @@ def test_register_recovers_the_pose(ct_path, params, points, tmp_path, mm, deg, 
     # diagnostics at the ground truth: the pose found scores about as the truth does
     glob, truth = res.history[1], res.history[-1]
     assert glob["stage"] == "global" and glob["at_truth"] > glob["at_init"]
-    assert glob["shift_candidates"] == reg.SHIFT_PEAKS ** 2 and len(glob["best_source"]) == 1
+    # each view's best SHIFT_PEAKS separated shifts, combined across the two views (fewer
+    # where a view's small search map holds fewer separated peaks: 12-16 on this 64^2 toy)
+    assert 0 < glob["shift_candidates"] <= reg.SHIFT_PEAKS ** 2 and len(glob["best_source"]) == 1
     assert glob["best_source"][0] in ("sobol", "shift", "near sobol", "near shift")
     assert truth["stage"] == "truth" and abs(truth["similarity"] - res.similarity) < 0.02
     refine = [h for h in res.history if h["stage"] == "refine"]  # init and the global stage's best
