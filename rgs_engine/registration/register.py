@@ -96,7 +96,7 @@ DEFAULT_SCALES = (4, 2, 1)
 LR_DECAY = 0.5  # Adam's learning rate at each finer refinement scale: this times the coarser one's
 LOCAL_SEEDS = 4  # the global stage searches again around this many of its best candidates
 SHIFT_PEAKS = 6  # the global stage also scores translations from each view's best this many image shifts
-# (6, from 3: at full size it turned three of three search misses into 0.6-0.8 mm, and left eight
+# (6, from 3: at full size it turned three of three search misses into 0.6-0.8 mm, and left seven
 # right trials as they were; validation/registration_design.md, "More image-shift peaks")
 BASIN_MARGIN = 0.0  # basin check: a probe beating the registered pose's coarse score by more than this is a rival
 FINAL_SCALES = (1, 2, 4)  # the reported similarity averages these poolings (less noise-bound)
