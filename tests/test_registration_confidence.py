@@ -5,9 +5,12 @@ Toy CT: the 32^3, 3 mm blob phantom of test_registration.py, 64x64 AP + lateral 
 Clean right poses end at mTRE 0.2-0.9 mm with an estimated error of 0.3-0.8 mm; a pose
 left 6 mm off is estimated several mm off; a moved patient is refused.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 
 from rgs_engine.core import rigid
 from rgs_engine.io import xrays as xray_data
@@ -243,15 +246,21 @@ def test_error_estimate_grows_with_the_true_error(ct_path, params, points, tmp_p
     assert ests[0] < reg.confidence.MAX_ERROR_MM < ests[2]
 
 
+def _moved_pair(ct_path, params, folder):
+    """The toy's X-rays (5 mm / 3 deg start) and the same pair with the lateral view taken after
+    an 8 mm move along z, the axis both views see: ``(xs, moved)``."""
+    xs = _simulate(ct_path, folder, 5.0, 3.0, 1)
+    move = rigid.from_axis_angle([0, 0, 0], [0, 0, 8.0])
+    lat = reg.render(params, move @ xs.ground_truth, xs.geometry.subset([1]))
+    ap = reg.render(params, xs.ground_truth, xs.geometry.subset([0]))
+    return xs, xray_data.XRaySet(torch.cat([ap, lat]).cpu(), xs.geometry, xs.files, xs.ground_truth)
+
+
 def test_moved_patient_is_not_flagged(ct_path, params, points, tmp_path):
     """The lateral view taken after an 8 mm move along the axis both views see: no pose
     explains both, the registration must not be flagged; the views' shifts along that axis
     (:mod:`rgs_engine.registration.consistency`) measure the move."""
-    xs = _simulate(ct_path, tmp_path / "x", 5.0, 3.0, 1)
-    move = rigid.from_axis_angle([0, 0, 0], [0, 0, 8.0])
-    lat = reg.render(params, move @ xs.ground_truth, xs.geometry.subset([1]))
-    ap = reg.render(params, xs.ground_truth, xs.geometry.subset([0]))
-    moved = xray_data.XRaySet(torch.cat([ap, lat]).cpu(), xs.geometry, xs.files, xs.ground_truth)
+    xs, moved = _moved_pair(ct_path, params, tmp_path / "x")
     res = reg.register(moved, params, ground_truth=xs.ground_truth, target_points=points)
     assert not res.success, res.evidence
     assert res.estimated_error_mm > reg.confidence.MAX_ERROR_MM
@@ -263,20 +272,10 @@ def test_moved_patient_is_not_flagged(ct_path, params, points, tmp_path):
     assert right.evidence["view_shift_mm"] < 1.0 and right.success, right.evidence
 
 
-
 def test_cli_register_says_why_a_moved_pair_is_refused(ct_path, params, tmp_path):
     """``rgs register`` on a pair whose lateral view was taken after an 8 mm move: exit status
     1, pose.json says no success, and the table names the views' disagreement in mm."""
-    import json
-
-    from cli_helpers import invoke
-
-    xs = _simulate(ct_path, tmp_path / "x", 5.0, 3.0, 1)
-    lat = reg.render(params, rigid.from_axis_angle([0, 0, 0], [0, 0, 8.0]) @ xs.ground_truth,
-                     xs.geometry.subset([1]))
-    ap = reg.render(params, xs.ground_truth, xs.geometry.subset([0]))
-    xray_data.save_xrays(tmp_path / "moved", xray_data.XRaySet(torch.cat([ap, lat]).cpu(), xs.geometry,
-                                                                xs.files, xs.ground_truth))
+    xray_data.save_xrays(tmp_path / "moved", _moved_pair(ct_path, params, tmp_path / "x")[1])
     out = tmp_path / "out"
     res = invoke("register", tmp_path / "moved", "--ct", ct_path, "--out", out, "--grid", 32,
                  "--gaussians", 2000, "--fit-iterations", 150)
@@ -285,6 +284,7 @@ def test_cli_register_says_why_a_moved_pair_is_refused(ct_path, params, tmp_path
     assert doc["success"] is False and doc["evidence"]["view_shift_mm"] > confidence.VIEW_SHIFT_MM
     assert "views disagree" in res.output and f"{doc['evidence']['view_shift_mm']:.1f} mm" in res.output
     assert "caveat" not in res.output
+
 
 def test_view_shift_disagreement_is_the_shared_axis_difference():
     """Biplanar views (depth axes x and y: they share z): translations that differ only along

@@ -22,7 +22,6 @@ import torch
 from rgs_engine.core import rigid, runtime
 from rgs_engine.registration import consistency, register as reg
 from rgs_engine.registration.masking import exposure_mask
-from rgs_engine.registration.similarity import polarity
 from rgs_engine.registration.windows import Crop
 
 
@@ -45,9 +44,8 @@ def main(argv: list[str]) -> int:
         with torch.no_grad():
             drr = wide.drr(*rigid.rigid_transform_gaussians(wide.means, wide.quats,
                                                             torch.as_tensor(pose, dtype=torch.float32)))
-        shifts = consistency.view_shifts(drr, wide.raw, wide.weights, polarity(wide.raw, drr, wide.weights),
-                                         wide.geometry, centre_x, reg.CONSISTENCY_REACH_MM)
-        disagreement = consistency.view_shift_disagreement(shifts, wide.geometry, centre_x)
+        shifts, disagreement = consistency.measure(drr, wide.raw, wide.weights, wide.geometry, centre_x,
+                                                   reg.CONSISTENCY_REACH_MM)
         out.append({"spec": spec, "name": rec["name"], "mtre": rec["mtre_mm"], "flag": rec["flagged_success"],
                     "wrong": rec["wrong_input"], "right": rec["success"], "view_shifts_mm": shifts.tolist(),
                     "view_shift_mm": disagreement})

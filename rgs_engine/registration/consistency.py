@@ -38,6 +38,7 @@ import torch
 
 from ..core.geometry import Geometry
 from .shift_search import shift_jacobian, shift_scores
+from .similarity import polarity
 
 
 def _subpixel(scores: np.ndarray) -> tuple[float, float]:
@@ -89,3 +90,12 @@ def view_shift_disagreement(shifts: np.ndarray, geometry: Geometry, centre_xray:
             continue
         worst = max(worst, abs(float(n / np.linalg.norm(n) @ (shifts[a] - shifts[b]))))
     return worst
+
+
+def measure(drr: torch.Tensor, xrays: torch.Tensor, weights: torch.Tensor, geometry: Geometry,
+            centre_xray: np.ndarray, reach_mm: float) -> tuple[np.ndarray, float]:
+    """The check at one pose: each view's translation (:func:`view_shifts`, the X-rays'
+    polarity against ``drr`` taken from the weighted pixels) and their disagreement along the
+    shared axis (:func:`view_shift_disagreement`, mm)."""
+    shifts = view_shifts(drr, xrays, weights, polarity(xrays, drr, weights), geometry, centre_xray, reach_mm)
+    return shifts, view_shift_disagreement(shifts, geometry, centre_xray)

@@ -639,11 +639,10 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         probe = matched_level(factor, z, zc, margin_mm)[0]
         wide = level(max(1, round(CONSISTENCY_PITCH_MM / pitch)), pose, CONSISTENCY_MARGIN_MM)
         wide_drr, c_pose = moved_drr(wide, z, zc), rigid.apply(pose, centre)
-        shifts = consistency.view_shifts(wide_drr, wide.raw, wide.weights, polarity(wide.raw, wide_drr, wide.weights),
-                                         wide.geometry, c_pose, CONSISTENCY_REACH_MM)
+        shifts, view_shift = consistency.measure(wide_drr, wide.raw, wide.weights, wide.geometry, c_pose,
+                                                 CONSISTENCY_REACH_MM)
         conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
-                                 similarity_floor=threshold, seed=seed, rival=rival,
-                                 view_shift=consistency.view_shift_disagreement(shifts, wide.geometry, c_pose),
+                                 similarity_floor=threshold, seed=seed, rival=rival, view_shift=view_shift,
                                  **confidence.for_pitch(factor * pitch))
     conf.evidence["view_shifts_mm"] = np.round(shifts, 3).tolist()
     runtime.sync()
