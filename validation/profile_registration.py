@@ -14,12 +14,14 @@ stage's ``t`` and the result's ``timing`` entry), printed and saved as JSON with
 name. The 2026-12-06 sweep on an H100 took 0.38-0.43 s for T12 registrations that took
 0.29 s back to back in one process (``registration_design.md``): this separates the two.
 ``--profile`` (CUDA) adds ``torch.profiler`` tables of one back-to-back round (GPU kernel
-time, the top kernels and host calls), saved next to the JSON.
+time, the top kernels and host calls), saved next to the JSON. ``--census`` (any device)
+adds the host operations of one back-to-back round per registration and stage
+(:mod:`op_census`: torch operators that do work, Taichi launches, host reads).
 
 Usage::
 
     python validation/profile_registration.py --device cuda [--label 32] [--trials 6] [--repeats 3]
-        [--size full] [--out validation/results/profile_registration.json] [--profile]
+        [--size full] [--out validation/results/profile_registration.json] [--profile] [--census]
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import registration as sweep  # noqa: E402
+from op_census import Census, format_summary  # noqa: E402
 
 from rgs_engine.core import runtime  # noqa: E402
 from rgs_engine.io.files import load_nifti, save_json, write_bytes  # noqa: E402
@@ -61,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=sweep.ROOT / ".cache" / "registration")
     ap.add_argument("--out", type=Path, default=sweep.ROOT / "validation" / "results" / "profile_registration.json")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of one round (CUDA)")
+    ap.add_argument("--census", action="store_true", help="count the host operations of one round (any device)")
     args = ap.parse_args(argv)
     if not sweep.CT.is_file() or not sweep.MASK.is_file():
         print(f"{sweep.CT} or {sweep.MASK} is missing: run python datasets/fetch_ct.py", file=sys.stderr)
@@ -116,6 +120,12 @@ def main(argv=None) -> int:
                           sum(e.self_device_time_total for e in kernels) / 1e3 / len(made)}
         print(f"profile: {out['profile']['gpu_kernel_ms_per_registration']:.1f} ms of GPU kernels per registration; "
               f"tables in {args.out.with_suffix('.profile.txt')}")
+    if args.census:
+        with Census("registration/register.py", "register", dev) as census:
+            for xs in made:
+                run(xs, False)
+        out["census"] = census.summary(calls=len(made))
+        print(format_summary(out["census"], "census (per registration, by stage)"))
     save_json(args.out, out, force=True)
     print(f"wrote {args.out}")
     return 0
