@@ -124,6 +124,30 @@ def test_channel_weights_per_view_and_structure_coefs():
     part = similarity.structure_coefs(0.1 * image, 0.1 * image + 5 * smooth, mask)
     torch.testing.assert_close(part.sum(dim=1), torch.ones(2, dtype=torch.float64))
     assert (part[:, 0] < 0.25).all() and (part[:, 1] == part[:, 2]).all()
+    torch.testing.assert_close(part, _structure_coefs_reference(0.1 * image, 0.1 * image + 5 * smooth, mask))
+    noisy = image + 0.3 * torch.rand(2, 19, 23, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(similarity.structure_coefs(image, noisy, mask),
+                               _structure_coefs_reference(image, noisy, mask))
+    torch.testing.assert_close(similarity.structure_coefs(image, noisy), _structure_coefs_reference(image, noisy, None))
+
+
+def _structure_coefs_reference(structure, drr, w):
+    """:func:`similarity.structure_coefs` by its definition, one weighted variance at a time."""
+    w = torch.ones_like(drr) if w is None else w
+
+    def var(x, wt):
+        wsum = wt.sum(dim=(-2, -1))
+        mean = (x * wt).sum(dim=(-2, -1), keepdim=True) / wsum[..., None, None]
+        return ((x - mean) ** 2 * wt).sum(dim=(-2, -1)) / wsum
+
+    s_i = (var(structure, w) / var(drr, w)).clamp(0, 1)
+    num = den = 0
+    for dim in (-1, -2):
+        wd = w.narrow(dim, 1, w.shape[dim] - 1) * w.narrow(dim, 0, w.shape[dim] - 1)
+        num = num + var(structure.diff(dim=dim), wd)
+        den = den + var(drr.diff(dim=dim), wd)
+    s_g = (num / den).clamp(0, 1)
+    return torch.stack([s_i, s_g / 2, s_g / 2], dim=-1) / (s_i + s_g)[:, None]
 
 
 def test_shift_scores_peak_at_the_images_shift(device):
@@ -293,7 +317,7 @@ def test_refinement_step_gradient_equals_autograd(params, two_poses):
     rng = np.random.default_rng(5)
     zs = [torch.as_tensor(rng.normal(size=6) * 0.5) for _ in range(2 if two_poses else 1)]
     up = poses.PoseUpload(zs, scale, np.eye(4), c, q_init, xrays.device, grad=True)
-    sim = reg._step(lvl, up, n_struct)
+    sim = reg._step(lvl, up, n_struct).mean()
     ours = [z.grad.clone() for z in zs]
     for z in zs:
         z.grad = None

@@ -252,14 +252,28 @@ class Geometry:
         if vectors.shape[0] < 1:
             raise RgsInputError(f"a geometry subset needs at least one view, got index {index!r}")
         # rows of a checked geometry: no need to check them again (a training loop's every step)
-        sub = object.__new__(Geometry)
-        for name, value in (("vectors", vectors.contiguous()), ("det_shape", self.det_shape),
-                            ("mode", self.mode), ("_tables", {})):
-            object.__setattr__(sub, name, value)
+        sub = self.derived(vectors)
         rows = range(self.num_views)[idx] if isinstance(idx, slice) else idx.reshape(-1).tolist()
         for key, table in self._tables.items():
             sub._tables[key] = torch.stack([table[i] for i in rows])
         return sub
+
+    def derived(self, vectors: torch.Tensor | np.ndarray, det_shape: tuple[int, int] | None = None) -> "Geometry":
+        """A geometry of this mode with ``vectors`` (V', 12, mm) and ``det_shape`` (default:
+        this one's) that were derived from this checked geometry by operations that keep a
+        valid geometry valid: a subset of views, a rigid move, detector shifts within the
+        plane, merged pixels. The constructor's value checks (a dozen host operations and
+        reads per geometry) are skipped: registration derives one per window, scale and
+        batch of candidate poses. No kernel table is carried over."""
+        vec = torch.from_numpy(np.ascontiguousarray(vectors)) if isinstance(vectors, np.ndarray) else vectors
+        if vec.dim() != 2 or vec.shape[1] != 12 or vec.shape[0] < 1:
+            raise RgsInputError(f"geometry vectors must have shape (V, 12) with V >= 1, got {tuple(vec.shape)}")
+        out = object.__new__(Geometry)
+        for name, value in (("vectors", vec.detach().to(device="cpu", dtype=torch.float64).contiguous()),
+                            ("det_shape", self.det_shape if det_shape is None else tuple(int(x) for x in det_shape)),
+                            ("mode", self.mode), ("_tables", {})):
+            object.__setattr__(out, name, value)
+        return out
 
     def pixel_centres(self) -> torch.Tensor:
         """World positions of all pixel centres, shape (V, H, W, 3), mm, float64."""

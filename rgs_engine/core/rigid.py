@@ -217,7 +217,7 @@ def transform_geometry(geometry: Geometry, matrix) -> Geometry:
     out = np.einsum("pij,pvkj->pvki", ms[:, :3, :3], np.broadcast_to(vec, (ms.shape[0],) + vec.shape[1:]))
     points = [0, 1] if geometry.mode == "cone" else [1]  # the rest are directions
     out[:, :, points] += ms[:, None, None, :3, 3]
-    return Geometry(torch.from_numpy(out.reshape(-1, 12)), geometry.det_shape, geometry.mode)
+    return geometry.derived(out.reshape(-1, 12))  # a rigid move keeps a checked geometry valid
 
 
 # --------------------------------------------------------------------------------------

@@ -142,6 +142,7 @@ class _Level:
         self.xrays = self.raw
         self.rank: RankMatch | None = None
         self._target: SimilarityTarget | None = None  # the X-rays' side of the similarity
+        self._cotangent: torch.Tensor | None = None
         self.coefs: torch.Tensor | None = None  # channel weights per view (:meth:`weigh`; None: the default's)
         self.structure: torch.Tensor | None = None  # the structure's DRR that set them
         self.weights = pool_weights(crop.images(weights), factor)
@@ -178,6 +179,14 @@ class _Level:
         """Match the X-rays to every DRR that :meth:`similarity` is given (:class:`RankMatch`),
         with the polarity they have against ``drr`` (this level's DRR at a reference pose)."""
         self.rank = RankMatch(self.raw, self.weights, polarity(self.raw, drr.detach(), self.weights))
+
+    @property
+    def mean_cotangent(self) -> torch.Tensor:
+        """(V,) ``-1 / V``: the gradient of minus the mean over views (a refinement step's)."""
+        if self._cotangent is None:
+            v = self.geometry.num_views
+            self._cotangent = torch.full((v,), -1.0 / v, device=self.raw.device)
+        return self._cotangent
 
     @property
     def target(self) -> SimilarityTarget:
@@ -260,8 +269,8 @@ def _moved(lvl: _Level, up: PoseUpload, n_struct: int) -> tuple[torch.Tensor, to
 
 
 def _step(lvl: _Level, up: PoseUpload, n_struct: int, match: bool = False, weigh: bool = False) -> torch.Tensor:
-    """One refinement step's similarity (the mean over views, a device scalar) at the poses of
-    ``up``, and the gradient of its negative w.r.t. each pose vector in its ``.grad``
+    """One refinement step's per-view similarity (V,) (device) at the poses of ``up``, and the
+    gradient of the negative of its mean w.r.t. each pose vector in its ``.grad``
     (:meth:`PoseUpload.backward`). No autograd: the rigid move, the splat and the similarity
     each chain their closed-form adjoint (an autograd graph per step cost more host time than
     the GPU's work). ``match``: first put the X-rays in the contrast of this DRR
@@ -275,9 +284,9 @@ def _step(lvl: _Level, up: PoseUpload, n_struct: int, match: bool = False, weigh
         if weigh:
             lvl.weigh(means, quats, drr, n_struct)
         sims, saved = lvl.target.forward(drr)
-        g_means, _, g_quats, _ = vjp(lvl.target.backward(saved, torch.full_like(sims, -1.0 / sims.numel())))
+        g_means, _, g_quats, _ = vjp(lvl.target.backward(saved, lvl.mean_cotangent))
         up.backward(rigid.move_packed_vjp(lvl.means, lvl.quats, g_means, g_quats, n_struct, len(up.zs)))
-        return sims.mean()
+        return sims
 
 
 def score_poses(level: _Level, poses) -> np.ndarray:
@@ -537,22 +546,22 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
         lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
         lr = LR_DECAY ** si
         opt = Adam([z] if zc is None else [z, zc], lr=lr)
-        n, first, sim = int(steps[si]), None, None
+        n, first, sims = int(steps[si]), None, None
         for it in range(n):
             for g in opt.param_groups:  # cosine-ish decay within the scale
                 g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
             up = upload([z] if zc is None else [z, zc], grad=True)
-            sim = _step(lvl, up, n_struct, match=it == 0 and match,  # (the scale's start pose's contrast)
-                        weigh=it == 0 and weighted)
+            sims = _step(lvl, up, n_struct, match=it == 0 and match,  # (the scale's start pose's contrast)
+                         weigh=it == 0 and weighted)
             if it == 0:
-                first = float(sim)
+                first = float(sims.mean())
             opt.step()
             done += 1
             if progress:
                 progress("refine", done, total)
         run["trace"].append({"scale": f, "context": "none" if ctx is None else ("rigid" if zc is None else "free"),
                              "window": list(lvl.geometry.det_shape), "first": first,
-                             "similarity": None if sim is None else float(sim.detach()),
+                             "similarity": None if sims is None else float(sims.mean()),
                              "at_truth": at_truth(lambda lv, free: lv.similarity(
                                  moved_drr(lv, z_truth, z_truth if free else None)).mean(), lvl, zc is not None)})
 

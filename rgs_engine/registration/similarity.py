@@ -171,13 +171,6 @@ def view_similarity(drr: torch.Tensor, xray: torch.Tensor, w: torch.Tensor | Non
                             coefs)(drr)
 
 
-def _weighted_var(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted variance over the last two dims: (..., H, W) -> (...)."""
-    wsum = w.sum(dim=(-2, -1)).clamp_min(EPS)
-    mean = (x * w).sum(dim=(-2, -1), keepdim=True) / wsum[..., None, None]
-    return ((x - mean).square() * w).sum(dim=(-2, -1)) / wsum
-
-
 def structure_coefs(structure: torch.Tensor, drr: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Channel weights (V, 3) of :class:`SimilarityTarget` by what each view's DRR shows of the
     structure: ``structure`` (V, H, W) is the DRR of the structure alone, ``drr`` the DRR of
@@ -188,16 +181,19 @@ def structure_coefs(structure: torch.Tensor, drr: torch.Tensor, w: torch.Tensor 
     gets ``s_i / (s_i + s_g)``, each difference ``s_g / (2 (s_i + s_g))`` (a view's weights add
     up to 1, as the default's 0.5 / 0.25 / 0.25 do). Where the structure is a small part of the
     DRR's intensities but most of its edges (a vertebra among the ribs, the shoulders and the
-    soft tissue), the gradient NCC then counts most."""
-    s, d = structure.double(), drr.double()
-    wt = torch.ones_like(d) if w is None else w.double().expand_as(d)
-    s_i = _weighted_var(s, wt) / _weighted_var(d, wt).clamp_min(EPS)
-    num = den = 0.0
-    for dim in (-1, -2):
-        wd = wt.narrow(dim, 1, wt.shape[dim] - 1) * wt.narrow(dim, 0, wt.shape[dim] - 1)
-        num = num + _weighted_var(s.diff(dim=dim), wd)
-        den = den + _weighted_var(d.diff(dim=dim), wd)
-    s_g = num / den.clamp_min(EPS)
+    soft tissue), the gradient NCC then counts most.
+
+    The weighted variances of both images' three channels (:func:`_channels`, weights
+    :func:`_channel_weights`: a difference counts where both its pixels do) are taken in one
+    batch, float64."""
+    both = torch.stack([structure, drr.expand_as(structure)]).double()  # (2, V, H, W)
+    x = _channels(both)  # (2, V, 3, H, W)
+    wc = _channel_weights(None if w is None else w.double().expand_as(drr), x)
+    wsum = wc.sum(dim=(-2, -1)).clamp_min(EPS)
+    mean = (x * wc).sum(dim=(-2, -1), keepdim=True) / wsum[..., None, None]
+    var = ((x - mean).square() * wc).sum(dim=(-2, -1)) / wsum  # (2, V, 3)
+    s_i = var[0, :, 0] / var[1, :, 0].clamp_min(EPS)
+    s_g = (var[0, :, 1] + var[0, :, 2]) / (var[1, :, 1] + var[1, :, 2]).clamp_min(EPS)
     s_i, s_g = s_i.clamp(0, 1), s_g.clamp(0, 1)
     total = (s_i + s_g).clamp_min(EPS)
     return torch.stack([s_i / total, 0.5 * s_g / total, 0.5 * s_g / total], dim=-1)

@@ -26,7 +26,7 @@ def coarse_geometry(geometry: Geometry, factor: int) -> Geometry:
     vec = _shift_detector(geometry, (hc * factor - 1) / 2 - (h - 1) / 2,
                           (wc * factor - 1) / 2 - (w - 1) / 2)
     vec[:, 6:12] *= factor
-    return Geometry(vec, (hc, wc), geometry.mode)
+    return geometry.derived(vec, (hc, wc))
 
 
 def _shift_detector(geometry: Geometry, rows, cols) -> torch.Tensor:
@@ -86,7 +86,7 @@ class Crop:
         (h, w), (hc, wc) = geometry.det_shape, self.shape
         rows = self.starts[:, 0] + (hc - 1) / 2 - (h - 1) / 2
         cols = self.starts[:, 1] + (wc - 1) / 2 - (w - 1) / 2
-        return Geometry(_shift_detector(geometry, rows, cols), self.shape, geometry.mode)
+        return geometry.derived(_shift_detector(geometry, rows, cols), self.shape)
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
         """The windows (V, H, W) of ``images`` (V, rows, cols)."""
