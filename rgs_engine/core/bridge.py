@@ -16,7 +16,10 @@ from .errors import check_tensor
 
 
 def as_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` detached, contiguous and float32 (no copy when it already is)."""
+    """``x`` detached, contiguous and float32 (no copy when it already is; ``x`` itself when
+    it also needs no gradient: a registration step passes a dozen such tensors)."""
+    if x.dtype == torch.float32 and not x.requires_grad and x.is_contiguous():
+        return x
     return x.detach().to(torch.float32).contiguous()
 
 
