@@ -85,8 +85,9 @@ class Census(TorchDispatchMode):
         kernel_call, cpu = launch.Kernel.__call__, torch.Tensor.cpu
 
         def counted_launch(kernel, *args, **kwargs):
-            census.counts["taichi"][census.site()] += 1
-            census.top[(census.site(), f"taichi {kernel.__name__}", "")] += 1
+            site = census.site()
+            census.counts["taichi"][site] += 1
+            census.top[(site, f"taichi {kernel.__name__}", "")] += 1
             return kernel_call(kernel, *args, **kwargs)
 
         def counted_cpu(t, *args, **kwargs):
