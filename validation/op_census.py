@@ -8,7 +8,11 @@ of kernels in a 0.41 s registration). :class:`Census` counts, while it is active
 * ``taichi``: launches of rgs's Taichi kernels (:class:`rgs_engine.kernels.launch.Kernel`);
 * ``reads``: reads of a tensor's values on the host (``.item()``, ``float(t)``,
   ``nonzero``, ``.cpu()``). On a GPU, a read of a device tensor waits for the device; on the
-  CPU every tensor counts, so the figure is an upper bound of the syncs a GPU would have.
+  CPU every tensor counts, so the figure is an upper bound of the syncs a GPU would have;
+* ``uploads``: copies of a host tensor to the device (``.to(device)``, ``copy_``; a factory
+  given host values and a device, ``torch.tensor(..., device=...)``, is not seen). From
+  pageable memory each one waits for the device, so on a GPU they are syncs too; on the CPU
+  there are none.
 
 Each count goes to the *site*: the outermost function below ``anchor`` (a function name in
 ``anchor_file``) on the call stack, e.g. the stage of a registration (``climb``,
@@ -34,6 +38,15 @@ NO_WORK = frozenset({
 READS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"})
 
 
+def _upload(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether an operator copies a host tensor to another device."""
+    if name == "_to_copy" and "device" in kwargs and isinstance(args[0], torch.Tensor):
+        return args[0].device.type == "cpu" and torch.device(kwargs["device"]).type != "cpu"
+    if name == "copy_" and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        return args[1].device.type == "cpu" and args[0].device.type != "cpu"
+    return False
+
+
 class Census(TorchDispatchMode):
     """``with Census(anchor_file, anchor, device) as c: ...``; then :meth:`summary` (per
     call of ``anchor`` when ``calls`` is given). ``device``: the runtime device (on a GPU
@@ -43,7 +56,7 @@ class Census(TorchDispatchMode):
         super().__init__()
         self.anchor_file, self.anchor = anchor_file, anchor
         self.all_reads = torch.device(device).type == "cpu"  # the CPU: every read counts
-        self.counts = {k: collections.Counter() for k in ("torch", "views", "taichi", "reads")}
+        self.counts = {k: collections.Counter() for k in ("torch", "views", "taichi", "reads", "uploads")}
         self.top: collections.Counter = collections.Counter()
         self._patched: list = []
 
@@ -75,6 +88,9 @@ class Census(TorchDispatchMode):
         else:
             self.counts["torch"][site] += 1
             self.top[(site, name, self._line())] += 1
+        if _upload(name, args, kwargs or {}):
+            self.counts["uploads"][site] += 1
+            self.top[(site, "upload", self._line())] += 1
         if name in READS and (self.all_reads or not isinstance(args[0], torch.Tensor)
                               or args[0].device.type != "cpu"):
             self.counts["reads"][site] += 1
@@ -118,8 +134,8 @@ def format_summary(summary: dict, label: str) -> str:
     """A few lines of text of :meth:`Census.summary`."""
     t = summary["total"]
     lines = [f"{label}: per call {t['torch']:.0f} torch ops that do work (+{t['views']:.0f} views), "
-             f"{t['taichi']:.0f} Taichi launches, {t['reads']:.0f} host reads"]
-    for kind in ("torch", "taichi", "reads"):
+             f"{t['taichi']:.0f} Taichi launches, {t['reads']:.0f} host reads, {t['uploads']:.0f} uploads"]
+    for kind in ("torch", "taichi", "reads", "uploads"):
         sites = ", ".join(f"{s} {v:.0f}" for s, v in list(summary["by_site"][kind].items())[:10])
         lines.append(f"  {kind} by site: {sites}")
     lines.append("  busiest: " + "; ".join(f"{r['site']}/{r['op']} {r['line']} {r['count']:.0f}"
