@@ -161,6 +161,8 @@ def test_tiff_reader_both_byte_orders():
 @pytest.mark.parametrize("compression", ["lzw", "zlib"])
 def test_compressed_tiff_view(tmp_path, compression):
     """LZW- and deflate-compressed 16-bit TIFFs written by tifffile load as intensity views."""
+    if compression == "lzw":  # tifffile needs it to write LZW (a dependency; lacking where rgs is not pip-installed)
+        pytest.importorskip("imagecodecs")
     p = np.linspace(0.1, 3, 42).reshape(6, 7)
     i0 = 60000.0
     counts = np.round(i0 * np.exp(-p)).astype(np.uint16)
@@ -171,6 +173,19 @@ def test_compressed_tiff_view(tmp_path, compression):
     out = load_xrays(tmp_path).images[0].double().numpy()
     np.testing.assert_allclose(out, -np.log(counts / i0), atol=1e-6)
     assert np.abs(out - p).max() <= 0.5 / counts.min() + 1e-6
+
+
+def test_tiff_codec_without_imagecodecs(monkeypatch):
+    """A TIFF whose codec tifffile cannot load without imagecodecs names the package to install."""
+    data = io.BytesIO()
+    tifffile.imwrite(data, np.arange(42, dtype=np.uint16).reshape(6, 7))
+
+    def missing(self, *args, **kwargs):
+        raise KeyError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", missing)
+    with pytest.raises(RgsInputError, match="pip install imagecodecs"):
+        read_tiff(data.getvalue(), "a.tif")
 
 
 # --------------------------------------------------------------------------------------

@@ -110,6 +110,9 @@ def read_tiff(data: bytes, name: str = "TIFF") -> np.ndarray:
     except RgsInputError:
         raise
     except Exception as exc:
+        if "imagecodecs" in str(exc):  # tifffile's compressed codecs (LZW, JPEG, ...) live there
+            raise RgsInputError(f"{name}: this TIFF's compression needs the imagecodecs package, which "
+                                "is missing: pip install imagecodecs (an rgs dependency)") from exc
         raise RgsInputError(f"{name}: unreadable TIFF ({type(exc).__name__}: {exc}): "
                             "re-export it or convert to .png/.npy") from exc
     if img.dtype.kind not in "uif":
