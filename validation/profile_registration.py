@@ -16,7 +16,7 @@ name. The 2026-12-06 sweep on an H100 took 0.38-0.43 s for T12 registrations tha
 ``--profile`` (CUDA) adds ``torch.profiler`` tables of one back-to-back round (GPU kernel
 time, the top kernels and host calls), saved next to the JSON. ``--census`` (any device)
 adds the host operations of one back-to-back round per registration and stage
-(:mod:`op_census`: torch operators that do work, Taichi launches, host reads).
+(:mod:`op_census`: torch operators that do work, Taichi launches, host reads, uploads).
 
 Usage::
 
