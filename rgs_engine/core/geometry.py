@@ -44,6 +44,7 @@ def _vec3(name: str, x: Sequence[float]) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Volume grid
 # --------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class VolumeGrid:
     """Axis-aligned voxel grid: ``shape`` (nx, ny, nz), ``spacing`` and ``origin`` in mm."""
@@ -186,6 +187,17 @@ def reorient_to_grid(array, perm: Sequence[int], flips: Sequence[bool]):
 # --------------------------------------------------------------------------------------
 # Projection geometry
 # --------------------------------------------------------------------------------------
+
+def _as_vectors(vectors) -> torch.Tensor:
+    """``vectors`` (array or tensor, (V, 12), V >= 1) as a contiguous CPU float64 tensor; a
+    clear error for any other shape."""
+    vec = torch.from_numpy(np.ascontiguousarray(vectors)) if isinstance(vectors, np.ndarray) else vectors
+    if not isinstance(vec, torch.Tensor) or vec.dim() != 2 or vec.shape[1] != 12 or vec.shape[0] < 1:
+        shape = tuple(getattr(vec, "shape", ()))
+        raise RgsInputError(f"geometry vectors must have shape (V, 12) with V >= 1, got {shape}")
+    return vec.detach().to(device="cpu", dtype=torch.float64).contiguous()
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Per-view detector/source vectors (mm), shape (V, 12) float64, plus detector size.
@@ -201,13 +213,7 @@ class Geometry:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise RgsInputError(f"geometry mode must be 'cone' or 'parallel', got {self.mode!r}")
-        vec = self.vectors
-        if isinstance(vec, np.ndarray):
-            vec = torch.from_numpy(np.ascontiguousarray(vec))
-        if not isinstance(vec, torch.Tensor) or vec.dim() != 2 or vec.shape[1] != 12 or vec.shape[0] < 1:
-            shape = tuple(getattr(vec, "shape", ()))
-            raise RgsInputError(f"geometry vectors must have shape (V, 12) with V >= 1, got {shape}")
-        vec = vec.detach().to(device="cpu", dtype=torch.float64).contiguous()
+        vec = _as_vectors(self.vectors)
         if not bool(torch.isfinite(vec).all()):
             raise RgsInputError("geometry vectors contain NaN or Inf: check the calibration file")
         h, w = (int(x) for x in self.det_shape)
@@ -265,11 +271,8 @@ class Geometry:
         plane, merged pixels. The constructor's value checks (a dozen host operations and
         reads per geometry) are skipped: registration derives one per window, scale and
         batch of candidate poses. No kernel table is carried over."""
-        vec = torch.from_numpy(np.ascontiguousarray(vectors)) if isinstance(vectors, np.ndarray) else vectors
-        if vec.dim() != 2 or vec.shape[1] != 12 or vec.shape[0] < 1:
-            raise RgsInputError(f"geometry vectors must have shape (V, 12) with V >= 1, got {tuple(vec.shape)}")
         out = object.__new__(Geometry)
-        for name, value in (("vectors", vec.detach().to(device="cpu", dtype=torch.float64).contiguous()),
+        for name, value in (("vectors", _as_vectors(vectors)),
                             ("det_shape", self.det_shape if det_shape is None else tuple(int(x) for x in det_shape)),
                             ("mode", self.mode), ("_tables", {})):
             object.__setattr__(out, name, value)
