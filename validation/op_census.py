@@ -81,20 +81,21 @@ class Census(TorchDispatchMode):
         return "?" if f is None else f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno}"
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
+        name, kwargs = func.overloadpacket.__name__, kwargs or {}
         site = self.site()
         if name in NO_WORK:
             self.counts["views"][site] += 1
         else:
             self.counts["torch"][site] += 1
-            self.top[(site, name, self._line())] += 1
-        if _upload(name, args, kwargs or {}):
-            self.counts["uploads"][site] += 1
-            self.top[(site, "upload", self._line())] += 1
+            line = self._line()
+            self.top[(site, name, line)] += 1
+            if _upload(name, args, kwargs):  # a copy does work: its line is known
+                self.counts["uploads"][site] += 1
+                self.top[(site, "upload", line)] += 1
         if name in READS and (self.all_reads or not isinstance(args[0], torch.Tensor)
                               or args[0].device.type != "cpu"):
             self.counts["reads"][site] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
     def __enter__(self):
         census = self
