@@ -23,7 +23,7 @@ from rgs_engine.core.geometry import Geometry
 from rgs_engine.io import xrays as xray_data
 from rgs_engine.io.files import save_nifti
 from rgs_engine.registration import register as reg
-from rgs_engine.registration import poses, report, shift_search, similarity, windows
+from rgs_engine.registration import levels, poses, report, shift_search, similarity, windows
 from rgs_engine.registration.ct_gaussians import gaussians_for_ct
 
 
@@ -311,13 +311,13 @@ def test_refinement_step_gradient_equals_autograd(params, two_poses):
     c = pts.mean(axis=0)
     xrays = reg.render(params, rigid.from_axis_angle([0.02, -0.03, 0.01], [1.5, -2.0, 1.0], c), geo)
     crop = windows.Crop.around(geo, pts, 4.0)
-    lvl = reg._Level(2, geo, xrays, torch.ones_like(xrays), crop, params, c, 0.5)
+    lvl = levels.Level(2, geo, xrays, torch.ones_like(xrays), crop, params, c, 0.5)
     scale = np.array([0.02] * 3 + [2.0] * 3)
     q_init = np.array([1.0, 0.0, 0.0, 0.0])
     rng = np.random.default_rng(5)
     zs = [torch.as_tensor(rng.normal(size=6) * 0.5) for _ in range(2 if two_poses else 1)]
     up = poses.PoseUpload(zs, scale, np.eye(4), c, q_init, xrays.device, grad=True)
-    sim = reg._step(lvl, up, n_struct).mean()
+    sim = levels.refine_step(lvl, up, n_struct).mean()
     ours = [z.grad.clone() for z in zs]
     for z in zs:
         z.grad = None

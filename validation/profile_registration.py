@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         print(f"profile: {out['profile']['gpu_kernel_ms_per_registration']:.1f} ms of GPU kernels per registration; "
               f"tables in {args.out.with_suffix('.profile.txt')}")
     if args.census:
-        with Census("registration/register.py", "register", dev) as census:
+        with Census("registration/register.py", "run", dev) as census:
             for xs in made:
                 run(xs, False)
         out["census"] = census.summary(calls=len(made))

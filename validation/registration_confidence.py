@@ -37,7 +37,7 @@ import torch
 from rgs_engine.core import rigid, runtime
 from rgs_engine.io.files import atomic_write, load_nifti, save_json
 from rgs_engine.io.xrays import XRaySet
-from rgs_engine.registration import confidence
+from rgs_engine.registration import confidence, levels
 from rgs_engine.registration import register as reg
 from rgs_engine.registration.masking import exposure_mask
 from rgs_engine.registration.windows import Crop
@@ -119,14 +119,14 @@ def probe_score(xs: XRaySet, case: dict, pose: np.ndarray, margin_mm: float = 10
     """The confidence probe of :func:`reg.register` at ``pose`` (its defaults, identity start,
     structure and context moving together): ``(score(poses) -> (P, V), structure means (N, 3))``."""
     gauss, means_np, centre, images = register_inputs(xs, case)
-    pitch = reg._object_pitch(xs.geometry, centre)
+    pitch = levels.object_pitch(xs.geometry, centre)
     crop = Crop.around(xs.geometry, rigid.apply(pose, means_np), margin_mm / pitch)
-    probe = reg._Level(max(1, int(reg.CONFIDENCE_PITCH_MM // pitch)), xs.geometry, images, exposure_mask(images),
+    probe = levels.Level(max(1, int(reg.CONFIDENCE_PITCH_MM // pitch)), xs.geometry, images, exposure_mask(images),
                        crop, gauss, centre, blur)
     with torch.no_grad():
         m = torch.as_tensor(pose, dtype=torch.float32, device=probe.means.device)
         probe.match(probe.drr(*rigid.rigid_transform_gaussians(probe.means, probe.quats, m)))
-    return (lambda poses: reg.score_poses(probe, poses)), means_np
+    return (lambda poses: levels.score_poses(probe, poses)), means_np
 
 
 def restart_ends(calls: list[tuple[list, np.ndarray]], polish_steps: int, points: np.ndarray) -> list[dict]:

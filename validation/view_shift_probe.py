@@ -20,7 +20,7 @@ import registration_confidence as rc
 import torch
 
 from rgs_engine.core import rigid, runtime
-from rgs_engine.registration import consistency, register as reg
+from rgs_engine.registration import consistency, levels, register as reg
 from rgs_engine.registration.masking import exposure_mask
 from rgs_engine.registration.windows import Crop
 
@@ -37,9 +37,9 @@ def main(argv: list[str]) -> int:
         xs, case, pose = scene.xrays(rec), scene.case(rec["label"]), np.array(rec["pose"])
         gauss, means, centre, images = rc.register_inputs(xs, case)
         centre_x = rigid.apply(pose, centre)
-        pitch = reg._object_pitch(xs.geometry, centre)  # as register's, at its (identity) start
+        pitch = levels.object_pitch(xs.geometry, centre)  # as register's, at its (identity) start
         crop = Crop.around(xs.geometry, rigid.apply(pose, means), reg.CONSISTENCY_MARGIN_MM / pitch)
-        wide = reg._Level(max(1, round(reg.CONSISTENCY_PITCH_MM / pitch)), xs.geometry, images, exposure_mask(images),
+        wide = levels.Level(max(1, round(reg.CONSISTENCY_PITCH_MM / pitch)), xs.geometry, images, exposure_mask(images),
                           crop, gauss, centre, 0.5)
         with torch.no_grad():
             drr = wide.drr(*rigid.rigid_transform_gaussians(wide.means, wide.quats,

@@ -57,6 +57,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,9 +67,10 @@ from ..core.adam import Adam
 from ..core.errors import RgsInputError
 from ..core.gaussians import check_params
 from ..core.geometry import Geometry
-from ..core.splatting import splat, splat_vjp
+from ..core.splatting import splat
 from ..io.xrays import XRaySet
 from . import confidence, consistency
+from .levels import Level, moved, object_pitch, refine_step, score_poses
 from .masking import exposure_mask
 from .poses import PoseUpload, delta_matrix, delta_xi, mtre, sobol_offsets  # noqa: F401 (API)
 from .shift_search import translation_candidates
@@ -85,7 +87,7 @@ from .similarity import (  # noqa: F401 (API)
     structure_coefs,
     view_similarity,
 )
-from .windows import EPS, Crop, coarse_geometry
+from .windows import EPS, Crop
 
 SUCCESS_THRESHOLD = confidence.SIMILARITY_FLOOR  # the decision's similarity floor
 CONFIDENCE_PITCH_MM = 0.8  # the confidence probes pool the detector up to this pitch at the object
@@ -100,106 +102,6 @@ SHIFT_PEAKS = 6  # the global stage also scores translations from each view's be
 # right trials as they were; validation/registration_design.md, "More image-shift peaks")
 BASIN_MARGIN = 0.0  # basin check: a probe beating the registered pose's coarse score by more than this is a rival
 FINAL_SCALES = (1, 2, 4)  # the reported similarity averages these poolings (less noise-bound)
-CANDIDATE_BATCH_PIXELS = 1 << 20  # pixels per batched candidate splat
-
-
-# --------------------------------------------------------------------------------------
-# Rendering
-# --------------------------------------------------------------------------------------
-def _widened(params: dict[str, torch.Tensor], blur_mm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales widened by ``blur_mm`` (in quadrature) and densities scaled to keep each
-    Gaussian's integral."""
-    s, d = params["scales"], params["densities"]
-    if blur_mm <= 0:
-        return s, d
-    s2 = (s.square() + blur_mm ** 2).sqrt()
-    return s2, d * (s / s2).prod(dim=1)
-
-
-def _object_pitch(geometry: Geometry, centre_xray: np.ndarray) -> float:
-    """Mean detector pixel pitch brought back to the object (divided by the magnification)."""
-    vec = geometry.vectors.numpy()
-    pitch = 0.5 * (np.linalg.norm(vec[:, 6:9], axis=1) + np.linalg.norm(vec[:, 9:12], axis=1))
-    if geometry.mode == "cone":
-        src = vec[:, 0:3]
-        mag = np.linalg.norm(vec[:, 3:6] - src, axis=1) / np.maximum(
-            np.linalg.norm(centre_xray - src, axis=1), 1e-6)
-        pitch = pitch / np.maximum(mag, 1e-6)
-    return float(pitch.mean())
-
-
-class _Level:
-    """One scale on one window: its geometry, the pooled X-rays and their pixel weights, and
-    the Gaussians (``means`` and ``quats`` as given, scales widened by ``blur`` coarse pixels
-    at the object). ``xrays`` starts as the pooled input; :meth:`match` puts it in the DRR's
-    contrast."""
-
-    def __init__(self, factor: int, geometry: Geometry, xrays: torch.Tensor, weights: torch.Tensor,
-                 crop: Crop, params: dict[str, torch.Tensor], centre_xray: np.ndarray, blur: float):
-        self.factor = factor
-        self.geometry = coarse_geometry(crop.geometry(geometry), factor)
-        self.raw = pool(crop.images(xrays), factor)
-        self.xrays = self.raw
-        self.rank: RankMatch | None = None
-        self._target: SimilarityTarget | None = None  # the X-rays' side of the similarity
-        self._cotangent: torch.Tensor | None = None
-        self.coefs: torch.Tensor | None = None  # channel weights per view (:meth:`weigh`; None: the default's)
-        self.structure: torch.Tensor | None = None  # the structure's DRR that set them
-        self.weights = pool_weights(crop.images(weights), factor)
-        self.means, self.quats = params["means"], params["quats"]
-        blur_mm = blur * _object_pitch(self.geometry, centre_xray) if factor > 1 else 0.0
-        self.scales, self.densities = _widened(params, blur_mm)
-
-    def drr(self, means: torch.Tensor, quats: torch.Tensor, geometry: Geometry | None = None) -> torch.Tensor:
-        """Splat of this level's Gaussians moved to ``means`` / ``quats``."""
-        # the Gaussians were checked once (_check_params) and are only moved rigidly since
-        return splat(means, self.scales, quats, self.densities, geometry or self.geometry, validate=False)
-
-    def drr_vjp(self, means: torch.Tensor, quats: torch.Tensor):
-        """:meth:`drr` without autograd: ``(drr, vjp)`` of :func:`~rgs_engine.core.splatting.splat_vjp`."""
-        return splat_vjp(means, self.scales, quats, self.densities, self.geometry, validate=False)
-
-    def weigh(self, means: torch.Tensor, quats: torch.Tensor, drr: torch.Tensor, n_struct: int) -> None:
-        """Weigh each view's channels by what it shows of the structure
-        (:func:`.similarity.structure_coefs`): ``means`` / ``quats`` are this level's Gaussians
-        moved to a reference pose (the structure's first ``n_struct``), ``drr`` their DRR."""
-        n = n_struct
-        self.structure = splat(means[:n], self.scales[:n], quats[:n], self.densities[:n], self.geometry,
-                               validate=False)
-        self.coefs = structure_coefs(self.structure, drr.detach(), self.weights)
-        self._target = None
-
-    def match(self, drr: torch.Tensor) -> None:
-        """Map the X-rays through the monotone contrast curve that matches them to ``drr``
-        (this level's DRR at a reference pose): :func:`match_contrast`."""
-        self.xrays = match_contrast(self.raw, drr.detach(), self.weights)
-        self._target = None
-
-    def match_each(self, drr: torch.Tensor) -> None:
-        """Match the X-rays to every DRR that :meth:`similarity` is given (:class:`RankMatch`),
-        with the polarity they have against ``drr`` (this level's DRR at a reference pose)."""
-        self.rank = RankMatch(self.raw, self.weights, polarity(self.raw, drr.detach(), self.weights))
-
-    @property
-    def mean_cotangent(self) -> torch.Tensor:
-        """(V,) ``-1 / V``: the gradient of minus the mean over views (a refinement step's)."""
-        if self._cotangent is None:
-            v = self.geometry.num_views
-            self._cotangent = torch.full((v,), -1.0 / v, device=self.raw.device)
-        return self._cotangent
-
-    @property
-    def target(self) -> SimilarityTarget:
-        """The X-rays' side of the similarity (as matched last)."""
-        if self._target is None:
-            self._target = SimilarityTarget(self.xrays, self.weights, self.coefs)
-        return self._target
-
-    def similarity(self, drr: torch.Tensor) -> torch.Tensor:
-        """Per-view :func:`view_similarity` of ``drr`` (..., V, h, w) and the X-rays (...,  V)."""
-        if self.rank is not None:
-            return view_similarity(drr, self.rank(drr.detach()), self.weights.expand_as(drr), self.coefs)
-        return self.target(drr)
 
 
 # --------------------------------------------------------------------------------------
@@ -262,49 +164,379 @@ def render(params: dict[str, torch.Tensor], pose, geometry: Geometry) -> torch.T
         return splat(means, p["scales"], quats, p["densities"], geometry, validate=False)  # checked above
 
 
-def _moved(lvl: _Level, up: PoseUpload, n_struct: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lvl``'s Gaussians (means, quats) moved by the poses of ``up``: all of them by its one
-    pose, or the structure's first ``n_struct`` by the first and the context's by the second."""
-    return rigid.move_packed(lvl.means, lvl.quats, up.flat, n_struct)
+class _Settings(NamedTuple):
+    """:func:`register`'s keyword settings (its docstring gives their meaning and units)."""
+
+    scales: Sequence[int]
+    context_scales: int | None
+    candidates: int
+    capture_mm: float
+    capture_deg: float
+    keep: int
+    steps: Sequence[int]
+    lr_mm: float
+    lr_deg: float
+    blur: float
+    margin_mm: float
+    context_margin_mm: float
+    threshold: float
+    seed: int
+    mask: bool
+    match: bool
+    match_each: bool
+    structure_weights: bool
 
 
-def _step(lvl: _Level, up: PoseUpload, n_struct: int, match: bool = False, weigh: bool = False) -> torch.Tensor:
-    """One refinement step's per-view similarity (V,) (device) at the poses of ``up``, and the
-    gradient of the negative of its mean w.r.t. each pose vector in its ``.grad``
-    (:meth:`PoseUpload.backward`). No autograd: the rigid move, the splat and the similarity
-    each chain their closed-form adjoint (an autograd graph per step cost more host time than
-    the GPU's work). ``match``: first put the X-rays in the contrast of this DRR
-    (:meth:`_Level.match`); ``weigh``: and weigh its channels by the structure there
-    (:meth:`_Level.weigh`)."""
-    with torch.no_grad():
-        means, quats = _moved(lvl, up, n_struct)
-        drr, vjp = lvl.drr_vjp(means, quats)
-        if match:
+@dataclass
+class _Run:
+    """One start's climb: its unit-scaled pose vectors (``z`` the structure's, ``zc`` the
+    context's once it moves on its own; ``xi = z * lr_vec``), the start ``x0`` (6,) and the
+    trace of each scale it climbed."""
+
+    start: int
+    x0: np.ndarray
+    z: torch.Tensor
+    zc: torch.Tensor | None = None
+    trace: list[dict] = field(default_factory=list)
+    after_coarsest: float | None = None  # full-resolution score after the coarsest scale (several starts)
+    from_lead_mm: float | None = None  # how far its coarse end lies from the lead's (mm over the structure)
+
+
+class _Registration:
+    """One call of :func:`register`: the checked inputs and the pose parameterisation
+    (:meth:`__init__`), and the stages as methods, run in order by :meth:`run`: the global
+    stage, the climbs of each start and of the lead over the finer scales, the final score,
+    the basin check and the confidence. Pose vectors and their algebra live on the host in
+    float64 (a few dozen tiny ops per step that would each be a kernel launch on a GPU); each
+    DRR gets its poses in one packed upload (:class:`.poses.PoseUpload`)."""
+
+    def __init__(self, xrays: XRaySet, params: dict, init, context: dict | None, centre: Sequence[float] | None,
+                 settings: _Settings, ground_truth=None, target_points=None,
+                 progress: Callable[[str, int, int], None] | None = None):
+        self.t0 = time.perf_counter()
+        self.s = s = settings
+        if not isinstance(xrays, XRaySet):
+            raise RgsInputError("xrays must be an rgs_engine.io.xrays.XRaySet (load_xrays(folder))")
+        p = _check_params(params)
+        ctx = _check_params(context) if context is not None else None
+        dev = p["means"].device
+        self.init_m = init_m = np.eye(4) if init is None else rigid.check_rigid(init, "init pose")
+        if any(int(f) < 1 for f in s.scales):
+            raise RgsInputError(f"scales must be positive pooling factors, got {list(s.scales)}")
+        self.scales = sorted({int(f) for f in s.scales} | {1}, reverse=True)
+        self.steps = list(s.steps) + [s.steps[-1]] * max(0, len(self.scales) - len(s.steps))
+        self.means_np = means_np = p["means"].double().cpu().numpy()
+        if centre is None:
+            wts = (p["densities"] * p["scales"].prod(dim=1)).double()
+            centre = ((p["means"].double() * wts[:, None]).sum(0) / wts.sum().clamp_min(EPS)).cpu().numpy()
+        self.centre = np.asarray(centre, dtype=np.float64).reshape(3)
+        self.c_x = rigid.apply(init_m, self.centre)
+        self.images = images = xrays.images.to(device=dev, dtype=torch.float32)
+        self.weights = exposure_mask(images) if s.mask else torch.ones_like(images)
+        self.geo = geo = xrays.geometry
+        if geo.mode == "cone":
+            src = rigid.apply(rigid.invert(init_m), geo.sources.numpy())
+            lo, hi = means_np.min(axis=0), means_np.max(axis=0)
+            inside = np.nonzero(((src > lo) & (src < hi)).all(axis=1))[0]
+            if inside.size:
+                raise RgsInputError(
+                    f"the source of view {int(inside[0])} lies inside the CT (at {np.round(src[inside[0]], 1).tolist()} "
+                    "mm in CT world at the start pose): check the X-ray geometry (vectors in mm, X-ray "
+                    "frame) and --init")
+        self.pitch = object_pitch(geo, self.c_x)
+        self.extent = float(np.linalg.norm(means_np - self.centre, axis=1).max())
+        self.history: list[dict] = []
+        self.has_context = ctx is not None
+        self.gauss = p if ctx is None else {k: torch.cat([p[k], ctx[k]]) for k in p}
+        self.n_struct = p["means"].shape[0]
+        self.dev = dev
+        self.q_init = rigid.rotmat_to_quat(torch.as_tensor(init_m[:3, :3])).numpy()
+        self.lr_vec = np.array([math.radians(s.lr_deg)] * 3 + [s.lr_mm] * 3)
+        self.weighted = s.structure_weights and ctx is not None
+        self.rigid_margin = s.margin_mm if ctx is None else s.context_margin_mm
+        self.progress = progress
+        self.ground_truth, self.target_points = ground_truth, target_points
+        # the ground truth's unit-scaled pose vector: diagnostics in the history only
+        self.z_truth = None
+        if ground_truth is not None:
+            truth_xi = delta_xi(rigid.check_rigid(ground_truth, "ground truth pose") @ rigid.invert(init_m), self.c_x)
+            self.z_truth = torch.as_tensor(truth_xi / self.lr_vec)
+        self.untimed = 0.0  # seconds spent on those diagnostics, left out of ``seconds``
+        self.done = self.total = 0  # refinement steps taken / planned (progress)
+
+    # ---- poses, levels and scores -------------------------------------------------------
+    def pose_of(self, z: torch.Tensor) -> np.ndarray:
+        """The 4x4 pose (CT -> X-ray) of the unit-scaled pose vector ``z``."""
+        return delta_matrix(z.detach().numpy() * self.lr_vec, self.c_x) @ self.init_m
+
+    def level(self, factor: int, pose: np.ndarray, margin: float) -> Level:
+        """All Gaussians at ``factor`` on the window around the structure at ``pose``."""
+        crop = Crop.around(self.geo, rigid.apply(pose, self.means_np), margin / self.pitch)
+        return Level(factor, self.geo, self.images, self.weights, crop, self.gauss, self.c_x, self.s.blur)
+
+    def upload(self, zs: list[torch.Tensor], grad: bool = False) -> PoseUpload:
+        return PoseUpload(zs, self.lr_vec, self.init_m, self.c_x, self.q_init, self.dev, grad)
+
+    def moved_drr(self, lvl: Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
+        """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
+        return lvl.drr(*moved(lvl, self.upload([z] if zc is None else [z, zc]), self.n_struct))
+
+    def weigh(self, lvl: Level, z: torch.Tensor, zc: torch.Tensor | None, drr: torch.Tensor) -> None:
+        """With ``structure_weights``: weigh ``lvl``'s channels by the structure at ``z``."""
+        if self.weighted:
+            with torch.no_grad():
+                lvl.weigh(*moved(lvl, self.upload([z] if zc is None else [z, zc]), self.n_struct), drr, self.n_struct)
+
+    def matched_level(self, factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float
+                      ) -> tuple[Level, torch.Tensor]:
+        """:meth:`level` at the pose ``z`` with its X-rays matched to the DRR there (and its
+        channels weighed there), and that DRR."""
+        lvl = self.level(factor, self.pose_of(z), margin)
+        with torch.no_grad():
+            drr = self.moved_drr(lvl, z, zc)
+        if self.s.match:
             lvl.match(drr)
-        if weigh:
-            lvl.weigh(means, quats, drr, n_struct)
-        sims, saved = lvl.target.forward(drr)
-        g_means, _, g_quats, _ = vjp(lvl.target.backward(saved, lvl.mean_cotangent))
-        up.backward(rigid.move_packed_vjp(lvl.means, lvl.quats, g_means, g_quats, n_struct, len(up.zs)))
-        return sims
+        self.weigh(lvl, z, zc, drr)
+        return lvl, drr
 
+    def reference_contrast(self, lvl: Level, drr: torch.Tensor) -> None:
+        """The global stage's and the basin check's contrast: each candidate's own
+        (:meth:`Level.match_each`) or the X-rays mapped once to ``drr`` (:meth:`Level.match`)."""
+        if self.s.match_each:
+            lvl.match_each(drr)
+        else:
+            lvl.match(drr)
 
-def score_poses(level: _Level, poses) -> np.ndarray:
-    """(P, V) per-view similarity at ``level`` of each pose of ``poses`` ((P, 4, 4) or a
-    list of 4x4, CT -> X-ray), splatting the untouched Gaussians into the views moved by each
-    pose's inverse (several poses, one geometry per launch)."""
-    geo = level.geometry
-    h, w = geo.det_shape
-    per = max(1, CANDIDATE_BATCH_PIXELS // (h * w * geo.num_views))
-    scores = []
-    with torch.no_grad():
-        for s in range(0, len(poses), per):
-            chunk = poses[s:s + per]
-            drr = level.drr(level.means, level.quats, rigid.transform_geometry(geo, rigid.invert(np.stack(chunk))))
-            drr = drr.reshape(len(chunk), geo.num_views, h, w)
-            sim = level.similarity(drr)
-            scores.append(sim.cpu())
-    return torch.cat(scores).double().numpy()
+    def final_score(self, z: torch.Tensor, zc: torch.Tensor | None) -> float:
+        """The full-resolution similarity (:data:`FINAL_SCALES` poolings) at ``z`` / ``zc``."""
+        lvl, drr = self.matched_level(1, z, zc, self.s.margin_mm)
+        with torch.no_grad():
+            return float(similarity(drr, lvl.xrays, FINAL_SCALES, lvl.weights, lvl.structure))
+
+    def elapsed(self) -> float:
+        """Seconds since the start, without the ground-truth diagnostics."""
+        return time.perf_counter() - self.t0 - self.untimed
+
+    def at_truth(self, score: Callable[..., torch.Tensor], *args) -> float | None:
+        """``score(*args)`` (a similarity at the true pose) when there is a ground truth, untimed."""
+        if self.z_truth is None:
+            return None
+        t = time.perf_counter()
+        with torch.no_grad():
+            value = float(score(*args))
+        self.untimed += time.perf_counter() - t
+        return value
+
+    # ---- stages -------------------------------------------------------------------------
+    def global_stage(self) -> list[np.ndarray]:
+        """The starts (pose vectors (6,), best first) of the refinement: the ``keep`` best of
+        the Sobol candidates, the image-shift translations and the second pass around the
+        :data:`LOCAL_SEEDS` best, scored at the coarsest scale with the structure and its
+        context moving together; ``[0]`` (``init``) without candidates."""
+        s, c_x, init_m = self.s, self.c_x, self.init_m
+        if s.candidates <= 1:
+            return [np.zeros(6)]
+        zero = torch.zeros(6, dtype=torch.float64)
+        coarse = self.level(self.scales[0], init_m,
+                            self.rigid_margin + s.capture_mm + self.extent * math.radians(s.capture_deg))
+        offs = sobol_offsets(s.candidates, s.capture_mm, s.capture_deg, s.seed)
+        shifts = 0
+        if s.match:
+            with torch.no_grad():
+                drr0 = self.moved_drr(coarse, zero, None)
+                self.reference_contrast(coarse, drr0)
+                self.weigh(coarse, zero, None, drr0)
+                if SHIFT_PEAKS:  # and translations from each view's best image shifts
+                    signs = coarse.rank.signs if coarse.rank else polarity(coarse.raw, drr0, coarse.weights)
+                    moves = translation_candidates(drr0, coarse.raw, coarse.weights, signs, coarse.geometry,
+                                                   c_x, s.capture_mm, peaks=SHIFT_PEAKS)
+                    offs, shifts = np.concatenate([offs, np.pad(moves, ((0, 0), (3, 0)))]), len(moves)
+        sims = score_poses(coarse, delta_matrix(offs, c_x) @ init_m).mean(axis=1)
+        # second pass: a Sobol set a quarter the size of the range around each of the best few
+        local = sobol_offsets(max(s.candidates // LOCAL_SEEDS, 1), s.capture_mm / 4, s.capture_deg / 4, s.seed + 1)
+        seeds = np.argsort(-sims)[:LOCAL_SEEDS]
+        near = np.concatenate([offs[i] + local for i in seeds])
+        sims = np.concatenate([sims, score_poses(coarse, delta_matrix(near, c_x) @ init_m).mean(axis=1)])
+        # where each scored pose came from: the Sobol set, the image shifts, the second pass around either
+        source = ["sobol"] * (len(offs) - shifts) + ["shift"] * shifts
+        source += [f"near {source[i]}" for i in seeds for _ in range(len(local))]
+        offs = np.concatenate([offs, near])
+        order = np.argsort(-sims)[:max(1, s.keep)]
+        if s.keep > 1 and 0 not in order:  # init (row 0) is always one of several starts
+            order = np.concatenate([[0], order[:-1]])
+        self.history.append({"stage": "global", "scale": self.scales[0], "candidates": s.candidates,
+                             "scored": len(offs), "shift_candidates": shifts, "window": list(coarse.geometry.det_shape),
+                             "best": [float(sims[i]) for i in order], "best_source": [source[i] for i in order],
+                             "at_init": float(sims[0]),
+                             "at_truth": self.at_truth(lambda: score_poses(coarse, [self.pose_of(self.z_truth)]).mean()),
+                             "t": self.elapsed()})
+        if self.progress:
+            self.progress("global", 1, 1)
+        return [offs[i] for i in order]
+
+    def climb(self, run: _Run, si: int) -> None:
+        """Adam at scale ``scales[si]`` on ``run``'s pose vectors (``z``, ``zc``); appends its
+        trace. From scale ``context_scales`` on, the context gets a pose of its own."""
+        s, f = self.s, self.scales[si]
+        if self.has_context and s.context_scales is not None and si >= s.context_scales and run.zc is None:
+            run.zc = run.z.clone()
+        z, zc = run.z, run.zc
+        lvl = self.level(f, self.pose_of(z), self.rigid_margin if zc is None else s.margin_mm)
+        lr = LR_DECAY ** si
+        opt = Adam([z] if zc is None else [z, zc], lr=lr)
+        n, first, sims = int(self.steps[si]), None, None
+        for it in range(n):
+            for g in opt.param_groups:  # cosine-ish decay within the scale
+                g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
+            up = self.upload([z] if zc is None else [z, zc], grad=True)
+            sims = refine_step(lvl, up, self.n_struct, match=it == 0 and s.match,  # (the scale's start pose's contrast)
+                               weigh=it == 0 and self.weighted)
+            if it == 0:
+                first = float(sims.mean())
+            opt.step()
+            self.done += 1
+            if self.progress:
+                self.progress("refine", self.done, self.total)
+        z_truth = self.z_truth
+        run.trace.append({"scale": f, "context": "none" if not self.has_context else ("rigid" if zc is None else "free"),
+                          "window": list(lvl.geometry.det_shape), "first": first,
+                          "similarity": None if sims is None else float(sims.mean()),
+                          "at_truth": self.at_truth(lambda lv, free: lv.similarity(
+                              self.moved_drr(lv, z_truth, z_truth if free else None)).mean(), lvl, zc is not None)})
+
+    def choose_lead(self, runs: list[_Run]) -> tuple[_Run, float]:
+        """The run that goes on through the finer scales (the best full-resolution score after
+        the coarsest scale) and the rival basin (mm) of the others (:func:`.confidence.rival_mm`)."""
+        if len(runs) == 1:
+            return runs[0], 0.0
+        for run in runs:
+            run.after_coarsest = self.final_score(run.z, run.zc)
+        lead = max(runs, key=lambda r: r.after_coarsest)
+        lead_coarse = self.pose_of(lead.z)
+        for run in runs:
+            run.from_lead_mm = mtre(self.pose_of(run.z), lead_coarse, self.means_np)
+        return lead, confidence.rival_mm([(r.after_coarsest, r.from_lead_mm) for r in runs])
+
+    def basin_check(self, z: torch.Tensor) -> dict:
+        """The global stage's second pass around the registered pose ``z``: a Sobol set of
+        poses within a quarter of the capture range, scored at the coarsest scale (each in
+        its own contrast, as the global stage's). A probe further than
+        :data:`~.confidence.RIVAL_MM` from the pose that scores above it (by
+        :data:`BASIN_MARGIN`) at that scale is a basin the refinement did not reach and the
+        scales disagree on: its distance goes to the decision as a rival basin.
+
+        Measured: the H200 sweep of 2026-12-06 flagged a distorted T4 pose 11.4 mm off
+        (estimated 1.21 mm) whose truth scored 0.763 at the coarsest scale against the pose's
+        0.720, and 0.579 against 0.599 at full resolution."""
+        s = self.s
+        pose = self.pose_of(z)
+        c_pose = rigid.apply(pose, self.centre)
+        reach_mm, reach_deg = s.capture_mm / 4, s.capture_deg / 4
+        lvl = self.level(self.scales[0], pose, self.rigid_margin + reach_mm + self.extent * math.radians(reach_deg))
+        with torch.no_grad():
+            drr = self.moved_drr(lvl, z, None)
+            if s.match:
+                self.reference_contrast(lvl, drr)
+        self.weigh(lvl, z, None, drr)
+        offs = sobol_offsets(max(s.candidates // LOCAL_SEEDS, 1), reach_mm, reach_deg, s.seed + 2)  # row 0: the pose
+        probes = delta_matrix(offs, c_pose) @ pose
+        sims = score_poses(lvl, probes).mean(axis=1)
+        best = int(np.argmax(sims))
+        above = np.nonzero(sims > sims[0] + BASIN_MARGIN)[0]
+        # distances only where they matter: each mTRE over the structure's points is host work
+        dist = {i: mtre(probes[i], pose, self.means_np) for i in {best, *above.tolist()}}
+        rival = max((dist[i] for i in above.tolist() if dist[i] > confidence.RIVAL_MM), default=0.0)
+        return {"scale": self.scales[0], "scored": len(offs), "at_pose": float(sims[0]), "best": float(sims[best]),
+                "best_from_pose_mm": float(dist[best]), "rival_mm": float(rival)}
+
+    def record_runs(self, runs: list[_Run], lead: _Run, sim_final: float) -> None:
+        """One history entry per start: where it began and ended, its trace per scale."""
+        for run in runs:
+            pose = self.pose_of(run.z)
+            entry = {"stage": "refine", "start": run.start, "xi_start": np.asarray(run.x0).tolist(),
+                     "trace": run.trace, "similarity": sim_final if run is lead else run.after_coarsest,
+                     "t": self.elapsed()}
+            if len(runs) > 1:
+                entry["similarity_after_coarsest"] = run.after_coarsest
+                entry["coarse_end_from_lead_mm"] = run.from_lead_mm
+            if run is not lead:
+                entry["stopped_after_scale"] = self.scales[0]
+            if self.z_truth is not None and self.target_points is not None:
+                entry["start_mtre_mm"] = mtre(delta_matrix(run.x0, self.c_x) @ self.init_m, self.ground_truth,
+                                              self.target_points)
+            if run.zc is not None:
+                rel = rigid.compose(self.pose_of(run.zc), rigid.invert(pose))
+                entry["context_offset"] = {"mm": float(np.linalg.norm(rigid.apply(rel, self.c_x) - self.c_x)),
+                                           "deg": rigid.rotation_angle_deg(rel)}
+            self.history.append(entry)
+
+    def assess(self, lead: _Run, sim_final: float, rival: float) -> confidence.Confidence:
+        """The success decision and estimated error of the lead's pose
+        (:func:`.confidence.assess` on probes at :data:`CONFIDENCE_PITCH_MM`, with the views'
+        whole-window shifts along their shared axis from :mod:`.consistency`)."""
+        z, zc = lead.z, lead.zc
+        pose = self.pose_of(z)
+        t_conf = time.perf_counter()
+        with torch.no_grad():
+            factor = max(1, int(CONFIDENCE_PITCH_MM // self.pitch))
+            probe = self.matched_level(factor, z, zc, self.s.margin_mm)[0]
+            wide = self.level(max(1, round(CONSISTENCY_PITCH_MM / self.pitch)), pose, CONSISTENCY_MARGIN_MM)
+            wide_drr, c_pose = self.moved_drr(wide, z, zc), rigid.apply(pose, self.centre)
+            shifts, view_shift = consistency.measure(wide_drr, wide.raw, wide.weights, wide.geometry, c_pose,
+                                                     CONSISTENCY_REACH_MM)
+            conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, self.means_np, sim_final,
+                                     similarity_floor=self.s.threshold, seed=self.s.seed, rival=rival,
+                                     view_shift=view_shift, **confidence.for_pitch(factor * self.pitch))
+        conf.evidence["view_shifts_mm"] = np.round(shifts, 3).tolist()
+        runtime.sync()
+        conf.evidence["seconds"] = time.perf_counter() - t_conf
+        if self.progress:
+            self.progress("confidence", 1, 1)
+        return conf
+
+    def run(self) -> RegistrationResult:
+        """All stages in order: the :class:`RegistrationResult`."""
+        s, history = self.s, self.history
+        initial = self.final_score(torch.zeros(6, dtype=torch.float64), None)
+        history.append({"stage": "init", "similarity": initial})
+        starts = self.global_stage()
+        # every kept start climbs the coarsest scale; the one scoring best at full resolution
+        # goes on through the finer scales (rigid, then with a context the structure on its
+        # own pose) and is the result
+        self.total = len(starts) * self.steps[0] + sum(self.steps[1:len(self.scales)])
+        runs = []
+        for k, x0 in enumerate(starts):
+            # optimise unit-scaled vectors: xi = z * lr_vec, Adam's lr 1 moves ~lr_vec per step
+            run = _Run(start=k, x0=x0, z=torch.as_tensor(x0 / self.lr_vec))
+            self.climb(run, 0)
+            runs.append(run)
+        lead, rival = self.choose_lead(runs)
+        for si in range(1, len(self.scales)):
+            self.climb(lead, si)
+        ends = {"refinement": self.elapsed()}  # seconds from the start at the end of each later stage
+        sim_final = self.final_score(lead.z, lead.zc)
+        ends["final score"] = self.elapsed()
+        if s.candidates > 1 and lead.zc is None:  # basin check around the registered pose
+            basin = self.basin_check(lead.z)
+            history.append({"stage": "basin check", **basin, "t": self.elapsed()})
+            ends["basin check"] = self.elapsed()
+            rival = max(rival, basin["rival_mm"])
+        self.record_runs(runs, lead, sim_final)
+        conf = self.assess(lead, sim_final, rival)
+        runtime.sync()
+        pose = self.pose_of(lead.z)
+        result = RegistrationResult(pose=pose, similarity=sim_final, success=conf.success,
+                                    estimated_error_mm=conf.estimated_error_mm, evidence=conf.evidence,
+                                    seconds=self.elapsed(), initial_similarity=initial,
+                                    threshold=s.threshold, init=self.init_m, history=history)
+        history.append({"stage": "timing", "ends": {**ends, "confidence": result.seconds}})
+        if self.ground_truth is not None and self.target_points is not None:
+            truth = rigid.check_rigid(self.ground_truth, "ground truth pose")
+            result.mtre_mm = mtre(pose, truth, self.target_points)
+            result.initial_mtre_mm = mtre(self.init_m, truth, self.target_points)
+        if self.z_truth is not None:
+            history.append({"stage": "truth", "similarity": self.final_score(self.z_truth, None)})
+        return result
 
 
 def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = None,
@@ -377,297 +609,5 @@ def register(xrays: XRaySet, params: dict, init=None, *, context: dict | None = 
     moving with the structure at every scale, the step counts) and what was tried instead:
     ``validation/registration_design.md``.
     """
-    t0 = time.perf_counter()
-    if not isinstance(xrays, XRaySet):
-        raise RgsInputError("xrays must be an rgs_engine.io.xrays.XRaySet (load_xrays(folder))")
-    p = _check_params(params)
-    ctx = _check_params(context) if context is not None else None
-    dev = p["means"].device
-    init_m = np.eye(4) if init is None else rigid.check_rigid(init, "init pose")
-    if any(int(f) < 1 for f in scales):
-        raise RgsInputError(f"scales must be positive pooling factors, got {list(scales)}")
-    scales = sorted({int(f) for f in scales} | {1}, reverse=True)
-    steps = list(steps) + [steps[-1]] * max(0, len(scales) - len(steps))
-    means_np = p["means"].double().cpu().numpy()
-    if centre is None:
-        wts = (p["densities"] * p["scales"].prod(dim=1)).double()
-        centre = ((p["means"].double() * wts[:, None]).sum(0) / wts.sum().clamp_min(EPS)).cpu().numpy()
-    centre = np.asarray(centre, dtype=np.float64).reshape(3)
-    c_x = rigid.apply(init_m, centre)
-    images = xrays.images.to(device=dev, dtype=torch.float32)
-    weights = exposure_mask(images) if mask else torch.ones_like(images)
-    geo = xrays.geometry
-    if geo.mode == "cone":
-        src = rigid.apply(rigid.invert(init_m), geo.sources.numpy())
-        lo, hi = means_np.min(axis=0), means_np.max(axis=0)
-        inside = np.nonzero(((src > lo) & (src < hi)).all(axis=1))[0]
-        if inside.size:
-            raise RgsInputError(
-                f"the source of view {int(inside[0])} lies inside the CT (at {np.round(src[inside[0]], 1).tolist()} "
-                "mm in CT world at the start pose): check the X-ray geometry (vectors in mm, X-ray "
-                "frame) and --init")
-    pitch = _object_pitch(geo, c_x)
-    extent = float(np.linalg.norm(means_np - centre, axis=1).max())
-    history: list[dict] = []
-
-    gauss = p if ctx is None else {k: torch.cat([p[k], ctx[k]]) for k in p}
-    n_struct = p["means"].shape[0]
-    # the pose vectors and their algebra live on the host in float64 (a few dozen tiny ops
-    # per step that would each be a kernel launch on a GPU); one packed upload per DRR
-    q_init = rigid.rotmat_to_quat(torch.as_tensor(init_m[:3, :3])).numpy()
-    lr_vec = np.array([math.radians(lr_deg)] * 3 + [lr_mm] * 3)
-
-    def pose_of(z: torch.Tensor) -> np.ndarray:
-        return delta_matrix(z.detach().numpy() * lr_vec, c_x) @ init_m
-
-    def level(factor: int, pose: np.ndarray, margin: float) -> _Level:
-        """All Gaussians at ``factor`` on the window around the structure at ``pose``."""
-        return _Level(factor, geo, images, weights, Crop.around(geo, rigid.apply(pose, means_np), margin / pitch),
-                      gauss, c_x, blur)
-
-    def upload(zs: list[torch.Tensor], grad: bool = False) -> PoseUpload:
-        return PoseUpload(zs, lr_vec, init_m, c_x, q_init, dev, grad)
-
-    def moved_drr(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
-        """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
-        return lvl.drr(*_moved(lvl, upload([z] if zc is None else [z, zc]), n_struct))
-
-    weighted = structure_weights and ctx is not None
-
-    def weigh(lvl: _Level, z: torch.Tensor, zc: torch.Tensor | None, drr: torch.Tensor) -> None:
-        """With ``structure_weights``: weigh ``lvl``'s channels by the structure at ``z``."""
-        if weighted:
-            with torch.no_grad():
-                lvl.weigh(*_moved(lvl, upload([z] if zc is None else [z, zc]), n_struct), drr, n_struct)
-
-    def matched_level(factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float
-                      ) -> tuple[_Level, torch.Tensor]:
-        """:func:`level` at the pose ``z`` with its X-rays matched to the DRR there (and its
-        channels weighed there), and that DRR."""
-        lvl = level(factor, pose_of(z), margin)
-        with torch.no_grad():
-            drr = moved_drr(lvl, z, zc)
-        if match:
-            lvl.match(drr)
-        weigh(lvl, z, zc, drr)
-        return lvl, drr
-
-    def reference_contrast(lvl: _Level, drr: torch.Tensor) -> None:
-        """The global stage's and the basin check's contrast: each candidate's own
-        (:meth:`_Level.match_each`) or the X-rays mapped once to ``drr`` (:meth:`_Level.match`)."""
-        if match_each:
-            lvl.match_each(drr)
-        else:
-            lvl.match(drr)
-
-    def final_score(z: torch.Tensor, zc: torch.Tensor | None) -> float:
-        lvl, drr = matched_level(1, z, zc, margin_mm)
-        with torch.no_grad():
-            return float(similarity(drr, lvl.xrays, FINAL_SCALES, lvl.weights, lvl.structure))
-
-    # the ground truth's unit-scaled pose vector: diagnostics in the history only
-    z_truth = None
-    if ground_truth is not None:
-        truth_xi = delta_xi(rigid.check_rigid(ground_truth, "ground truth pose") @ rigid.invert(init_m), c_x)
-        z_truth = torch.as_tensor(truth_xi / lr_vec)
-    untimed = [0.0]  # seconds spent on those diagnostics, left out of ``seconds``
-
-    def elapsed() -> float:
-        """Seconds since the start, without the ground-truth diagnostics."""
-        return time.perf_counter() - t0 - untimed[0]
-
-    def at_truth(score: Callable[..., torch.Tensor], *args) -> float | None:
-        """``score(*args)`` (a similarity at the true pose) when there is a ground truth, untimed."""
-        if z_truth is None:
-            return None
-        t = time.perf_counter()
-        with torch.no_grad():
-            value = float(score(*args))
-        untimed[0] += time.perf_counter() - t
-        return value
-
-    zero = torch.zeros(6, dtype=torch.float64)
-    initial = final_score(zero, None)
-    history.append({"stage": "init", "similarity": initial})
-
-    # ---- global stage: the structure and its context move together ----------------------
-    rigid_margin = margin_mm if ctx is None else context_margin_mm
-    starts = [np.zeros(6)]
-    if candidates > 1:
-        coarse = level(scales[0], init_m, rigid_margin + capture_mm + extent * math.radians(capture_deg))
-        offs = sobol_offsets(candidates, capture_mm, capture_deg, seed)
-        shifts = 0
-        if match:
-            with torch.no_grad():
-                drr0 = moved_drr(coarse, zero, None)
-                reference_contrast(coarse, drr0)
-                weigh(coarse, zero, None, drr0)
-                if SHIFT_PEAKS:  # and translations from each view's best image shifts
-                    signs = coarse.rank.signs if coarse.rank else polarity(coarse.raw, drr0, coarse.weights)
-                    moves = translation_candidates(drr0, coarse.raw, coarse.weights, signs, coarse.geometry,
-                                                   c_x, capture_mm, peaks=SHIFT_PEAKS)
-                    offs, shifts = np.concatenate([offs, np.pad(moves, ((0, 0), (3, 0)))]), len(moves)
-        sims = score_poses(coarse, delta_matrix(offs, c_x) @ init_m).mean(axis=1)
-        # second pass: a Sobol set a quarter the size of the range around each of the best few
-        local = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), capture_mm / 4, capture_deg / 4, seed + 1)
-        seeds = np.argsort(-sims)[:LOCAL_SEEDS]
-        near = np.concatenate([offs[i] + local for i in seeds])
-        sims = np.concatenate([sims, score_poses(coarse, delta_matrix(near, c_x) @ init_m).mean(axis=1)])
-        # where each scored pose came from: the Sobol set, the image shifts, the second pass around either
-        source = ["sobol"] * (len(offs) - shifts) + ["shift"] * shifts
-        source += [f"near {source[i]}" for i in seeds for _ in range(len(local))]
-        offs = np.concatenate([offs, near])
-        order = np.argsort(-sims)[:max(1, keep)]
-        if keep > 1 and 0 not in order:  # init (row 0) is always one of several starts
-            order = np.concatenate([[0], order[:-1]])
-        starts = [offs[i] for i in order]
-        history.append({"stage": "global", "scale": scales[0], "candidates": candidates,
-                        "scored": len(offs), "shift_candidates": shifts, "window": list(coarse.geometry.det_shape),
-                        "best": [float(sims[i]) for i in order], "best_source": [source[i] for i in order],
-                        "at_init": float(sims[0]),
-                        "at_truth": at_truth(lambda: score_poses(coarse, [pose_of(z_truth)]).mean()),
-                        "t": elapsed()})
-        if progress:
-            progress("global", 1, 1)
-
-    # ---- refinement: rigid, then (with a context) the structure on its own pose ----------
-    # every kept start climbs the coarsest scale; the one scoring best at full resolution
-    # goes on through the finer scales and is the result
-    total = len(starts) * steps[0] + sum(steps[1:len(scales)])
-    done = 0
-
-    def climb(run: dict, si: int) -> None:
-        """Adam at scale ``scales[si]`` on ``run``'s pose vectors (``z``, ``zc``); appends its trace."""
-        nonlocal done
-        f = scales[si]
-        if ctx is not None and context_scales is not None and si >= context_scales and run["zc"] is None:
-            run["zc"] = run["z"].clone()
-        z, zc = run["z"], run["zc"]
-        lvl = level(f, pose_of(z), rigid_margin if zc is None else margin_mm)
-        lr = LR_DECAY ** si
-        opt = Adam([z] if zc is None else [z, zc], lr=lr)
-        n, first, sims = int(steps[si]), None, None
-        for it in range(n):
-            for g in opt.param_groups:  # cosine-ish decay within the scale
-                g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
-            up = upload([z] if zc is None else [z, zc], grad=True)
-            sims = _step(lvl, up, n_struct, match=it == 0 and match,  # (the scale's start pose's contrast)
-                         weigh=it == 0 and weighted)
-            if it == 0:
-                first = float(sims.mean())
-            opt.step()
-            done += 1
-            if progress:
-                progress("refine", done, total)
-        run["trace"].append({"scale": f, "context": "none" if ctx is None else ("rigid" if zc is None else "free"),
-                             "window": list(lvl.geometry.det_shape), "first": first,
-                             "similarity": None if sims is None else float(sims.mean()),
-                             "at_truth": at_truth(lambda lv, free: lv.similarity(
-                                 moved_drr(lv, z_truth, z_truth if free else None)).mean(), lvl, zc is not None)})
-
-    def basin_check(z: torch.Tensor) -> dict:
-        """The global stage's second pass around the registered pose ``z``: a Sobol set of
-        poses within a quarter of the capture range, scored at the coarsest scale (each in
-        its own contrast, as the global stage's). A probe further than
-        :data:`~.confidence.RIVAL_MM` from the pose that scores above it (by
-        :data:`BASIN_MARGIN`) at that scale is a basin the refinement did not reach and the
-        scales disagree on: its distance goes to the decision as a rival basin.
-
-        Measured: the H200 sweep of 2026-12-06 flagged a distorted T4 pose 11.4 mm off
-        (estimated 1.21 mm) whose truth scored 0.763 at the coarsest scale against the pose's
-        0.720, and 0.579 against 0.599 at full resolution."""
-        pose = pose_of(z)
-        c_pose = rigid.apply(pose, centre)
-        reach_mm, reach_deg = capture_mm / 4, capture_deg / 4
-        lvl = level(scales[0], pose, rigid_margin + reach_mm + extent * math.radians(reach_deg))
-        with torch.no_grad():
-            drr = moved_drr(lvl, z, None)
-            if match:
-                reference_contrast(lvl, drr)
-        weigh(lvl, z, None, drr)
-        offs = sobol_offsets(max(candidates // LOCAL_SEEDS, 1), reach_mm, reach_deg, seed + 2)  # row 0: the pose
-        probes = delta_matrix(offs, c_pose) @ pose
-        sims = score_poses(lvl, probes).mean(axis=1)
-        best = int(np.argmax(sims))
-        above = np.nonzero(sims > sims[0] + BASIN_MARGIN)[0]
-        # distances only where they matter: each mTRE over the structure's points is host work
-        dist = {i: mtre(probes[i], pose, means_np) for i in {best, *above.tolist()}}
-        rival = max((dist[i] for i in above.tolist() if dist[i] > confidence.RIVAL_MM), default=0.0)
-        return {"scale": scales[0], "scored": len(offs), "at_pose": float(sims[0]), "best": float(sims[best]),
-                "best_from_pose_mm": float(dist[best]), "rival_mm": float(rival)}
-
-    runs = []
-    for k, x0 in enumerate(starts):
-        # optimise unit-scaled vectors: xi = z * lr_vec, Adam's lr 1 moves ~lr_vec per step
-        run = {"start": k, "x0": x0, "z": torch.as_tensor(x0 / lr_vec),
-               "zc": None, "trace": []}
-        climb(run, 0)
-        runs.append(run)
-    lead, rival = runs[0], 0.0
-    if len(runs) > 1:  # the full-resolution score after the coarsest scale chooses the lead
-        for run in runs:
-            run["after_coarsest"] = final_score(run["z"], run["zc"])
-        lead = max(runs, key=lambda r: r["after_coarsest"])
-        lead_coarse = pose_of(lead["z"])
-        for run in runs:  # how far each start's coarse end lies from the lead's (mm over the structure)
-            run["from_lead_mm"] = mtre(pose_of(run["z"]), lead_coarse, means_np)
-        rival = confidence.rival_mm([(r["after_coarsest"], r["from_lead_mm"]) for r in runs])
-    for si in range(1, len(scales)):
-        climb(lead, si)
-    ends = {"refinement": elapsed()}  # seconds from the start at the end of each later stage
-    sim_final = final_score(lead["z"], lead["zc"])
-    ends["final score"] = elapsed()
-    if candidates > 1 and lead["zc"] is None:  # basin check around the registered pose
-        basin = basin_check(lead["z"])
-        history.append({"stage": "basin check", **basin, "t": elapsed()})
-        ends["basin check"] = elapsed()
-        rival = max(rival, basin["rival_mm"])
-    for run in runs:
-        z, zc, x0 = run["z"], run["zc"], run["x0"]
-        pose = pose_of(z)
-        entry = {"stage": "refine", "start": run["start"], "xi_start": np.asarray(x0).tolist(), "trace": run["trace"],
-                 "similarity": sim_final if run is lead else run["after_coarsest"], "t": elapsed()}
-        if len(runs) > 1:
-            entry["similarity_after_coarsest"] = run["after_coarsest"]
-            entry["coarse_end_from_lead_mm"] = run["from_lead_mm"]
-        if run is not lead:
-            entry["stopped_after_scale"] = scales[0]
-        if z_truth is not None and target_points is not None:
-            entry["start_mtre_mm"] = mtre(delta_matrix(x0, c_x) @ init_m, ground_truth, target_points)
-        if zc is not None:
-            rel = rigid.compose(pose_of(zc), rigid.invert(pose))
-            entry["context_offset"] = {"mm": float(np.linalg.norm(rigid.apply(rel, c_x) - c_x)),
-                                       "deg": rigid.rotation_angle_deg(rel)}
-        history.append(entry)
-
-    z, zc = lead["z"], lead["zc"]
-    pose = pose_of(z)
-    t_conf = time.perf_counter()
-    with torch.no_grad():
-        factor = max(1, int(CONFIDENCE_PITCH_MM // pitch))
-        probe = matched_level(factor, z, zc, margin_mm)[0]
-        wide = level(max(1, round(CONSISTENCY_PITCH_MM / pitch)), pose, CONSISTENCY_MARGIN_MM)
-        wide_drr, c_pose = moved_drr(wide, z, zc), rigid.apply(pose, centre)
-        shifts, view_shift = consistency.measure(wide_drr, wide.raw, wide.weights, wide.geometry, c_pose,
-                                                 CONSISTENCY_REACH_MM)
-        conf = confidence.assess(lambda poses: score_poses(probe, poses), pose, means_np, sim_final,
-                                 similarity_floor=threshold, seed=seed, rival=rival, view_shift=view_shift,
-                                 **confidence.for_pitch(factor * pitch))
-    conf.evidence["view_shifts_mm"] = np.round(shifts, 3).tolist()
-    runtime.sync()
-    conf.evidence["seconds"] = time.perf_counter() - t_conf
-    if progress:
-        progress("confidence", 1, 1)
-    runtime.sync()
-    result = RegistrationResult(pose=pose, similarity=sim_final, success=conf.success,
-                                estimated_error_mm=conf.estimated_error_mm, evidence=conf.evidence,
-                                seconds=elapsed(), initial_similarity=initial,
-                                threshold=threshold, init=init_m, history=history)
-    history.append({"stage": "timing", "ends": {**ends, "confidence": result.seconds}})
-    if ground_truth is not None and target_points is not None:
-        truth = rigid.check_rigid(ground_truth, "ground truth pose")
-        result.mtre_mm = mtre(pose, truth, target_points)
-        result.initial_mtre_mm = mtre(init_m, truth, target_points)
-    if z_truth is not None:
-        history.append({"stage": "truth", "similarity": final_score(z_truth, None)})
-    return result
+    settings = _Settings(**{k: v for k, v in locals().items() if k in _Settings._fields})  # the keywords above
+    return _Registration(xrays, params, init, context, centre, settings, ground_truth, target_points, progress).run()
