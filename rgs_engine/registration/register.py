@@ -274,18 +274,24 @@ class _Registration:
         crop = Crop.around(self.geo, rigid.apply(pose, self.means_np), margin / self.pitch)
         return Level(factor, self.geo, self.images, self.weights, crop, self.gauss, self.c_x, self.s.blur)
 
-    def upload(self, zs: list[torch.Tensor], grad: bool = False) -> PoseUpload:
-        return PoseUpload(zs, self.lr_vec, self.init_m, self.c_x, self.q_init, self.dev, grad)
+    def upload(self, z: torch.Tensor, zc: torch.Tensor | None, grad: bool = False) -> PoseUpload:
+        """The poses of the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
+        return PoseUpload([z] if zc is None else [z, zc], self.lr_vec, self.init_m, self.c_x, self.q_init,
+                          self.dev, grad)
+
+    def moved(self, lvl: Level, z: torch.Tensor, zc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lvl``'s Gaussians (means, quats) with the structure at ``z`` and the context at ``zc``."""
+        return moved(lvl, self.upload(z, zc), self.n_struct)
 
     def moved_drr(self, lvl: Level, z: torch.Tensor, zc: torch.Tensor | None) -> torch.Tensor:
         """DRR with the structure at ``z`` and the context at ``zc`` (at ``z`` when None)."""
-        return lvl.drr(*moved(lvl, self.upload([z] if zc is None else [z, zc]), self.n_struct))
+        return lvl.drr(*self.moved(lvl, z, zc))
 
     def weigh(self, lvl: Level, z: torch.Tensor, zc: torch.Tensor | None, drr: torch.Tensor) -> None:
         """With ``structure_weights``: weigh ``lvl``'s channels by the structure at ``z``."""
         if self.weighted:
             with torch.no_grad():
-                lvl.weigh(*moved(lvl, self.upload([z] if zc is None else [z, zc]), self.n_struct), drr, self.n_struct)
+                lvl.weigh(*self.moved(lvl, z, zc), drr, self.n_struct)
 
     def matched_level(self, factor: int, z: torch.Tensor, zc: torch.Tensor | None, margin: float
                       ) -> tuple[Level, torch.Tensor]:
@@ -388,7 +394,7 @@ class _Registration:
         for it in range(n):
             for g in opt.param_groups:  # cosine-ish decay within the scale
                 g["lr"] = lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * it / max(n, 1))))
-            up = self.upload([z] if zc is None else [z, zc], grad=True)
+            up = self.upload(z, zc, grad=True)
             sims = refine_step(lvl, up, self.n_struct, match=it == 0 and s.match,  # (the scale's start pose's contrast)
                                weigh=it == 0 and self.weighted)
             if it == 0:
@@ -522,8 +528,7 @@ class _Registration:
             ends["basin check"] = self.elapsed()
             rival = max(rival, basin["rival_mm"])
         self.record_runs(runs, lead, sim_final)
-        conf = self.assess(lead, sim_final, rival)
-        runtime.sync()
+        conf = self.assess(lead, sim_final, rival)  # (ends with a sync)
         pose = self.pose_of(lead.z)
         result = RegistrationResult(pose=pose, similarity=sim_final, success=conf.success,
                                     estimated_error_mm=conf.estimated_error_mm, evidence=conf.evidence,
